@@ -1,0 +1,586 @@
+"""The world-action transformer: token/position/task embeddings, pre-LN GPT blocks, the world heads,
+the C51 Q ensemble (online + frozen target) and a preallocated KV cache (spec section 5).
+
+Module and parameter names are the official release's (``embedder.embedding_tables.0``,
+``transformer.blocks.N.attn.query``, ``head_q.head_module.params.N`` ...) so that an official
+checkpoint loads by name; only the ``attn.mask`` and ``head_*.indices`` buffers are dropped
+(attention uses ``scaled_dot_product_attention``; head positions come from index buffers that are
+not saved). Losses live in ``jowa_core.losses``, search in ``jowa_core.planning``.
+
+Token layout (``tokens_per_block`` = 37 by default): position p = 37 t + j, j <= 35 are the 36
+observation tokens of step t, j = 36 its action token. Head positions (spec 5.3):
+
+- ``head_observations``: every j except 35; j <= 34 predicts o_t^{j+1}, j = 36 predicts o_{t+1}^0;
+- ``head_rewards`` / ``head_ends``: j = 36 (sign(r_t) + 1 and d_t);
+- ``head_q`` / ``head_q_target`` / ``head_bc``: j = 35, the last obs token (sees o_{<=t}, not a_t).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jowa_core.config import WorldActionConfig
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated per-layer keys and values, each (B, heads, max_tokens, head_dim), plus a length.
+
+    All rows share one length (the number of tokens already seen). The model writes the new keys
+    and values of a forward at ``[length, length + T)`` and advances ``length`` by T; the cache is
+    updated in place. ``clone``, ``index_select``, ``repeat_interleave`` and ``cat`` return new
+    caches (copies of the first ``length`` positions) so that beams can branch without aliasing.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int = 0) -> None:
+        if len(keys) != len(values) or not keys:
+            raise ValueError("KVCache needs one key and one value tensor per layer (at least one layer).")
+        shape = keys[0].shape
+        if any(t.shape != shape for t in keys + values) or len(shape) != 4:
+            raise ValueError(f"every cache tensor must be (B, heads, max_tokens, head_dim) = {tuple(shape)}.")
+        if not 0 <= length <= shape[2]:
+            raise ValueError(f"cache length {length} outside [0, max_tokens={shape[2]}].")
+        self.keys, self.values, self.length = keys, values, length
+
+    @classmethod
+    def empty(
+        cls,
+        num_layers: int,
+        batch_size: int,
+        num_heads: int,
+        max_tokens: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> KVCache:
+        def new() -> torch.Tensor:
+            return torch.zeros(batch_size, num_heads, max_tokens, head_dim, device=device, dtype=dtype)
+
+        return cls([new() for _ in range(num_layers)], [new() for _ in range(num_layers)], 0)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def max_tokens(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _map(self, fn) -> KVCache:
+        """New cache whose first ``length`` positions are ``fn`` of ours (rest zero)."""
+        n = self.length
+        keys, values = [], []
+        for src_list, dst_list in ((self.keys, keys), (self.values, values)):
+            for t in src_list:
+                part = fn(t[:, :, :n])
+                out = t.new_zeros((part.shape[0], *t.shape[1:]))
+                out[:, :, :n] = part
+                dst_list.append(out)
+        return KVCache(keys, values, n)
+
+    def clone(self) -> KVCache:
+        return self._map(lambda t: t)
+
+    def index_select(self, batch_indices: torch.Tensor) -> KVCache:
+        """Rows ``batch_indices`` (1-D long, may repeat), e.g. the surviving beams."""
+        idx = torch.as_tensor(batch_indices, dtype=torch.long, device=self.keys[0].device)
+        if idx.ndim != 1:
+            raise ValueError(f"batch_indices must be 1-D, got shape {tuple(idx.shape)}.")
+        return self._map(lambda t: t.index_select(0, idx))
+
+    def repeat_interleave(self, k: int) -> KVCache:
+        """Each row repeated k times in place: rows [0,0,..,1,1,..] (one beam per candidate action)."""
+        if k < 1:
+            raise ValueError(f"repeat_interleave needs k >= 1, got {k}.")
+        return self._map(lambda t: t.repeat_interleave(k, dim=0))
+
+    @staticmethod
+    def cat(caches: list[KVCache]) -> KVCache:
+        """Concatenate caches of equal length and layout along the batch."""
+        if not caches or len({c.length for c in caches}) != 1:
+            raise ValueError("KVCache.cat needs a non-empty list of caches with the same length.")
+        first = caches[0]
+        keys = [torch.cat([c.keys[i] for c in caches]) for i in range(first.num_layers)]
+        values = [torch.cat([c.values[i] for c in caches]) for i in range(first.num_layers)]
+        return KVCache(keys, values, first.length)
+
+    def crop(self, length: int) -> None:
+        """Forget everything after ``length`` tokens (in place), e.g. to roll back an imagined step."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"crop length {length} outside [0, {self.length}].")
+        self.length = length
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, heads, T, head_dim) at ``[length, length + T)``; return keys/values up to there.
+
+        ``length`` is not advanced here: every layer writes at the same offset and the model calls
+        ``advance`` once after the last layer.
+        """
+        n, t = self.length, k.shape[2]
+        self.keys[layer][:, :, n : n + t] = k
+        self.values[layer][:, :, n : n + t] = v
+        return self.keys[layer][:, :, : n + t], self.values[layer][:, :, : n + t]
+
+    def advance(self, t: int) -> None:
+        self.length += t
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer (minGPT / nanoGPT, pre-LN)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: WorldActionConfig) -> None:
+        super().__init__()
+        d = cfg.embed_dim
+        self.num_heads = cfg.num_heads
+        self.key = nn.Linear(d, d)
+        self.query = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.proj = nn.Linear(d, d)
+        self.attn_pdrop = cfg.attn_pdrop
+        self.resid_drop = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        h = self.num_heads
+        q = self.query(x).view(B, T, h, C // h).transpose(1, 2)  # (B, h, T, hd)
+        k = self.key(x).view(B, T, h, C // h).transpose(1, 2)
+        v = self.value(x).view(B, T, h, C // h).transpose(1, 2)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.write(layer, k, v)  # (B, h, start + T, hd)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif T == 1:  # one new token sees every cached one
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:  # causal mask aligned bottom-right: query i (absolute start + i) sees keys <= start + i
+            kpos = torch.arange(start + T, device=x.device)
+            qpos = torch.arange(start, start + T, device=x.device)
+            mask = kpos.unsqueeze(0) <= qpos.unsqueeze(1)  # (T, start + T) bool, True = attend
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: WorldActionConfig) -> None:
+        super().__init__()
+        d = cfg.embed_dim
+        self.ln1 = nn.LayerNorm(d)
+        self.ln2 = nn.LayerNorm(d)
+        self.attn = SelfAttention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(cfg.resid_pdrop))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer)
+        return x + self.mlp(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    """Embedding dropout, blocks, final LayerNorm (official ``transformer.*`` names)."""
+
+    def __init__(self, cfg: WorldActionConfig) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(cfg.embed_pdrop)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.ln_f = nn.LayerNorm(cfg.embed_dim)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return self.ln_f(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings and heads (thin containers whose only job is to keep the official parameter names)
+
+
+class Embedder(nn.Module):
+    """``embedding_tables.0`` for action positions, ``.1`` for observation positions."""
+
+    def __init__(self, tables: list[nn.Embedding]) -> None:
+        super().__init__()
+        self.embedding_tables = nn.ModuleList(tables)
+
+
+class Head(nn.Module):
+    """A module applied to the features at one kind of position (``head_module`` is its official name)."""
+
+    def __init__(self, head_module: nn.Module) -> None:
+        super().__init__()
+        self.head_module = head_module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_module(x)
+
+
+def _mlp_head(d: int, out: int) -> Head:
+    return Head(nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, out)))
+
+
+class QEnsemble(nn.Module):
+    """``num_q`` TD-MPC2-style MLPs with stacked parameters, evaluated with batched matmuls.
+
+    Member: Linear d->m, Dropout, LN, Mish, Linear m->m, LN, Mish, Linear m->out. ``params`` holds
+    the official order: W0 (q,m,d), b0, ln0.w, ln0.b, W1 (q,m,m), b1, ln1.w, ln1.b, W2 (q,out,m), b2.
+    Dropout draws an independent mask per member (the official vmap uses randomness="different").
+
+    Init: PyTorch's nn.Linear / nn.LayerNorm defaults per member, because the official stacked
+    tensors escape the model's N(0, 0.02) init (quirk Q6); kept so that fresh models match the
+    official training dynamics.
+    """
+
+    def __init__(self, num_q: int, in_dim: int, mlp_dim: int, out_dim: int, dropout: float) -> None:
+        super().__init__()
+        shapes = [
+            (mlp_dim, in_dim), (mlp_dim,), (mlp_dim,), (mlp_dim,),
+            (mlp_dim, mlp_dim), (mlp_dim,), (mlp_dim,), (mlp_dim,),
+            (out_dim, mlp_dim), (out_dim,),
+        ]  # fmt: skip
+        self.params = nn.ParameterList([nn.Parameter(torch.empty(num_q, *s)) for s in shapes])
+        self.dropout = dropout
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        p = self.params
+        with torch.no_grad():
+            for w, b in ((p[0], p[1]), (p[4], p[5]), (p[8], p[9])):
+                bound = 1.0 / math.sqrt(w.shape[-1])  # nn.Linear default: kaiming_uniform(a=sqrt 5)
+                w.uniform_(-bound, bound)
+                b.uniform_(-bound, bound)
+            for g, beta in ((p[2], p[3]), (p[6], p[7])):
+                g.fill_(1.0)
+                beta.zero_()
+
+    @property
+    def num_q(self) -> int:
+        return self.params[0].shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (num_q, ..., out)."""
+        p = self.params
+        lead = x.shape[:-1]
+        h = x.reshape(1, -1, x.shape[-1])  # (1, N, d), broadcast over members
+
+        def linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.baddbmm(b.unsqueeze(1), h.expand(w.shape[0], -1, -1), w.transpose(1, 2))
+
+        def norm_mish(h: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+            h = F.layer_norm(h, h.shape[-1:]) * g.unsqueeze(1) + beta.unsqueeze(1)
+            return F.mish(h)
+
+        h = F.dropout(linear(h, p[0], p[1]), self.dropout, self.training)  # (q, N, m)
+        h = norm_mish(h, p[2], p[3])
+        h = norm_mish(linear(h, p[4], p[5]), p[6], p[7])
+        h = linear(h, p[8], p[9])  # (q, N, out)
+        return h.reshape(h.shape[0], *lead, h.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class WorldActionOutput:
+    """What one forward returns. ``start`` is the absolute position of ``tokens[:, 0]`` (the cache
+    length before the call, 0 without a cache); each head row is one position of its kind inside
+    ``[start, start + T)``, in increasing order.
+
+    Attributes:
+        hidden: (B, T, d) features after ``ln_f``.
+        obs_logits: (B, n_obs, vocab), positions with j != 35; row at p predicts the token at p + 1
+            (a full segment of L steps gives 36 L rows, the last predicting o_L^0).
+        reward_logits: (B, n_act, 3), positions j = 36; classes sign(r_t) + 1.
+        end_logits: (B, n_act, 2), positions j = 36; classes d_t.
+        q_logits: (num_q, B, n_q, 18, atoms) for C51 (per-member logits over the support;
+            ``q_values`` mixes them), or (num_q, B, n_q, 18) scalar Q for td_loss="mse"; positions
+            j = 35.
+        q_hidden: (B, n_q, d) features at the Q positions (not detached); feed to
+            ``q_target_logits`` for the target head.
+        bc_logits: (B, n_q, 18) behaviour-cloning logits when ``cfg.bc_head``, else None.
+        kv_cache: the cache passed in, updated in place (None without a cache).
+    """
+
+    hidden: torch.Tensor
+    obs_logits: torch.Tensor
+    reward_logits: torch.Tensor
+    end_logits: torch.Tensor
+    q_logits: torch.Tensor
+    q_hidden: torch.Tensor
+    bc_logits: torch.Tensor | None
+    kv_cache: KVCache | None
+    start: int
+
+
+@dataclass
+class StepOutput:
+    """One imagined environment step for a batch (``WorldActionModel.step``).
+
+    Attributes:
+        obs_tokens: (B, obs_tokens) the generated next observation.
+        reward_logits: (B, 3) for the action fed; end_logits: (B, 2).
+        q_logits: (num_q, B, 18, atoms) (or (num_q, B, 18) for MSE) at the new observation.
+        kv_cache: the cache, now ending after the new observation's last token.
+    """
+
+    obs_tokens: torch.Tensor
+    reward_logits: torch.Tensor
+    end_logits: torch.Tensor
+    q_logits: torch.Tensor
+    kv_cache: KVCache
+
+
+def expected_q(
+    q_logits: torch.Tensor, atoms: torch.Tensor | None = None, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Expected Q per action from ensemble outputs (spec 5.3): sum_z z * sum_i w_i softmax(l_i).
+
+    Args:
+        q_logits: (num_q, ..., A, Z) C51 logits, or (num_q, ..., A) scalar Q when ``atoms`` is None.
+        atoms: (Z,) support; None for scalar (MSE) heads.
+        weights: (num_q,) mixture weights; default 1/num_q (REM passes random convex weights).
+    Returns:
+        (..., A) in float32 (C51) or the logits' dtype (scalar).
+    """
+    q = q_logits.shape[0]
+    w = torch.full((q,), 1.0 / q, device=q_logits.device) if weights is None else weights
+    if atoms is None:
+        return torch.einsum("q,q...->...", w.to(q_logits.dtype), q_logits)
+    if q_logits.shape[-1] != atoms.shape[0]:
+        raise ValueError(f"q_logits end in {q_logits.shape[-1]} atoms but the support has {atoms.shape[0]}.")
+    probs = torch.einsum("q,q...->...", w.float(), q_logits.float().softmax(-1))  # (..., A, Z)
+    return probs @ atoms.float()
+
+
+class WorldActionModel(nn.Module):
+    """JOWA's world-action model (spec 5): one causal transformer with world heads and a C51 critic."""
+
+    def __init__(self, cfg: WorldActionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, tpb = cfg.embed_dim, cfg.tokens_per_block
+        self.pos_emb = nn.Embedding(cfg.max_tokens, d)
+        self.embedder = Embedder([nn.Embedding(cfg.num_actions, d), nn.Embedding(cfg.obs_vocab_size, d)])
+        if cfg.use_task_embed:
+            self.task_emb = Embedder([nn.Embedding(cfg.max_tasks, d), nn.Embedding(cfg.max_tasks, d)])
+        self.transformer = Transformer(cfg)
+        self.head_observations = _mlp_head(d, cfg.obs_vocab_size)
+        self.head_rewards = _mlp_head(d, 3)
+        self.head_ends = _mlp_head(d, 2)
+        self.head_bc = _mlp_head(d, cfg.num_actions) if cfg.bc_head else None
+        self.apply(self._init_weights)
+        q_ens = QEnsemble(cfg.num_q, d, cfg.q_mlp_dim, cfg.q_output_dim, cfg.q_dropout)
+        self.head_q = Head(q_ens)
+        self.head_q_target = copy.deepcopy(self.head_q).requires_grad_(False).eval()
+        self.register_buffer("atoms", torch.linspace(cfg.v_min, cfg.v_max, cfg.num_atoms), persistent=False)
+        # Sorted absolute positions of each kind over the whole window (not saved; the official
+        # ``head_*.indices`` are equivalent). A window [s, s+T) is a contiguous slice of each.
+        self._kinds = {
+            "_pos_action": (tpb - 1,),
+            "_pos_obs": tuple(range(tpb - 1)),
+            "_pos_obs_head": tuple(j for j in range(tpb) if j != tpb - 2),
+            "_pos_q": (tpb - 2,),
+        }
+        blocks = torch.arange(cfg.max_blocks).unsqueeze(1) * tpb  # arithmetic only: works on the meta device
+        for name, kinds in self._kinds.items():
+            self.register_buffer(name, (blocks + torch.tensor(kinds)).flatten(), persistent=False)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def train(self, mode: bool = True) -> WorldActionModel:
+        """The target Q head stays in eval mode (no dropout), as in the official model."""
+        super().train(mode)
+        self.head_q_target.train(False)
+        return self
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """Hard copy of the online Q head into the target head (official: every 1000 steps)."""
+        for dst, src in zip(self.head_q_target.parameters(), self.head_q.parameters()):
+            dst.copy_(src)
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def empty_cache(self, batch_size: int, max_tokens: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """A cache for ``batch_size`` rows on the model's device (dtype: the parameters')."""
+        w = self.pos_emb.weight
+        return KVCache.empty(
+            self.cfg.num_layers, batch_size, self.cfg.num_heads, max_tokens or self.cfg.max_tokens, self.cfg.head_dim,
+            device=w.device, dtype=dtype or w.dtype,
+        )  # fmt: skip
+
+    # -- positions --------------------------------------------------------------------------------
+
+    def _count_before(self, p: int, kinds: tuple[int, ...]) -> int:
+        """How many positions < p have j in ``kinds`` (so a window is a slice of the sorted buffer)."""
+        tpb = self.cfg.tokens_per_block
+        full, rest = divmod(p, tpb)
+        return full * len(kinds) + sum(1 for j in kinds if j < rest)
+
+    def _window(self, name: str, start: int, length: int) -> torch.Tensor:
+        """Offsets (relative to ``start``) of the positions of kind ``name`` inside the window."""
+        kinds = self._kinds[name]
+        lo, hi = self._count_before(start, kinds), self._count_before(start + length, kinds)
+        return getattr(self, name)[lo:hi] - start
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def forward(
+        self, tokens: torch.Tensor, task_ids: torch.Tensor, kv_cache: KVCache | None = None
+    ) -> WorldActionOutput:
+        """Run T tokens that follow the ``kv_cache`` contents (or start a window when None).
+
+        Args:
+            tokens: (B, T) long; obs codes at j <= 35 and full-set actions (0..17) at j = 36 of each
+                block, counted from the window start. T need not be a multiple of 37.
+            task_ids: (B,) long task ids (``jowa_core.games.task_id``).
+            kv_cache: optional cache with B rows; updated in place (see ``KVCache``).
+        """
+        cfg = self.cfg
+        if tokens.ndim != 2 or tokens.dtype != torch.long:
+            raise ValueError(f"tokens must be (B, T) torch.long, got {tuple(tokens.shape)} {tokens.dtype}.")
+        B, T = tokens.shape
+        if task_ids.shape != (B,):
+            raise ValueError(f"task_ids must be (B,) = ({B},), got {tuple(task_ids.shape)}; one task id per row.")
+        start = 0 if kv_cache is None else kv_cache.length
+        if kv_cache is not None and kv_cache.batch_size != B:
+            raise ValueError(f"kv_cache has {kv_cache.batch_size} rows but tokens have {B}; index_select it first.")
+        limit = cfg.max_tokens if kv_cache is None else min(cfg.max_tokens, kv_cache.max_tokens)
+        if T < 1 or start + T > limit:
+            raise ValueError(
+                f"{T} tokens after {start} cached ones exceed the model's window of {limit} tokens "
+                f"({cfg.max_blocks} blocks of {cfg.tokens_per_block}); drop the oldest steps or crop the cache."
+            )
+
+        act_idx, obs_idx = self._window("_pos_action", start, T), self._window("_pos_obs", start, T)
+        act_table, obs_table = self.embedder.embedding_tables
+        x = act_table.weight.new_zeros(B, T, cfg.embed_dim)
+        x[:, act_idx] = act_table(tokens[:, act_idx])
+        x[:, obs_idx] = obs_table(tokens[:, obs_idx])
+        x = x + self.pos_emb(torch.arange(start, start + T, device=tokens.device))
+        if cfg.use_task_embed:
+            is_act = (torch.arange(start, start + T, device=tokens.device) % cfg.tokens_per_block) == (
+                cfg.tokens_per_block - 1
+            )
+            t_act, t_obs = (tab(task_ids).unsqueeze(1) for tab in self.task_emb.embedding_tables)  # (B, 1, d)
+            x = x + torch.where(is_act.view(1, T, 1), t_act, t_obs)
+
+        h = self.transformer(x, kv_cache)  # (B, T, d)
+
+        h_act = h[:, act_idx]
+        q_hidden = h[:, self._window("_pos_q", start, T)]
+        return WorldActionOutput(
+            hidden=h,
+            obs_logits=self.head_observations(h[:, self._window("_pos_obs_head", start, T)]),
+            reward_logits=self.head_rewards(h_act),
+            end_logits=self.head_ends(h_act),
+            q_logits=self._q_head(self.head_q, q_hidden if cfg.q_loss_backwards_wm else q_hidden.detach()),
+            q_hidden=q_hidden,
+            bc_logits=None if self.head_bc is None else self.head_bc(q_hidden),
+            kv_cache=kv_cache,
+            start=start,
+        )
+
+    def _q_head(self, head: Head, features: torch.Tensor) -> torch.Tensor:
+        out = head(features)  # (num_q, B, n, 18 * atoms) action-major, or (num_q, B, n, 18)
+        if self.cfg.td_loss == "c51":
+            out = out.unflatten(-1, (self.cfg.num_actions, self.cfg.num_atoms))
+        return out
+
+    @torch.no_grad()
+    def q_target_logits(self, q_hidden: torch.Tensor) -> torch.Tensor:
+        """Target-head logits for features at Q positions (``WorldActionOutput.q_hidden``), detached.
+
+        Same layout as ``q_logits``. An explicit call (TD-MPC2's ``Q(..., target=True)``), so acting
+        never pays for it.
+        """
+        return self._q_head(self.head_q_target, q_hidden.detach())
+
+    def q_values(
+        self, q_logits: torch.Tensor, legal_mask: torch.Tensor | None = None, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Expected Q per action, (B, n_q, 18): equal-weight mixture of the members' categoricals.
+
+        With ``legal_mask`` ((B, 18) bool) illegal actions get -inf, so argmax acts legally.
+        """
+        q = expected_q(q_logits, self.atoms if self.cfg.td_loss == "c51" else None, weights)
+        if legal_mask is not None:
+            q = q.masked_fill(~legal_mask.view(legal_mask.shape[0], *([1] * (q.ndim - 2)), -1), float("-inf"))
+        return q
+
+    # -- imagination ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(
+        self,
+        kv_cache: KVCache,
+        actions: torch.Tensor,
+        task_ids: torch.Tensor,
+        *,
+        sample: bool = False,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> StepOutput:
+        """One imagined environment step for a batch whose cache ends after an observation.
+
+        Feeds ``actions`` (B,), reads the reward and end logits at the action token, then generates
+        the next observation token by token (greedy, or sampled at ``temperature``) and returns the
+        Q logits at its last token. Uses 1 + obs_tokens single-token forwards; the cache grows by
+        one block. Used by planning and imagination alike.
+        """
+        tpb = self.cfg.tokens_per_block
+        if kv_cache.length % tpb != tpb - 1:
+            raise ValueError(
+                f"step needs a cache that ends after a full observation (length % {tpb} == {tpb - 1}); "
+                f"got length {kv_cache.length}."
+            )
+        if kv_cache.length + tpb > min(self.cfg.max_tokens, kv_cache.max_tokens):
+            raise ValueError(
+                f"no room for another step: cache holds {kv_cache.length} of {kv_cache.max_tokens} tokens; "
+                "start the window later (fewer context steps)."
+            )
+        out = self(actions.view(-1, 1).long(), task_ids, kv_cache)
+        reward_logits, end_logits = out.reward_logits[:, 0], out.end_logits[:, 0]
+        new_tokens = []
+        for k in range(tpb - 1):
+            logits = out.obs_logits[:, -1].float()
+            if sample:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                tok = torch.multinomial(probs, 1, generator=generator)
+            else:
+                tok = logits.argmax(-1, keepdim=True)
+            new_tokens.append(tok)
+            out = self(tok, task_ids, kv_cache)
+        return StepOutput(torch.cat(new_tokens, dim=1), reward_logits, end_logits, out.q_logits[:, :, 0], kv_cache)

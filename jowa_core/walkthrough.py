@@ -1,0 +1,68 @@
+"""Run the numbered notebooks in order through papermill, each writing into one run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+
+
+class NotebookFailed(RuntimeError):
+    pass
+
+
+def notebooks(names: Sequence[str] | None = None) -> list[Path]:
+    """The numbered notebooks (``NN_*.ipynb``) in order, optionally only those whose prefix is in ``names``."""
+    found = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    if names:
+        wanted = {n.split("_")[0].zfill(2) for n in names}
+        found = [p for p in found if p.name[:2] in wanted]
+    return found
+
+
+def run_notebook(path: Path, run_dir: Path, parameters: dict[str, Any], kernel: str = "python3") -> Path:
+    """Execute one notebook with papermill; the executed copy goes to ``run_dir/notebooks``."""
+    import papermill as pm
+
+    out_dir = run_dir / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / path.name
+    params = {"run_dir": str(run_dir), **parameters}
+    try:
+        pm.execute_notebook(str(path), str(out), parameters=params, kernel_name=kernel, cwd=str(REPO_ROOT),
+                            progress_bar=False)
+    except pm.PapermillExecutionError as e:
+        raise NotebookFailed(
+            f"Notebook {path.name} failed in cell {e.exec_count} with {e.ename}: {e.evalue}\n"
+            f"The executed copy with the traceback is {out}. Fix the cause and rerun with --resume."
+        ) from None
+    return out
+
+
+def walkthrough(run_dir: str | os.PathLike, parameters: dict[str, Any] | None = None, resume: bool = False,
+                only: Sequence[str] | None = None) -> list[Path]:
+    """Run the notebooks in order; with ``resume`` skip those recorded as done in ``run_dir/walkthrough.json``."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state_path = run_dir / "walkthrough.json"
+    state = json.loads(state_path.read_text()) if resume and state_path.exists() else {"done": {}}
+    outputs = []
+    for nb in notebooks(only):
+        if resume and nb.name in state["done"]:
+            print(f"[skip] {nb.name} (done in an earlier run)")
+            outputs.append(run_dir / "notebooks" / nb.name)
+            continue
+        print(f"[run ] {nb.name} ...", flush=True)
+        t0 = time.time()
+        outputs.append(run_notebook(nb, run_dir, parameters or {}))
+        state["done"][nb.name] = {"seconds": round(time.time() - t0, 1)}
+        tmp = state_path.with_suffix(".json.partial")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, state_path)
+        print(f"[done] {nb.name} in {time.time() - t0:.0f}s", flush=True)
+    return outputs

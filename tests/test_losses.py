@@ -1,0 +1,359 @@
+"""Losses against hand-computed answers and per-row brute-force references (spec section 6)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jowa_core.config import WorldActionConfig
+from jowa_core.losses import (
+    c51_project,
+    c51_td_loss,
+    compute_loss,
+    cql_penalty,
+    joint_loss,
+    mse_td_loss,
+    mtbc_loss,
+    td_rows,
+    world_losses,
+)
+from jowa_core.models.world_action import WorldActionModel, WorldActionOutput
+
+ATOMS = torch.linspace(-10.0, 30.0, 51)
+TPB = 37
+
+
+# --- brute-force references (per-row Python loops, written independently of the library) ----------
+
+
+def ref_project(p: list[float], r: float, done: bool, gamma: float, atoms: list[float]) -> list[float]:
+    """Classic C51 projection (Bellemare et al. 2017, Alg. 1): floor/ceil split of each atom's mass."""
+    n, v_min, v_max = len(atoms), atoms[0], atoms[-1]
+    dz = (v_max - v_min) / (n - 1)
+    m = [0.0] * n
+    for j in range(n):
+        tz = min(max(r + (0.0 if done else gamma) * atoms[j], v_min), v_max)
+        b = (tz - v_min) / dz
+        lo, hi = math.floor(b), math.ceil(b)
+        if abs(b - round(b)) < 1e-6:  # lands on an atom (up to float error)
+            m[round(b)] += p[j]
+        else:
+            m[lo] += p[j] * (hi - b)
+            m[hi] += p[j] * (b - lo)
+    return m
+
+
+def ref_rows(mask: list[bool], ends: list[bool]) -> list[tuple[int, int | None]]:
+    """(t, t_next) for bootstrapped rows, (t, None) for terminal rows, in the official order per row."""
+    real = [t for t, m in enumerate(mask) if m]
+    rows = [(t, real[i + 1]) for i, t in enumerate(real[:-1])]
+    rows += [(t, None) for t in real if ends[t]]
+    return rows
+
+
+def mixture(logits: torch.Tensor) -> torch.Tensor:
+    """(num_q, Z) -> (Z,) mean of the members' softmaxes."""
+    return sum(F.softmax(logits[i].double(), -1) for i in range(logits.shape[0])) / logits.shape[0]
+
+
+# --- C51 projection ------------------------------------------------------------------------------
+
+
+def test_projection_known_answers():
+    # a point mass at z = 2.0 (atom 15) moved by r + gamma z = 0.5 + 0.9 * 2.0 = 2.3, which lies
+    # 0.3 above atom 15 (2.0) and 0.5 below atom 16 (2.8): weights 1 - 0.3/0.8 and 1 - 0.5/0.8.
+    p = torch.zeros(1, 51)
+    p[0, 15] = 1.0
+    m = c51_project(p, torch.tensor([0.5]), torch.tensor([0.0]), 0.9, ATOMS)[0]
+    assert m[15].item() == pytest.approx(0.625, abs=1e-5) and m[16].item() == pytest.approx(0.375, abs=1e-5)
+    assert m.sum().item() == pytest.approx(1.0) and (m > 0).sum() == 2
+    # terminal: point mass at r = -0.3, 0.1 above atom 12 (-0.4): 0.875 / 0.125, whatever P was
+    q = torch.softmax(torch.randn(1, 51), -1)
+    m = c51_project(q, torch.tensor([-0.3]), torch.tensor([1.0]), 0.99, ATOMS)[0]
+    assert m[12].item() == pytest.approx(0.875, abs=1e-5) and m[13].item() == pytest.approx(0.125, abs=1e-5)
+    # clipping: the top atom moved beyond v_max stays at v_max
+    p = torch.zeros(1, 51)
+    p[0, 50] = 1.0
+    m = c51_project(p, torch.tensor([1.0]), torch.tensor([0.0]), 0.99, ATOMS)[0]
+    assert m[50].item() == pytest.approx(1.0)
+
+
+def test_projection_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    N = 12
+    p = torch.softmax(3 * torch.randn(N, 51, generator=g), -1)
+    r = torch.empty(N).uniform_(-1.5, 1.5, generator=g)
+    r[0], r[1] = 40.0, -40.0  # whole distribution clipped
+    d = (torch.rand(N, generator=g) < 0.3).float()
+    got = c51_project(p, r, d, 0.99, ATOMS)
+    for i in range(N):
+        ref = ref_project(p[i].tolist(), r[i].item(), bool(d[i]), 0.99, ATOMS.tolist())
+        torch.testing.assert_close(got[i], torch.tensor(ref), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.sum(-1), torch.ones(N))
+
+
+# --- TD rows and TD losses -------------------------------------------------------------------------
+
+
+def test_td_row_selection_on_padded_segment_with_terminal():
+    mask = torch.tensor([
+        [False, True, True, True, False],  # left and right padding, terminal at its last real step
+        [True, True, True, True, True],  # cut mid-episode: the last step gives no TD term
+        [True, True, False, False, False],  # end flag on a padded step is ignored
+        [False, False, False, False, False],  # all padding
+    ])  # fmt: skip
+    ends = torch.tensor([[0, 0, 0, 1, 0], [0, 0, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 0, 1]])
+    rows = td_rows(mask, ends)
+    assert rows.nonterminal.tolist() == [
+        [False, True, True, False, False],
+        [True, True, True, True, False],
+        [True, False, False, False, False],
+        [False] * 5,
+    ]
+    assert rows.terminal.tolist() == [[False, False, False, True, False]] + [[False] * 5] * 3
+    assert rows.next_index[0, 1:3].tolist() == [2, 3] and rows.next_index[1, :4].tolist() == [1, 2, 3, 4]
+    assert rows.next_index[2, 0].item() == 1
+    for b in range(4):  # same as the reference row builder
+        ref = ref_rows(mask[b].tolist(), [bool(e) for e in ends[b]])
+        got = [(t, int(rows.next_index[b, t])) for t in range(5) if rows.nonterminal[b, t]]
+        got += [(t, None) for t in range(5) if rows.terminal[b, t]]
+        assert got == ref
+
+
+def random_td_case(seed: int, num_q: int = 2, B: int = 3, L: int = 5, A: int = 18, Z: int = 51, scalar: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_q, B, L, A) if scalar else (num_q, B, L, A, Z)
+    q = 2 * torch.randn(shape, generator=g)
+    qt = 2 * torch.randn(shape, generator=g)
+    actions = torch.randint(0, A, (B, L), generator=g)
+    rewards = torch.randint(-1, 2, (B, L), generator=g).float()
+    mask = torch.tensor([[True] * L, [False] + [True] * (L - 2) + [False], [True] * (L - 2) + [False] * 2])
+    ends = torch.zeros(B, L, dtype=torch.long)
+    ends[1, L - 2] = 1  # terminal at the last real step of row 1
+    legal = torch.rand(B, A, generator=g) < 0.5
+    legal[:, 0] = True
+    return q, qt, actions, rewards, ends, mask, legal
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_c51_td_loss_equals_brute_force(seed):
+    q, qt, actions, rewards, ends, mask, legal = random_td_case(seed)
+    got = c51_td_loss(q, qt, actions, rewards, ends, mask, legal, ATOMS, 0.99)
+    terms = []
+    for b in range(q.shape[1]):
+        for t, t_next in ref_rows(mask[b].tolist(), [bool(e) for e in ends[b]]):
+            p = mixture(q[:, b, t, actions[b, t]])
+            if t_next is None:
+                target = ref_project([1.0] + [0.0] * 50, rewards[b, t].item(), True, 0.99, ATOMS.tolist())
+            else:
+                best, best_a = -float("inf"), None
+                for a in range(18):
+                    if legal[b, a]:
+                        v = float(mixture(qt[:, b, t_next, a]) @ ATOMS.double())
+                        if v > best:
+                            best, best_a = v, a
+                pn = mixture(qt[:, b, t_next, best_a]).tolist()
+                target = ref_project(pn, rewards[b, t].item(), False, 0.99, ATOMS.tolist())
+            terms.append(-sum(m * math.log(pi + 1e-8) for m, pi in zip(target, p.tolist())))
+    assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_c51_td_loss_gradient_reaches_only_the_online_logits():
+    q, qt, actions, rewards, ends, mask, legal = random_td_case(0)
+    q.requires_grad_(True)
+    qt.requires_grad_(True)
+    c51_td_loss(q, qt, actions, rewards, ends, mask, legal, ATOMS, 0.99).backward()
+    assert q.grad.abs().sum() > 0 and qt.grad is None
+
+
+def test_c51_td_loss_shape_errors():
+    q, qt, actions, rewards, ends, mask, legal = random_td_case(0)
+    with pytest.raises(ValueError, match="legal_mask"):
+        c51_td_loss(q, qt, actions, rewards, ends, mask, legal[:, :17], ATOMS, 0.99)
+    with pytest.raises(ValueError, match="actions"):
+        c51_td_loss(q, qt, actions[:, :3], rewards, ends, mask, legal, ATOMS, 0.99)
+
+
+def test_mse_td_loss_equals_brute_force():
+    q, qt, actions, rewards, ends, mask, legal = random_td_case(3, num_q=3, scalar=True)
+    got = mse_td_loss(q, qt, actions, rewards, ends, mask, legal, 0.9)
+    terms = []
+    for b in range(q.shape[1]):
+        for t, t_next in ref_rows(mask[b].tolist(), [bool(e) for e in ends[b]]):
+            pred = q[:, b, t, actions[b, t]].mean().item()
+            y = rewards[b, t].item()
+            if t_next is not None:
+                y += 0.9 * max(qt[:, b, t_next, a].mean().item() for a in range(18) if legal[b, a])
+            terms.append(0.5 * (pred - y) ** 2)
+    assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+# --- CQL and BC -------------------------------------------------------------------------------------
+
+
+def test_cql_penalty_hand_computed():
+    q = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [9.0, 9.0, 9.0]]])  # step 2 is padding
+    actions = torch.tensor([[2, 0, 1]])
+    mask = torch.tensor([[True, True, False]])
+    lse0 = 3 + math.log(1 + math.exp(-1) + math.exp(-2))
+    expected = (lse0 + math.log(3)) / 2 - (3.0 + 0.0) / 2
+    assert cql_penalty(q, actions, mask).item() == pytest.approx(expected, rel=1e-6)
+    legal = torch.tensor([[True, False, True]])
+    expected_legal = (3 + math.log(1 + math.exp(-2)) + math.log(2)) / 2 - 1.5
+    got = cql_penalty(q, actions, mask, legal_mask=legal, legal_only=True)
+    assert got.item() == pytest.approx(expected_legal, rel=1e-6)
+    only_first = torch.tensor([[True, False, False]])
+    got = cql_penalty(q, actions, mask, positive_mask=only_first)
+    assert got.item() == pytest.approx((lse0 + math.log(3)) / 2 - 3.0, rel=1e-6)
+    with pytest.raises(ValueError, match="legal_mask"):
+        cql_penalty(q, actions, mask, legal_only=True)
+
+
+def test_mtbc_loss_equals_brute_force():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 3, 18, generator=g)
+    actions = torch.tensor([[0, 4, 5], [1, 1, 2]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    legal = torch.zeros(2, 18, dtype=torch.bool)
+    legal[0, [0, 4, 5, 7]] = True
+    legal[1, [1, 2]] = True
+    terms = []
+    for b in range(2):
+        for t in range(3):
+            if mask[b, t]:
+                legal_logits = [logits[b, t, a].item() for a in range(18) if legal[b, a]]
+                lse = math.log(sum(math.exp(x) for x in legal_logits))
+                terms.append(lse - logits[b, t, actions[b, t]].item())
+    assert mtbc_loss(logits, actions, mask, legal).item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+# --- world losses and the joint objective -----------------------------------------------------------
+
+
+def tiny_model(**kw) -> WorldActionModel:
+    torch.manual_seed(0)
+    cfg = WorldActionConfig(
+        num_layers=1, num_heads=2, embed_dim=16, max_blocks=3, obs_vocab_size=10, q_mlp_dim=8, num_q=2,
+        embed_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, q_dropout=0.0, **kw,
+    )  # fmt: skip
+    return WorldActionModel(cfg).eval()
+
+
+def batch(B: int = 3, L: int = 3, vocab: int = 10, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randint(0, vocab, (B, L, 36), generator=g)
+    actions = torch.randint(0, 18, (B, L), generator=g)
+    tokens = torch.cat([obs, actions.unsqueeze(-1)], -1).view(B, L * TPB)
+    rewards = torch.tensor([[0.0, 1.0, -1.0], [0.5, 0.0, 0.0], [0.0, -2.0, 3.0]])[:B, :L]
+    ends = torch.zeros(B, L, dtype=torch.long)
+    ends[1, 1] = 1
+    mask = torch.tensor([[True, True, True], [True, True, False], [False, True, True]])[:B, :L]
+    return tokens, actions, rewards, ends, mask
+
+
+def test_world_losses_equal_brute_force():
+    model = tiny_model()
+    tokens, _, rewards, ends, mask = batch()
+    out = model(tokens, torch.tensor([0, 1, 2]))
+    got = world_losses(out, tokens, rewards, ends, mask)
+    B, L = mask.shape
+    obs_terms, rew_terms, end_terms = [], [], []
+    for b in range(B):
+        obs_flat = [(t, tokens[b, t * TPB + k].item()) for t in range(L) for k in range(36)]  # (step, token)
+        for i in range(L * 36 - 1):  # prediction i -> flat obs token i + 1, the last prediction is dropped
+            step, label = obs_flat[i + 1]
+            if mask[b, step]:
+                obs_terms.append(-F.log_softmax(out.obs_logits[b, i], -1)[label].item())
+        for t in range(L):
+            if mask[b, t]:
+                r = rewards[b, t].item()
+                rew_terms.append(-F.log_softmax(out.reward_logits[b, t], -1)[(r > 0) - (r < 0) + 1].item())
+                end_terms.append(-F.log_softmax(out.end_logits[b, t], -1)[int(ends[b, t])].item())
+    assert got.obs.item() == pytest.approx(sum(obs_terms) / len(obs_terms), rel=1e-5)
+    assert got.reward.item() == pytest.approx(sum(rew_terms) / len(rew_terms), rel=1e-5)
+    assert got.end.item() == pytest.approx(sum(end_terms) / len(end_terms), rel=1e-5)
+
+
+def test_world_losses_shape_errors():
+    model = tiny_model()
+    tokens, _, rewards, ends, mask = batch()
+    out = model(tokens[:, :-1], torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="tokens"):
+        world_losses(out, tokens[:, :-1], rewards, ends, mask)
+    out = model(tokens, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="rewards"):
+        world_losses(out, tokens, rewards[:, :2], ends, mask)
+
+
+def legal_for(B: int) -> torch.Tensor:
+    legal = torch.ones(B, 18, dtype=torch.bool)
+    legal[0, 10:] = False
+    return legal
+
+
+def test_joint_loss_is_the_named_weighted_sum():
+    model = tiny_model(bc_head=True)
+    tokens, actions, rewards, ends, mask = batch()
+    out = model(tokens, torch.tensor([0, 1, 2]))
+    target = model.q_target_logits(out.q_hidden)
+    legal = legal_for(3)
+    terms = joint_loss(out, target, tokens, rewards, ends, mask, legal, model.atoms, supervised_weight=0.1,
+                       train_critic=True, gamma=0.99, cql_weight=0.1, bc_weight=0.5)  # fmt: skip
+    w = world_losses(out, tokens, rewards, ends, mask)
+    td = c51_td_loss(out.q_logits, target, actions, rewards, ends, mask, legal, model.atoms, 0.99)
+    q_exp = model.q_values(out.q_logits)
+    cql = cql_penalty(q_exp, actions, mask)
+    bc = mtbc_loss(out.bc_logits, actions, mask, legal)
+    expected = 0.1 * (w.obs + w.reward + w.end) + td + 0.1 * cql + 0.5 * bc
+    torch.testing.assert_close(terms.total, expected)
+    for name, value in (("obs", w.obs), ("td", td), ("cql", cql), ("bc", bc)):
+        torch.testing.assert_close(getattr(terms, name), value)
+    assert all(not v.requires_grad for v in terms.metrics().values())
+
+    stage1 = joint_loss(out, None, tokens, rewards, ends, mask, legal, model.atoms, supervised_weight=1.0,
+                        train_critic=False, bc_weight=0.0)  # fmt: skip
+    torch.testing.assert_close(stage1.total, w.obs + w.reward + w.end)
+    assert stage1.td.item() == 0 and stage1.cql.item() == 0
+
+    null = joint_loss(out, target, tokens, rewards, ends, mask, legal, model.atoms, supervised_weight=0.1,
+                      train_critic=True, q_penalty="null", bc_weight=0.0)  # fmt: skip
+    torch.testing.assert_close(null.total, 0.1 * (w.obs + w.reward + w.end) + td)
+
+
+def test_combo_and_real_rows():
+    model = tiny_model()
+    tokens, actions, rewards, ends, mask = batch()
+    out = model(tokens, torch.tensor([0, 1, 2]))
+    target = model.q_target_logits(out.q_hidden)
+    terms = joint_loss(out, target, tokens, rewards, ends, mask, legal_for(3), model.atoms, supervised_weight=1.0,
+                       train_critic=True, q_penalty="combo", num_real_rows=2)  # fmt: skip
+    q_exp = model.q_values(out.q_logits)
+    real_rows = mask.clone()
+    real_rows[2] = False
+    torch.testing.assert_close(terms.cql, cql_penalty(q_exp, actions, mask, positive_mask=real_rows))
+    real = WorldActionOutput(**{**out.__dict__, "obs_logits": out.obs_logits[:2], "reward_logits": out.reward_logits[:2],
+                                "end_logits": out.end_logits[:2]})  # fmt: skip
+    torch.testing.assert_close(terms.obs, world_losses(real, tokens[:2], rewards[:2], ends[:2], mask[:2]).obs)
+
+
+def test_compute_loss_backprops_and_clips_rewards():
+    model = tiny_model()
+    model.train()
+    tokens, actions, rewards, ends, mask = batch()
+    tasks = torch.tensor([3, 9, 59])
+    terms, out = compute_loss(model, tokens, tasks, rewards, ends, mask, supervised_weight=0.1, train_critic=True)
+    assert torch.isfinite(terms.total)
+    terms.total.backward()
+    assert model.transformer.blocks[0].attn.query.weight.grad.abs().sum() > 0
+    assert model.head_q.head_module.params[0].grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.head_q_target.parameters())
+    from jowa_core.games import action_masks
+
+    legal = torch.as_tensor(action_masks())[tasks]
+    model.eval()
+    with torch.no_grad():
+        terms, out = compute_loss(model, tokens, tasks, rewards, ends, mask, supervised_weight=0.1, train_critic=True)
+        td = c51_td_loss(out.q_logits, model.q_target_logits(out.q_hidden), actions, rewards.clamp(-1, 1), ends, mask,
+                         legal, model.atoms, 0.99)  # fmt: skip
+    torch.testing.assert_close(terms.td, td)

@@ -1,0 +1,380 @@
+"""World-action model: layout of embeddings and heads, KV cache, Q ensemble, official names and sizes."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from jowa_core.checkpoints import (
+    official_model_buffers,
+    official_model_state_dict_to_ours,
+    ours_to_official,
+)
+from jowa_core.config import WorldActionConfig, preset
+from jowa_core.models.world_action import KVCache, QEnsemble, WorldActionModel
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+MANIFEST = REFERENCE / "official_jowa_state_dict_manifest.json"
+TPB = 37
+
+
+def small_cfg(**kw) -> WorldActionConfig:
+    base = {"num_layers": 2, "num_heads": 2, "embed_dim": 32, "max_blocks": 3, "obs_vocab_size": 24, "q_mlp_dim": 16}
+    no_dropout = {"embed_pdrop": 0.0, "resid_pdrop": 0.0, "attn_pdrop": 0.0, "q_dropout": 0.0}
+    return WorldActionConfig(**{**base, "num_q": 2, **no_dropout, **kw})
+
+
+def make_model(seed: int = 0, **kw) -> WorldActionModel:
+    torch.manual_seed(seed)
+    model = WorldActionModel(small_cfg(**kw)).eval()
+    with torch.no_grad():  # break symmetry of zero-initialised biases / identical tables
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.update_target()
+    return model
+
+
+def random_tokens(cfg: WorldActionConfig, B: int, T: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, cfg.obs_vocab_size, (B, T), generator=g)
+    act = torch.arange(T) % cfg.tokens_per_block == cfg.tokens_per_block - 1
+    tok[:, act] = torch.randint(0, cfg.num_actions, (B, int(act.sum())), generator=g)
+    return tok
+
+
+def positions(start: int, T: int, keep) -> list[int]:
+    """Absolute positions p in [start, start + T) whose j = p % 37 satisfies keep(j), as offsets."""
+    return [p - start for p in range(start, start + T) if keep(p % TPB)]
+
+
+# --- embeddings and head positions -------------------------------------------------------------
+
+
+def test_input_embedding_matches_a_per_position_loop():
+    model = make_model()
+    cfg = model.cfg
+    B, T = 2, 2 * TPB + 5
+    tokens, tasks = random_tokens(cfg, B, T), torch.tensor([3, 59])
+    seen = {}
+    model.transformer.drop.register_forward_hook(lambda m, inp, out: seen.setdefault("x", inp[0]))
+    with torch.no_grad():
+        model(tokens, tasks)
+    act_t, obs_t = model.embedder.embedding_tables
+    task_act, task_obs = model.task_emb.embedding_tables
+    for b in range(B):
+        for p in range(T):
+            is_act = p % TPB == 36
+            e = (act_t if is_act else obs_t).weight[tokens[b, p]] + model.pos_emb.weight[p]
+            e = e + (task_act if is_act else task_obs).weight[tasks[b]]
+            torch.testing.assert_close(seen["x"][b, p], e)
+
+
+def test_no_task_embedding_when_disabled():
+    model = make_model(use_task_embed=False)
+    assert not hasattr(model, "task_emb")
+    tokens = random_tokens(model.cfg, 2, 40)
+    with torch.no_grad():
+        a, b = model(tokens, torch.tensor([0, 1])), model(tokens, torch.tensor([5, 7]))
+    torch.testing.assert_close(a.hidden, b.hidden)
+
+
+@pytest.mark.parametrize("start,T", [(0, 3 * TPB), (0, 2 * TPB - 1), (35, 3), (36, 1), (10, 60), (73, 1)])
+def test_heads_read_the_official_positions(start, T):
+    model = make_model()
+    cfg = model.cfg
+    tokens, tasks = random_tokens(cfg, 2, start + T), torch.tensor([1, 2])
+    cache = model.empty_cache(2)
+    with torch.no_grad():
+        if start:
+            model(tokens[:, :start], tasks, cache)
+        out = model(tokens[:, start:], tasks, cache)
+        h = out.hidden
+        obs = positions(start, T, lambda j: j != 35)
+        act = positions(start, T, lambda j: j == 36)
+        q = positions(start, T, lambda j: j == 35)
+        torch.testing.assert_close(out.obs_logits, model.head_observations(h[:, obs]))
+        torch.testing.assert_close(out.reward_logits, model.head_rewards(h[:, act]))
+        torch.testing.assert_close(out.end_logits, model.head_ends(h[:, act]))
+        ref_q = model.head_q(h[:, q]).view(cfg.num_q, 2, len(q), 18, 51)
+        torch.testing.assert_close(out.q_logits, ref_q)
+        torch.testing.assert_close(out.q_hidden, h[:, q])
+    assert out.start == start and cache.length == start + T
+
+
+def test_full_segment_output_shapes():
+    model = make_model()
+    L = model.cfg.max_blocks
+    out = model(random_tokens(model.cfg, 2, L * TPB), torch.tensor([0, 1]))
+    assert out.obs_logits.shape == (2, 36 * L, 24)
+    assert out.reward_logits.shape == (2, L, 3) and out.end_logits.shape == (2, L, 2)
+    assert out.q_logits.shape == (2, 2, L, 18, 51) and out.bc_logits is None
+    planner = model(random_tokens(model.cfg, 2, 2 * TPB - 1), torch.tensor([0, 1]))
+    assert planner.q_logits.shape[2] == 2 and planner.reward_logits.shape[1] == 1
+
+
+# --- KV cache ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunks", [[1] * 40, [5, 37, 1, 36, 32], [36, 1, 74], [110, 1]])
+def test_incremental_decoding_equals_full_forward(chunks):
+    model = make_model()
+    cfg = model.cfg
+    T = min(sum(chunks), cfg.max_tokens)
+    tokens, tasks = random_tokens(cfg, 3, T), torch.tensor([4, 9, 14])
+    with torch.no_grad():
+        full = model(tokens, tasks)
+        cache = model.empty_cache(3)
+        parts, s = [], 0
+        for c in chunks:
+            c = min(c, T - s)
+            if c <= 0:
+                break
+            parts.append(model(tokens[:, s : s + c], tasks, cache))
+            s += c
+    assert cache.length == T
+    for name in ("hidden", "obs_logits", "reward_logits", "end_logits"):
+        got = torch.cat([getattr(p, name) for p in parts], dim=1)
+        torch.testing.assert_close(got, getattr(full, name), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([p.q_logits for p in parts], 2), full.q_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_index_select_repeat_clone_cat():
+    model = make_model()
+    cfg = model.cfg
+    tokens, tasks = random_tokens(cfg, 4, 90), torch.tensor([0, 1, 2, 3])
+    rows = torch.tensor([2, 0, 2])
+    with torch.no_grad():
+        cache = model.empty_cache(4)
+        model(tokens[:, :50], tasks, cache)
+        sel = cache.index_select(rows)
+        got = model(tokens[rows, 50:], tasks[rows], sel).obs_logits
+        alone = model(tokens[rows], tasks[rows]).obs_logits[:, -got.shape[1] :]
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+        assert cache.length == 50 and sel.length == 90  # the original is untouched
+
+        rep = cache.repeat_interleave(2)
+        assert rep.batch_size == 8
+        got = model(tokens.repeat_interleave(2, 0)[:, 50:], tasks.repeat_interleave(2), rep).reward_logits
+        ref = model(tokens, tasks).reward_logits[:, -got.shape[1] :].repeat_interleave(2, 0)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+        clone = cache.clone()
+        model(tokens[:, 50:60], tasks, clone)
+        assert cache.length == 50 and clone.length == 60
+        torch.testing.assert_close(cache.keys[0][:, :, 50:60], torch.zeros_like(cache.keys[0][:, :, 50:60]))
+
+        both = KVCache.cat([cache.index_select(torch.tensor([1])), cache.index_select(torch.tensor([3]))])
+        got = model(tokens[[1, 3], 50:], tasks[[1, 3]], both).end_logits
+        ref = model(tokens[[1, 3]], tasks[[1, 3]]).end_logits[:, -got.shape[1] :]
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_crop_rolls_back():
+    model = make_model()
+    tokens, tasks = random_tokens(model.cfg, 2, 60), torch.tensor([0, 1])
+    with torch.no_grad():
+        cache = model.empty_cache(2)
+        model(tokens[:, :40], tasks, cache)
+        model(random_tokens(model.cfg, 2, 10, seed=7), tasks, cache)  # an imagined branch
+        cache.crop(40)
+        got = model(tokens[:, 40:], tasks, cache).hidden
+        torch.testing.assert_close(got, model(tokens, tasks).hidden[:, 40:], atol=1e-5, rtol=1e-5)
+
+
+def test_step_equals_greedy_decoding_with_full_forwards():
+    model = make_model()
+    cfg = model.cfg
+    B, tasks = 2, torch.tensor([5, 6])
+    history = random_tokens(cfg, B, TPB + 36)  # one past step + the current observation
+    actions = torch.tensor([3, 17])
+    with torch.no_grad():
+        cache = model.empty_cache(B)
+        model(history, tasks, cache)
+        res = model.step(cache, actions, tasks)
+        seq = torch.cat([history, actions.view(B, 1)], 1)
+        first = model(seq, tasks)
+        for k in range(36):  # greedy, one full forward per generated token
+            nxt = model(seq, tasks).obs_logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+        final = model(seq, tasks)
+    torch.testing.assert_close(res.obs_tokens, seq[:, -36:])
+    torch.testing.assert_close(res.reward_logits, first.reward_logits[:, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res.end_logits, first.end_logits[:, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res.q_logits, final.q_logits[:, :, -1], atol=1e-5, rtol=1e-5)
+    assert cache.length == seq.shape[1]
+    with pytest.raises(ValueError, match="no room"):
+        model.step(cache, actions, tasks)
+
+
+def test_clear_errors():
+    model = make_model()
+    tok = random_tokens(model.cfg, 2, 10)
+    with pytest.raises(ValueError, match="task_ids"):
+        model(tok, torch.tensor([1]))
+    with pytest.raises(ValueError, match="exceed the model's window"):
+        model(random_tokens(model.cfg, 1, model.cfg.max_tokens + 1), torch.tensor([1]))
+    with pytest.raises(ValueError, match="index_select"):
+        model(tok, torch.tensor([1, 2]), model.empty_cache(3))
+    with pytest.raises(ValueError, match="ends after a full observation"):
+        cache = model.empty_cache(2)
+        model(tok, torch.tensor([1, 2]), cache)
+        model.step(cache, torch.tensor([0, 0]), torch.tensor([1, 2]))
+
+
+# --- Q heads -------------------------------------------------------------------------------------
+
+
+def test_q_ensemble_equals_per_member_modules():
+    torch.manual_seed(0)
+    ens = QEnsemble(num_q=3, in_dim=8, mlp_dim=6, out_dim=5, dropout=0.0)
+    x = torch.randn(2, 4, 8)
+    p = ens.params
+    for i in range(3):
+        member = nn.Sequential(nn.Linear(8, 6), nn.LayerNorm(6), nn.Mish(), nn.Linear(6, 6), nn.LayerNorm(6), nn.Mish(),
+                               nn.Linear(6, 5))  # fmt: skip
+        tensors = [member[0].weight, member[0].bias, member[1].weight, member[1].bias, member[3].weight, member[3].bias,
+                   member[4].weight, member[4].bias, member[6].weight, member[6].bias]  # fmt: skip
+        with torch.no_grad():
+            for dst, src in zip(tensors, p):
+                dst.copy_(src[i])
+        torch.testing.assert_close(ens(x)[i], member(x))
+
+
+def test_q_ensemble_keeps_pytorch_default_init_and_dropout_differs_per_member():
+    torch.manual_seed(0)
+    ens = QEnsemble(num_q=2, in_dim=400, mlp_dim=300, out_dim=20, dropout=0.5)
+    w0 = ens.params[0]
+    bound = 1 / math.sqrt(400)
+    assert w0.abs().max() <= bound and w0.std() > 0.9 * bound / math.sqrt(3)  # U(-1/sqrt(in), +), not N(0, .02)
+    assert torch.equal(ens.params[2], torch.ones_like(ens.params[2]))
+    with torch.no_grad():
+        ens.params[0][1].copy_(ens.params[0][0])
+        for k in range(1, 10):
+            ens.params[k][1].copy_(ens.params[k][0])
+    x = torch.randn(3, 400)
+    ens.train()
+    out = ens(x)
+    assert not torch.allclose(out[0], out[1])
+    ens.eval()
+    out = ens(x)
+    torch.testing.assert_close(out[0], out[1])
+
+
+def test_transformer_init_is_normal_002():
+    torch.manual_seed(0)
+    model = WorldActionModel(preset("tiny").model)
+    w = model.transformer.blocks[0].mlp[0].weight
+    assert abs(w.std().item() - 0.02) < 0.002 and model.transformer.blocks[0].mlp[0].bias.abs().max() == 0
+    assert abs(model.embedder.embedding_tables[1].weight.std().item() - 0.02) < 0.002
+
+
+def test_q_values_mix_the_members_and_mask_illegal_actions():
+    model = make_model()
+    with torch.no_grad():
+        out = model(random_tokens(model.cfg, 2, 2 * TPB), torch.tensor([0, 1]))
+    legal = torch.zeros(2, 18, dtype=torch.bool)
+    legal[0, [0, 1, 5]] = True
+    legal[1, :] = True
+    q = model.q_values(out.q_logits, legal)
+    atoms = torch.linspace(-10, 30, 51)
+    for b in range(2):
+        for t in range(2):
+            for a in range(18):
+                probs = sum(out.q_logits[i, b, t, a].softmax(-1) for i in range(2)) / 2
+                ref = float(probs @ atoms) if legal[b, a] else float("-inf")
+                assert q[b, t, a].item() == pytest.approx(ref, rel=1e-5, abs=1e-5)
+
+
+def test_target_head_frozen_eval_and_hard_update():
+    model = make_model(q_dropout=0.5)
+    model.train()
+    assert not model.head_q_target.training and model.head_q.training
+    assert all(not p.requires_grad for p in model.head_q_target.parameters())
+    out = model(random_tokens(model.cfg, 2, TPB), torch.tensor([0, 1]))
+    with torch.no_grad():
+        model.head_q.head_module.params[9].add_(1.0)
+    tgt = model.q_target_logits(out.q_hidden)
+    assert not tgt.requires_grad
+    model.update_target()
+    model.eval()
+    torch.testing.assert_close(model.q_target_logits(out.q_hidden), model._q_head(model.head_q, out.q_hidden))
+    assert not torch.allclose(tgt, model.q_target_logits(out.q_hidden))
+
+
+@pytest.mark.parametrize("backwards", [True, False])
+def test_q_loss_backwards_wm_flag(backwards):
+    model = make_model(q_loss_backwards_wm=backwards)
+    out = model(random_tokens(model.cfg, 2, TPB), torch.tensor([0, 1]))
+    out.q_logits.sum().backward()
+    g = model.transformer.blocks[0].attn.query.weight.grad
+    assert (g is not None and g.abs().sum() > 0) == backwards
+    assert model.head_q.head_module.params[0].grad.abs().sum() > 0
+
+
+def test_bc_head_and_mse_head_shapes():
+    model = make_model(bc_head=True, td_loss="mse")
+    out = model(random_tokens(model.cfg, 2, 2 * TPB), torch.tensor([0, 1]))
+    assert out.bc_logits.shape == (2, 2, 18) and out.q_logits.shape == (2, 2, 2, 18)
+    torch.testing.assert_close(model.q_values(out.q_logits), out.q_logits.mean(0))
+    assert model.num_parameters() == model.cfg.num_parameters()
+
+
+# --- official names, shapes, sizes and file format -------------------------------------------------
+
+
+@pytest.mark.skipif(not MANIFEST.exists(), reason="shared/reference not beside the checkout")
+@pytest.mark.parametrize("name,key", [("jowa_40m", "JOWA_40M"), ("jowa_70m", "JOWA_70M"), ("jowa_150m", "JOWA_150M")])
+def test_every_official_entry_maps_to_a_tensor_of_the_same_shape(name, key):
+    entry = json.loads(MANIFEST.read_text())[key]
+    cfg = preset(name).model
+    with torch.device("meta"):
+        model = WorldActionModel(cfg)
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    buffers = {k: list(v.shape) for k, v in official_model_buffers(cfg).items()}
+    for k, shape in entry["state_dict"].items():
+        assert ours.get(k, buffers.get(k)) == shape, k
+    assert set(ours) | set(buffers) == set(entry["state_dict"])
+    assert model.num_parameters() == entry["num_parameters_trainable"] == cfg.num_parameters()
+    assert cfg.num_heads == entry["config_transformer"]["num_heads"]
+    assert (cfg.q_mlp_dim, cfg.num_q) == (entry["config_critic_head"]["mlp_dim"], entry["config_critic_head"]["num_q"])
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "_orig_mod.module."])
+def test_official_file_round_trip(tmp_path, prefix):
+    model = make_model(num_layers=4, num_q=1)
+    official = ours_to_official(model.state_dict(), model.cfg, prefix=prefix, include_attn_mask=True)
+    if MANIFEST.exists():  # same names as the official 40M file (4 layers)
+        names = set(json.loads(MANIFEST.read_text())["JOWA_40M"]["state_dict"])
+        assert {k[len(prefix) :] for k in official} == names
+    path = tmp_path / "JOWA_tiny.pt"
+    torch.save(official, path)
+    loaded = official_model_state_dict_to_ours(torch.load(path, weights_only=True), model.cfg)
+    fresh = WorldActionModel(model.cfg).eval()
+    fresh.load_state_dict(loaded, strict=True)
+    tokens, tasks = random_tokens(model.cfg, 2, 80), torch.tensor([3, 7])
+    a, b = model(tokens, tasks), fresh(tokens, tasks)
+    for name in ("obs_logits", "reward_logits", "end_logits", "q_logits"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert torch.equal(model.q_target_logits(a.q_hidden), fresh.q_target_logits(b.q_hidden))
+    bufs = official_model_buffers(model.cfg)
+    assert bufs["head_rewards.indices"].tolist() == [36 + 37 * t for t in range(3)]
+    assert bufs["head_q.indices"].tolist() == [35 + 37 * t for t in range(3)]
+    assert bufs["head_observations.indices"].tolist() == [p for p in range(111) if p % 37 != 35]
+
+
+def test_mismatched_size_gives_a_clear_error():
+    cfg = preset("jowa_40m").model
+    with torch.device("meta"):
+        sd = WorldActionModel(preset("jowa_150m").model).state_dict()
+    with pytest.raises(ValueError, match="official 150M model"):
+        official_model_state_dict_to_ours(ours_to_official(sd, preset("jowa_150m").model), cfg)
+
+
+def test_param_count_formula_matches_built_models():
+    for kw in ({}, {"bc_head": True}, {"use_task_embed": False}, {"td_loss": "mse", "num_q": 3}):
+        model = make_model(**kw)
+        assert model.num_parameters() == model.cfg.num_parameters(), kw
+        assert model.num_parameters(trainable_only=False) == model.cfg.num_parameters(trainable_only=False), kw
