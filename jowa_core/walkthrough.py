@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -66,3 +67,37 @@ def walkthrough(run_dir: str | os.PathLike, parameters: dict[str, Any] | None = 
         os.replace(tmp, state_path)
         print(f"[done] {nb.name} in {time.time() - t0:.0f}s", flush=True)
     return outputs
+
+
+def write_summary(run_dir: str | os.PathLike, name: str, data: dict[str, Any]) -> Path:
+    """Write ``run_dir/<name>_summary.json`` atomically: how notebooks hand results to each other."""
+    path = Path(run_dir) / f"{name}_summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(_finite(data), indent=2, default=str, allow_nan=False))
+    os.replace(tmp, path)
+    return path
+
+
+def _finite(x: Any) -> Any:
+    """NaN/inf become null so the summary stays strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def read_summary(run_dir: str | os.PathLike, name: str) -> dict[str, Any]:
+    """Read an earlier notebook's summary; a clear error says which notebook to run first."""
+    path = Path(run_dir) / f"{name}_summary.json"
+    if not path.exists():
+        matches = notebooks([name])
+        nb = matches[0].name if matches else f"notebook {name}"
+        raise FileNotFoundError(
+            f"{path} does not exist: run {nb} with run_dir={str(run_dir)!r} first "
+            f"(or `jowa walkthrough --run-dir {run_dir}`)."
+        )
+    return json.loads(path.read_text())

@@ -112,6 +112,15 @@ class DatasetWriter:
         self._returns.append(float(cols["rewards"].sum(dtype=np.float64)))
         self._n += t
 
+    def add_episode_field(self, name: str, values) -> None:
+        """Store an extra per-episode (E,) array, e.g. which behaviour policy produced each episode."""
+        values = np.asarray(values)
+        if name in SCHEMA or name in EPISODE_SCHEMA or name in self._f:
+            raise DatasetError(f"per-episode field {name!r} exists already or is reserved; pick another name.")
+        if values.shape != (self.num_episodes,):
+            raise DatasetError(f"per-episode field {name!r} has shape {values.shape}; expected ({self.num_episodes},).")
+        self._f.create_dataset(name, data=values)
+
     def close(self) -> Path:
         """Write the episode index and move the file into place."""
         if self._closed:
