@@ -33,7 +33,14 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """VQ-VAE frame tokenizer (spec section 4). Defaults are the official architecture."""
+    """VQ-VAE frame tokenizer (spec section 4). Defaults are the official architecture.
+
+    Encoder: conv_in at 84 / ``stem_stride``, then one level per ``ch_mult`` entry; every level but the
+    last ends with a downsampling conv (pad right/bottom by 1, kernel ``down_kernels[i]``, stride
+    ``down_strides[i]``); the last level must be 6x6 (36 tokens). Decoder: the mirror, with nearest
+    upsampling by ``up_factors`` (from the 6x6 level up; official 6 -> 42 -> 84) and, when
+    ``stem_stride`` > 1, a pixel shuffle by ``stem_stride`` before conv_out.
+    """
 
     in_channels: int = 1
     resolution: int = FRAME_SIZE
@@ -43,27 +50,92 @@ class TokenizerConfig:
     num_res_blocks: int = 2
     """Residual blocks per encoder level; the decoder uses one more per level (official)."""
     attn_resolutions: tuple[int, ...] = (6, 12)
+    """Encoder levels whose resolution is listed get one attention block per ResBlock. The decoder's
+    up path never has attention (official quirk Q4, the released weights rely on it)."""
+    mid_attention: bool = True
+    """Attention block between the two mid ResBlocks of encoder and decoder (official: always on)."""
+    down_kernels: tuple[int, ...] = (8, 3)
+    """Kernel of each encoder downsampling conv, one per level but the last (official 84 -> 12 -> 6)."""
+    down_strides: tuple[int, ...] = (7, 2)
+    up_factors: tuple[int, ...] = (7, 2)
+    """Nearest-upsampling factor of each decoder level, lowest resolution first (official 6 -> 42 -> 84)."""
     z_channels: int = 512
     embed_dim: int = 512
     vocab_size: int = 2048
     dropout: float = 0.0
     stem_stride: int = 1
-    """Ours: >1 downsamples the 84x84 input with a strided conv first (tiny preset: 4 -> 21x21)."""
+    """Ours: >1 makes conv_in a kernel = stride = ``stem_stride`` patchify conv (84 -> 84/s) and the
+    decoder end in a 1x1 conv + pixel shuffle by s to ``stem_channels`` at full size, then its 3x3
+    conv_out, so that every level is cheap (tiny preset: 7 -> 12x12)."""
+    stem_channels: int = 16
+    """Ours, used only when ``stem_stride`` > 1: decoder channels at full resolution after the pixel
+    shuffle (more is sharper and costs little: they are 1x1-conv outputs and one 3x3 conv input)."""
     beta: float = 1.0
     """Commitment weight of the VQ loss (official 1.0)."""
     perceptual_weight: float = 1.0
-    """LPIPS weight; used only when ``perceptual_weights_path`` names a local VGG16 file."""
+    """LPIPS weight; used only when ``perceptual_weights_path`` names a local LPIPS weights file."""
     perceptual_weights_path: str | None = None
+    """Local file with LPIPS (VGG16) weights in the taming layout, e.g. the official tokenizer.pt
+    (its ``lpips.*`` entries). Never downloaded; None turns the perceptual loss off."""
     changed_pixel_weight: float = 0.0
     """Ours: extra L1 weight on pixels that change between consecutive frames (keeps small objects)."""
     dilate_frames: int = 0
-    """Ours: max-filter size applied to frames before encoding (0 = off; 3 = 3x3 dilation)."""
+    """Ours: odd max-filter size applied to frames before encoding (0 = off; 3 = 3x3 dilation)."""
     dead_code_restart: bool = False
-    """Ours: restart unused codes at the worst-quantised latents."""
+    """Ours: restart codes unused for ``dead_code_window`` steps at the worst-quantised latents."""
+    dead_code_window: int = 100
+    """Ours: training steps over which a code must be chosen at least once to count as alive."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:
+        """Inverse of ``dataclasses.asdict`` after a JSON round trip (lists back to tuples)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        _check(not unknown, f"Unknown TokenizerConfig field(s) {sorted(unknown)}; written by another version?")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    @property
+    def latent_resolution(self) -> int:
+        """Side of the encoder's output grid implied by the geometry fields (must be 6)."""
+        r = self.resolution // self.stem_stride
+        for k, s in zip(self.down_kernels, self.down_strides):
+            r = (r + 1 - k) // s + 1
+        return r
 
     def __post_init__(self) -> None:
-        _check(self.vocab_size <= 65536, f"vocab_size {self.vocab_size} > 65536 cannot be cached as uint16; use <= 65536.")
+        _check(self.vocab_size <= 65536, f"vocab_size {self.vocab_size} > 65536 cannot be cached as uint16; use less.")
         _check(self.ch > 0 and self.z_channels > 0, "ch and z_channels must be positive.")
+        _check(self.embed_dim > 0 and self.vocab_size > 1, "embed_dim must be positive and vocab_size > 1.")
+        _check(self.num_res_blocks >= 0 and len(self.ch_mult) >= 1, "need num_res_blocks >= 0 and >= 1 ch_mult level.")
+        n_down = len(self.ch_mult) - 1
+        _check(
+            len(self.down_kernels) == n_down and len(self.down_strides) == n_down and len(self.up_factors) == n_down,
+            f"down_kernels, down_strides and up_factors need one entry per level but the last "
+            f"({n_down} for ch_mult {self.ch_mult}); got {self.down_kernels}, {self.down_strides}, {self.up_factors}.",
+        )
+        _check(
+            self.stem_stride >= 1 and self.resolution % self.stem_stride == 0,
+            f"stem_stride {self.stem_stride} must divide the frame size {self.resolution} (e.g. 1, 2, 7 or 14).",
+        )
+        side = round(OBS_TOKENS**0.5)
+        _check(
+            self.latent_resolution == side,
+            f"the encoder geometry ends at {self.latent_resolution}x{self.latent_resolution}, but the token layout "
+            f"needs {side}x{side}; adjust stem_stride / down_kernels / down_strides.",
+        )
+        up = side
+        for f in self.up_factors:
+            up *= f
+        _check(
+            up * self.stem_stride == self.resolution,
+            f"the decoder reaches {up}x{up} then x{self.stem_stride} (stem) = {up * self.stem_stride}, not "
+            f"{self.resolution}; choose up_factors whose product times {side} times stem_stride is {self.resolution}.",
+        )
+        k = self.dilate_frames
+        _check(k == 0 or (k > 0 and k % 2 == 1), f"dilate_frames must be 0 (off) or odd, got {k}.")
+        _check(self.beta >= 0 and self.changed_pixel_weight >= 0, "beta and changed_pixel_weight must be >= 0.")
+        _check(self.dead_code_window >= 1, "dead_code_window must be >= 1 step.")
+        _check(self.stem_channels >= 1, f"stem_channels must be >= 1, got {self.stem_channels}.")
 
 
 @dataclass(frozen=True)
@@ -93,17 +165,52 @@ class WorldActionConfig:
     td_loss: str = "c51"
     """"c51" (official) or "mse" (ablation)."""
     q_penalty: str = "cql"
-    """"cql" (official), "combo" or "null"."""
+    """"cql" (official), "combo" (positive CQL term on real rows only) or "null" (no penalty)."""
+    use_rem: bool = False
+    """Ablation: random convex weights over the Q ensemble (REM) in the TD loss (official default False)."""
+    cql_legal_only: bool = False
+    """Ours: CQL logsumexp over the game's legal actions only. False = official (all 18, quirk Q8)."""
+    bc_head: bool = False
+    """Ours: add ``head_bc`` (18-way action classifier at the last obs token) for the MTBC baseline."""
 
     @property
     def max_tokens(self) -> int:
         return self.max_blocks * self.tokens_per_block
 
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def q_output_dim(self) -> int:
+        """Outputs of one Q-ensemble member: 18 x atoms (C51, action-major) or 18 scalars (MSE)."""
+        return self.num_actions * (self.num_atoms if self.td_loss == "c51" else 1)
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        """Closed-form parameter count of ``WorldActionModel`` (tested against the built model).
+
+        ``trainable_only`` leaves out the frozen target Q head, as the official
+        ``num_parameters_trainable`` does (40M: 17,416,091; 70M: 50,567,579; 150M: 109,045,447).
+        """
+        d, m, v = self.embed_dim, self.q_mlp_dim, self.obs_vocab_size
+        block = 2 * 2 * d + 4 * (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+        embeddings = self.max_tokens * d + (self.num_actions + v) * d
+        embeddings += 2 * self.max_tasks * d if self.use_task_embed else 0
+        world_heads = sum(d * d + d + d * out + out for out in (v, 3, 2))
+        q_member = (d * m + m) + 2 * m + (m * m + m) + 2 * m + (m * self.q_output_dim + self.q_output_dim)
+        bc = d * d + d + d * self.num_actions + self.num_actions if self.bc_head else 0
+        n = self.num_layers * block + 2 * d + embeddings + world_heads + self.num_q * q_member + bc
+        return n if trainable_only else n + self.num_q * q_member
+
     def __post_init__(self) -> None:
         _check(self.embed_dim % self.num_heads == 0, f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}.")
+        _check(self.tokens_per_block >= 2, f"tokens_per_block must be >= 2 (obs tokens + action), got {self.tokens_per_block}.")
+        _check(self.max_blocks >= 1 and self.num_layers >= 1 and self.num_q >= 1, "max_blocks, num_layers and num_q must be >= 1.")
         _check(self.td_loss in ("c51", "mse"), f"td_loss must be 'c51' or 'mse', got {self.td_loss!r}.")
         _check(self.q_penalty in ("cql", "combo", "null"), f"q_penalty must be 'cql', 'combo' or 'null', got {self.q_penalty!r}.")
         _check(self.num_atoms >= 2 and self.v_max > self.v_min, "need num_atoms >= 2 and v_max > v_min.")
+        for name in ("embed_pdrop", "resid_pdrop", "attn_pdrop", "q_dropout"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}.")
 
 
 @dataclass(frozen=True)
@@ -123,6 +230,10 @@ class TrainConfig:
     cql_weight: float = 0.1
     supervised_weight_stage1: float = 1.0
     supervised_weight_stage2: float = 0.1
+    """World-loss weight lambda (paper Eq. 9): 1.0 in stage 1, 0.1 in stage 2, 0.5 in fine-tuning."""
+    supervised_weight_finetune: float = 0.5
+    bc_weight: float = 1.0
+    """Weight of the MTBC loss; used only when the model has ``head_bc`` (WorldActionConfig.bc_head)."""
     target_update_every: int = 1000
     stage1_steps: int = 250_000
     stage2_steps: int = 1_500_000
@@ -174,9 +285,10 @@ def tiny() -> Preset:
     """Ours: learns something on 2 CPU cores in minutes."""
     return Preset(
         "tiny",
-        tokenizer=TokenizerConfig(
-            ch=32, num_res_blocks=1, attn_resolutions=(), z_channels=64, embed_dim=64, vocab_size=512,
-            stem_stride=4, changed_pixel_weight=500.0, dilate_frames=3, dead_code_restart=True,
+        tokenizer=TokenizerConfig(  # 84 -(patchify s7)-> 12 -(k3 s2)-> 6; decoder 6 -(x2)-> 12 -(shuffle x7)-> 84
+            ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), down_kernels=(3,), down_strides=(2,),
+            up_factors=(2,), z_channels=64, embed_dim=64, vocab_size=512,
+            stem_stride=7, changed_pixel_weight=500.0, dilate_frames=3, dead_code_restart=True,
         ),
         model=WorldActionConfig(
             num_layers=2, num_heads=4, embed_dim=128, q_mlp_dim=128, obs_vocab_size=512,

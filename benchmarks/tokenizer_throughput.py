@@ -1,0 +1,92 @@
+"""Tokenizer throughput: token-cache building (encode) and tiny-preset training steps, in frames/s.
+
+Prints one JSON object. Frames are random uint8, so the figures measure compute only (no HDF5 I/O).
+
+    python benchmarks/tokenizer_throughput.py --threads 1 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from jowa_core.config import TokenizerConfig, preset
+from jowa_core.models.tokenizer import Tokenizer, changed_pixel_mask, tokenizer_loss
+from jowa_core.runtime import resolve_device
+
+
+def _time(fn, warmup: int, repeats: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
+def encode_fps(cfg: TokenizerConfig, batch: int, repeats: int, device: torch.device) -> float:
+    tok = Tokenizer(cfg).to(device).eval()
+    x = torch.randint(0, 256, (batch, 1, 84, 84), dtype=torch.uint8, device=device)
+    return batch / _time(lambda: tok.encode(x), 1, repeats, device)
+
+
+def train_fps(cfg: TokenizerConfig, batch: int, repeats: int, device: torch.device) -> float:
+    tok = Tokenizer(cfg).to(device).train()
+    opt = torch.optim.Adam(tok.parameters(), lr=1e-4)
+    x = torch.randint(0, 256, (batch, 1, 84, 84), dtype=torch.uint8, device=device)
+    prev = torch.randint(0, 256, (batch, 1, 84, 84), dtype=torch.uint8, device=device)
+    mask = changed_pixel_mask(x, prev)
+
+    def step() -> None:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = tok(x)
+        loss = tokenizer_loss(out, x.float() / 255.0, cfg, mask)["total"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
+        opt.step()
+
+    return batch / _time(step, 2, repeats, device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--batch-size", type=int, default=64, help="training batch (frames)")
+    ap.add_argument("--encode-batch", type=int, default=256, help="encoding batch (frames), as build_token_cache")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--official", action="store_true", help="also time the official-size tokenizer")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+    torch.manual_seed(0)
+    tiny = preset("tiny").tokenizer
+    res = {
+        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "tiny_train_frames_per_s": round(train_fps(tiny, args.batch_size, args.repeats, dev), 1),
+        "tiny_train_batch": args.batch_size,
+        "tiny_encode_frames_per_s": round(encode_fps(tiny, args.encode_batch, args.repeats, dev), 1),
+        "tiny_params": Tokenizer(tiny).num_parameters(),
+    }
+    if args.official:
+        official = TokenizerConfig()
+        res["official_encode_frames_per_s"] = round(
+            encode_fps(official, args.encode_batch, max(1, args.repeats // 2), dev), 1
+        )
+        res["official_train_frames_per_s"] = round(train_fps(official, min(args.batch_size, 16), 2, dev), 1)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

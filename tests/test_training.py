@@ -1,0 +1,350 @@
+"""World-action training loop: learning signal, target-head schedule, metrics, exact resume (in process
+and after SIGKILL), 2-process DDP against one process, parameter groups, clear errors.
+
+Everything runs on CPU with a tiny model (2 layers, d 32, vocab 32, 4-step segments) on synthetic
+token caches written in the ``<Game>.tokens.h5`` layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from jowa_core import checkpoints, games
+from jowa_core.config import Preset, TrainConfig, WorldActionConfig
+from jowa_core.data import token_cache
+from jowa_core.data.segments import SegmentSampler, SegmentSource
+from jowa_core.models.world_action import WorldActionModel
+from jowa_core.training import (
+    GlobalBatchSlices,
+    load_agent_model,
+    param_groups,
+    read_metrics,
+    rng_state,
+    set_rng_state,
+    set_stage,
+    train_world_action,
+)
+
+VOCAB = 32
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_cache(path: Path, game: str, seed: int, n_episodes: int = 6) -> Path:
+    """A token cache whose frames are predictable: token k of step t is (base + t + k) mod VOCAB;
+    rewards depend on the action, half the episodes end in a terminal, half are truncated."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(6, 16, n_episodes)
+    n = int(lengths.sum())
+    t = np.concatenate([np.arange(k) for k in lengths])
+    base = np.repeat(rng.integers(0, VOCAB, n_episodes), lengths)
+    tokens = ((base + t)[:, None] + np.arange(36)[None]) % VOCAB
+    actions = rng.choice(np.flatnonzero(games.legal_mask(game)), n)
+    last = np.cumsum(lengths) - 1
+    terminals, truncations = np.zeros(n, bool), np.zeros(n, bool)
+    terminals[last[::2]], truncations[last[1::2]] = True, True
+    with h5py.File(path, "w") as f:
+        f["tokens"] = tokens.astype(np.uint16)
+        f["actions"] = actions.astype(np.uint8)
+        f["rewards"] = np.where(actions % 2 == 0, 1.0, 0.0).astype(np.float32)
+        f["terminals"], f["truncations"] = terminals, truncations
+        f["episode_starts"] = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
+        f["episode_returns"] = np.zeros(n_episodes, np.float32)
+        a = f.attrs
+        a["cache_format_version"] = token_cache.CACHE_FORMAT_VERSION
+        a.update(tokenizer_hash="synthetic", game=game, task_id=games.task_id(game), source="synthetic")
+        a.update(source_path="none", source_num_transitions=n, vocab_size=VOCAB)
+    return path
+
+
+def tiny(dropout: float = 0.1, **train) -> Preset:
+    model = WorldActionConfig(
+        num_layers=2, num_heads=2, embed_dim=32, q_mlp_dim=32, obs_vocab_size=VOCAB, max_blocks=4,
+        embed_pdrop=dropout, resid_pdrop=dropout, attn_pdrop=0.0, q_dropout=dropout,
+    )  # fmt: skip
+    base = {"batch_size": 4, "lr_stage1": 3e-3, "lr_stage2": 1e-3, "critic_lr": 1e-3, "target_update_every": 3,
+            "log_every": 4, "save_every": 1000, "seed": 0}  # fmt: skip
+    return Preset("test", model=model, train=TrainConfig(**{**base, **train}))
+
+
+RUN = {"device": "cpu", "progress": False, "num_threads": 1, "num_workers": 0}
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("caches")
+    return [write_cache(d / "Pong.tokens.h5", "Pong", 0), write_cache(d / "Breakout.tokens.h5", "Breakout", 1)]
+
+
+def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k, x in a.items():
+        if atol == 0.0:
+            assert torch.equal(x, b[k]), f"{k} differs (max {(x - b[k]).abs().max().item():.3g})"
+        else:
+            torch.testing.assert_close(x, b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def q_head(state: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+# ---------------------------------------------------------------------------------------------
+# A short run: learning, metrics, target schedule
+
+
+def test_short_run_learns_logs_and_updates_target_on_schedule(caches, tmp_path):
+    run = tmp_path / "run"
+    s1, s2 = 24, 7
+    model = train_world_action(tiny(), caches, run, stage1_steps=s1, stage2_steps=s2, save_every=1, keep_last=None,
+                               **RUN)  # fmt: skip
+    assert not model.training
+
+    recs = read_metrics(run)
+    assert [r["step"] for r in recs] == [4, 8, 12, 16, 20, 24, 28, 31]
+    assert [r["stage"] for r in recs] == [1] * 6 + [2] * 2
+    stage1 = [r for r in recs if r["stage"] == 1]
+    assert stage1[-1]["loss/world"] < 0.8 * stage1[0]["loss/world"], [r["loss/world"] for r in stage1]
+    for r in stage1:
+        assert r["loss/td"] == 0.0 and r["loss/cql"] == 0.0 and "lr/critic_decay" not in r
+        assert r["lr/world_decay"] == 3e-3
+    for r in recs[-2:]:
+        assert np.isfinite(r["loss/td"]) and r["loss/td"] > 0 and np.isfinite(r["loss/cql"])
+        assert r["lr/world_decay"] == 1e-3 and r["lr/critic_decay"] == 1e-3
+        assert r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * 4 * 37)
+        expected_total = 0.1 * r["loss/world"] + r["loss/td"] + 0.1 * r["loss/cql"]
+        assert r["loss/total"] == pytest.approx(expected_total, rel=1e-4)
+
+    # target head: a hard copy of the online head at global steps 3, 6, 9, ... (stage 1 included)
+    ckpts = {checkpoints.load(p).step: params(checkpoints.load(p).model) for p in checkpoints.list_checkpoints(run)}
+    assert sorted(ckpts) == list(range(1, s1 + s2 + 1))
+    online = {s: q_head(sd, "head_q.") for s, sd in ckpts.items()}
+    target = {s: q_head(sd, "head_q_target.") for s, sd in ckpts.items()}
+    for s in range(1, s1 + 1):  # the online head is frozen in stage 1
+        assert_same(online[s], online[1])
+    for s in range(s1 + 1, s1 + s2 + 1):
+        assert not torch.equal(online[s]["head_module.params.0"], online[s - 1]["head_module.params.0"])
+    for s in ckpts:
+        source = online[3 * (s // 3)] if s >= 3 else online[1]
+        assert_same(target[s], source)
+    assert not torch.equal(target[s1 + s2]["head_module.params.8"], online[s1 + s2]["head_module.params.8"])
+
+    loaded, preset = load_agent_model(run)
+    # the resolved preset: keyword overrides folded into the train config
+    assert preset == replace(tiny(), train=replace(tiny().train, stage1_steps=s1, stage2_steps=s2, save_every=1))
+    assert_same(params(loaded), params(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+
+
+def _reference(caches, tmp_path_factory) -> dict:
+    run = tmp_path_factory.mktemp("reference")
+    return params(train_world_action(tiny(grad_accum=2), caches, run, stage1_steps=6, stage2_steps=10, **RUN))
+
+
+@pytest.fixture(scope="module")
+def reference(caches, tmp_path_factory) -> dict:
+    """An uninterrupted run (dropout 0.1, grad accumulation 2) to compare resumed runs against."""
+    return _reference(caches, tmp_path_factory)
+
+
+def test_resume_in_pieces_equals_uninterrupted_run(caches, tmp_path, reference):
+    run = tmp_path / "pieces"
+    kw = dict(stage1_steps=6, stage2_steps=10, **RUN)
+    p = tiny(grad_accum=2)
+    first = params(train_world_action(p, caches, run, stop_at_step=3, **kw))  # inside stage 1
+    assert checkpoints.latest_checkpoint(run).name == "step_000000003"
+    assert not all(torch.equal(first[k], reference[k]) for k in first)
+    train_world_action(p, caches, run, stop_at_step=6, **kw)  # exactly at the stage switch
+    train_world_action(p, caches, run, stop_at_step=11, **kw)  # inside stage 2
+    final = params(train_world_action(p, caches, run, **kw))
+    assert_same(final, reference)
+    assert [r["step"] for r in read_metrics(run)] == [3, 4, 6, 8, 11, 12, 16]
+
+    # resuming a finished run returns it unchanged; resume=False starts over
+    assert_same(params(train_world_action(p, caches, run, **kw)), reference)
+    restarted = params(train_world_action(p, caches, run, resume=False, stop_at_step=2, **kw))
+    assert checkpoints.latest_checkpoint(run).name == "step_000000002"
+    assert len(checkpoints.list_checkpoints(run)) == 1 and not torch.equal(
+        restarted["pos_emb.weight"], reference["pos_emb.weight"]
+    )
+
+
+def test_loader_workers_and_resume_give_the_same_run(caches, tmp_path, reference):
+    """Batches reach the loop in the same order whatever the number of DataLoader workers."""
+    run = tmp_path / "workers"
+    kw = {**RUN, "stage1_steps": 6, "stage2_steps": 10, "num_workers": 2}
+    train_world_action(tiny(grad_accum=2), caches, run, stop_at_step=5, **kw)
+    assert_same(params(train_world_action(tiny(grad_accum=2), caches, run, **kw)), reference)
+
+
+_CHILD = """
+import json, sys
+from jowa_core.checkpoints import preset_from_dict
+from jowa_core.training import train_world_action
+cfg = json.loads(open(sys.argv[1]).read())
+train_world_action(preset_from_dict(cfg["preset"]), cfg["caches"], cfg["run_dir"], **cfg["kwargs"])
+"""
+
+
+def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted_run(caches, tmp_path, reference):
+    run = tmp_path / "killed"
+    kw = dict(stage1_steps=6, stage2_steps=10, **RUN)
+    p = tiny(grad_accum=2, save_every=2)
+    spec = tmp_path / "child.json"
+    spec.write_text(json.dumps({"preset": p.to_dict(), "caches": [str(c) for c in caches], "run_dir": str(run),
+                                "kwargs": kw}))  # fmt: skip
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    child = subprocess.Popen([sys.executable, str(script), str(spec)], cwd=REPO)
+    try:
+        deadline = time.time() + 60
+        while checkpoints.latest_checkpoint(run) is None:
+            assert child.poll() is None, "the training subprocess ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint within 60 s"
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    done = checkpoints.load(run).step
+    assert 2 <= done < 16, "the run must be killed before its end for this test to mean anything"
+
+    final = params(train_world_action(p, caches, run, **kw))
+    assert_same(final, reference)
+
+
+def test_truncated_checkpoint_gives_a_clear_error_on_resume(caches, tmp_path):
+    run = tmp_path / "trunc"
+    kw = dict(stage1_steps=2, stage2_steps=0, **RUN)
+    train_world_action(tiny(), caches, run, stop_at_step=1, **kw)
+    state = checkpoints.latest_checkpoint(run) / checkpoints.RUN_STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(checkpoints.CheckpointError, match=r"training_state\.pt is truncated.*Delete the damaged"):
+        train_world_action(tiny(), caches, run, **kw)
+
+
+def test_resume_with_another_model_config_is_refused(caches, tmp_path):
+    run = tmp_path / "other"
+    train_world_action(tiny(), caches, run, stage1_steps=1, stage2_steps=0, **RUN)
+    other = replace(tiny(), model=replace(tiny().model, embed_dim=64))
+    with pytest.raises(ValueError, match="another model config"):
+        train_world_action(other, caches, run, stage1_steps=2, stage2_steps=0, **RUN)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: 2 processes (gloo) == 1 process fed the same global batch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(caches, tmp_path):
+    p = tiny(dropout=0.0, batch_size=8)
+    kw = dict(stage1_steps=3, stage2_steps=3, data_split="global", **RUN)
+    spec = tmp_path / "ddp.json"
+    spec.write_text(json.dumps({"preset": p.to_dict(), "caches": [str(c) for c in caches],
+                                "run_dir": str(tmp_path / "ddp"), "kwargs": kw}))  # fmt: skip
+    script = tmp_path / "ddp_child.py"
+    script.write_text(_CHILD)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), str(spec)]  # fmt: skip
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ddp = params(checkpoints.load(tmp_path / "ddp").model)
+
+    # one process, the same global batch in 2 accumulation steps = the 2 ranks' halves
+    single = params(train_world_action(tiny(dropout=0.0, batch_size=8, grad_accum=2), caches, tmp_path / "one", **kw))
+    assert_same(ddp, single, atol=1e-5)
+    torch.manual_seed(p.train.seed)  # the loop's initialisation: training moved far beyond the tolerance
+    init = params(WorldActionModel(p.model))
+    assert max((init[k] - ddp[k]).abs().max().item() for k in ddp) > 1e-3
+    state = torch.load(checkpoints.latest_checkpoint(tmp_path / "ddp") / "training_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+def test_global_batch_slices_split_one_batch_across_ranks(caches):
+    sources = [SegmentSource(None, tokens_path=c, segment_length=4) for c in caches]
+    whole = SegmentSampler(sources, 8, seed=3).batch(5)
+    parts = []
+    for rank in range(2):
+        sampler = SegmentSampler(sources, 8, seed=3)
+        sampler.load_state_dict({**sampler.state_dict(), "next_batch": 5})
+        parts.append(next(iter(GlobalBatchSlices(sampler, rank, 2))))
+    for k in ("tokens", "actions", "rewards", "mask_padding", "task_id"):
+        assert torch.equal(torch.cat([parts[0][k], parts[1][k]]), whole[k])
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter groups and RNG state
+
+
+def test_param_groups_follow_the_official_rules_with_q7_fixed():
+    model = WorldActionModel(tiny().model)
+    tc = tiny().train
+    set_stage(model, 1)
+    g1 = {g["name"]: g for g in param_groups(model, 1, tc)}
+    assert set(g1) == {"world_decay", "world_no_decay"}
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in g1["world_decay"]["params"]}
+    no_decay = {names[id(p)] for p in g1["world_no_decay"]["params"]}
+    assert decay == {n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert "pos_emb.weight" in no_decay and "transformer.ln_f.weight" in no_decay
+    assert "transformer.blocks.0.attn.query.bias" in no_decay
+    assert not any(n.startswith("head_q") for n in decay | no_decay)
+    assert g1["world_decay"]["weight_decay"] == 0.01 and g1["world_no_decay"]["weight_decay"] == 0.0
+
+    set_stage(model, 2)
+    g2 = {g["name"]: g for g in param_groups(model, 2, tc)}
+    critic = {names[id(p)] for p in g2["critic_decay"]["params"]}
+    assert critic == {f"head_q.head_module.params.{i}" for i in (0, 4, 8)}
+    assert len(g2["critic_no_decay"]["params"]) == 7 and g2["critic_no_decay"]["weight_decay"] == 0.0
+    assert g2["world_decay"]["lr"] == tc.lr_stage2 and g2["critic_decay"]["lr"] == tc.critic_lr
+    official = {g["name"]: g for g in param_groups(model, 2, tc, official_stage2_lr=True, official_q_weight_decay=True)}
+    assert "critic_no_decay" not in official and len(official["critic_decay"]["params"]) == 10
+    assert official["world_decay"]["lr"] == tc.lr_stage1
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in g2.values()) == n_trainable
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    state = rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    draws = (np.random.rand(3), torch.rand(3), __import__("random").random())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (np.random.rand(3), torch.rand(3), __import__("random").random())
+    assert np.array_equal(draws[0], again[0]) and torch.equal(draws[1], again[1]) and draws[2] == again[2]
+
+
+def test_bad_inputs_are_explained(caches, tmp_path):
+    with pytest.raises(ValueError, match="divisible by grad_accum"):
+        train_world_action(tiny(batch_size=6, grad_accum=4), caches, tmp_path / "a", stage1_steps=1, **RUN)
+    with pytest.raises(ValueError, match="data_split"):
+        train_world_action(tiny(), caches, tmp_path / "b", data_split="nope", **RUN)
+    with pytest.raises(ValueError, match="obs_vocab_size"):
+        small = replace(tiny(), model=replace(tiny().model, obs_vocab_size=16))
+        train_world_action(small, caches, tmp_path / "c", stage1_steps=1, **RUN)
+    with pytest.raises(ValueError, match="at least one token cache"):
+        train_world_action(tiny(), [], tmp_path / "d", **RUN)
