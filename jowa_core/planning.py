@@ -463,7 +463,7 @@ def mcts(
             cut to max_blocks - horizon steps.
         horizon: depth cap (selection stops at depth horizon - 1, at least 1).
         temperature: of the prior softmax over the masked critic.
-        num_simulations: imagined steps per env (one per simulation).
+        num_simulations: simulations per env (each runs at most one imagined step).
         gamma: discount of the backup.
         use_mean: leaf value = mean instead of max of the new critic.
         use_count: final action by visit count instead of mean value.

@@ -83,13 +83,13 @@ class KVCache:
         return self.length
 
     def _map(self, fn) -> KVCache:
-        """New cache whose first ``length`` positions are ``fn`` of ours (rest zero)."""
+        """New cache whose first ``length`` positions are ``fn`` of ours; later positions are never read."""
         n = self.length
         keys, values = [], []
         for src_list, dst_list in ((self.keys, keys), (self.values, values)):
             for t in src_list:
                 part = fn(t[:, :, :n])
-                out = t.new_zeros((part.shape[0], *t.shape[1:]))
+                out = t.new_empty((part.shape[0], *t.shape[1:]))  # zero-filling cost ~10% of planning
                 out[:, :, :n] = part
                 dst_list.append(out)
         return KVCache(keys, values, n)
@@ -113,8 +113,8 @@ class KVCache:
     @staticmethod
     def cat(caches: list[KVCache]) -> KVCache:
         """Concatenate caches of equal length and layout along the batch."""
-        if not caches or len({c.length for c in caches}) != 1:
-            raise ValueError("KVCache.cat needs a non-empty list of caches with the same length.")
+        if not caches or len({(c.length, c.max_tokens, c.num_layers) for c in caches}) != 1:
+            raise ValueError("KVCache.cat needs a non-empty list of caches with the same length, max_tokens and layers.")
         first = caches[0]
         keys = [torch.cat([c.keys[i] for c in caches]) for i in range(first.num_layers)]
         values = [torch.cat([c.values[i] for c in caches]) for i in range(first.num_layers)]
