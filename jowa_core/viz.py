@@ -179,3 +179,403 @@ def token_grid_viewer(tokenizer, path: str | os.PathLike, max_frames: int = 500)
     slider.observe(show, names="value")
     show()
     return widgets.VBox([slider, label, widgets.HBox([original, decoded])])
+
+
+# --- planning views (notebook 04) and score views (notebook 06) ----------------------------------
+#
+# Widgets are plain ipywidgets: frames are PNG bytes in ``widgets.Image`` and plotly figures are put
+# into a ``widgets.Output`` as a plotly mime bundle (rendered offline by the jupyterlab-plotly
+# extension that ships with plotly; ``FigureWidget`` would need anywidget). Every control change
+# replaces the image bytes and the output's figure data, so the page visibly changes. The viewers
+# keep the current ``go.Figure`` and widgets as attributes, which the tests read.
+
+
+def _short(action: int) -> str:
+    return "root" if action < 0 else games.FULL_ACTION_SET[action]
+
+
+def _uint8(frames) -> np.ndarray:
+    """Decoder output (n, 1, H, W) float in [0, 1] (tensor or array) -> (n, H, W) uint8."""
+    a = frames.detach().float().cpu().numpy() if hasattr(frames, "detach") else np.asarray(frames, np.float32)
+    return (np.clip(a[:, 0], 0, 1) * 255).round().astype(np.uint8)
+
+
+def _png(frame: np.ndarray, scale: int = 3) -> bytes:
+    import cv2
+
+    h, w = frame.shape
+    _, png = cv2.imencode(".png", cv2.resize(frame, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST))
+    return png.tobytes()
+
+
+def _strip_png(rows: Sequence[Sequence[tuple[np.ndarray, str]]], scale: int = 2, highlight_first: bool = False) -> bytes:
+    """Rows of (frame, caption) cells as one PNG; ``highlight_first`` frames the first row in orange."""
+    import cv2
+
+    side, band, pad = 84 * scale, 16, 4
+    cols = max(len(r) for r in rows)
+    img = np.full((len(rows) * (side + band + pad) + pad, cols * (side + pad) + pad, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        y = pad + i * (side + band + pad)
+        for j, (frame, caption) in enumerate(row):
+            x = pad + j * (side + pad)
+            cell = cv2.resize(frame, (side, side), interpolation=cv2.INTER_NEAREST)
+            img[y + band : y + band + side, x : x + side] = cell[..., None]
+            cv2.putText(img, caption[:30], (x + 2, y + band - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1,
+                        cv2.LINE_AA)  # fmt: skip
+        if highlight_first and i == 0:
+            cv2.rectangle(img, (1, y - 2), (img.shape[1] - 2, y + band + side + 1), (0, 140, 255), 2)
+    _, png = cv2.imencode(".png", img)
+    return png.tobytes()
+
+
+def _show_figure(out, fig: go.Figure) -> None:
+    """Replace what an ``ipywidgets.Output`` shows with ``fig`` (a plotly mime bundle, no kernel round trip)."""
+    import plotly.io as pio
+
+    bundle = pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())
+    bundle["text/plain"] = f"<plotly figure: {fig.layout.title.text or ''}>"
+    out.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
+
+
+def _q_summary(q: np.ndarray, legal: Sequence[int]) -> str:
+    v = np.asarray([q[a] for a in legal], np.float64)
+    return f"max {v.max():.3f}, mean {v.mean():.3f}, spread {v.max() - v.min():.3f}"
+
+
+def _node_hover(trace, n: int, legal: Sequence[int]) -> str:
+    q = trace.q[n].float().numpy()
+    best = sorted(legal, key=lambda a: -q[a])
+    qs = "<br>".join(f"&nbsp;&nbsp;{_short(a)}: {q[a]:.3f}" for a in best)
+    return (
+        f"node {n} (depth {int(trace.depth[n])}, {'kept' if bool(trace.kept[n]) else 'pruned'})<br>"
+        f"action: {_short(int(trace.action[n]))}<br>predicted reward: {float(trace.reward[n]):+.0f}<br>"
+        f"return to date: {float(trace.return_to_date[n]):.3f}<br>score: {float(trace.score[n]):.3f}<br>"
+        f"E[Q] per action ({_q_summary(q, legal)}):<br>{qs}"
+    )
+
+
+def _tree_layout(trace, nodes: list[int]) -> dict[int, tuple[float, float]]:
+    """x = depth; y spreads each depth's nodes over [0, 1] top down, by the parent's y, then by score."""
+    pos: dict[int, tuple[float, float]] = {}
+    by_depth: dict[int, list[int]] = {}
+    for n in nodes:
+        by_depth.setdefault(int(trace.depth[n]), []).append(n)
+    for d in sorted(by_depth):
+        ns = by_depth[d]
+        ns.sort(key=lambda n: (-pos.get(int(trace.parent[n]), (0, 0.0))[1], -float(trace.score[n])))  # top down
+        for i, n in enumerate(ns):
+            pos[n] = (float(d), 0.5 if len(ns) == 1 else 1.0 - i / (len(ns) - 1))
+    return pos
+
+
+def beam_tree_figure(trace, game: str, env: int = 0, title: str = "") -> go.Figure:
+    """The beam search tree of one env: nodes are trace nodes (x = depth), edges parent -> child;
+    kept nodes are large and coloured by score, pruned ones small and grey, the chosen path is
+    drawn thick. Hover shows the action, predicted reward, return, score and E[Q] per legal action."""
+    nodes = [n for n in range(trace.num_nodes) if int(trace.env[n]) == env]
+    legal = games.legal_actions(game)
+    pos = _tree_layout(trace, nodes)
+    best = set(trace.path(env))
+    fig = go.Figure()
+    ex, ey, bx, by = [], [], [], []
+    for n in nodes:
+        p = int(trace.parent[n])
+        if p >= 0:
+            xs, ys = (bx, by) if n in best and p in best else (ex, ey)
+            xs += [pos[p][0], pos[n][0], None]
+            ys += [pos[p][1], pos[n][1], None]
+    fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", line=dict(color="#bbbbbb", width=1), hoverinfo="skip",
+                             name="expanded"))
+    fig.add_trace(go.Scatter(x=bx, y=by, mode="lines", line=dict(color="#ff8c00", width=4), hoverinfo="skip",
+                             name="chosen path"))  # fmt: skip
+    for kept, name in ((False, "pruned"), (True, "kept")):
+        sel = [n for n in nodes if bool(trace.kept[n]) == kept]
+        fig.add_trace(go.Scatter(
+            x=[pos[n][0] for n in sel], y=[pos[n][1] for n in sel], mode="markers+text", name=name,
+            text=[_short(int(trace.action[n])) for n in sel], textposition="top center",
+            hovertext=[_node_hover(trace, n, legal) for n in sel], hoverinfo="text",
+            customdata=sel,
+            marker=dict(size=18 if kept else 10, color=[float(trace.score[n]) for n in sel] if kept else "#cccccc",
+                        colorscale="Viridis", showscale=kept, colorbar=dict(title="score") if kept else None,
+                        line=dict(width=[3 if n in best else 1 for n in sel], color="#ff8c00" if kept else "#999")),
+        ))  # fmt: skip
+    fig.update_layout(
+        title=title or f"Beam search: width {trace.beam_width}, horizon {trace.horizon}, chose "
+        f"{_short(int(trace.actions[env]))}",
+        xaxis=dict(title="depth (imagined steps)", dtick=1, range=[-0.3, max(trace.horizon, 1) + 0.3]),
+        yaxis=dict(visible=False, range=[-0.15, 1.15]), height=360, margin=dict(l=10, r=10, t=40, b=30),
+        legend=dict(orientation="h", y=-0.2),
+    )  # fmt: skip
+    return fig
+
+
+def beam_frames(trace, tokenizer, real_frame: np.ndarray, env: int = 0) -> list[list[tuple[np.ndarray, str]]]:
+    """The imagined frames along each surviving beam, best first: one row per kept leaf, starting with
+    the real frame, then each node's decoded frame with its action, predicted reward and score."""
+    import torch
+
+    from jowa_core.planning import decode_trace_frames
+
+    if trace.horizon == 0:
+        return [[(real_frame, "real (greedy: no imagination)")]]
+    leaves = [n for n in range(trace.num_nodes)
+              if int(trace.env[n]) == env and int(trace.depth[n]) == trace.horizon and bool(trace.kept[n])]  # fmt: skip
+    best = int(trace.best_leaf[env])
+    leaves.sort(key=lambda n: (n != best, -float(trace.score[n])))
+    paths = []
+    for leaf in leaves:
+        path, n = [], leaf
+        while int(trace.parent[n]) >= 0:
+            path.append(n)
+            n = int(trace.parent[n])
+        paths.append(path[::-1])
+    need = sorted({n for p in paths for n in p})
+    with torch.no_grad():
+        decoded = dict(zip(need, _uint8(decode_trace_frames(trace, tokenizer, need))))
+    rows = []
+    for path in paths:
+        row = [(real_frame, "real now")]
+        for n in path:
+            caption = f"{_short(int(trace.action[n]))} r{float(trace.reward[n]):+.0f} s{float(trace.score[n]):.2f}"
+            row.append((decoded[n], caption))
+        rows.append(row)
+    return rows
+
+
+def _q_table_html(q: np.ndarray, legal: Sequence[int], marks: Mapping[int, str]) -> str:
+    order = sorted(legal, key=lambda a: -q[a])
+    cells = "".join(
+        f"<tr><td>{_short(a)}</td><td style='text-align:right'>{q[a]:.3f}</td><td>{marks.get(a, '')}</td></tr>"
+        for a in order
+    )
+    return f"<table><tr><th>action</th><th>E[Q]</th><th></th></tr>{cells}</table>"
+
+
+class BeamViewer:
+    """A recorded episode step by step: the real frame, the beam tree, the imagined frames along each
+    beam, and re-planning with another beam width / horizon (needs the model).
+
+    Attributes (read by tests and by code driving the viewer): ``widget`` (the VBox shown),
+    ``step``, ``beam_width``, ``horizon``, ``replan_button``, ``frame`` and ``imagined`` (Image),
+    ``tree`` (Output holding the figure), ``figure`` (the current ``go.Figure``), ``readout`` (HTML),
+    ``trace`` (the ``PlanTrace`` shown).
+    """
+
+    def __init__(self, record, tokenizer, model=None, scale: int = 3) -> None:
+        import ipywidgets as widgets
+
+        if len(record) == 0:
+            raise ValueError("the record has no steps; record_episode(..., max_steps >= 1) first.")
+        self.record, self.tokenizer, self.model, self.scale = record, tokenizer, model, scale
+        max_h = (model.cfg.max_blocks - 1) if model is not None else max(record.horizon, 0)
+        self.step = widgets.IntSlider(value=0, min=0, max=len(record) - 1, description="step",
+                                      continuous_update=False)  # fmt: skip
+        self.beam_width = widgets.IntSlider(value=max(record.beam_width, 1), min=1, max=8, description="beam width")
+        self.horizon = widgets.Dropdown(options=list(range(max_h + 1)), value=record.horizon, description="horizon")
+        self.replan_button = widgets.Button(description="re-plan", disabled=model is None,
+                                            tooltip="plan this step again with the chosen beam width and horizon")
+        self.frame = widgets.Image(format="png")
+        self.imagined = widgets.Image(format="png")
+        self.tree = widgets.Output(layout=widgets.Layout(min_width="480px"))
+        self.readout = widgets.HTML()
+        self.figure: go.Figure | None = None
+        self.trace = None
+        self._replans: dict[tuple[int, int, int], object] = {}
+        self.step.observe(lambda change: self.show(), names="value")
+        self.replan_button.on_click(lambda button: self.replan())
+        controls = widgets.HBox([self.step, self.beam_width, self.horizon, self.replan_button])
+        left = widgets.VBox([widgets.HTML("<b>real frame</b>"), self.frame, self.readout])
+        right = widgets.VBox([self.tree, widgets.HTML("<b>imagined frames along each beam</b> (best first)"),
+                              self.imagined])  # fmt: skip
+        self.widget = widgets.VBox([controls, widgets.HBox([left, right])])
+        self.show()
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def replan(self) -> None:
+        """Plan the current step again with the controls' beam width and horizon, and show it."""
+        from jowa_core.inspection import replan
+
+        t, bw, h = self.step.value, self.beam_width.value, self.horizon.value
+        if (t, bw, h) not in self._replans:
+            self._replans[(t, bw, h)] = replan(self.model, self.record, t, bw, h)
+        self.show(self._replans[(t, bw, h)], label=f"re-planned: width {bw}, horizon {h}")
+
+    def show(self, trace=None, label: str | None = None) -> None:
+        """Show step ``self.step.value`` with its recorded plan (or ``trace``)."""
+        import plotly.graph_objects as go_
+
+        t = self.step.value
+        s = self.record.steps[t]
+        trace = trace if trace is not None else s.trace
+        label = label or f"recorded plan: width {self.record.beam_width}, horizon {self.record.horizon}"
+        self.trace = trace
+        self.frame.value = _png(s.frame, self.scale)
+        legal = games.legal_actions(self.record.game)
+        head = (f"<b>{self.record.game}</b> step {t} / {len(self.record) - 1}: planned <b>{_short(s.planned)}</b>, "
+                f"greedy <b>{_short(s.greedy)}</b>, executed {_short(s.executed)}, real reward {s.reward:+g}<br>"
+                f"<i>{label}</i>")  # fmt: skip
+        if trace is None:
+            self.figure = go_.Figure().update_layout(title=f"step {t}: epsilon chose a random action (no plan)")
+            self.imagined.value = _strip_png([[(s.frame, "no plan")]], scale=2)
+            self.readout.value = head
+        else:
+            chosen = int(trace.actions[0])
+            self.figure = beam_tree_figure(trace, self.record.game, 0, title=f"step {t}: {label}, chose "
+                                           f"{_short(chosen)}")  # fmt: skip
+            self.imagined.value = _strip_png(beam_frames(trace, self.tokenizer, s.frame), scale=2,
+                                             highlight_first=trace.horizon > 0)  # fmt: skip
+            q = trace.q[0].float().numpy()
+            marks = {chosen: "plan"} | ({s.greedy: "greedy"} if s.greedy != chosen else {})
+            self.readout.value = head + "<br>E[Q] at the real frame:" + _q_table_html(q, legal, marks)
+        _show_figure(self.tree, self.figure)
+
+
+def beam_viewer(record, tokenizer, model=None, scale: int = 3) -> BeamViewer:
+    """ipywidgets viewer of a recorded episode's plans (``BeamViewer``); pass ``model`` to re-plan."""
+    return BeamViewer(record, tokenizer, model, scale)
+
+
+def plan_vs_greedy(record) -> go.Figure:
+    """Planned vs greedy action per step of a recorded episode, with the agreement rate."""
+    t = np.arange(len(record))
+    legal = games.legal_actions(record.game)
+    names = [_short(a) for a in legal]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=t, y=[_short(a) for a in record.greedy], mode="markers", name="greedy Q",
+                             marker=dict(symbol="circle-open", size=12)))  # fmt: skip
+    fig.add_trace(go.Scatter(x=t, y=[_short(a) for a in record.planned], mode="markers", name="beam search",
+                             marker=dict(symbol="x", size=7)))  # fmt: skip
+    differ = t[record.planned != record.greedy]
+    fig.add_trace(go.Scatter(x=differ, y=[_short(a) for a in record.planned[differ]], mode="markers",
+                             name="disagree", marker=dict(color="red", size=14, opacity=0.25)))  # fmt: skip
+    fig.update_layout(
+        title=f"{record.game}: planned vs greedy action, agreement {record.agreement:.0%} over {len(record)} steps "
+        f"(width {record.beam_width}, horizon {record.horizon})",
+        xaxis_title="step", yaxis=dict(categoryorder="array", categoryarray=names, title="action"), height=340,
+    )  # fmt: skip
+    return fig
+
+
+class DreamViewer:
+    """Dream from a real history: one button per legal action (and "let the agent act") steps the
+    world model and, beside it, the real emulator from the same state with the same action.
+
+    Attributes: ``session`` (the ``DreamSession``), ``widget``, ``action_buttons`` (action -> Button),
+    ``agent_button``, ``restart_button``, ``branch`` (IntSlider: the step to branch from),
+    ``imagined`` and ``real`` (Image), ``film`` (Image: the dream so far), ``readout`` (HTML).
+    """
+
+    def __init__(self, model, tokenizer, record, t: int = 0, *, beam_width: int = 1, horizon: int = 0,
+                 scale: int = 3) -> None:  # fmt: skip
+        import ipywidgets as widgets
+
+        from jowa_core.inspection import DreamSession
+
+        self.scale = scale
+        self.session = DreamSession(model, tokenizer, record, t, beam_width=beam_width, horizon=horizon)
+        self.action_buttons = {
+            a: widgets.Button(description=_short(a), layout=widgets.Layout(width="110px"))
+            for a in self.session.legal_actions
+        }
+        for a, b in self.action_buttons.items():
+            b.on_click(lambda button, a=a: self.act(a))
+        self.agent_button = widgets.Button(description="let the agent act", button_style="info")
+        self.agent_button.on_click(lambda button: self.act(None))
+        self.branch = widgets.IntSlider(value=t, min=0, max=len(record) - 1, description="branch at",
+                                        continuous_update=False)  # fmt: skip
+        self.restart_button = widgets.Button(description="restart here", button_style="warning")
+        self.restart_button.on_click(lambda button: self.restart())
+        self.imagined, self.real, self.film = (widgets.Image(format="png") for _ in range(3))
+        self.readout = widgets.HTML()
+        self.widget = widgets.VBox([
+            widgets.HBox([self.branch, self.restart_button]),
+            widgets.HBox([*self.action_buttons.values(), self.agent_button], layout=widgets.Layout(flex_flow="wrap")),
+            widgets.HBox([widgets.VBox([widgets.HTML("<b>imagined (world model)</b>"), self.imagined]),
+                          widgets.VBox([widgets.HTML("<b>real (emulator)</b>"), self.real]), self.readout]),
+            widgets.HTML("<b>the dream so far</b>: imagined (top) vs real (bottom), last 8 steps"), self.film,
+        ])  # fmt: skip
+        self.render()
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def act(self, action: int | None) -> None:
+        """Step with ``action`` (None: the agent's choice in the imagined state) and redraw."""
+        self.session.step(self.session.agent_action() if action is None else action)
+        self.render()
+
+    def restart(self) -> None:
+        """Start again from the real history at the ``branch`` step."""
+        self.session.reset(self.branch.value)
+        self.render()
+
+    def render(self) -> None:
+        s = self.session
+        legal = s.legal_actions
+        self.imagined.value = _png(s.imagined, self.scale)
+        self.real.value = _png(s.real if s.real is not None else np.zeros((84, 84), np.uint8), self.scale)
+        n = len(s.steps)
+        if n == 0:
+            text = f"<b>{s.record.game}</b>: at real step {s.t}; choose an action.<br>"
+        else:
+            d = s.steps[-1]
+            p = d.reward_probs
+            text = (f"<b>{s.record.game}</b>: dream step {n} from real step {s.t}, action <b>{_short(d.action)}</b><br>"
+                    f"predicted reward {d.predicted_reward:+d} (P(-1, 0, +1) = {p[0]:.2f}, {p[1]:.2f}, {p[2]:.2f}); "
+                    f"real reward {d.real_reward:+g}<br>predicted P(end) {d.end_prob:.2f}; real episode "
+                    f"{'over' if d.real_done else 'running'}<br>")  # fmt: skip
+        plan = s.agent_action()
+        self.readout.value = (text + f"context {s.context_steps} steps; the agent would choose <b>{_short(plan)}</b>"
+                              + _q_table_html(s.q, legal, {plan: "agent"}))  # fmt: skip
+        recent = s.steps[-8:]
+        if recent:
+            top = [(d.imagined, f"{n - len(recent) + i + 1}: {_short(d.action)}") for i, d in enumerate(recent)]
+            blank = np.zeros((84, 84), np.uint8)
+            bottom = [(d.real if d.real is not None else blank, f"real r{d.real_reward:+g}") for d in recent]
+            self.film.value = _strip_png([top, bottom], scale=1)
+        else:
+            self.film.value = _strip_png([[(s.imagined, "branch point")]], scale=1)
+
+
+def dream_viewer(model, tokenizer, record, t: int = 0, *, beam_width: int = 1, horizon: int = 0) -> DreamViewer:
+    """ipywidgets dream mode from step ``t`` of a recorded episode (``DreamViewer``)."""
+    return DreamViewer(model, tokenizer, record, t, beam_width=beam_width, horizon=horizon)
+
+
+def score_bars(table, confidence: float = 0.95) -> go.Figure:
+    """Per game, each agent's human-normalised score (HNS) with a bootstrap CI of the mean; games
+    without reference scores (e.g. Breakout, not a JOWA paper game) get a second panel in raw return."""
+    from jowa_core.evaluation import normalize
+
+    ref, raw = [], []
+    for g in table.games:
+        try:
+            normalize(0.0, g, "hns")
+            ref.append(g)
+        except games.UnknownGameError:
+            raw.append(g)
+    panels = [(gs, m) for gs, m in ((ref, "hns"), (raw, "raw")) if gs]
+    titles = ["human-normalised score" if m == "hns" else "raw return (no reference scores)" for _, m in panels]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=titles,
+                        column_widths=[len(gs) for gs, _ in panels])  # fmt: skip
+    colors = px.colors.qualitative.Plotly
+    for col, (gs, metric) in enumerate(panels, start=1):
+        for i, a in enumerate(table.agents):
+            have = [g for g in gs if g in table.returns[a]]
+            ys, lo, hi = [], [], []
+            for g in have:
+                m = float(normalize(table.mean(g, a), g, metric))
+                low, high = (float(normalize(v, g, metric)) for v in table.ci(g, a, confidence=confidence))
+                ys.append(m)
+                lo.append(m - low)
+                hi.append(high - m)
+            fig.add_trace(go.Bar(x=have, y=ys, name=a, legendgroup=a, showlegend=col == 1,
+                                 marker_color=colors[i % len(colors)],
+                                 error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo)),
+                          row=1, col=col)  # fmt: skip
+    fig.update_layout(barmode="group", title=f"Scores per game ({round(confidence * 100)}% bootstrap CI of the mean)",
+                      height=420)  # fmt: skip
+    return fig

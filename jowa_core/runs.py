@@ -1,0 +1,329 @@
+"""A run folder as a whole: load its tokenizer, model and games, build agents, and evaluate the run
+against the controls and the paper (notebooks 04 and 06, ``jowa evaluate`` and ``jowa play``).
+
+A run folder is what notebooks 01-03 (or the CLI) write: ``<run_dir>/tokenizer`` (the VQ-VAE),
+``<run_dir>/model/checkpoints/step_*`` (the world-action model) and the ``NN_summary.json`` files
+that name them. ``load_run`` also accepts a folder that holds ``checkpoints/`` itself.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jowa_core import games as games_mod
+from jowa_core.agent import Agent, MTBCAgent
+from jowa_core.evaluation import ScoreTable, control_scores, evaluate
+
+__all__ = [
+    "AGENT_KINDS",
+    "Run",
+    "best_constant",
+    "evaluate_run",
+    "load_run",
+    "make_agent",
+    "paper_comparison",
+    "reference_games",
+    "score_aggregates",
+    "scores_summary",
+]
+
+AGENT_KINDS = ("greedy", "beam", "mtbc", "random", "constant")
+"""What ``evaluate_run`` can evaluate: JOWA greedy Q, JOWA beam search, the run's behaviour-cloning
+head (only when the model has one), uniform random, and the best constant action per game."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """The parts of a trained run. ``games`` are the games it was trained on (canonical names)."""
+
+    run_dir: Path
+    tokenizer: Any
+    model: Any
+    preset: Any
+    games: tuple[str, ...]
+    model_dir: Path
+    step: int
+
+    @property
+    def has_bc_head(self) -> bool:
+        return getattr(self.model, "head_bc", None) is not None
+
+
+def _summary(run_dir: Path, name: str) -> dict[str, Any]:
+    from jowa_core.walkthrough import read_summary
+
+    try:
+        return read_summary(run_dir, name)
+    except FileNotFoundError:
+        return {}
+
+
+def _model_dir(run_dir: Path) -> Path:
+    from jowa_core.checkpoints import RUN_CHECKPOINTS_DIR
+
+    named = _summary(run_dir, "03").get("model_dir")
+    for cand in ([Path(named)] if named else []) + [run_dir / "model", run_dir]:
+        if (cand / RUN_CHECKPOINTS_DIR).is_dir():
+            return cand
+    raise FileNotFoundError(
+        f"{run_dir} holds no trained model (looked for {run_dir / 'model' / RUN_CHECKPOINTS_DIR} and "
+        f"{run_dir / RUN_CHECKPOINTS_DIR}); run notebook 03 (or `jowa walkthrough --run-dir {run_dir}`) first."
+    )
+
+
+def _cache_attrs(paths: Sequence[str]) -> list[dict[str, Any]]:
+    import h5py
+
+    out = []
+    for p in paths:
+        if Path(p).is_file():
+            with h5py.File(p, "r") as f:
+                out.append({k: f.attrs[k] for k in ("game", "tokenizer_hash") if k in f.attrs})
+    return out
+
+
+def load_run(
+    run_dir: str | os.PathLike,
+    *,
+    model_dir: str | os.PathLike | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+) -> Run:
+    """Load a run's tokenizer, newest model checkpoint and game list.
+
+    Args:
+        run_dir: the run folder of notebooks 01-03.
+        model_dir: a folder with ``checkpoints/`` (default: notebook 03's ``model_dir``, else
+            ``<run_dir>/model``, else ``run_dir``), e.g. a fine-tuned model's folder.
+        tokenizer_dir: default: notebook 02's ``tokenizer_dir``, else ``<run_dir>/tokenizer``.
+        device: where both modules go ("cpu", "cuda", "auto").
+    The games are those of the token caches the model was trained on (else notebook 01's). The
+    tokenizer must be the one those caches were made with (checked by content hash).
+    """
+    from jowa_core.checkpoints import load, load_tokenizer
+    from jowa_core.runtime import resolve_device
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist; pass the run_dir notebooks 01-03 wrote.")
+    dev = resolve_device(device)
+    mdir = Path(model_dir) if model_dir is not None else _model_dir(run_dir)
+    ckpt = load(mdir, device=dev)
+    tdir = Path(tokenizer_dir or _summary(run_dir, "02").get("tokenizer_dir") or run_dir / "tokenizer")
+    if not tdir.is_dir():
+        raise FileNotFoundError(f"no tokenizer at {tdir}; run notebook 02 first or pass tokenizer_dir.")
+    tokenizer = load_tokenizer(tdir, device=dev)
+    caches = _cache_attrs(ckpt.options.get("token_caches", []))
+    hashes = {str(c["tokenizer_hash"]) for c in caches if "tokenizer_hash" in c}
+    if hashes and tokenizer.content_hash() not in hashes:
+        raise ValueError(
+            f"the tokenizer in {tdir} is not the one the model in {mdir} was trained with (its token caches name "
+            "another tokenizer hash); pass the matching tokenizer_dir."
+        )
+    names = [str(c["game"]) for c in caches if "game" in c] or list(_summary(run_dir, "01").get("games", {}))
+    if not names:
+        raise ValueError(f"cannot tell which games {run_dir} was trained on; pass the games explicitly.")
+    run_games = tuple(dict.fromkeys(games_mod.canonical_name(g) for g in names))
+    return Run(run_dir, tokenizer, ckpt.model, ckpt.preset, run_games, Path(ckpt.path), ckpt.step)
+
+
+def make_agent(
+    run: Run,
+    *,
+    beam_width: int = 0,
+    horizon: int = 2,
+    history_steps: int = 0,
+    epsilon: float = 0.001,
+    name: str | None = None,
+    seed: int = 0,
+) -> Agent:
+    """A JOWA agent over the run's model.
+
+    Args:
+        beam_width: beams per env; 0 takes the official per-game table (``games.planning_settings``).
+        horizon: imagined steps (0 = greedy Q, no planning).
+        history_steps: context steps; 0 means the official per-game value for official model sizes
+            and the model's whole window (``max_blocks``) otherwise.
+        epsilon: probability of a random legal action (official 0.001; 0 for inspection).
+    """
+    if beam_width < 0 or horizon < 0 or history_steps < 0:
+        raise ValueError(f"beam_width, horizon and history_steps must be >= 0 (0 = default); got "
+                         f"{beam_width}, {horizon}, {history_steps}.")  # fmt: skip
+    size = run.preset.size
+    all_games = games_mod.GAMES
+    bw: Any = beam_width or {g: games_mod.planning_settings(g)["beam_width"] for g in all_games}
+    if history_steps:
+        hist: Any = history_steps
+    elif size is not None:
+        hist = {g: games_mod.planning_settings(g, size)["buffer_size"] for g in all_games}
+    else:
+        hist = run.model.cfg.max_blocks
+    label = name or ("jowa_greedy" if horizon == 0 else "jowa_beam")
+    return Agent(run.tokenizer, run.model, history_steps=hist, beam_width=bw if horizon else 0, horizon=horizon,
+                 epsilon=epsilon, name=label, seed=seed)  # fmt: skip
+
+
+def best_constant(table: ScoreTable, name: str = "constant_best") -> ScoreTable:
+    """One agent holding, per game, the returns of the constant action with the best mean score
+    (``meta[name]["actions"]`` names it per game): the strongest trivial control."""
+    consts = [a for a in table.agents if a.startswith("constant_")]
+    out = ScoreTable()
+    if not consts:
+        return out
+    best = table.best(consts)
+    out.returns[name] = {g: list(table.returns[a][g]) for g, (a, _) in best.items()}
+    out.lengths[name] = {g: list(table.lengths.get(a, {}).get(g, [])) for g, (a, _) in best.items()}
+    out.meta[name] = {**table.meta[best[next(iter(best))][0]], "agent": {"name": name},
+                      "actions": {g: a.removeprefix("constant_") for g, (a, _) in best.items()}}  # fmt: skip
+    return out
+
+
+def _rename(table: ScoreTable, suffix: str) -> ScoreTable:
+    if not suffix:
+        return table
+    return ScoreTable(
+        returns={f"{a}{suffix}": v for a, v in table.returns.items()},
+        lengths={f"{a}{suffix}": v for a, v in table.lengths.items()},
+        meta={f"{a}{suffix}": v for a, v in table.meta.items()},
+    )
+
+
+def evaluate_run(
+    run: Run,
+    games: Sequence[str] | None = None,
+    *,
+    episodes: int = 16,
+    protocols: Sequence[str] = ("official",),
+    agents: Sequence[str] = AGENT_KINDS,
+    beam_width: int = 0,
+    horizon: int = 2,
+    history_steps: int = 0,
+    epsilon: float = 0.001,
+    max_steps: int | None = 108_000,
+    seed: int = 0,
+    num_envs: int | None = None,
+    progress: bool = True,
+) -> ScoreTable:
+    """Evaluate a run with and without planning, beside the controls, under each protocol.
+
+    Args:
+        run: ``load_run(...)``.
+        games: default: the run's games.
+        episodes: per game and agent (official 16).
+        protocols: ``evaluation.protocol`` names; agents of protocols other than "official" get an
+            ``@<protocol>`` suffix (e.g. ``jowa_beam@sticky``).
+        agents: a subset of ``AGENT_KINDS``; "mtbc" is skipped when the model has no BC head.
+        beam_width, horizon, history_steps, epsilon: as in ``make_agent`` ("beam" uses ``horizon``,
+            at least 1; "greedy" horizon 0).
+        max_steps: episode cap in agent steps (official 108,000).
+        seed, num_envs, progress: as in ``evaluation.evaluate``.
+    Returns:
+        One ``ScoreTable``: jowa_greedy, jowa_beam, mtbc, random and constant_best (the best
+        constant action per game, see ``best_constant``), for each protocol.
+    """
+    unknown = set(agents) - set(AGENT_KINDS)
+    if unknown:
+        raise ValueError(f"unknown agent kind(s) {sorted(unknown)}; choose from {', '.join(AGENT_KINDS)}.")
+    if "beam" in agents and horizon < 1:
+        raise ValueError("the 'beam' agent needs horizon >= 1 (horizon 0 is the 'greedy' agent).")
+    game_list = [games_mod.canonical_name(g) for g in (games or run.games)]
+    kw = {"max_steps": max_steps, "seed": seed, "num_envs": num_envs, "progress": progress}
+    tables = []
+    for proto in protocols:
+        suffix = "" if proto == "official" else f"@{proto}"
+        jobs = []
+        if "greedy" in agents:
+            jobs.append(make_agent(run, horizon=0, history_steps=history_steps, epsilon=epsilon, seed=seed))
+        if "beam" in agents:
+            jobs.append(make_agent(run, beam_width=beam_width, horizon=horizon, history_steps=history_steps,
+                                   epsilon=epsilon, seed=seed))  # fmt: skip
+        if "mtbc" in agents and run.has_bc_head:
+            hist = history_steps or run.model.cfg.max_blocks
+            jobs.append(MTBCAgent(run.tokenizer, run.model, history_steps=hist, epsilon=epsilon, seed=seed))
+        for agent in jobs:
+            tables.append(_rename(evaluate(agent, game_list, episodes, env_config=proto, **kw), suffix))
+        if "random" in agents or "constant" in agents:
+            ctl = control_scores(game_list, episodes, include_random="random" in agents,
+                                 actions=None if "constant" in agents else [], env_config=proto,
+                                 **(kw | {"progress": False}))  # fmt: skip  # quick; one bar per action is noise
+            keep = ScoreTable(
+                returns={a: v for a, v in ctl.returns.items() if not a.startswith("constant_")},
+                lengths={a: v for a, v in ctl.lengths.items() if not a.startswith("constant_")},
+                meta={a: v for a, v in ctl.meta.items() if not a.startswith("constant_")},
+            )
+            tables.append(_rename(keep.merge(best_constant(ctl)), suffix))
+    if not tables:
+        raise ValueError("nothing to evaluate: agents is empty (or only 'mtbc' for a model without a BC head).")
+    return tables[0].merge(*tables[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a table against the references
+
+
+def reference_games(game_list: Sequence[str]) -> list[str]:
+    """The games with human/random reference scores (the paper's 20), so HNS is defined."""
+    out = []
+    for g in game_list:
+        try:
+            games_mod.reference_scores(g)
+        except games_mod.UnknownGameError:
+            continue
+        out.append(games_mod.canonical_name(g))
+    return out
+
+
+def score_aggregates(table: ScoreTable, reps: int = 2000, seed: int = 0) -> Any:
+    """Mean, median and IQM of HNS per agent over the table's games that have reference scores,
+    with stratified bootstrap CIs (pandas DataFrame; empty when no game has reference scores)."""
+    ref = reference_games(table.games)
+    if not ref:
+        import pandas as pd
+
+        return pd.DataFrame(columns=["agent", "metric", "stat", "value", "ci_low", "ci_high", "games"])
+    return table.aggregates("hns", games=ref, reps=reps, seed=seed)
+
+
+def paper_comparison(table: ScoreTable) -> Any:
+    """Our mean raw scores per game beside the paper's (pandas DataFrame, one row per game).
+
+    Pretraining games get the paper's Table 2 scores (JOWA-150M/70M/40M, MGDT, MTBC, raw returns);
+    held-out games the fine-tuned Table 3 numbers (a different setting, named in ``note``); other
+    games (e.g. Breakout, not a JOWA paper game) have none, which ``note`` says.
+    """
+    import pandas as pd
+
+    t2 = games_mod.paper_scores()
+    t3 = games_mod.paper_scores("paper_table3_finetune_dns")
+    rows = []
+    for g in table.games:
+        row: dict[str, Any] = {"game": g}
+        for a in table.agents:
+            row[a] = table.mean(g, a) if g in table.returns[a] else math.nan
+        if g in games_mod.PRETRAINING_GAMES:
+            note = "paper Table 2 (pretraining, raw score)"
+            for model, scores in t2.items():
+                row[f"paper {model}"] = scores.get(g, math.nan)
+        elif g in games_mod.HELD_OUT_GAMES:
+            note = f"held-out game: paper Table 3 after fine-tuning ({t3.get('metric', '')})"
+            for model, scores in t3.items():
+                if isinstance(scores, dict):
+                    row[f"paper {model} (fine-tuned)"] = scores.get(g, math.nan)
+        else:
+            note = "not a JOWA paper game: no reference numbers"
+        row["note"] = note
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("game")
+
+
+def scores_summary(table: ScoreTable) -> dict[str, Any]:
+    """JSON-able per-agent, per-game means and HNS IQMs for a notebook summary."""
+    means = {a: {g: table.mean(g, a) for g in table.returns[a]} for a in table.agents}
+    agg = score_aggregates(table, reps=500)
+    iqm = {r.agent: r.value for r in agg.itertuples() if r.stat == "iqm"}
+    return {"mean_return": means, "hns_iqm": iqm, "hns_games": reference_games(table.games)}
