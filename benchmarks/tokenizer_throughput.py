@@ -1,6 +1,8 @@
-"""Tokenizer throughput: token-cache building (encode) and tiny-preset training steps, in frames/s.
+"""Tokenizer throughput: token-cache building and tiny-preset training steps, in frames/s.
 
-Prints one JSON object. Frames are random uint8, so the figures measure compute only (no HDF5 I/O).
+Prints one JSON object. ``*_encode_*`` and ``*_train_*`` use random uint8 frames already in memory
+(compute only); ``tiny_cache_build_frames_per_s`` runs ``build_token_cache`` end to end on a
+temporary gzip-compressed HDF5 dataset (read, decompress, encode, write).
 
     python benchmarks/tokenizer_throughput.py --threads 1 --batch-size 64
 """
@@ -10,11 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from jowa_core.config import TokenizerConfig, preset
+from jowa_core.data.format import DatasetWriter
+from jowa_core.data.token_cache import build_token_cache
 from jowa_core.models.tokenizer import Tokenizer, changed_pixel_mask, tokenizer_loss
 from jowa_core.runtime import resolve_device
 
@@ -57,12 +64,26 @@ def train_fps(cfg: TokenizerConfig, batch: int, repeats: int, device: torch.devi
     return batch / _time(step, 2, repeats, device)
 
 
+def cache_build_fps(cfg: TokenizerConfig, n_frames: int, batch: int, device: torch.device) -> float:
+    rng = np.random.default_rng(0)
+    tok = Tokenizer(cfg).to(device).eval()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "Pong.h5"
+        with DatasetWriter(path, "Pong", source="collected") as w:
+            obs = rng.integers(0, 256, (n_frames, 84, 84), dtype=np.uint8)
+            w.add_episode(obs, np.zeros(n_frames, int), np.zeros(n_frames), np.r_[np.zeros(n_frames - 1, bool), True])
+        t0 = time.perf_counter()
+        build_token_cache(path, tok, batch_size=batch, device=device, progress=False)
+        return n_frames / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--batch-size", type=int, default=64, help="training batch (frames)")
     ap.add_argument("--encode-batch", type=int, default=256, help="encoding batch (frames), as build_token_cache")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cache-frames", type=int, default=2048, help="frames in the temporary dataset")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--official", action="store_true", help="also time the official-size tokenizer")
     args = ap.parse_args()
@@ -77,6 +98,7 @@ def main() -> None:
         "tiny_train_frames_per_s": round(train_fps(tiny, args.batch_size, args.repeats, dev), 1),
         "tiny_train_batch": args.batch_size,
         "tiny_encode_frames_per_s": round(encode_fps(tiny, args.encode_batch, args.repeats, dev), 1),
+        "tiny_cache_build_frames_per_s": round(cache_build_fps(tiny, args.cache_frames, args.encode_batch, dev), 1),
         "tiny_params": Tokenizer(tiny).num_parameters(),
     }
     if args.official:

@@ -39,7 +39,7 @@ class TokenizerConfig:
     last ends with a downsampling conv (pad right/bottom by 1, kernel ``down_kernels[i]``, stride
     ``down_strides[i]``); the last level must be 6x6 (36 tokens). Decoder: the mirror, with nearest
     upsampling by ``up_factors`` (from the 6x6 level up; official 6 -> 42 -> 84) and, when
-    ``stem_stride`` > 1, a pixel shuffle by ``stem_stride`` before conv_out.
+    ``stem_stride`` > 1, a transposed-conv conv_out by ``stem_stride``.
     """
 
     in_channels: int = 1
@@ -65,11 +65,8 @@ class TokenizerConfig:
     dropout: float = 0.0
     stem_stride: int = 1
     """Ours: >1 makes conv_in a kernel = stride = ``stem_stride`` patchify conv (84 -> 84/s) and the
-    decoder end in a 1x1 conv + pixel shuffle by s to ``stem_channels`` at full size, then its 3x3
-    conv_out, so that every level is cheap (tiny preset: 7 -> 12x12)."""
-    stem_channels: int = 16
-    """Ours, used only when ``stem_stride`` > 1: decoder channels at full resolution after the pixel
-    shuffle (more is sharper and costs little: they are 1x1-conv outputs and one 3x3 conv input)."""
+    decoder's conv_out a transposed conv (kernel s + 2, stride s) back to 84, so that every level is
+    cheap (tiny preset: 7 -> 12x12)."""
     beta: float = 1.0
     """Commitment weight of the VQ loss (official 1.0)."""
     perceptual_weight: float = 1.0
@@ -135,7 +132,6 @@ class TokenizerConfig:
         _check(k == 0 or (k > 0 and k % 2 == 1), f"dilate_frames must be 0 (off) or odd, got {k}.")
         _check(self.beta >= 0 and self.changed_pixel_weight >= 0, "beta and changed_pixel_weight must be >= 0.")
         _check(self.dead_code_window >= 1, "dead_code_window must be >= 1 step.")
-        _check(self.stem_channels >= 1, f"stem_channels must be >= 1, got {self.stem_channels}.")
 
 
 @dataclass(frozen=True)
@@ -296,7 +292,7 @@ def tiny() -> Preset:
         ),
         train=TrainConfig(
             batch_size=32, stage1_steps=1000, stage2_steps=3000, target_update_every=250,
-            tokenizer_batch_size=64, tokenizer_steps=1500, log_every=50, save_every=500,
+            tokenizer_batch_size=64, tokenizer_steps=1500, tokenizer_lr=1e-3, log_every=50, save_every=500,
         ),
     )
 

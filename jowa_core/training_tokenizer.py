@@ -334,7 +334,7 @@ def train_tokenizer(
             save(step)
             if eval_frames > 0:
                 tok.eval()
-                ev = evaluate_reconstruction(tok, datasets, eval_frames, device=dev)
+                ev = evaluate_reconstruction(tok, datasets, eval_frames)
                 tok.train()
                 rec = {"step": step, "eval/mae": ev["mae"], "eval/changed_mae": ev["changed_mae"]}
                 for g, m in ev["games"].items():
@@ -387,14 +387,14 @@ def evaluate_reconstruction(
     dataset_paths: Sequence[str | os.PathLike],
     n_frames: int = 512,
     batch_size: int = 256,
-    device: str | torch.device | None = None,
 ) -> dict:
     """MAE in [0, 1] and changed-pixel MAE on each game's held-out frames (the last 5% of its file).
 
     Returns ``{"games": {game: {"mae", "changed_mae", "changed_fraction", "n_frames"}}, "mae", "changed_mae"}``
     with the top-level values averaged over games. ``changed_mae`` is NaN for a game with no changed pixel.
+    Runs on the tokenizer's device.
     """
-    dev = next(tokenizer.parameters()).device if device is None else resolve_device(device)
+    dev = next(tokenizer.parameters()).device
     was_training = tokenizer.training
     tokenizer.eval()
     result: dict = {"games": {}}
@@ -443,7 +443,6 @@ def token_probe(
     lr: float = 0.05,
     test_fraction: float = 0.2,
     batch_size: int = 256,
-    device: str | torch.device | None = None,
     seed: int = 0,
 ) -> dict:
     """Does the information a world model needs survive tokenization? A linear probe on tokens.
@@ -453,13 +452,14 @@ def token_probe(
     behaviour action a_t (its effect shows in frame t + 1); "reward": the sign class of r_t.
     A multinomial logistic regression (full batch Adam, ``epochs`` steps) is fit on the first
     ``1 - test_fraction`` of the pairs in time order and scored on the rest, against the trivial
-    baseline that always predicts the training majority class.
+    baseline that always predicts the training majority class. Encodes on the tokenizer's device; the
+    probe itself is fit on the CPU.
 
     Returns ``{"games": {game: {"accuracy", "baseline", "n_train", "n_test"}}, "accuracy", "baseline"}``.
     """
     if target not in ("action", "reward"):
         raise ValueError(f"target must be 'action' or 'reward', got {target!r}.")
-    dev = next(tokenizer.parameters()).device if device is None else resolve_device(device)
+    dev = next(tokenizer.parameters()).device
     vocab = tokenizer.cfg.vocab_size
     was_training = tokenizer.training
     tokenizer.eval()

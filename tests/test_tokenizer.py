@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from jowa_core.checkpoints import load_official_tokenizer, load_tokenizer, official_tokenizer_name_map, save_tokenizer
 from jowa_core.config import ConfigError, TokenizerConfig, preset
@@ -16,6 +17,7 @@ from jowa_core.models.tokenizer import (
     Tokenizer,
     changed_pixel_mask,
     codebook_stats,
+    dilate,
     reconstruction_losses,
     restart_dead_codes,
     vq_loss,
@@ -58,12 +60,12 @@ def _dot_episode(rng, t, size=6):
         obs[i, 20:24, :] = 90  # a static wall, so frames are not all black
         obs[i, pos[0] : pos[0] + size, pos[1] : pos[1] + size] = 255
         pos = np.clip(pos + moves[actions[i]], 0, 84 - size)
-    return dict(
-        observations=obs,
-        actions=actions,
-        rewards=np.zeros(t, np.float32),
-        terminals=np.r_[np.zeros(t - 1, bool), True],
-    )
+    return {
+        "observations": obs,
+        "actions": actions,
+        "rewards": np.zeros(t, np.float32),
+        "terminals": np.r_[np.zeros(t - 1, bool), True],
+    }
 
 
 def _dot_dataset(path, episodes=4, t=60, game="Breakout", seed=0):
@@ -182,6 +184,9 @@ def test_dilation_changes_the_encoder_input_only():
     inp = tok.encoder_input(x)
     assert ((inp + 1) / 2).sum() == 9 and inp[0, 0, 39:42, 39:42].eq(1).all()
     assert tok.encoder_input(x).shape == x.shape
+    r = torch.rand(3, 1, 84, 84)
+    for k in (3, 5):
+        torch.testing.assert_close(dilate(r, k), F.max_pool2d(r, k, stride=1, padding=k // 2), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,9 +331,10 @@ def test_short_training_run_reduces_the_loss(tmp_path):
     )
     recs = [r for r in read_metrics(tmp_path / "run") if "loss/total" in r]
     assert [r["step"] for r in recs] == list(range(10, 101, 10))
-    assert recs[-1]["loss/total"] < 0.8 * recs[0]["loss/total"]
-    assert recs[-1]["loss/l1"] < 0.5 * recs[0]["loss/l1"]
-    assert recs[-1]["mae"] < 0.5 * recs[0]["mae"]
+    # the changed-pixel term (the dot, weight 500) falls slowly; the frame's L1 and MAE fall fast
+    assert np.mean([r["loss/total"] for r in recs[-3:]]) < 0.9 * recs[0]["loss/total"]
+    assert recs[-1]["loss/l1"] < 0.4 * recs[0]["loss/l1"]
+    assert recs[-1]["mae"] < 0.4 * recs[0]["mae"]
     assert all(k in recs[-1] for k in ("usage", "perplexity", "changed_mae", "mae/Breakout", "loss/changed_l1"))
     evals = [r for r in read_metrics(tmp_path / "run") if "eval/mae" in r]
     assert len(evals) == 1 and evals[0]["step"] == 100
@@ -338,7 +344,15 @@ def test_short_training_run_reduces_the_loss(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     path = _dot_dataset(tmp_path / "Breakout.h5", episodes=2, t=40)
     cfg = dataclasses.replace(TINY, dead_code_window=3)
-    kw = dict(batch_size=4, lr=1e-3, device="cpu", progress=False, log_every=2, save_every=4, eval_frames=0)
+    kw = {
+        "batch_size": 4,
+        "lr": 1e-3,
+        "device": "cpu",
+        "progress": False,
+        "log_every": 2,
+        "save_every": 4,
+        "eval_frames": 0,
+    }
     straight = train_tokenizer([path], cfg, steps=8, run_dir=tmp_path / "a", **kw)
     train_tokenizer([path], cfg, steps=4, run_dir=tmp_path / "b", **kw)
     resumed = train_tokenizer([path], cfg, steps=8, run_dir=tmp_path / "b", **kw)
