@@ -45,6 +45,28 @@ def _cmd_walkthrough(args: argparse.Namespace) -> None:
     print("\n".join(str(p) for p in outputs))
 
 
+def _cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    from jowa_core.config import preset
+    from jowa_core.data.token_cache import build_token_cache
+    from jowa_core.training_tokenizer import train_tokenizer
+
+    cfg = preset(args.preset)
+    tok = train_tokenizer(args.datasets, cfg.tokenizer, args.steps or cfg.train.tokenizer_steps,
+                          args.batch_size or cfg.train.tokenizer_batch_size, args.lr or cfg.train.tokenizer_lr,
+                          args.run_dir, args.device, not args.no_resume, args.seed)
+    if args.cache:
+        for path in args.datasets:
+            print(build_token_cache(path, tok, device=args.device))
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> None:
+    from jowa_core.training import train_world_action
+
+    train_world_action(args.preset, args.caches, args.run_dir, stage1_steps=args.stage1_steps,
+                       stage2_steps=args.stage2_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       seed=args.seed, device=args.device, resume=not args.no_resume, compile=args.compile)
+
+
 def _load_run(args: argparse.Namespace):
     """The run of --run-dir; a missing or mismatched folder exits with the reason, not a traceback."""
     from jowa_core.checkpoints import CheckpointError
@@ -253,6 +275,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run found in OUT (default); --no-resume starts over")
     p.set_defaults(func=_cmd_finetune)
 
+    p = sub.add_parser("train-tokenizer", help="train the VQ-VAE frame tokenizer and build token caches",
+                       description="Train (or resume) the tokenizer on the frames of the given datasets; with "
+                       "--cache, encode every dataset into <Game>.tokens.h5 beside it. Same function as notebook 02.",
+                       epilog="example: jowa train-tokenizer --datasets data/default/*.h5 --run-dir runs/x --cache")
+    p.add_argument("--datasets", nargs="+", required=True, help="dataset files (<Game>.h5)")
+    p.add_argument("--preset", default="tiny", help="tiny, jowa_40m, jowa_70m or jowa_150m (default tiny)")
+    p.add_argument("--run-dir", default="runs/default", help="the tokenizer goes to RUN_DIR/tokenizer")
+    p.add_argument("--steps", type=int, default=0, help="0 means the preset's")
+    p.add_argument("--batch-size", type=int, default=0, help="frames per step; 0 means the preset's")
+    p.add_argument("--lr", type=float, default=0.0, help="0 means the preset's")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true", help="start afresh instead of resuming")
+    p.add_argument("--cache", action="store_true", help="build the token caches afterwards")
+    p.set_defaults(func=_cmd_train_tokenizer)
+
+    p = sub.add_parser("pretrain", help="train the world-action model (stage 1, then stage 2)",
+                       description="Stage 1 (world model) then stage 2 (joint C51 + CQL) on token caches. Run it under "
+                       "torchrun for several GPUs: torchrun --nproc_per_node 8 -m jowa_core.cli pretrain ... "
+                       "Same function as notebook 03.",
+                       epilog="example: jowa pretrain --preset tiny --caches runs/x/data/*.tokens.h5 --run-dir runs/x/model")
+    p.add_argument("--caches", nargs="+", required=True, help="token caches (<Game>.tokens.h5)")
+    p.add_argument("--preset", default="tiny", help="tiny, jowa_40m, jowa_70m or jowa_150m (default tiny)")
+    p.add_argument("--run-dir", default="runs/default/model")
+    p.add_argument("--stage1-steps", type=int, default=None, help="default: the preset's")
+    p.add_argument("--stage2-steps", type=int, default=None, help="default: the preset's")
+    p.add_argument("--batch-size", type=int, default=None, help="global segments per step; default: the preset's")
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh instead of resuming")
+    p.set_defaults(func=_cmd_pretrain)
+
     p = sub.add_parser("walkthrough", help="run notebooks 01-06 in order through papermill",
                        description="Execute the numbered notebooks into RUN_DIR/notebooks, stopping at the first "
                        "failure; --resume skips notebooks already completed.")
@@ -266,8 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # our errors name the problem and the fix; a traceback from deep inside would hide that
+        parser.exit(2, f"jowa {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":
