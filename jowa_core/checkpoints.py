@@ -1,11 +1,40 @@
 """Checkpoints: our format (safetensors + JSON config + training state) and the official release import.
 
-Sections: generic save/load helpers; official tokenizer names; official world-action model names.
+Sections: official tokenizer names and our tokenizer files; official world-action model names; run
+checkpoints (our format) and the official release import.
 """
 
 from __future__ import annotations
 
-# --- official tokenizer names (owned by the tokenizer work) ------------------------------------
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from jowa_core.config import Preset, TokenizerConfig, TrainConfig, WorldActionConfig, preset
+from jowa_core.runtime import atomic_path
+
+
+def _load_official_file(path, what: str) -> dict:
+    """``torch.load(weights_only=True)`` of an official release file, with errors that say what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Official {what} file {path} does not exist; download it from the JOWA release.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # not a state dict, truncated
+        raise ValueError(f"{path} is not a readable torch state dict ({type(e).__name__}: {e}).") from None
+
+
+# --- official tokenizer names -------------------------------------------------------------------
 
 _WRAPPER_PREFIXES = ("_orig_mod.module.", "module._orig_mod.", "_orig_mod.", "module.")
 TOKENIZER_WEIGHTS = "model.safetensors"
@@ -24,9 +53,7 @@ def official_tokenizer_name_map(cfg=None) -> dict[str, str]:
     """our name -> official name for every tokenizer tensor. Identity: our modules carry the official
     names (``encoder.down.0.block.0.norm1.weight`` ...); only the official ``lpips.*`` entries have no
     counterpart (the perceptual net is not part of our tokenizer)."""
-    import torch
 
-    from jowa_core.config import TokenizerConfig
     from jowa_core.models.tokenizer import Tokenizer
 
     with torch.device("meta"):
@@ -51,23 +78,12 @@ def load_official_tokenizer(path_pt, cfg=None, device="cpu"):
 
     ``cfg`` defaults to the official architecture (``TokenizerConfig()``).
     """
-    import pickle
-    from pathlib import Path
 
-    import torch
 
-    from jowa_core.config import TokenizerConfig
     from jowa_core.models.tokenizer import Tokenizer
 
     path_pt = Path(path_pt)
-    if not path_pt.is_file():
-        raise FileNotFoundError(
-            f"Official tokenizer file {path_pt} does not exist; download tokenizer.pt from the JOWA release."
-        )
-    try:
-        raw = torch.load(path_pt, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # not a state dict, truncated
-        raise ValueError(f"{path_pt} is not a readable torch state dict ({type(e).__name__}: {e}).") from None
+    raw = _load_official_file(path_pt, "tokenizer.pt")
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         raw = raw["state_dict"]
     if not isinstance(raw, dict):
@@ -97,13 +113,8 @@ def load_official_tokenizer(path_pt, cfg=None, device="cpu"):
 
 def save_tokenizer(path_dir, tokenizer):
     """Write ``model.safetensors`` + ``config.json`` into ``path_dir``, each atomically."""
-    import json
-    from dataclasses import asdict
-    from pathlib import Path
 
-    from safetensors.torch import save_file
 
-    from jowa_core.runtime import atomic_path
 
     path_dir = Path(path_dir)
     path_dir.mkdir(parents=True, exist_ok=True)
@@ -117,12 +128,8 @@ def save_tokenizer(path_dir, tokenizer):
 
 def load_tokenizer(path_dir, device="cpu"):
     """Inverse of ``save_tokenizer``; returns the Tokenizer in eval mode."""
-    import json
-    from pathlib import Path
 
-    from safetensors.torch import load_file
 
-    from jowa_core.config import TokenizerConfig
     from jowa_core.models.tokenizer import Tokenizer
 
     path_dir = Path(path_dir)
@@ -158,7 +165,6 @@ def _guess_official_size(shapes: dict) -> str:
     d = shapes["pos_emb.weight"][-1] if "pos_emb.weight" in shapes else None
     num_q = shapes["head_q.head_module.params.0"][0] if "head_q.head_module.params.0" in shapes else None
     for size, name in OFFICIAL_MODEL_PRESETS.items():
-        from jowa_core.config import preset
 
         c = preset(name).model
         if (layers, d, num_q) == (c.num_layers, c.embed_dim, c.num_q):
@@ -175,7 +181,6 @@ def official_model_state_dict_to_ours(sd: dict, cfg) -> dict:
     unexpected and mis-shaped entries (and the size the file looks like) instead of loading
     partially. The result loads with ``WorldActionModel(cfg).load_state_dict(..., strict=True)``.
     """
-    import torch
 
     from jowa_core.models.world_action import WorldActionModel
 
@@ -210,7 +215,6 @@ def official_model_buffers(cfg) -> dict:
     """The non-learned buffers the official model saves: ``head_*.indices`` (positions each head reads,
     over the whole window) and, when built without flash-attn, ``transformer.blocks.N.attn.mask``
     (a max_tokens x max_tokens lower-triangular float mask)."""
-    import torch
 
     tpb, n = cfg.tokens_per_block, cfg.max_blocks
 
@@ -254,13 +258,6 @@ def ours_to_official(sd: dict, cfg, *, prefix: str = "module.", include_attn_mas
 # and renamed when complete, so a killed writer never leaves a folder that looks whole; the
 # recorded sizes catch files truncated afterwards.
 
-import json as _json
-import os as _os
-import shutil as _shutil
-from dataclasses import dataclass as _dataclass
-from dataclasses import field as _field
-from pathlib import Path as _Path
-from typing import Any as _Any
 
 RUN_CHECKPOINTS_DIR = "checkpoints"
 RUN_MODEL_FILE = "model.safetensors"
@@ -275,7 +272,7 @@ class CheckpointError(ValueError):
     """A run checkpoint is missing, truncated or corrupted; the message names the file and the fix."""
 
 
-@_dataclass
+@dataclass
 class RunCheckpoint:
     """What ``load`` returns.
 
@@ -288,20 +285,18 @@ class RunCheckpoint:
         training_state: the ``training_state.pt`` dict when asked for (and present), else None.
     """
 
-    path: _Path
+    path: Path
     step: int
-    preset: _Any
-    model: _Any
-    options: dict = _field(default_factory=dict)
+    preset: Any
+    model: Any
+    options: dict = field(default_factory=dict)
     training_state: dict | None = None
 
 
 def preset_from_dict(d: dict):
     """Inverse of ``Preset.to_dict`` after a JSON round trip (lists back to tuples); unknown fields
     are refused with the name of the section, since they mean another version wrote the file."""
-    import dataclasses
 
-    from jowa_core.config import Preset, TokenizerConfig, TrainConfig, WorldActionConfig
 
     def build(cls, values: dict, section: str):
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
@@ -320,35 +315,35 @@ def preset_from_dict(d: dict):
     )
 
 
-def _step_of(path: _Path) -> int | None:
+def _step_of(path: Path) -> int | None:
     name = path.name
     if not name.startswith(_STEP_PREFIX) or not name[len(_STEP_PREFIX):].isdigit():
         return None
     return int(name[len(_STEP_PREFIX):])
 
 
-def list_checkpoints(run_dir) -> list[_Path]:
+def list_checkpoints(run_dir) -> list[Path]:
     """The run's checkpoint folders, oldest first (only completely written ones: temporary folders of
     an interrupted save are hidden and never listed)."""
-    root = _Path(run_dir) / RUN_CHECKPOINTS_DIR
+    root = Path(run_dir) / RUN_CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = [(s, p) for p in root.iterdir() if p.is_dir() and (s := _step_of(p)) is not None]
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(run_dir) -> _Path | None:
+def latest_checkpoint(run_dir) -> Path | None:
     """The newest checkpoint folder of ``run_dir``, or None."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
-def remove_incomplete(run_dir) -> list[_Path]:
+def remove_incomplete(run_dir) -> list[Path]:
     """Delete temporary folders left by saves that were killed; returns what was removed."""
-    root = _Path(run_dir) / RUN_CHECKPOINTS_DIR
+    root = Path(run_dir) / RUN_CHECKPOINTS_DIR
     gone = [p for p in root.glob(_TMP_PREFIX + "*")] if root.is_dir() else []
     for p in gone:
-        _shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(p, ignore_errors=True)
     return gone
 
 
@@ -361,7 +356,7 @@ def save(
     training_state: dict | None = None,
     options: dict | None = None,
     keep_last: int | None = 3,
-) -> _Path:
+) -> Path:
     """Write ``<run_dir>/checkpoints/step_<step>/`` atomically and keep the newest ``keep_last``.
 
     Args:
@@ -376,17 +371,15 @@ def save(
     Returns:
         The checkpoint folder.
     """
-    import torch
-    from safetensors.torch import save_file
 
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}.")
-    root = _Path(run_dir) / RUN_CHECKPOINTS_DIR
+    root = Path(run_dir) / RUN_CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_STEP_PREFIX}{int(step):09d}"
-    tmp = root / f"{_TMP_PREFIX}{final.name}-{_os.getpid()}"
+    tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
     if tmp.exists():
-        _shutil.rmtree(tmp)
+        shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
@@ -402,26 +395,26 @@ def save(
             "options": options or {},
             "files": files,
         }
-        (tmp / RUN_CONFIG_FILE).write_text(_json.dumps(meta, indent=2))
+        (tmp / RUN_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         if final.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old one
-            old = root / f"{_TMP_PREFIX}old-{final.name}-{_os.getpid()}"
-            _os.replace(final, old)
-            _os.replace(tmp, final)
-            _shutil.rmtree(old, ignore_errors=True)
+            old = root / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
         else:
-            _os.replace(tmp, final)
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
-            _shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
     if keep_last is not None:
         for old in list_checkpoints(run_dir)[:-keep_last]:
-            _shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _checkpoint_folder(path) -> _Path:
+def _checkpoint_folder(path) -> Path:
     """A checkpoint folder from itself or from its run folder (the newest one)."""
-    path = _Path(path)
+    path = Path(path)
     if (path / RUN_CONFIG_FILE).is_file() and _step_of(path) is not None:
         return path
     newest = latest_checkpoint(path)
@@ -433,7 +426,7 @@ def _checkpoint_folder(path) -> _Path:
     return newest
 
 
-def _fix_hint(folder: _Path) -> str:
+def _fix_hint(folder: Path) -> str:
     return (
         f"Delete the damaged folder {folder} to fall back to the previous checkpoint of the run (resume picks the "
         "newest remaining one), or start over with resume=False."
@@ -445,7 +438,7 @@ def read_checkpoint_config(path) -> dict:
     folder = _checkpoint_folder(path)
     cfg_path = folder / RUN_CONFIG_FILE
     try:
-        meta = _json.loads(cfg_path.read_text())
+        meta = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(
             f"{cfg_path} cannot be read as JSON ({e}); the checkpoint is damaged. {_fix_hint(folder)}"
@@ -475,16 +468,12 @@ def load(path, *, device="cpu", training_state: bool = False) -> RunCheckpoint:
     ``training_state=True`` also reads ``training_state.pt`` (``torch.load(weights_only=True)``).
     Damaged files raise ``CheckpointError`` naming the file and the fix.
     """
-    import pickle
 
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     from jowa_core.models.world_action import WorldActionModel
 
     meta = read_checkpoint_config(path)
-    folder = _Path(meta["path"])
+    folder = Path(meta["path"])
     preset = preset_from_dict(meta["preset"])
     w_path = folder / RUN_MODEL_FILE
     try:
@@ -517,26 +506,16 @@ def load_official(tokenizer_pt, model_pt, size: str, *, device="cpu"):
     Both files are read with ``torch.load(weights_only=True)``; a file of another size is refused
     with a message naming the size it looks like. The target Q head is the file's own.
     """
-    import pickle
 
-    import torch
 
-    from jowa_core.config import preset
     from jowa_core.models.world_action import WorldActionModel
 
     if size not in OFFICIAL_MODEL_PRESETS:
         sizes = ", ".join(OFFICIAL_MODEL_PRESETS)
         raise ValueError(f"size must be one of {sizes} (as in JOWA_<size>.pt), got {size!r}.")
     p = preset(OFFICIAL_MODEL_PRESETS[size])
-    model_pt = _Path(model_pt)
-    if not model_pt.is_file():
-        raise FileNotFoundError(
-            f"Official model file {model_pt} does not exist; download JOWA_{size}.pt from the release."
-        )
-    try:
-        raw = torch.load(model_pt, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{model_pt} is not a readable torch state dict ({type(e).__name__}: {e}).") from None
+    model_pt = Path(model_pt)
+    raw = _load_official_file(model_pt, f"JOWA_{size}.pt")
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         raw = raw["state_dict"]
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):

@@ -105,7 +105,7 @@ from jowa_core.data.token_cache import (
 from jowa_core.losses import LossTerms, joint_loss
 from jowa_core.models.world_action import WorldActionModel
 from jowa_core.planning import beam_search
-from jowa_core.runtime import available_cores, configure_threads, resolve_device
+from jowa_core.runtime import available_cores, configure_threads, resolve_device, truncate_jsonl
 from jowa_core.training import (
     METRICS_FILE,
     Batch,
@@ -919,8 +919,8 @@ def finetune(
         if buffer is not None and state.get("buffer") is not None:
             buffer.load_state_dict(state["buffer"])
         step, best = ckpt.step, dict(state["best"])
-        _truncate_jsonl(run_dir / METRICS_FILE, step)
-        _truncate_jsonl(run_dir / EVALS_FILE, step)
+        truncate_jsonl(run_dir / METRICS_FILE, step)
+        truncate_jsonl(run_dir / EVALS_FILE, step)
     else:
         model.update_target()  # spec 9: hard copy of the target head at load
         torch.manual_seed(cfg.seed)  # dropout / REM stream
@@ -1050,16 +1050,6 @@ def _check_resumable(ckpt: checkpoints.RunCheckpoint, model: WorldActionModel, o
             f"{ckpt.path} was fine-tuned on other transitions (the dataset or its token cache "
             f"changed: {saved.get('token_cache')} then, {options['token_cache']} now); {fix}"
         )
-
-
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from (they will be written again)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    tmp = path.with_suffix(".jsonl.partial")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

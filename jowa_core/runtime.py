@@ -64,3 +64,15 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".partial") -> Iterator[P
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def truncate_jsonl(path: str | os.PathLike, step: int) -> None:
+    """Drop JSONL records logged after ``step`` (a resumed run writes them again), atomically."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(ln + "\n" for ln in keep))

@@ -58,7 +58,7 @@ from jowa_core.data.token_cache import open_token_cache
 from jowa_core.games import action_masks
 from jowa_core.losses import LossTerms, joint_loss
 from jowa_core.models.world_action import WorldActionModel
-from jowa_core.runtime import available_cores, configure_threads, resolve_device, seed_everything
+from jowa_core.runtime import available_cores, configure_threads, resolve_device, seed_everything, truncate_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -340,16 +340,6 @@ def step_loss(
 # Metrics
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from (they will be written again)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    tmp = path.with_suffix(".jsonl.partial")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
-
-
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """All records of ``<run_dir>/metrics.jsonl`` (world-action training)."""
     path = Path(run_dir) / METRICS_FILE
@@ -587,7 +577,7 @@ def _train(
             logger.warning("checkpoint has RNG states of %d ranks, this run has %d: reseeding.", len(rngs), W)
             seed_everything(_rank_seed(tc.seed + step, info.rank))
         if info.is_main:
-            _truncate_metrics(metrics_path, step)
+            truncate_jsonl(metrics_path, step)
     else:
         seed_everything(_rank_seed(tc.seed, info.rank))
     model.to(dev).train()

@@ -42,7 +42,7 @@ from jowa_core.models.tokenizer import (
     restart_dead_codes,
     tokenizer_loss,
 )
-from jowa_core.runtime import atomic_path, resolve_device
+from jowa_core.runtime import atomic_path, resolve_device, truncate_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -141,15 +141,6 @@ def _fresh_or_resumed(state_path: Path, cfg: TokenizerConfig, resume: bool) -> d
     return state
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in keep))
-
-
 def _reset_adam_rows(optimizer: torch.optim.Optimizer, param: torch.Tensor, rows: torch.Tensor) -> None:
     state = optimizer.state.get(param)
     if state:
@@ -210,7 +201,7 @@ def train_tokenizer(
         if state.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         code_counts = state["code_counts"].to(dev)
-        _truncate_metrics(metrics_path, step)
+        truncate_jsonl(metrics_path, step)
     elif metrics_path.exists():
         metrics_path.unlink()
     if step >= steps:
