@@ -34,6 +34,21 @@ def _load_official_file(path, what: str) -> dict:
         raise ValueError(f"{path} is not a readable torch state dict ({type(e).__name__}: {e}).") from None
 
 
+def _state_dict_mismatch(file_shapes: dict[str, tuple], expected: dict[str, tuple]) -> str:
+    """'' when names and shapes agree, else a short list of what is missing, extra or mis-shaped."""
+    missing = sorted(set(expected) - set(file_shapes))
+    unexpected = sorted(set(file_shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(file_shapes) if file_shapes[k] != expected[k])
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    if wrong:
+        parts.append(", ".join(f"{k}: file {file_shapes[k]} vs expected {expected[k]}" for k in wrong[:3]))
+    return "; ".join(parts)
+
+
 # --- official tokenizer names -------------------------------------------------------------------
 
 _WRAPPER_PREFIXES = ("_orig_mod.module.", "module._orig_mod.", "_orig_mod.", "module.")
@@ -90,21 +105,11 @@ def load_official_tokenizer(path_pt, cfg=None, device="cpu"):
         raise TypeError(f"{path_pt} holds a {type(raw).__name__}, not a state dict.")
     sd = official_tokenizer_state_dict(raw)
     tok = Tokenizer(cfg or TokenizerConfig())
-    expected = tok.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(sd) if tuple(sd[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong:
-            shapes = (f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:3])
-            parts.append(", ".join(shapes))
+    problems = _state_dict_mismatch({k: tuple(v.shape) for k, v in sd.items()},
+                                    {k: tuple(v.shape) for k, v in tok.state_dict().items()})
+    if problems:
         raise ValueError(
-            f"{path_pt} does not match the tokenizer architecture: {'; '.join(parts)}. Is it the official tokenizer.pt "
+            f"{path_pt} does not match the tokenizer architecture: {problems}. Is it the official tokenizer.pt "
             "(not a JOWA_*.pt world model)? For a non-default architecture pass its TokenizerConfig as cfg."
         )
     tok.load_state_dict(sd, strict=True)
@@ -191,20 +196,11 @@ def official_model_state_dict_to_ours(sd: dict, cfg) -> dict:
             ours[key] = value
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in WorldActionModel(cfg).state_dict().items()}
-    missing = sorted(set(expected) - set(ours))
-    unexpected = sorted(set(ours) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(ours) if tuple(ours[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong:
-            parts.append(", ".join(f"{k}: file {tuple(ours[k].shape)} vs config {expected[k]}" for k in wrong[:3]))
+    problems = _state_dict_mismatch({k: tuple(v.shape) for k, v in ours.items()}, expected)
+    if problems:
         guess = _guess_official_size({k: tuple(v.shape) for k, v in ours.items()})
         raise ValueError(
-            f"world-action state dict does not match the config: {'; '.join(parts)}. {guess[0].upper() + guess[1:]}; "
+            f"world-action state dict does not match the config: {problems}. {guess[0].upper() + guess[1:]}; "
             "build the config with the matching preset (jowa_40m / jowa_70m / jowa_150m), td_loss='c51' and "
             "bc_head=False."
         )
