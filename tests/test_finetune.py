@@ -12,16 +12,13 @@ import copy
 import json
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
 
 from jowa_core import checkpoints, games
 from jowa_core.config import Preset, WorldActionConfig, preset
-from jowa_core.data import token_cache
 from jowa_core.finetune import (
     FinetuneConfig,
     ImaginationBuffer,
@@ -56,37 +53,12 @@ def tiny_model(dropout: float = 0.1, seed: int = 1) -> WorldActionModel:
     return WorldActionModel(cfg)
 
 
-def write_cache(path: Path, game: str, tokenizer_hash: str, seed: int = 0, n_episodes: int = 12) -> Path:
-    """Predictable tokens ((base + t + k) mod VOCAB), action-dependent rewards, half the episodes terminal."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(12, 40, n_episodes)
-    n = int(lengths.sum())
-    t = np.concatenate([np.arange(k) for k in lengths])
-    base = np.repeat(rng.integers(0, VOCAB, n_episodes), lengths)
-    tokens = ((base + t)[:, None] + np.arange(36)[None]) % VOCAB
-    actions = rng.choice(np.flatnonzero(games.legal_mask(game)), n)
-    last = np.cumsum(lengths) - 1
-    terminals, truncations = np.zeros(n, bool), np.zeros(n, bool)
-    terminals[last[::2]], truncations[last[1::2]] = True, True
-    with h5py.File(path, "w") as f:
-        f["tokens"] = tokens.astype(np.uint16)
-        f["actions"] = actions.astype(np.uint8)
-        f["rewards"] = np.where(actions % 2 == 0, 1.0, 0.0).astype(np.float32)
-        f["terminals"], f["truncations"] = terminals, truncations
-        f["episode_starts"] = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
-        f["episode_returns"] = np.zeros(n_episodes, np.float32)
-        a = f.attrs
-        a["cache_format_version"] = token_cache.CACHE_FORMAT_VERSION
-        a.update(tokenizer_hash=tokenizer_hash, game=game, task_id=games.task_id(game), source="synthetic")
-        a.update(source_path="none", source_num_transitions=n, vocab_size=VOCAB)
-    return path
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, write_token_cache):
     d = tmp_path_factory.mktemp("ft")
     tok = tiny_tokenizer()
-    cache = write_cache(d / f"{GAME}.tokens.h5", GAME, tok.content_hash())
+    cache = write_token_cache(d / f"{GAME}.tokens.h5", GAME, n_episodes=12, lengths=(12, 40), vocab=VOCAB,
+                              tokenizer_hash=tok.content_hash())
     return tok, tiny_model(), cache
 
 

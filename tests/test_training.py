@@ -17,14 +17,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
 
-from jowa_core import checkpoints, games
+from jowa_core import checkpoints
 from jowa_core.config import Preset, TrainConfig, WorldActionConfig
-from jowa_core.data import token_cache
 from jowa_core.data.segments import SegmentSampler, SegmentSource
 from jowa_core.models.world_action import WorldActionModel
 from jowa_core.training import (
@@ -42,33 +40,6 @@ VOCAB = 32
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_cache(path: Path, game: str, seed: int, n_episodes: int = 6) -> Path:
-    """A token cache whose frames are predictable: token k of step t is (base + t + k) mod VOCAB;
-    rewards depend on the action, half the episodes end in a terminal, half are truncated."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(6, 16, n_episodes)
-    n = int(lengths.sum())
-    t = np.concatenate([np.arange(k) for k in lengths])
-    base = np.repeat(rng.integers(0, VOCAB, n_episodes), lengths)
-    tokens = ((base + t)[:, None] + np.arange(36)[None]) % VOCAB
-    actions = rng.choice(np.flatnonzero(games.legal_mask(game)), n)
-    last = np.cumsum(lengths) - 1
-    terminals, truncations = np.zeros(n, bool), np.zeros(n, bool)
-    terminals[last[::2]], truncations[last[1::2]] = True, True
-    with h5py.File(path, "w") as f:
-        f["tokens"] = tokens.astype(np.uint16)
-        f["actions"] = actions.astype(np.uint8)
-        f["rewards"] = np.where(actions % 2 == 0, 1.0, 0.0).astype(np.float32)
-        f["terminals"], f["truncations"] = terminals, truncations
-        f["episode_starts"] = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
-        f["episode_returns"] = np.zeros(n_episodes, np.float32)
-        a = f.attrs
-        a["cache_format_version"] = token_cache.CACHE_FORMAT_VERSION
-        a.update(tokenizer_hash="synthetic", game=game, task_id=games.task_id(game), source="synthetic")
-        a.update(source_path="none", source_num_transitions=n, vocab_size=VOCAB)
-    return path
-
-
 def tiny(dropout: float = 0.1, **train) -> Preset:
     model = WorldActionConfig(
         num_layers=2, num_heads=2, embed_dim=32, q_mlp_dim=32, obs_vocab_size=VOCAB, max_blocks=4,
@@ -83,9 +54,10 @@ RUN = {"device": "cpu", "progress": False, "num_threads": 1, "num_workers": 0}
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory) -> list[Path]:
+def caches(tmp_path_factory, write_token_cache) -> list[Path]:
     d = tmp_path_factory.mktemp("caches")
-    return [write_cache(d / "Pong.tokens.h5", "Pong", 0), write_cache(d / "Breakout.tokens.h5", "Breakout", 1)]
+    return [write_token_cache(d / "Pong.tokens.h5", "Pong", seed=0, vocab=VOCAB),
+            write_token_cache(d / "Breakout.tokens.h5", "Breakout", seed=1, vocab=VOCAB)]
 
 
 def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,46 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from jowa_core import games
+from jowa_core.data import token_cache
+
+
+def _write_token_cache(path: Path, game: str, *, seed: int = 0, n_episodes: int = 6, lengths: tuple[int, int] = (6, 16),
+                       vocab: int = 32, tokenizer_hash: str = "synthetic") -> Path:
+    """A token cache whose frames are predictable: token k of step t is (base + t + k) mod vocab;
+    rewards depend on the action, half the episodes end in a terminal, half are truncated."""
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(*lengths, n_episodes)
+    n = int(lens.sum())
+    t = np.concatenate([np.arange(k) for k in lens])
+    base = np.repeat(rng.integers(0, vocab, n_episodes), lens)
+    tokens = ((base + t)[:, None] + np.arange(36)[None]) % vocab
+    actions = rng.choice(np.flatnonzero(games.legal_mask(game)), n)
+    last = np.cumsum(lens) - 1
+    terminals, truncations = np.zeros(n, bool), np.zeros(n, bool)
+    terminals[last[::2]], truncations[last[1::2]] = True, True
+    with h5py.File(path, "w") as f:
+        f["tokens"] = tokens.astype(np.uint16)
+        f["actions"] = actions.astype(np.uint8)
+        f["rewards"] = np.where(actions % 2 == 0, 1.0, 0.0).astype(np.float32)
+        f["terminals"], f["truncations"] = terminals, truncations
+        f["episode_starts"] = np.r_[0, np.cumsum(lens)[:-1]].astype(np.int64)
+        f["episode_returns"] = np.zeros(n_episodes, np.float32)
+        a = f.attrs
+        a["cache_format_version"] = token_cache.CACHE_FORMAT_VERSION
+        a.update(tokenizer_hash=tokenizer_hash, game=game, task_id=games.task_id(game), source="synthetic")
+        a.update(source_path="none", source_num_transitions=n, vocab_size=vocab)
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_token_cache():
+    """Factory for synthetic token caches (see ``_write_token_cache``)."""
+    return _write_token_cache
