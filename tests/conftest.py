@@ -44,3 +44,14 @@ def _write_token_cache(path: Path, game: str, *, seed: int = 0, n_episodes: int 
 def write_token_cache():
     """Factory for synthetic token caches (see ``_write_token_cache``)."""
     return _write_token_cache
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny models: oversubscribing 2 busy cores was many times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

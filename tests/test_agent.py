@@ -15,13 +15,7 @@ TPB = 37
 RIGHTFIRE, DOWNLEFTFIRE = games.FULL_ACTION_SET.index("RIGHTFIRE"), games.FULL_ACTION_SET.index("DOWNLEFTFIRE")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the machine's 2 cores are shared, and oversubscribing them is much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

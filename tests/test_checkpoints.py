@@ -15,14 +15,7 @@ from jowa_core.models.tokenizer import Tokenizer
 from jowa_core.models.world_action import WorldActionModel
 from jowa_core.training import rng_state
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the machine's 2 cores are shared, and oversubscribing them is much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_preset() -> Preset:

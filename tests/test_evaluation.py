@@ -28,13 +28,7 @@ from jowa_core.evaluation import (
     stratified_bootstrap,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- normalised scores and aggregates ---------------------------------------------------------------------

@@ -33,13 +33,7 @@ def _load_benchmark():
 reference_beam_search = _load_benchmark().reference_beam_search
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one torch thread avoids OpenMP spin-waits on busy shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- a hand-made world model: rewards and Q are tables of (task, current obs, imagined actions) --------------

@@ -16,13 +16,7 @@ from jowa_core.data.token_cache import (
 )
 from jowa_core.models.tokenizer import Tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tokenizer(seed):

@@ -34,12 +34,7 @@ MANIFEST = Path("/work/shared/reference/official_jowa_state_dict_manifest.json")
 TINY = preset("tiny").tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(seed=0, **over):
