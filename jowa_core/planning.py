@@ -496,7 +496,7 @@ def mcts(
         window = history[rows, history.shape[1] - (g * tpb - 1) :]
         cache = model.empty_cache(len(rows), max_tokens=max_tokens)
         c = _root_q(model, window, task_ids[rows], legal[rows], cache)
-        root_q[rows] = c
+        root_q[rows] = c.float()  # c is bf16 under autocast
         for i, b in enumerate(rows.tolist()):
             roots[b].cache, roots[b].row = cache, i
             roots[b].expand(c[i], legal[b], temperature)
