@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shlex
@@ -56,10 +57,11 @@ def _figure(name: str, value: float, unit: str, preset_name: str | None, **extra
 
 
 def train_suite(presets: list[str], device: torch.device, args: argparse.Namespace) -> Iterator[Figure]:
+    from torch.utils.flop_counter import FlopCounterMode
+
     from benchmarks.train_throughput import bf16_peak, write_cache
     from jowa_core.models.world_action import WorldActionModel
     from jowa_core.training import read_metrics, train_world_action
-    from torch.utils.flop_counter import FlopCounterMode
 
     cuda = device.type == "cuda"
     compile_ = cuda and not args.no_compile
@@ -120,6 +122,7 @@ def planner_suite(presets: list[str], device: torch.device, args: argparse.Names
     for name in presets:
         torch.manual_seed(0)
         model = WorldActionModel(preset(name).model).to(device).eval()
+        model.use_cuda_graphs = not args.no_cuda_graphs
         for n_env in (1, 16):
             history, task_ids, legal = (t.to(device) for t in random_inputs(model, n_env, 8, seed=n_env))
             for method, bw, horizon in methods:
@@ -127,7 +130,7 @@ def planner_suite(presets: list[str], device: torch.device, args: argparse.Names
                 ours = synced(lambda inputs=inputs: beam_search(*inputs)[0])
                 ours()  # warm-up
                 t_ours, a_ours = timed(ours, seconds, 200)
-                tag = {"envs": n_env, "method": method}
+                tag = {"envs": n_env, "method": method, "cuda_graphs": cuda and model.use_cuda_graphs}
                 yield _figure(f"planner_{method}_envs{n_env}", n_env / t_ours, "decisions/s", name, **tag)
                 if reference:
                     ref = synced(lambda inputs=inputs: reference_beam_search(*inputs)[0])
@@ -137,7 +140,8 @@ def planner_suite(presets: list[str], device: torch.device, args: argparse.Names
                     yield _figure(f"planner_{method}_envs{n_env}_speedup", t_ref / t_ours, "x", name,
                                   actions_match=bool(torch.equal(a_ours, a_ref)), **tag)  # fmt: skip
         history, task_ids, legal = (t.to(device) for t in random_inputs(model, 16, 8, seed=16))
-        run = synced(lambda: mcts(model, history, task_ids, legal, horizon=2, num_simulations=20))
+        args_mcts = (model, history, task_ids, legal)
+        run = synced(lambda args_mcts=args_mcts: mcts(*args_mcts, horizon=2, num_simulations=20))
         run()
         t_mcts, _ = timed(run, seconds, 20)
         yield _figure("planner_mcts_h2_sims20_envs16", 16 / t_mcts, "decisions/s", name, envs=16, method="mcts")
@@ -220,12 +224,12 @@ SUITE_FNS = {"train": train_suite, "planner": planner_suite, "tokenizer": tokeni
 
 def markdown_table(figures: list[Figure]) -> str:
     """The README's Performance table: one row per figure, the settings that matter in 'details'."""
-    keep = ("envs", "batch_size", "workers", "compile", "amp", "actions_match", "skipped")
+    keep = ("envs", "batch_size", "workers", "compile", "cuda_graphs", "amp", "actions_match", "skipped")
     lines = ["| figure | preset | value | unit | details |", "| --- | --- | ---: | --- | --- |"]
     for f in figures:
         details = ", ".join(f"{k}={f[k]}" for k in keep if k in f)
         value = f["value"]
-        shown = "n/a" if value != value else (f"{value:.3g}" if abs(value) < 10 else f"{value:,.0f}")
+        shown = "n/a" if math.isnan(value) else (f"{value:.3g}" if abs(value) < 10 else f"{value:,.0f}")
         lines.append(f"| {f['name']} | {f['preset'] or ''} | {shown} | {f['unit']} | {details} |")
     return "\n".join(lines)
 
@@ -243,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="train: eager on CUDA too")
     ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
                     help="planner: also time the per-node reference (default: on CPU only)")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="planner: eager decoding on CUDA too")
     ap.add_argument("--jsonl", type=Path, default=None, help="also append every figure to this file")
     ap.add_argument("--markdown", type=Path, default=None, help="write the markdown table here at the end")
     args = ap.parse_args(argv)
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.jsonl is not None:
                     with open(args.jsonl, "a") as fh:
                         fh.write(line + "\n")
-        except Exception:  # one broken suite must not hide the others' figures
+        except Exception:  # noqa: BLE001 - one broken suite must not hide the others' figures
             failed.append(suite)
             traceback.print_exc()
     table = markdown_table(figures)

@@ -209,6 +209,36 @@ def test_step_equals_greedy_decoding_with_full_forwards():
         model.step(cache, actions, tasks)
 
 
+@pytest.mark.parametrize("use_task_embed", [True, False])
+def test_static_decode_equals_eager_step(use_task_embed):
+    """The fixed-shape decode that CUDA graphs capture computes what the eager ``step`` loop computes."""
+    model = make_model(use_task_embed=use_task_embed)
+    B, tasks = 3, torch.tensor([5, 6, 7])
+    history = random_tokens(model.cfg, B, TPB + 36)
+    actions = torch.tensor([3, 17, 0])
+    with torch.no_grad():
+        eager_cache = model.empty_cache(B)
+        model(history, tasks, eager_cache)
+        static_cache = eager_cache.clone()
+        ref = model.step(eager_cache, actions, tasks)
+        out = model(actions.view(B, 1), tasks, static_cache)
+        n = static_cache.length
+        tokens, q_logits = model.decode_observation_static(
+            out.obs_logits[:, -1].argmax(-1), torch.tensor([n]), tasks, static_cache.keys, static_cache.values
+        )
+    torch.testing.assert_close(tokens, ref.obs_tokens)
+    torch.testing.assert_close(q_logits, ref.q_logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(static_cache.keys + static_cache.values, eager_cache.keys + eager_cache.values):
+        torch.testing.assert_close(a[:, :, : n + 36], b[:, :, : n + 36], atol=1e-6, rtol=1e-5)
+
+
+def test_cache_takes_the_autocast_dtype():
+    model = make_model()
+    assert model.empty_cache(1).keys[0].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.empty_cache(1).keys[0].dtype == torch.bfloat16
+
+
 def test_clear_errors():
     model = make_model()
     tok = random_tokens(model.cfg, 2, 10)

@@ -114,7 +114,9 @@ class KVCache:
     def cat(caches: list[KVCache]) -> KVCache:
         """Concatenate caches of equal length and layout along the batch."""
         if not caches or len({(c.length, c.max_tokens, c.num_layers) for c in caches}) != 1:
-            raise ValueError("KVCache.cat needs a non-empty list of caches with the same length, max_tokens and layers.")
+            raise ValueError(
+                "KVCache.cat needs a non-empty list of caches with the same length, max_tokens and layers."
+            )
         first = caches[0]
         keys = [torch.cat([c.keys[i] for c in caches]) for i in range(first.num_layers)]
         values = [torch.cat([c.values[i] for c in caches]) for i in range(first.num_layers)]
@@ -180,6 +182,20 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.proj(y))
+
+    def static_step(
+        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One token (B, 1, C) at device position ``pos`` (1,): writes its key/value into the full-size
+        cache tensors and attends over all of them under ``mask`` (1, 1, 1, max_tokens). Every shape is
+        fixed whatever the position, so a loop of these can be captured in one CUDA graph."""
+        B, T, C = x.shape
+        h = self.num_heads
+        q = self.query(x).view(B, T, h, C // h).transpose(1, 2)
+        keys.index_copy_(2, pos, self.key(x).view(B, T, h, C // h).transpose(1, 2).to(keys.dtype))
+        values.index_copy_(2, pos, self.value(x).view(B, T, h, C // h).transpose(1, 2).to(values.dtype))
+        y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class Block(nn.Module):
@@ -434,8 +450,14 @@ class WorldActionModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def empty_cache(self, batch_size: int, max_tokens: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """A cache for ``batch_size`` rows on the model's device (dtype: the parameters')."""
+        """A cache for ``batch_size`` rows on the model's device.
+
+        dtype: the parameters', or the autocast dtype while autocast is on for that device (keys and
+        values are computed in it, so storing them wider only costs memory and conversions).
+        """
         w = self.pos_emb.weight
+        if dtype is None and torch.is_autocast_enabled(w.device.type):
+            dtype = torch.get_autocast_dtype(w.device.type)
         return KVCache.empty(
             self.cfg.num_layers, batch_size, self.cfg.num_heads, max_tokens or self.cfg.max_tokens, self.cfg.head_dim,
             device=w.device, dtype=dtype or w.dtype,
@@ -573,6 +595,11 @@ class WorldActionModel(nn.Module):
             )
         out = self(actions.view(-1, 1).long(), task_ids, kv_cache)
         reward_logits, end_logits = out.reward_logits[:, 0], out.end_logits[:, 0]
+        decoder = self._graphed_decoder(kv_cache, task_ids) if not sample and not self.training else None
+        if decoder is not None:
+            first = out.obs_logits[:, -1].float().argmax(-1)
+            tokens, q_logits = decoder(first, task_ids, kv_cache)
+            return StepOutput(tokens, reward_logits, end_logits, q_logits, kv_cache)
         new_tokens = []
         for k in range(tpb - 1):
             logits = out.obs_logits[:, -1].float()
@@ -584,3 +611,114 @@ class WorldActionModel(nn.Module):
             new_tokens.append(tok)
             out = self(tok, task_ids, kv_cache)
         return StepOutput(torch.cat(new_tokens, dim=1), reward_logits, end_logits, out.q_logits[:, :, 0], kv_cache)
+
+    # -- static-shape decoding (CUDA graphs) ---------------------------------------------------------
+
+    use_cuda_graphs: bool = True
+    """Greedy ``step`` on CUDA in eval mode replays a captured graph of the whole observation decode
+    (36 single-token forwards) instead of launching each kernel from Python. Set False for eager."""
+
+    def decode_observation_static(
+        self,
+        first: torch.Tensor,
+        pos: torch.Tensor,
+        task_ids: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy decode of one observation with every shape fixed (eval mode).
+
+        ``first`` (B,) is the observation's first token (argmax at the action token), ``pos`` (1,) long
+        its absolute position, ``keys`` / ``values`` full-size per-layer cache tensors holding the
+        window before ``pos``. Writes positions ``pos .. pos + 35`` and returns the observation tokens
+        (B, 36) and the Q logits at its last token, as ``step`` does. Same function as the eager loop
+        (tested); attention runs over the whole cache under a mask instead of over a slice.
+        """
+        cfg, n_obs = self.cfg, self.cfg.tokens_per_block - 1
+        obs_table = self.embedder.embedding_tables[1]
+        t_obs = self.task_emb.embedding_tables[1](task_ids).unsqueeze(1) if cfg.use_task_embed else None
+        kpos = torch.arange(keys[0].shape[2], device=first.device)
+        tok, tokens = first, []
+        for k in range(n_obs):
+            p = pos + k
+            x = obs_table(tok).unsqueeze(1) + self.pos_emb(p).unsqueeze(0)
+            if t_obs is not None:
+                x = x + t_obs
+            mask = (kpos <= p).view(1, 1, 1, -1)
+            for i, block in enumerate(self.transformer.blocks):
+                x = x + block.attn.static_step(block.ln1(x), keys[i], values[i], p, mask)
+                x = x + block.mlp(block.ln2(x))
+            h = self.transformer.ln_f(x)
+            tokens.append(tok)
+            if k < n_obs - 1:
+                tok = self.head_observations(h)[:, 0].float().argmax(-1)
+        return torch.stack(tokens, 1), self._q_head(self.head_q, h)[:, :, 0]
+
+    max_cuda_graphs: int = 16
+    """Captured decoders kept per model (each holds a copy of a cache); shapes beyond run eagerly."""
+
+    def _graphed_decoder(self, cache: KVCache, task_ids: torch.Tensor) -> _GraphedDecoder | None:
+        """One captured decoder per (rows, cache size and dtype, autocast state, weight storage), or
+        None where graphs do not apply (CPU, switched off, inside another capture, cache full)."""
+        dev = cache.keys[0].device
+        if not (self.use_cuda_graphs and dev.type == "cuda") or torch.cuda.is_current_stream_capturing():
+            return None
+        amp = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        key = (cache.batch_size, cache.max_tokens, cache.keys[0].dtype, amp, dev, self.pos_emb.weight.data_ptr())
+        graphs = self.__dict__.setdefault("_decoder_graphs", {})
+        if key not in graphs:
+            if len(graphs) >= self.max_cuda_graphs:
+                return None
+            graphs[key] = _GraphedDecoder(self, cache, task_ids, amp)
+        return graphs[key]
+
+
+class _GraphedDecoder:
+    """``WorldActionModel.decode_observation_static`` captured in a CUDA graph for one batch shape.
+
+    The graph owns static copies of the inputs and of the cache: a call copies the caller's cache
+    prefix in, replays, and copies the 36 new positions back, so callers keep ``KVCache`` semantics.
+    It reads the model's parameters in place (weights updated in place are seen; a model moved to
+    another device or dtype gets a new graph, keyed by the weights' storage).
+    """
+
+    def __init__(
+        self, model: WorldActionModel, cache: KVCache, task_ids: torch.Tensor, amp: torch.dtype | None
+    ) -> None:
+        B = cache.batch_size
+        dev = cache.keys[0].device
+        self.first = torch.zeros(B, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.task = task_ids.detach().clone()
+        self.keys = [torch.zeros_like(t) for t in cache.keys]
+        self.values = [torch.zeros_like(t) for t in cache.values]
+
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            # autocast's cache of cast weights must stay off: the graph would keep pointers to cast
+            # copies that the caller's autocast context frees on exit (illegal address on replay)
+            with torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None, cache_enabled=False):
+                return model.decode_observation_static(self.first, self.pos, self.task, self.keys, self.values)
+
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up outside the capture (cuBLAS handles, autocast caches)
+            run()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = run()
+
+    def __call__(
+        self, first: torch.Tensor, task_ids: torch.Tensor, cache: KVCache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, m = cache.length, cache.length + len(self.out[0][0])
+        self.first.copy_(first)
+        self.pos.fill_(n)
+        self.task.copy_(task_ids)
+        for dst, src in zip(self.keys + self.values, cache.keys + cache.values):
+            dst[:, :, :n].copy_(src[:, :, :n])
+        self.graph.replay()
+        for dst, src in zip(cache.keys + cache.values, self.keys + self.values):
+            dst[:, :, n:m].copy_(src[:, :, n:m])
+        cache.advance(m - n)
+        return self.out[0].clone(), self.out[1].clone()
