@@ -35,7 +35,7 @@ def _cmd_import(args: argparse.Namespace) -> None:
 
 
 def _cmd_walkthrough(args: argparse.Namespace) -> None:
-    from jowa_core.walkthrough import NotebookFailed, walkthrough
+    from jowa_core.walkthrough import NotebookFailed, walkthrough, write_report
 
     params = {k: _literal(v) for k, v in (args.parameters or [])}
     try:
@@ -43,6 +43,7 @@ def _cmd_walkthrough(args: argparse.Namespace) -> None:
     except NotebookFailed as e:
         sys.exit(str(e))
     print("\n".join(str(p) for p in outputs))
+    print(f"report: {write_report(args.run_dir, outputs)}")
 
 
 def _cmd_train_tokenizer(args: argparse.Namespace) -> None:

@@ -6,8 +6,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -35,8 +36,9 @@ def run_notebook(path: Path, run_dir: Path, parameters: dict[str, Any], kernel: 
     out = out_dir / path.name
     params = {"run_dir": str(run_dir), **parameters}
     try:
-        pm.execute_notebook(str(path), str(out), parameters=params, kernel_name=kernel, cwd=str(REPO_ROOT),
-                            progress_bar=False)
+        pm.execute_notebook(
+            str(path), str(out), parameters=params, kernel_name=kernel, cwd=str(REPO_ROOT), progress_bar=False
+        )
     except pm.PapermillExecutionError as e:
         raise NotebookFailed(
             f"Notebook {path.name} failed in cell {e.exec_count} with {e.ename}: {e.evalue}\n"
@@ -45,8 +47,12 @@ def run_notebook(path: Path, run_dir: Path, parameters: dict[str, Any], kernel: 
     return out
 
 
-def walkthrough(run_dir: str | os.PathLike, parameters: dict[str, Any] | None = None, resume: bool = False,
-                only: Sequence[str] | None = None) -> list[Path]:
+def walkthrough(
+    run_dir: str | os.PathLike,
+    parameters: dict[str, Any] | None = None,
+    resume: bool = False,
+    only: Sequence[str] | None = None,
+) -> list[Path]:
     """Run the notebooks in order; with ``resume`` skip those recorded as done in ``run_dir/walkthrough.json``."""
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +73,30 @@ def walkthrough(run_dir: str | os.PathLike, parameters: dict[str, Any] | None = 
         os.replace(tmp, state_path)
         print(f"[done] {nb.name} in {time.time() - t0:.0f}s", flush=True)
     return outputs
+
+
+def write_report(run_dir: str | os.PathLike, executed: Sequence[Path]) -> Path:
+    """One HTML page of the executed notebooks, in order, each under its own heading: the walkthrough's
+    report (``run_dir/report.html``, written atomically). Plotly figures keep their embedded JavaScript."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    merged = nbformat.v4.new_notebook()
+    merged.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    for path in executed:
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is missing: rerun its notebook (`jowa walkthrough --only {path.name[:2]}`)."
+            )
+        nb = nbformat.read(path, as_version=4)
+        merged.cells.append(nbformat.v4.new_markdown_cell(f"# {path.stem}"))
+        merged.cells.extend(nb.cells)
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(merged)
+    out = Path(run_dir) / "report.html"
+    tmp = out.with_suffix(".html.partial")
+    tmp.write_text(body, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
 
 
 def write_summary(run_dir: str | os.PathLike, name: str, data: dict[str, Any]) -> Path:
