@@ -241,7 +241,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.batch_size > 0 and self.grad_accum > 0, "batch_size and grad_accum must be positive.")
+        _check(self.batch_size > 0 and self.grad_accum > 0, f"batch_size ({self.batch_size}) and grad_accum ({self.grad_accum}) must be positive integers.")
         _check(self.batch_size % self.grad_accum == 0, f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}.")
         _check(0.0 < self.gamma <= 1.0, f"gamma must be in (0, 1], got {self.gamma}.")
 

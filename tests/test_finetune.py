@@ -285,5 +285,6 @@ def test_cli_finetunes_a_pretrained_run_on_real_frames_and_resumes(tmp_path, cap
     cli.main(args + ["--steps", "3"])  # resumes from step 2
     assert json.loads(capsys.readouterr().out)["steps"] == 3
     assert [r["step"] for r in read_metrics(out)] == [2, 3]
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(SystemExit) as exc:
         cli.main(args + ["--steps", "3", "--lr", "1e-3"])
+    assert exc.value.code == 2 and "other settings" in capsys.readouterr().err

@@ -341,5 +341,6 @@ def test_cli_evaluate_and_play(run_dir, tmp_path, capsys):
           str(tmp_path / "p.mp4")])  # fmt: skip
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 3 and summary["game"] == GAME and summary["horizon"] == 1
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(SystemExit) as exc:
         main(["play", "--run-dir", str(tmp_path / "nope")])
+    assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
