@@ -178,7 +178,11 @@ def token_grid_viewer(tokenizer, path: str | os.PathLike, max_frames: int = 500)
 
     slider.observe(show, names="value")
     show()
-    return widgets.VBox([slider, label, widgets.HBox([original, decoded])])
+    _tag(slider, "jowa-token-step")
+    _tag(original, "jowa-token-frame")
+    _tag(decoded, "jowa-token-decoded")
+    _tag(label, "jowa-token-label")
+    return _tag(widgets.VBox([slider, label, widgets.HBox([original, decoded])]), "jowa-token-viewer")
 
 
 # --- planning views (notebook 04) and score views (notebook 06) ----------------------------------
@@ -187,7 +191,22 @@ def token_grid_viewer(tokenizer, path: str | os.PathLike, max_frames: int = 500)
 # into a ``widgets.Output`` as a plotly mime bundle (rendered offline by the jupyterlab-plotly
 # extension that ships with plotly; ``FigureWidget`` would need anywidget). Every control change
 # replaces the image bytes and the output's figure data, so the page visibly changes. The viewers
-# keep the current ``go.Figure`` and widgets as attributes, which the tests read.
+# keep the current ``go.Figure`` and widgets as attributes, which the tests read; every part also
+# carries a stable CSS class (``jowa-beam-*``, ``jowa-dream-*``, ``jowa-token-*``) by which the
+# browser tests (tests/test_browser.py) find it in JupyterLab.
+
+
+def _tag(widget, css_class: str):
+    """Give a widget a stable CSS class: the browser tests (and user CSS) find it by that, not by layout."""
+    widget.add_class(css_class)
+    return widget
+
+
+def _tag_parts(viewer, prefix: str, parts: Mapping[str, str]) -> None:
+    """Tag ``viewer.widget`` as ``<prefix>-viewer`` and each attribute ``name`` as ``<prefix>-<parts[name]>``."""
+    _tag(viewer.widget, f"{prefix}-viewer")
+    for name, suffix in parts.items():
+        _tag(getattr(viewer, name), f"{prefix}-{suffix}")
 
 
 def _short(action: int) -> str:
@@ -310,15 +329,17 @@ def beam_tree_figure(trace, game: str, env: int = 0, title: str = "") -> go.Figu
     return fig
 
 
-def beam_frames(trace, tokenizer, real_frame: np.ndarray, env: int = 0) -> list[list[tuple[np.ndarray, str]]]:
+def beam_frames(trace, tokenizer, real_frame: np.ndarray, env: int = 0,
+                real_caption: str = "real now") -> list[list[tuple[np.ndarray, str]]]:  # fmt: skip
     """The imagined frames along each surviving beam, best first: one row per kept leaf, starting with
-    the real frame, then each node's decoded frame with its action, predicted reward and score."""
+    the real frame (captioned ``real_caption``), then each node's decoded frame with its action,
+    predicted reward and score."""
     import torch
 
     from jowa_core.planning import decode_trace_frames
 
     if trace.horizon == 0:
-        return [[(real_frame, "real (greedy: no imagination)")]]
+        return [[(real_frame, f"{real_caption} (greedy: no imagination)")]]
     leaves = [n for n in range(trace.num_nodes)
               if int(trace.env[n]) == env and int(trace.depth[n]) == trace.horizon and bool(trace.kept[n])]  # fmt: skip
     best = int(trace.best_leaf[env])
@@ -335,7 +356,7 @@ def beam_frames(trace, tokenizer, real_frame: np.ndarray, env: int = 0) -> list[
         decoded = dict(zip(need, _uint8(decode_trace_frames(trace, tokenizer, need))))
     rows = []
     for path in paths:
-        row = [(real_frame, "real now")]
+        row = [(real_frame, real_caption)]
         for n in path:
             caption = f"{_short(int(trace.action[n]))} r{float(trace.reward[n]):+.0f} s{float(trace.score[n]):.2f}"
             row.append((decoded[n], caption))
@@ -389,6 +410,9 @@ class BeamViewer:
         right = widgets.VBox([self.tree, widgets.HTML("<b>imagined frames along each beam</b> (best first)"),
                               self.imagined])  # fmt: skip
         self.widget = widgets.VBox([controls, widgets.HBox([left, right])])
+        _tag_parts(self, "jowa-beam", {"step": "step", "beam_width": "width", "horizon": "horizon",
+                                       "replan_button": "replan", "frame": "frame", "imagined": "imagined",
+                                       "tree": "tree", "readout": "readout"})  # fmt: skip
         self.show()
 
     def _repr_mimebundle_(self, **kwargs):
@@ -419,14 +443,14 @@ class BeamViewer:
                 f"<i>{label}</i>")  # fmt: skip
         if trace is None:
             self.figure = go_.Figure().update_layout(title=f"step {t}: epsilon chose a random action (no plan)")
-            self.imagined.value = _strip_png([[(s.frame, "no plan")]], scale=2)
+            self.imagined.value = _strip_png([[(s.frame, f"step {t}: no plan")]], scale=2)
             self.readout.value = head
         else:
             chosen = int(trace.actions[0])
             self.figure = beam_tree_figure(trace, self.record.game, 0, title=f"step {t}: {label}, chose "
                                            f"{_short(chosen)}")  # fmt: skip
-            self.imagined.value = _strip_png(beam_frames(trace, self.tokenizer, s.frame), scale=2,
-                                             highlight_first=trace.horizon > 0)  # fmt: skip
+            rows = beam_frames(trace, self.tokenizer, s.frame, real_caption=f"real, step {t}")
+            self.imagined.value = _strip_png(rows, scale=2, highlight_first=trace.horizon > 0)
             q = trace.q[0].float().numpy()
             marks = {chosen: "plan"} | ({s.greedy: "greedy"} if s.greedy != chosen else {})
             self.readout.value = head + "<br>E[Q] at the real frame:" + _q_table_html(q, legal, marks)
@@ -497,6 +521,11 @@ class DreamViewer:
                           widgets.VBox([widgets.HTML("<b>real (emulator)</b>"), self.real]), self.readout]),
             widgets.HTML("<b>the dream so far</b>: imagined (top) vs real (bottom), last 8 steps"), self.film,
         ])  # fmt: skip
+        for b in self.action_buttons.values():
+            _tag(b, "jowa-dream-action")
+        _tag_parts(self, "jowa-dream", {"agent_button": "agent", "branch": "branch", "restart_button": "restart",
+                                        "imagined": "imagined", "real": "real", "film": "film",
+                                        "readout": "readout"})  # fmt: skip
         self.render()
 
     def _repr_mimebundle_(self, **kwargs):
