@@ -134,6 +134,14 @@ def codebook_usage(tokenizer, paths: Sequence[str | os.PathLike], frames_per_gam
     return fig
 
 
+def _image():
+    """A PNG ``ipywidgets.Image`` shown at its own size: in a VBox, JupyterLab would otherwise stretch it to
+    the box's width (a blurred, distorted frame), which the browser tests caught."""
+    import ipywidgets as widgets
+
+    return widgets.Image(format="png", layout=widgets.Layout(align_self="flex-start"))
+
+
 def _token_grid_png(frame: np.ndarray, tokens: np.ndarray, scale: int = 5) -> bytes:
     """A frame enlarged ``scale`` times with the 6x6 token cells and their code ids drawn on it."""
     import cv2
@@ -166,8 +174,7 @@ def token_grid_viewer(tokenizer, path: str | os.PathLike, max_frames: int = 500)
         tokens = tokenizer.encode(torch.from_numpy(frames)).cpu().numpy()
         recon = (tokenizer.decode(torch.as_tensor(tokens))[:, 0].float().cpu().numpy() * 255).astype(np.uint8)
     slider = widgets.IntSlider(value=0, min=0, max=len(frames) - 1, description="frame", continuous_update=False)
-    original = widgets.Image(format="png")
-    decoded = widgets.Image(format="png")
+    original, decoded = _image(), _image()
     label = widgets.Label()
 
     def show(change=None) -> None:
@@ -396,8 +403,7 @@ class BeamViewer:
         self.horizon = widgets.Dropdown(options=list(range(max_h + 1)), value=record.horizon, description="horizon")
         self.replan_button = widgets.Button(description="re-plan", disabled=model is None,
                                             tooltip="plan this step again with the chosen beam width and horizon")
-        self.frame = widgets.Image(format="png")
-        self.imagined = widgets.Image(format="png")
+        self.frame, self.imagined = _image(), _image()
         self.tree = widgets.Output(layout=widgets.Layout(min_width="480px"))
         self.readout = widgets.HTML()
         self.figure: go.Figure | None = None
@@ -512,7 +518,7 @@ class DreamViewer:
                                         continuous_update=False)  # fmt: skip
         self.restart_button = widgets.Button(description="restart here", button_style="warning")
         self.restart_button.on_click(lambda button: self.restart())
-        self.imagined, self.real, self.film = (widgets.Image(format="png") for _ in range(3))
+        self.imagined, self.real, self.film = _image(), _image(), _image()
         self.readout = widgets.HTML()
         self.widget = widgets.VBox([
             widgets.HBox([self.branch, self.restart_button]),

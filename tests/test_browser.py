@@ -148,6 +148,9 @@ def test_04_runs_clean_and_shows_the_viewers(nb04):
         assert page.locator(f"{panel} {css}").count() >= 1, f"notebook 04 shows no {css}"
     assert page.locator(f"{panel} button.jowa-beam-replan").is_enabled(), "re-plan is disabled, yet the model is loaded"
     assert page.locator(f"{panel} button.jowa-dream-action").count() >= 2, "dream mode shows under 2 action buttons"
+    sizes = page.locator(f"{panel} img.jowa-beam-frame, {panel} img.jowa-beam-imagined, {panel} img.jowa-dream-film")
+    for size in sizes.evaluate_all("es => es.map(e => [e.className, e.clientWidth, e.naturalWidth])"):
+        assert 0 < size[1] <= size[2], f"image shown {size[1]} px wide for {size[2]} px of pixels: {size[0]}"
     tree = nb04.read(figure(".jowa-beam-tree"))
     assert tree, "the beam tree figure is not drawn"
     kept = next((t for t in tree["traces"] if t["name"] == "kept"), None)
