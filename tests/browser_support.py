@@ -141,29 +141,40 @@ class LabServer:
 
 @dataclass
 class LabNotebook:
-    """One notebook open in Lab in its own browser page; ``console`` collects the page's console and errors."""
+    """One notebook open as a tab of a JupyterLab page; ``panel`` is the CSS of its own panel, so it can be
+    read while another tab is in front. ``console`` is the page's console log (shared by its tabs)."""
 
     server: LabServer
     page: object  # playwright.sync_api.Page
     path: str
-    console: list[str] = field(default_factory=list)
+    panel: str
+    console: list[str]
 
     @classmethod
-    def open(cls, server: LabServer, context, path: str, timeout_s: float = 60.0) -> LabNotebook:
-        """Open ``path`` in a page of its own, in a Lab workspace of its own (reset: nothing else restored
-        beside it, so several notebooks can be open at once); returns when the page has loaded."""
-        page = context.new_page()
-        nb = cls(server, page, path)
-        page.on("console", lambda m: nb.console.append(f"[{m.type}] {m.text}"))
-        page.on("pageerror", lambda e: nb.console.append(f"[pageerror] {e}"))
+    def open_all(cls, server: LabServer, page, paths: list[str], timeout_s: float = 60.0) -> list[LabNotebook]:
+        """Open JupyterLab in ``page`` on the first notebook (a fresh workspace: nothing else restored), then
+        the others from the file browser as a person would; one Lab app, one tab per notebook."""
+        console: list[str] = []
+        page.on("console", lambda m: console.append(f"[{m.type}] {m.text}"))
+        page.on("pageerror", lambda e: console.append(f"[pageerror] {e}"))
         page.set_default_timeout(timeout_s * 1000)
-        page.goto(f"{server.url}/lab/workspaces/{Path(path).stem}/tree/{path}?reset&token={server.token}")
-        return nb
+        page.goto(f"{server.url}/lab/workspaces/browser-tests/tree/{paths[0]}?reset&token={server.token}")
+        out = []
+        for i, path in enumerate(paths):
+            if i:
+                page.locator(".jp-DirListing-content").get_by_text(path, exact=True).dblclick()
+            tab = page.locator("#jp-main-dock-panel .lm-TabBar-tab", has_text=path)
+            tab.wait_for()
+            panel = f"#{tab.get_attribute('data-id')}"
+            page.wait_for_selector(f"{panel} .jp-CodeCell", state="attached")
+            out.append(cls(server, page, path, panel, console))
+        return out
 
-    @property
-    def panel(self) -> str:
-        """CSS of this notebook's (visible) panel."""
-        return ".jp-NotebookPanel:not(.lm-mod-hidden)"
+    def activate(self) -> LabNotebook:
+        """Bring this notebook's tab to the front (widgets and figures are drawn only when shown)."""
+        self.page.locator(f'#jp-main-dock-panel .lm-TabBar-tab[data-id="{self.panel[1:]}"]').click()
+        self.page.wait_for_selector(f"{self.panel}:not(.lm-mod-hidden)")
+        return self
 
     def _eval(self, js: str):
         return self.page.locator(self.panel).evaluate(js)
@@ -189,7 +200,7 @@ class LabNotebook:
         """Menu Run > Run All Cells once the notebook is drawn and its kernel idle; returns when the first
         cell is queued. A "Select Kernel" dialog (the page not yet attached to its kernel) is answered as a
         person would: Select."""
-        self.page.wait_for_selector(f"{self.panel} .jp-CodeCell")
+        self.activate()
         self.wait_kernel_idle()
         self.page.get_by_role("menuitem", name="Run", exact=True).click()
         self.page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
@@ -243,13 +254,15 @@ class LabNotebook:
     # --- artefacts -------------------------------------------------------------------------------------
 
     def save_artifacts(self, folder: Path) -> list[Path | str]:
-        """A screenshot of the page, its console log and the Lab server's log, for a failed (or kept) test;
-        a page that cannot be photographed (crashed) gives a line saying so instead of hiding the failure."""
+        """A screenshot of this notebook's tab, the page's console log and the Lab server's log, for a failed
+        (or kept) test; a page that cannot be photographed (crashed) gives a line saying so instead of hiding
+        the failure."""
         folder.mkdir(parents=True, exist_ok=True)
         shot, console, server = folder / "screenshot.png", folder / "console.log", folder / "lab-server.log"
         console.write_text("\n".join(self.console) + "\n")
         server.write_text(self.server.log_tail(400) + "\n")
         try:
+            self.activate()
             self.page.screenshot(path=str(shot))
         except Exception as e:
             return [f"no screenshot: {e!r}", console, server]

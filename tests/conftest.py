@@ -59,17 +59,22 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+class SmokeRun:
+    """One smoke run folder: ``ensure(names)`` runs (or resumes up to) the named notebooks, all six by
+    default; ``run_dir`` is known before anything ran (the browser tests open Lab on it meanwhile)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def ensure(self, names: list[str] | None = None) -> Path:
+        walkthrough(self.run_dir, {"smoke": True}, resume=True, only=names)
+        return self.run_dir
+
+
 @pytest.fixture(scope="session")
-def smoke_pipeline(tmp_path_factory):
-    """One smoke run folder per session: ``smoke_pipeline(names)`` runs (or resumes up to) the named
-    notebooks, all six by default, so the notebook and browser tests share it whichever runs first."""
-    run_dir = tmp_path_factory.mktemp("smoke_run")
-
-    def ensure(names: list[str] | None = None) -> Path:
-        walkthrough(run_dir, {"smoke": True}, resume=True, only=names)
-        return run_dir
-
-    return ensure
+def smoke_pipeline(tmp_path_factory) -> SmokeRun:
+    """The session's smoke run, shared by the notebook and browser tests whichever runs first."""
+    return SmokeRun(tmp_path_factory.mktemp("smoke_run"))
 
 
 @pytest.hookimpl(wrapper=True)

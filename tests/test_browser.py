@@ -59,18 +59,19 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def run_dir(chromium, smoke_pipeline) -> Path:
-    """The session's smoke run folder with notebooks 01-03 done (run now, or resumed)."""
-    return smoke_pipeline(UPSTREAM)
+def run_dir(executed, smoke_pipeline) -> Path:
+    """The session's smoke run folder, notebooks 01-03 done."""
+    return smoke_pipeline.ensure(UPSTREAM)
 
 
 @pytest.fixture(scope="module")
-def lab(run_dir, tmp_path_factory) -> Iterator[LabServer]:
+def lab(chromium, smoke_pipeline, tmp_path_factory) -> Iterator[LabServer]:
     """JupyterLab on a temporary root holding smoke-parameterised copies of notebooks 02, 04 and 06 that
-    point at the smoke run folder. Run All with smoke=True is what the smoke pipeline runs, so what the
-    copies write into the folder is what the pipeline writes there (the notebook tests see no difference)."""
+    point at the session's smoke run folder. Run All with smoke=True is what the smoke pipeline runs, so
+    what the copies write into the folder is what the pipeline writes there (the notebook tests see no
+    difference)."""
     root = tmp_path_factory.mktemp("lab_root")
-    parameterised_copies(run_dir, root, {"smoke": True}, names=BROWSER_NOTEBOOKS)
+    parameterised_copies(smoke_pipeline.run_dir, root, {"smoke": True}, names=BROWSER_NOTEBOOKS)
     server = LabServer(root, tmp_path_factory.mktemp("lab_home")).start()
     yield server
     server.stop()
@@ -89,13 +90,15 @@ def browser(chromium):
 
 
 @pytest.fixture(scope="module")
-def executed(lab, browser) -> Iterator[dict[str, LabNotebook | AssertionError]]:
-    """Notebooks 02, 04 and 06 open side by side, Run All started in each, then awaited: the kernels
-    overlap their start-up and the page work. Each has a browser window of its own (a background tab
-    would not draw: Chromium pauses its animation frames). A notebook whose run did not finish maps to
-    the error (with its screenshot and console log saved), which fails only that notebook's tests."""
-    pages = {n: LabNotebook.open(lab, browser.new_context(viewport={"width": 1400, "height": 1000}),
-                                 notebooks([n])[0].name) for n in BROWSER_NOTEBOOKS}  # fmt: skip
+def executed(lab, browser, smoke_pipeline) -> Iterator[dict[str, LabNotebook | AssertionError]]:
+    """Notebooks 02, 04 and 06 open as tabs of one Lab page while the smoke pipeline makes what they read
+    (01-03), then Run All in each, awaited together: the three kernels run side by side. A notebook whose
+    run did not finish maps to the error (with its screenshot and console log saved), which fails only
+    that notebook's tests."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    opened = LabNotebook.open_all(lab, context.new_page(), [notebooks([n])[0].name for n in BROWSER_NOTEBOOKS])
+    pages = dict(zip(BROWSER_NOTEBOOKS, opened, strict=True))
+    smoke_pipeline.ensure(UPSTREAM)
     results: dict[str, LabNotebook | AssertionError] = {}
     for step in ("start_run_all", "wait_run_done"):
         for n, nb in pages.items():
@@ -109,29 +112,29 @@ def executed(lab, browser) -> Iterator[dict[str, LabNotebook | AssertionError]]:
                                             f"artefacts: {', '.join(map(str, saved))}")  # fmt: skip
     results.update({n: nb for n, nb in pages.items() if n not in results})
     yield results
-    for nb in pages.values():
-        nb.page.context.close()
+    context.close()
 
 
 def _executed(executed: dict, number: str) -> LabNotebook:
+    """The notebook's tab, in front; its failed Run All fails the test that needs it."""
     result = executed[number]
     if isinstance(result, AssertionError):
         raise result
-    return result
+    return result.activate()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def nb04(executed) -> LabNotebook:
     """Notebook 04 after Run All, shared by the tests of its widgets (each leaves the others' widgets alone)."""
     return _executed(executed, "04")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def nb02(executed) -> LabNotebook:
     return _executed(executed, "02")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def nb06(executed) -> LabNotebook:
     return _executed(executed, "06")
 

@@ -32,7 +32,7 @@ def test_committed_clean_and_thin(path):
 
 @pytest.fixture(scope="session")
 def smoke_run(smoke_pipeline):
-    return smoke_pipeline()
+    return smoke_pipeline.ensure()
 
 
 @pytest.mark.slow
