@@ -144,11 +144,11 @@ class LabNotebook:
     """One notebook open as a tab of a JupyterLab page; ``panel`` is the CSS of its own panel, so it can be
     read while another tab is in front. ``console`` is the page's console log (shared by its tabs)."""
 
-    server: LabServer
-    page: object  # playwright.sync_api.Page
+    server: LabServer = field(repr=False)
+    page: object = field(repr=False)  # playwright.sync_api.Page
     path: str
     panel: str
-    console: list[str]
+    console: list[str] = field(repr=False)
 
     @classmethod
     def open_all(cls, server: LabServer, page, paths: list[str], timeout_s: float = 60.0) -> list[LabNotebook]:
