@@ -236,6 +236,7 @@ def test_06_score_figures_render(nb06):
     nb06.assert_ran_clean()
     figures = nb06.page.locator(f"{nb06.panel} .js-plotly-plot")
     assert figures.count() >= 1, "notebook 06 draws no plotly figure"
+    figures.first.scroll_into_view_if_needed()  # what a failure screenshot should show
     scores = figures.evaluate_all("es => es.map(e => ({title: (e.layout.title || {}).text || '', "
                                   "bars: e.data.filter(d => d.type === 'bar').length}))")  # fmt: skip
     bars = [f for f in scores if f["title"].startswith("Scores per game")]
