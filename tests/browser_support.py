@@ -46,10 +46,13 @@ def artifacts_dir() -> Path:
 
 
 def find_chromium() -> str | None:
-    """The system Chromium (``JOWA_CHROMIUM`` first, then the usual names on PATH); None when there is none."""
+    """The system Chromium (``JOWA_CHROMIUM`` first, then the usual names on PATH); None when there is none.
+    A ``JOWA_CHROMIUM`` that does not exist is a mistake to report, not a reason to skip."""
     explicit = os.environ.get("JOWA_CHROMIUM")
     if explicit:
-        return explicit if Path(explicit).exists() else None
+        if not Path(explicit).exists():
+            raise FileNotFoundError(f"JOWA_CHROMIUM={explicit} does not exist")
+        return explicit
     return next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
 
 

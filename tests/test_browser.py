@@ -52,7 +52,10 @@ def figure(css: str) -> str:
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    path = find_chromium()
+    try:
+        path = find_chromium()
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
     if path is None:
         pytest.skip("no Chromium on this machine: `apt-get install chromium` (.ci/run does) or set JOWA_CHROMIUM")
     return path
