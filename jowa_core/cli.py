@@ -54,6 +54,25 @@ def _cmd_walkthrough(args: argparse.Namespace) -> None:
     print(f"report: {write_report(args.run_dir, outputs)}")
 
 
+def _cmd_lab(args: argparse.Namespace) -> None:
+    import importlib.util
+    import os
+
+    from jowa_core.lab import lab_argv, prepare_lab
+    from jowa_core.walkthrough import NotebookFailed
+
+    if importlib.util.find_spec("jupyterlab") is None:
+        sys.exit('jowa lab: JupyterLab is not installed; pip install -e ".[lab]" (or ".[dev]").')
+    try:
+        root = prepare_lab(args.run_dir, smoke=args.smoke, fresh=args.fresh)
+    except NotebookFailed as e:
+        sys.exit(str(e))
+    extra = args.lab_args[1:] if args.lab_args[:1] == ["--"] else args.lab_args
+    argv = lab_argv(root, port=args.port, open_browser=not args.no_browser, extra=extra)
+    print(f"notebooks for {Path(args.run_dir).resolve()} are in {root}\n$ {' '.join(argv)}", flush=True)
+    os.execv(argv[0], argv)  # Lab replaces this process: Ctrl-C stops it as usual
+
+
 def _cmd_train_tokenizer(args: argparse.Namespace) -> None:
     from jowa_core.config import preset
     from jowa_core.data.token_cache import build_token_cache
@@ -449,6 +468,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--only", nargs="*", default=None, help="notebook numbers to run, e.g. 01 02")
     p.set_defaults(func=_cmd_walkthrough)
+
+    p = sub.add_parser("lab", help="open JupyterLab on the notebooks with a run folder ready",
+                       description="Run (or resume) the smoke pipeline into RUN_DIR so every notebook has the results "
+                       "of the earlier ones, write copies of the notebooks with run_dir and smoke filled in to "
+                       "RUN_DIR/lab, and start JupyterLab there. Run All in any notebook then works at once; the "
+                       "widgets (beam viewer, dream mode, token grid) are live. --no-smoke skips the pipeline and "
+                       "opens copies with smoke=False on a run you made yourself (e.g. by jowa walkthrough).",
+                       epilog="example: jowa lab --run-dir runs/lab -- --ServerApp.ip=0.0.0.0")
+    p.add_argument("--run-dir", default="runs/lab", help="run folder the notebooks use (default runs/lab)")
+    p.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the smoke pipeline first and open smoke-size copies (default yes)")
+    p.add_argument("--fresh", action="store_true", help="rewrite the copies in RUN_DIR/lab (default: keep your edits)")
+    p.add_argument("--port", type=int, default=None, help="port of the Lab server (default: Jupyter's, 8888)")
+    p.add_argument("--no-browser", action="store_true", help="do not open a web browser")
+    p.add_argument("lab_args", nargs=argparse.REMAINDER, help="after --: more options for jupyter lab")
+    p.set_defaults(func=_cmd_lab)
     return parser
 
 

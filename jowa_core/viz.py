@@ -134,6 +134,14 @@ def codebook_usage(tokenizer, paths: Sequence[str | os.PathLike], frames_per_gam
     return fig
 
 
+def _image():
+    """A PNG ``ipywidgets.Image`` shown at its own size: in a VBox, JupyterLab would otherwise stretch it to
+    the box's width (a blurred, distorted frame), which the browser tests caught."""
+    import ipywidgets as widgets
+
+    return widgets.Image(format="png", layout=widgets.Layout(align_self="flex-start"))
+
+
 def _token_grid_png(frame: np.ndarray, tokens: np.ndarray, scale: int = 5) -> bytes:
     """A frame enlarged ``scale`` times with the 6x6 token cells and their code ids drawn on it."""
     import cv2
@@ -166,8 +174,7 @@ def token_grid_viewer(tokenizer, path: str | os.PathLike, max_frames: int = 500)
         tokens = tokenizer.encode(torch.from_numpy(frames)).cpu().numpy()
         recon = (tokenizer.decode(torch.as_tensor(tokens))[:, 0].float().cpu().numpy() * 255).astype(np.uint8)
     slider = widgets.IntSlider(value=0, min=0, max=len(frames) - 1, description="frame", continuous_update=False)
-    original = widgets.Image(format="png")
-    decoded = widgets.Image(format="png")
+    original, decoded = _image(), _image()
     label = widgets.Label()
 
     def show(change=None) -> None:
@@ -178,7 +185,11 @@ def token_grid_viewer(tokenizer, path: str | os.PathLike, max_frames: int = 500)
 
     slider.observe(show, names="value")
     show()
-    return widgets.VBox([slider, label, widgets.HBox([original, decoded])])
+    _tag(slider, "jowa-token-step")
+    _tag(original, "jowa-token-frame")
+    _tag(decoded, "jowa-token-decoded")
+    _tag(label, "jowa-token-label")
+    return _tag(widgets.VBox([slider, label, widgets.HBox([original, decoded])]), "jowa-token-viewer")
 
 
 # --- planning views (notebook 04) and score views (notebook 06) ----------------------------------
@@ -187,7 +198,22 @@ def token_grid_viewer(tokenizer, path: str | os.PathLike, max_frames: int = 500)
 # into a ``widgets.Output`` as a plotly mime bundle (rendered offline by the jupyterlab-plotly
 # extension that ships with plotly; ``FigureWidget`` would need anywidget). Every control change
 # replaces the image bytes and the output's figure data, so the page visibly changes. The viewers
-# keep the current ``go.Figure`` and widgets as attributes, which the tests read.
+# keep the current ``go.Figure`` and widgets as attributes, which the tests read; every part also
+# carries a stable CSS class (``jowa-beam-*``, ``jowa-dream-*``, ``jowa-token-*``) by which the
+# browser tests (tests/test_browser.py) find it in JupyterLab.
+
+
+def _tag(widget, css_class: str):
+    """Give a widget a stable CSS class: the browser tests (and user CSS) find it by that, not by layout."""
+    widget.add_class(css_class)
+    return widget
+
+
+def _tag_parts(viewer, prefix: str, parts: Mapping[str, str]) -> None:
+    """Tag ``viewer.widget`` as ``<prefix>-viewer`` and each attribute ``name`` as ``<prefix>-<parts[name]>``."""
+    _tag(viewer.widget, f"{prefix}-viewer")
+    for name, suffix in parts.items():
+        _tag(getattr(viewer, name), f"{prefix}-{suffix}")
 
 
 def _short(action: int) -> str:
@@ -310,15 +336,17 @@ def beam_tree_figure(trace, game: str, env: int = 0, title: str = "") -> go.Figu
     return fig
 
 
-def beam_frames(trace, tokenizer, real_frame: np.ndarray, env: int = 0) -> list[list[tuple[np.ndarray, str]]]:
+def beam_frames(trace, tokenizer, real_frame: np.ndarray, env: int = 0,
+                real_caption: str = "real now") -> list[list[tuple[np.ndarray, str]]]:  # fmt: skip
     """The imagined frames along each surviving beam, best first: one row per kept leaf, starting with
-    the real frame, then each node's decoded frame with its action, predicted reward and score."""
+    the real frame (captioned ``real_caption``), then each node's decoded frame with its action,
+    predicted reward and score."""
     import torch
 
     from jowa_core.planning import decode_trace_frames
 
     if trace.horizon == 0:
-        return [[(real_frame, "real (greedy: no imagination)")]]
+        return [[(real_frame, f"{real_caption} (greedy: no imagination)")]]
     leaves = [n for n in range(trace.num_nodes)
               if int(trace.env[n]) == env and int(trace.depth[n]) == trace.horizon and bool(trace.kept[n])]  # fmt: skip
     best = int(trace.best_leaf[env])
@@ -335,7 +363,7 @@ def beam_frames(trace, tokenizer, real_frame: np.ndarray, env: int = 0) -> list[
         decoded = dict(zip(need, _uint8(decode_trace_frames(trace, tokenizer, need))))
     rows = []
     for path in paths:
-        row = [(real_frame, "real now")]
+        row = [(real_frame, real_caption)]
         for n in path:
             caption = f"{_short(int(trace.action[n]))} r{float(trace.reward[n]):+.0f} s{float(trace.score[n]):.2f}"
             row.append((decoded[n], caption))
@@ -375,8 +403,7 @@ class BeamViewer:
         self.horizon = widgets.Dropdown(options=list(range(max_h + 1)), value=record.horizon, description="horizon")
         self.replan_button = widgets.Button(description="re-plan", disabled=model is None,
                                             tooltip="plan this step again with the chosen beam width and horizon")
-        self.frame = widgets.Image(format="png")
-        self.imagined = widgets.Image(format="png")
+        self.frame, self.imagined = _image(), _image()
         self.tree = widgets.Output(layout=widgets.Layout(min_width="480px"))
         self.readout = widgets.HTML()
         self.figure: go.Figure | None = None
@@ -389,6 +416,9 @@ class BeamViewer:
         right = widgets.VBox([self.tree, widgets.HTML("<b>imagined frames along each beam</b> (best first)"),
                               self.imagined])  # fmt: skip
         self.widget = widgets.VBox([controls, widgets.HBox([left, right])])
+        _tag_parts(self, "jowa-beam", {"step": "step", "beam_width": "width", "horizon": "horizon",
+                                       "replan_button": "replan", "frame": "frame", "imagined": "imagined",
+                                       "tree": "tree", "readout": "readout"})  # fmt: skip
         self.show()
 
     def _repr_mimebundle_(self, **kwargs):
@@ -419,14 +449,14 @@ class BeamViewer:
                 f"<i>{label}</i>")  # fmt: skip
         if trace is None:
             self.figure = go_.Figure().update_layout(title=f"step {t}: epsilon chose a random action (no plan)")
-            self.imagined.value = _strip_png([[(s.frame, "no plan")]], scale=2)
+            self.imagined.value = _strip_png([[(s.frame, f"step {t}: no plan")]], scale=2)
             self.readout.value = head
         else:
             chosen = int(trace.actions[0])
             self.figure = beam_tree_figure(trace, self.record.game, 0, title=f"step {t}: {label}, chose "
                                            f"{_short(chosen)}")  # fmt: skip
-            self.imagined.value = _strip_png(beam_frames(trace, self.tokenizer, s.frame), scale=2,
-                                             highlight_first=trace.horizon > 0)  # fmt: skip
+            rows = beam_frames(trace, self.tokenizer, s.frame, real_caption=f"real, step {t}")
+            self.imagined.value = _strip_png(rows, scale=2, highlight_first=trace.horizon > 0)
             q = trace.q[0].float().numpy()
             marks = {chosen: "plan"} | ({s.greedy: "greedy"} if s.greedy != chosen else {})
             self.readout.value = head + "<br>E[Q] at the real frame:" + _q_table_html(q, legal, marks)
@@ -488,7 +518,7 @@ class DreamViewer:
                                         continuous_update=False)  # fmt: skip
         self.restart_button = widgets.Button(description="restart here", button_style="warning")
         self.restart_button.on_click(lambda button: self.restart())
-        self.imagined, self.real, self.film = (widgets.Image(format="png") for _ in range(3))
+        self.imagined, self.real, self.film = _image(), _image(), _image()
         self.readout = widgets.HTML()
         self.widget = widgets.VBox([
             widgets.HBox([self.branch, self.restart_button]),
@@ -497,6 +527,11 @@ class DreamViewer:
                           widgets.VBox([widgets.HTML("<b>real (emulator)</b>"), self.real]), self.readout]),
             widgets.HTML("<b>the dream so far</b>: imagined (top) vs real (bottom), last 8 steps"), self.film,
         ])  # fmt: skip
+        for b in self.action_buttons.values():
+            _tag(b, "jowa-dream-action")
+        _tag_parts(self, "jowa-dream", {"agent_button": "agent", "branch": "branch", "restart_button": "restart",
+                                        "imagined": "imagined", "real": "real", "film": "film",
+                                        "readout": "readout"})  # fmt: skip
         self.render()
 
     def _repr_mimebundle_(self, **kwargs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
@@ -10,6 +11,7 @@ import pytest
 
 from jowa_core import games
 from jowa_core.data import token_cache
+from jowa_core.walkthrough import walkthrough
 
 
 def _write_token_cache(path: Path, game: str, *, seed: int = 0, n_episodes: int = 6, lengths: tuple[int, int] = (6, 16),
@@ -55,3 +57,39 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class SmokeRun:
+    """One smoke run folder: ``ensure(names)`` runs (or resumes up to) the named notebooks, all six by
+    default; ``run_dir`` is known before anything ran (the browser tests open Lab on it meanwhile)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def ensure(self, names: list[str] | None = None) -> Path:
+        walkthrough(self.run_dir, {"smoke": True}, resume=True, only=names)
+        return self.run_dir
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline(tmp_path_factory) -> SmokeRun:
+    """The session's smoke run, shared by the notebook and browser tests whichever runs first."""
+    return SmokeRun(tmp_path_factory.mktemp("smoke_run"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Browser tests: on failure (always with JOWA_BROWSER_ARTIFACTS=DIR) save a screenshot, the console
+    log and the Lab server log of every notebook page the test used, and name the files in the report."""
+    report = yield
+    keep = os.environ.get("JOWA_BROWSER_ARTIFACTS")
+    if report.when != "call" or "browser" not in item.keywords or not (report.failed or keep):
+        return report
+    from browser_support import artifacts_dir
+
+    folder = artifacts_dir() / item.name.replace("/", "_")
+    lines = [str(p) for name, value in item.funcargs.items() if hasattr(value, "save_artifacts")
+             for p in value.save_artifacts(folder / name)]  # fmt: skip
+    if lines:
+        report.sections.append(("browser artefacts", "\n".join(lines)))
+    return report

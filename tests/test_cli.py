@@ -6,7 +6,8 @@ import pytest
 from jowa_core.cli import build_parser, main
 from jowa_core.data.format import dataset_info
 
-COMMANDS = ["collect", "import-dqn-replay", "train-tokenizer", "pretrain", "evaluate", "play", "finetune", "walkthrough"]
+COMMANDS = ["collect", "import-dqn-replay", "train-tokenizer", "pretrain", "evaluate", "play", "finetune", "walkthrough",
+            "lab"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

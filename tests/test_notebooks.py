@@ -31,10 +31,8 @@ def test_committed_clean_and_thin(path):
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("smoke_run")
-    walkthrough(run_dir, {"smoke": True})
-    return run_dir
+def smoke_run(smoke_pipeline):
+    return smoke_pipeline.ensure()
 
 
 @pytest.mark.slow
