@@ -78,6 +78,10 @@ class TokenizerConfig:
     """Ours: extra L1 weight on pixels that change between consecutive frames (keeps small objects)."""
     dilate_frames: int = 0
     """Ours: odd max-filter size applied to frames before encoding (0 = off; 3 = 3x3 dilation)."""
+    clamped_loss: bool = False
+    """Ours: the reconstruction losses see the decoder output clamped to [-1, 1], as decoding for use does,
+    with a straight-through gradient: an output already beyond black or white costs nothing, so the decoder
+    spends no capacity on matching -1 exactly on the background (official: the raw output)."""
     dead_code_restart: bool = False
     """Ours: restart codes unused for ``dead_code_window`` steps at the worst-quantised latents."""
     dead_code_window: int = 100
@@ -236,6 +240,11 @@ class TrainConfig:
     tokenizer_batch_size: int = 2048
     tokenizer_lr: float = 1e-4
     tokenizer_steps: int = 250_000
+    tokenizer_lr_schedule: str = "constant"
+    """"constant" (official) or "cosine" (ours: decays to 0 at ``tokenizer_steps``, see
+    ``training_tokenizer.tokenizer_lr``)."""
+    tokenizer_warmup_steps: int = 0
+    """Ours: linear learning-rate warm-up steps before the schedule (official: none)."""
     log_every: int = 1000
     save_every: int = 10_000
     seed: int = 0
@@ -244,6 +253,12 @@ class TrainConfig:
         _check(self.batch_size > 0 and self.grad_accum > 0, "batch_size and grad_accum must be positive.")
         _check(self.batch_size % self.grad_accum == 0, f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}.")
         _check(0.0 < self.gamma <= 1.0, f"gamma must be in (0, 1], got {self.gamma}.")
+        _check(
+            self.tokenizer_lr_schedule in ("constant", "cosine"),
+            f"tokenizer_lr_schedule must be 'constant' or 'cosine', got {self.tokenizer_lr_schedule!r}.",
+        )
+        warmup = self.tokenizer_warmup_steps
+        _check(warmup >= 0, f"tokenizer_warmup_steps must be >= 0, got {warmup}.")
 
 
 @dataclass(frozen=True)

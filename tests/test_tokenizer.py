@@ -16,11 +16,13 @@ from jowa_core.data.format import DatasetWriter
 from jowa_core.models.tokenizer import (
     LPIPS,
     Tokenizer,
+    TokenizerOutput,
     changed_pixel_mask,
     codebook_stats,
     dilate,
     reconstruction_losses,
     restart_dead_codes,
+    tokenizer_loss,
     vq_loss,
 )
 from jowa_core.training_tokenizer import (
@@ -259,6 +261,21 @@ def test_changed_pixel_mask_and_weighted_l1():
     weighted = (err * (1 + 500.0 * mask.numpy())).mean()
     assert (terms["l1"] + terms["changed_l1"]).item() == pytest.approx(weighted, rel=1e-5)
     assert "changed_l1" not in reconstruction_losses(target, rec, mask, 0.0)
+
+
+def test_clamped_loss_sees_what_decode_returns_with_a_straight_through_gradient():
+    target01 = torch.tensor([0.0, 0.0, 1.0, 0.5]).reshape(1, 1, 2, 2)
+    z = torch.zeros(1, 4, 6, 6)
+    raw = torch.tensor([-1.5, 0.2, 1.4, -1.5]).reshape(1, 1, 2, 2).requires_grad_(True)
+    out = TokenizerOutput(z=z, z_quantized=z, tokens=torch.zeros(1, 36, dtype=torch.long), reconstruction=raw)
+    on = tokenizer_loss(out, target01, dataclasses.replace(TINY, clamped_loss=True, changed_pixel_weight=0.0))
+    off = tokenizer_loss(out, target01, dataclasses.replace(TINY, changed_pixel_weight=0.0))
+    # black and white targets already passed cost nothing; the others count as clamped
+    assert on["l1"].item() == pytest.approx((0 + 1.2 + 0 + 1.0) / 4)
+    assert off["l1"].item() == pytest.approx((0.5 + 1.2 + 0.4 + 1.5) / 4)
+    on["l1"].backward()
+    # no push where the clamped output is right; the pixel below black but meant to be grey is pushed up
+    assert raw.grad.flatten().tolist() == pytest.approx([0.0, 0.25, 0.0, -0.25])
 
 
 def test_codebook_stats_and_dead_code_restart():

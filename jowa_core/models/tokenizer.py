@@ -9,7 +9,7 @@ k8/s7 then k3/s2 downsampling, the decoder's 6 -> 42 -> 84 upsampling and no att
 decoder's up path (quirk Q4). Ours, all off in the official configuration: a patchify stem
 (``stem_stride``: a kernel = stride conv in, a kernel = stride + 2 transposed conv out; the tiny
 preset's levels then run at 12x12 and 6x6 only), frame dilation before encoding, a changed-pixel
-weighted L1 term and dead-code restarts. Unlike the official code (quirk Q21), the codebook search
+weighted L1 term, losses on the clamped output and dead-code restarts. Unlike the official code (quirk Q21), the codebook search
 always runs in fp32, so tokens do not depend on autocast.
 
 Losses are pure functions at the end of this file: ``vq_loss``, ``reconstruction_losses``,
@@ -39,6 +39,7 @@ _TRAINING_ONLY_FIELDS = (
     "perceptual_weight",
     "perceptual_weights_path",
     "changed_pixel_weight",
+    "clamped_loss",
     "dead_code_restart",
     "dead_code_window",
 )
@@ -469,7 +470,11 @@ def tokenizer_loss(
 ) -> dict[str, Tensor]:
     """All loss terms (named) and ``total``, their weighted sum. ``target01``: undilated frames in [0, 1]."""
     target = target01 * 2.0 - 1.0
-    terms = reconstruction_losses(target, out.reconstruction, changed_mask, cfg.changed_pixel_weight)
+    rec = out.reconstruction
+    if cfg.clamped_loss:  # ours: what decode() returns, gradient straight through the clamp
+        rec = rec.float()
+        rec = rec + (rec.clamp(-1.0, 1.0) - rec).detach()
+    terms = reconstruction_losses(target, rec, changed_mask, cfg.changed_pixel_weight)
     terms["codebook"], terms["commitment"] = vq_loss(out.z.float(), out.z_quantized.float(), cfg.beta)
     if perceptual is not None and cfg.perceptual_weight > 0:
         terms["perceptual"] = cfg.perceptual_weight * perceptual(target, out.reconstruction.float()).mean()
