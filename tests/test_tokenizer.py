@@ -269,7 +269,7 @@ def test_clamped_loss_sees_what_decode_returns_with_a_straight_through_gradient(
     raw = torch.tensor([-1.5, 0.2, 1.4, -1.5]).reshape(1, 1, 2, 2).requires_grad_(True)
     out = TokenizerOutput(z=z, z_quantized=z, tokens=torch.zeros(1, 36, dtype=torch.long), reconstruction=raw)
     on = tokenizer_loss(out, target01, dataclasses.replace(TINY, clamped_loss=True, changed_pixel_weight=0.0))
-    off = tokenizer_loss(out, target01, dataclasses.replace(TINY, changed_pixel_weight=0.0))
+    off = tokenizer_loss(out, target01, dataclasses.replace(TINY, clamped_loss=False, changed_pixel_weight=0.0))
     # black and white targets already passed cost nothing; the others count as clamped
     assert on["l1"].item() == pytest.approx((0 + 1.2 + 0 + 1.0) / 4)
     assert off["l1"].item() == pytest.approx((0.5 + 1.2 + 0.4 + 1.5) / 4)
