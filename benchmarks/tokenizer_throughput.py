@@ -4,7 +4,7 @@ Prints one JSON object. ``*_encode_*`` and ``*_train_*`` use random uint8 frames
 (compute only); ``tiny_cache_build_frames_per_s`` runs ``build_token_cache`` end to end on a
 temporary gzip-compressed HDF5 dataset (read, decompress, encode, write).
 
-    python benchmarks/tokenizer_throughput.py --threads 1 --batch-size 64
+    python benchmarks/tokenizer_throughput.py --threads 2
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def cache_build_fps(cfg: TokenizerConfig, n_frames: int, batch: int, device: tor
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ap.add_argument("--batch-size", type=int, default=64, help="training batch (frames)")
+    ap.add_argument("--batch-size", type=int, default=0, help="training batch (frames); 0 means the tiny preset's")
     ap.add_argument("--encode-batch", type=int, default=256, help="encoding batch (frames), as build_token_cache")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cache-frames", type=int, default=2048, help="frames in the temporary dataset")
@@ -90,13 +90,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     torch.manual_seed(0)
-    tiny = preset("tiny").tokenizer
+    tiny_preset = preset("tiny")
+    tiny = tiny_preset.tokenizer
+    batch = args.batch_size or tiny_preset.train.tokenizer_batch_size
     res = {
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "cpu": platform.processor() or platform.machine(),
         "threads": args.threads,
-        "tiny_train_frames_per_s": round(train_fps(tiny, args.batch_size, args.repeats, dev), 1),
-        "tiny_train_batch": args.batch_size,
+        "tiny_train_frames_per_s": round(train_fps(tiny, batch, args.repeats, dev), 1),
+        "tiny_train_batch": batch,
         "tiny_encode_frames_per_s": round(encode_fps(tiny, args.encode_batch, args.repeats, dev), 1),
         "tiny_cache_build_frames_per_s": round(cache_build_fps(tiny, args.cache_frames, args.encode_batch, dev), 1),
         "tiny_params": Tokenizer(tiny).num_parameters(),
@@ -106,7 +108,7 @@ def main() -> None:
         res["official_encode_frames_per_s"] = round(
             encode_fps(official, args.encode_batch, max(1, args.repeats // 2), dev), 1
         )
-        res["official_train_frames_per_s"] = round(train_fps(official, min(args.batch_size, 16), 2, dev), 1)
+        res["official_train_frames_per_s"] = round(train_fps(official, min(batch, 16), 2, dev), 1)
     print(json.dumps(res))
 
 

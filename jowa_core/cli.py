@@ -79,17 +79,10 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> None:
     from jowa_core.training_tokenizer import train_tokenizer
 
     cfg = preset(args.preset)
-    tok = train_tokenizer(
-        args.datasets,
-        cfg.tokenizer,
-        args.steps or cfg.train.tokenizer_steps,
-        args.batch_size or cfg.train.tokenizer_batch_size,
-        args.lr or cfg.train.tokenizer_lr,
-        args.run_dir,
-        args.device,
-        not args.no_resume,
-        args.seed,
-    )
+    tok = train_tokenizer(args.datasets, cfg.tokenizer, args.steps or cfg.train.tokenizer_steps,
+                          args.batch_size or cfg.train.tokenizer_batch_size, args.lr or cfg.train.tokenizer_lr,
+                          args.run_dir, args.device, not args.no_resume, args.seed,
+                          lr_schedule=cfg.train.tokenizer_lr_schedule, warmup_steps=cfg.train.tokenizer_warmup_steps)
     if args.cache:
         for path in args.datasets:
             print(build_token_cache(path, tok, device=args.device))

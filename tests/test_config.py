@@ -32,3 +32,7 @@ def test_validation_names_the_fix():
         WorldActionConfig(embed_dim=100, num_heads=8)
     with pytest.raises(ConfigError, match="gamma"):
         TrainConfig(gamma=1.5)
+    with pytest.raises(ConfigError, match="tokenizer_lr_schedule"):
+        TrainConfig(tokenizer_lr_schedule="linear")
+    with pytest.raises(ConfigError, match="tokenizer_warmup_steps"):
+        TrainConfig(tokenizer_warmup_steps=-1)

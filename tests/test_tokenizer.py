@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 import json
 import math
 from pathlib import Path
@@ -15,18 +16,23 @@ from jowa_core.data.format import DatasetWriter
 from jowa_core.models.tokenizer import (
     LPIPS,
     Tokenizer,
+    TokenizerOutput,
     changed_pixel_mask,
     codebook_stats,
     dilate,
     reconstruction_losses,
     restart_dead_codes,
+    tokenizer_loss,
     vq_loss,
 )
 from jowa_core.training_tokenizer import (
+    QUALITY_TARGETS,
     evaluate_reconstruction,
     holdout_start,
     read_metrics,
     token_probe,
+    tokenizer_lr,
+    tokenizer_report,
     train_tokenizer,
 )
 
@@ -172,6 +178,31 @@ def test_quantize_is_row_major_argmin():
     torch.testing.assert_close(z_q[0, :, 2, 5], codebook[order[2 * 6 + 5]])
 
 
+@pytest.mark.parametrize("stride,in_channels", [(7, 1), (7, 3), (14, 1)])
+def test_patchify_stem_fast_paths_equal_the_plain_convs(stride, in_channels):
+    """conv_in runs as pixel_unshuffle + 1x1 conv and conv_out as 3x3 conv + pixel_shuffle; both must
+    give what the stored Conv2d / ConvTranspose2d modules give, so weights and checkpoints keep their meaning."""
+    if stride == 14:  # 84 -(s14)-> 6, one level
+        over = {"ch_mult": (1,), "down_kernels": (), "down_strides": (), "up_factors": ()}
+    else:
+        over = {}
+    tok = _tiny(in_channels=in_channels, stem_stride=stride, **over)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero biases, so that their handling is checked too
+        tok.encoder.conv_in.bias.normal_(generator=g)
+        tok.decoder.conv_out.bias.normal_(generator=g)
+    x = torch.rand(2, in_channels, 84, 84, generator=g) * 2 - 1
+    seen = {}
+    tok.encoder.down[0].block[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("stem", a[0]))
+    tok.encoder(x)
+    torch.testing.assert_close(seen["stem"], tok.encoder.conv_in(x), atol=1e-5, rtol=1e-5)
+    tok.decoder.norm_out.register_forward_hook(lambda m, a, out: seen.__setitem__("h", out))
+    y = tok.decoder(torch.randn(2, TINY.z_channels, 6, 6, generator=g))
+    assert y.shape == (2, in_channels, 84, 84)
+    torch.testing.assert_close(y, tok.decoder.conv_out(F.silu(seen["h"])), atol=1e-5, rtol=1e-5)
+    assert not any("scatter" in k for k in tok.state_dict())  # a constant, not part of the weights
+
+
 def test_dilation_changes_the_encoder_input_only():
     tok = _tiny(dilate_frames=3)
     x = torch.zeros(1, 1, 84, 84)
@@ -230,6 +261,21 @@ def test_changed_pixel_mask_and_weighted_l1():
     weighted = (err * (1 + 500.0 * mask.numpy())).mean()
     assert (terms["l1"] + terms["changed_l1"]).item() == pytest.approx(weighted, rel=1e-5)
     assert "changed_l1" not in reconstruction_losses(target, rec, mask, 0.0)
+
+
+def test_clamped_loss_sees_what_decode_returns_with_a_straight_through_gradient():
+    target01 = torch.tensor([0.0, 0.0, 1.0, 0.5]).reshape(1, 1, 2, 2)
+    z = torch.zeros(1, 4, 6, 6)
+    raw = torch.tensor([-1.5, 0.2, 1.4, -1.5]).reshape(1, 1, 2, 2).requires_grad_(True)
+    out = TokenizerOutput(z=z, z_quantized=z, tokens=torch.zeros(1, 36, dtype=torch.long), reconstruction=raw)
+    on = tokenizer_loss(out, target01, dataclasses.replace(TINY, clamped_loss=True, changed_pixel_weight=0.0))
+    off = tokenizer_loss(out, target01, dataclasses.replace(TINY, clamped_loss=False, changed_pixel_weight=0.0))
+    # black and white targets already passed cost nothing; the others count as clamped
+    assert on["l1"].item() == pytest.approx((0 + 1.2 + 0 + 1.0) / 4)
+    assert off["l1"].item() == pytest.approx((0.5 + 1.2 + 0.4 + 1.5) / 4)
+    on["l1"].backward()
+    # no push where the clamped output is right; the pixel below black but meant to be grey is pushed up
+    assert raw.grad.flatten().tolist() == pytest.approx([0.0, 0.25, 0.0, -0.25])
 
 
 def test_codebook_stats_and_dead_code_restart():
@@ -336,7 +382,19 @@ def test_short_training_run_reduces_the_loss(tmp_path):
     assert load_tokenizer(tmp_path / "run" / "tokenizer").content_hash() == tok.content_hash()
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_lr_schedules():
+    assert [tokenizer_lr(s, 10, 1e-3) for s in (0, 9)] == [1e-3, 1e-3]  # official: constant
+    warm = [tokenizer_lr(s, 100, 2e-3, "cosine", warmup_steps=4) for s in range(100)]
+    assert warm[:4] == pytest.approx([5e-4, 1e-3, 1.5e-3, 2e-3])  # linear warm-up, reaching lr
+    assert warm[4] == pytest.approx(2e-3) and warm[52] == pytest.approx(1e-3)  # half way: half lr
+    assert all(a > b for a, b in itertools.pairwise(warm[4:])) and 0 < warm[-1] < 1e-6
+    assert tokenizer_lr(7, 10, 1e-3, "constant", warmup_steps=4) == 1e-3
+    with pytest.raises(ValueError, match="cosine"):
+        tokenizer_lr(0, 10, 1e-3, "linear")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_continues_exactly(tmp_path, schedule):
     path = _dot_dataset(tmp_path / "Breakout.h5", episodes=2, t=40)
     cfg = dataclasses.replace(TINY, dead_code_window=3)
     kw = {
@@ -347,6 +405,8 @@ def test_resume_continues_exactly(tmp_path):
         "log_every": 2,
         "save_every": 4,
         "eval_frames": 0,
+        "lr_schedule": schedule,
+        "warmup_steps": 3,
     }
     straight = train_tokenizer([path], cfg, steps=8, run_dir=tmp_path / "a", **kw)
     train_tokenizer([path], cfg, steps=4, run_dir=tmp_path / "b", **kw)
@@ -374,6 +434,39 @@ def test_evaluate_reconstruction_on_held_out_frames(tmp_path):
     assert g["n_frames"] == 7
     assert g["mae"] == pytest.approx(mae, rel=1e-5) and res["mae"] == pytest.approx(mae, rel=1e-5)
     assert g["changed_mae"] == pytest.approx(chg, rel=1e-5)
+    used, perplexity = codebook_stats(tok.encode(held), TINY.vocab_size)
+    assert g["usage"] == res["usage"] == pytest.approx(float(used))
+    assert g["perplexity"] == pytest.approx(float(perplexity), rel=1e-5)
+
+
+def test_tokenizer_report_checks_the_targets():
+    t = QUALITY_TARGETS
+    recon = {
+        "games": {
+            "Breakout": {"mae": t["mae"] / 2, "changed_mae": t["changed_mae"] / 2, "usage": 0.3, "perplexity": 90.0},
+            "Pong": {"mae": t["mae"] / 2, "changed_mae": 2 * t["changed_mae"], "usage": 0.4, "perplexity": 80.0},
+        },
+        "mae": t["mae"] / 2,
+        "changed_mae": 1.25 * t["changed_mae"],
+        "usage": 0.6,
+        "perplexity": 150.0,
+    }
+    probe = {
+        "games": {"Breakout": {"accuracy": 0.8, "baseline": 0.3}, "Pong": {"accuracy": 0.4, "baseline": 0.2}},
+        "accuracy": 0.6,
+        "baseline": 0.25,
+    }
+    df = tokenizer_report(recon, probe)
+    assert list(df.index) == ["Breakout", "Pong", "all"]
+    assert list(df.columns) == ["mae", "changed_mae", "usage", "perplexity", "probe", "probe_baseline", "meets_targets"]
+    # Breakout's own usage (0.3) is below target, but usage is judged on the shared codebook ("all")
+    assert df.meets_targets.tolist() == [True, False, False]  # Pong's changed-pixel error fails, so "all" fails
+    recon["games"]["Pong"]["changed_mae"] = t["changed_mae"] / 2
+    assert tokenizer_report(recon, probe).meets_targets.tolist() == [True, True, True]
+    recon["usage"] = t["usage"] / 2
+    assert tokenizer_report(recon, probe).meets_targets.tolist() == [True, True, False]
+    probe["games"]["Pong"]["accuracy"] = 0.1
+    assert tokenizer_report(recon, probe).meets_targets.tolist()[1] is False
 
 
 class _ConstTokenizer(torch.nn.Module):

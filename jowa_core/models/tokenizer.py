@@ -9,7 +9,7 @@ k8/s7 then k3/s2 downsampling, the decoder's 6 -> 42 -> 84 upsampling and no att
 decoder's up path (quirk Q4). Ours, all off in the official configuration: a patchify stem
 (``stem_stride``: a kernel = stride conv in, a kernel = stride + 2 transposed conv out; the tiny
 preset's levels then run at 12x12 and 6x6 only), frame dilation before encoding, a changed-pixel
-weighted L1 term and dead-code restarts. Unlike the official code (quirk Q21), the codebook search
+weighted L1 term, losses on the clamped output and dead-code restarts. Unlike the official code (quirk Q21), the codebook search
 always runs in fp32, so tokens do not depend on autocast.
 
 Losses are pure functions at the end of this file: ``vq_loss``, ``reconstruction_losses``,
@@ -39,6 +39,7 @@ _TRAINING_ONLY_FIELDS = (
     "perceptual_weight",
     "perceptual_weights_path",
     "changed_pixel_weight",
+    "clamped_loss",
     "dead_code_restart",
     "dead_code_window",
 )
@@ -138,12 +139,29 @@ def dilate(x: Tensor, k: int) -> Tensor:
     return x
 
 
+def _transposed_as_conv3x3(s: int) -> Tensor:
+    """0/1 matrix (k*k, s*s*9), k = s + 2: kernel tap (ky, kx) of a transposed conv (stride s, padding 1) ->
+    the 3x3 conv weight (sub-pixel (ry, rx), neighbour (dy, dx)) that computes the same output before
+    ``pixel_shuffle(s)``. Output row s*I + ry takes input row I + dy through tap ky = ry + 1 - s*dy."""
+    k = s + 2
+    m = torch.zeros(k * k, s * s * 9)
+    for ry in range(s):
+        for dy in (-1, 0, 1):
+            ky = ry + 1 - s * dy
+            for rx in range(s):
+                for dx in (-1, 0, 1):
+                    kx = rx + 1 - s * dx
+                    if 0 <= ky < k and 0 <= kx < k:
+                        m[ky * k + kx, (ry * s + rx) * 9 + (dy + 1) * 3 + (dx + 1)] = 1.0
+    return m
+
+
 class Encoder(nn.Module):
     """(B, 1, 84, 84) in [-1, 1] -> (B, z_channels, 6, 6)."""
 
     def __init__(self, cfg: TokenizerConfig) -> None:
         super().__init__()
-        s = cfg.stem_stride
+        s = self.stem_stride = cfg.stem_stride
         if s == 1:
             self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         else:  # ours: patchify stem, 84 -> 84 / s
@@ -172,7 +190,12 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
+        s = self.stem_stride
+        if s == 1:
+            h = self.conv_in(x)
+        else:  # the kernel = stride conv as pixel_unshuffle + 1x1 conv: same weights and result, 2-3x faster on CPU
+            w = self.conv_in.weight
+            h = F.conv2d(F.pixel_unshuffle(x, s), w.reshape(w.shape[0], -1, 1, 1), self.conv_in.bias)
         for down in self.down:
             for i, block in enumerate(down.block):
                 h = block(h)
@@ -212,6 +235,8 @@ class Decoder(nn.Module):
             self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
         else:  # ours, mirrors the patchify stem: overlapping (kernel s + 2) transposed conv, 84 / s -> 84
             self.conv_out = nn.ConvTranspose2d(c, cfg.in_channels, s + 2, stride=s, padding=1)
+            self.register_buffer("conv_out_scatter", _transposed_as_conv3x3(s), persistent=False)
+        self.stem_stride = s
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))
@@ -221,7 +246,16 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(up, "upsample"):
                 h = up.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = F.silu(self.norm_out(h))
+        s = self.stem_stride
+        if s == 1:
+            return self.conv_out(h)
+        # The transposed conv (kernel s + 2, stride s, padding 1) as a 3x3 conv to s*s sub-pixels per output
+        # channel, then pixel_shuffle: the same weights and result, about 2x faster on CPU.
+        wt = self.conv_out.weight  # (C, O, s + 2, s + 2)
+        c, o = wt.shape[:2]
+        w = (wt.reshape(c * o, -1) @ self.conv_out_scatter).reshape(c, o * s * s, 3, 3).transpose(0, 1)
+        return F.pixel_shuffle(F.conv2d(h, w, padding=1), s) + self.conv_out.bias.reshape(1, -1, 1, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,14 +343,14 @@ class Tokenizer(nn.Module):
     def quantize(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """(B, E, 6, 6) latents -> tokens (B, 36) long and codebook vectors (B, E, 6, 6).
 
-        argmin_k ||z - e_k||^2 = ||z||^2 + ||e_k||^2 - 2 z.e_k, computed in fp32 even under autocast.
+        argmin_k ||z - e_k||^2 = argmin_k ||e_k||^2 - 2 z.e_k (||z||^2 is the same for every k), one fused
+        addmm, computed in fp32 even under autocast.
         """
         b, e, h, w = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = z.float().permute(0, 2, 3, 1).reshape(-1, e)  # (B*36, E), row-major positions
             codebook = self.embedding.weight.float()
-            dist = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2.0 * flat @ codebook.t()
-            tokens = dist.argmin(dim=1)
+            tokens = torch.addmm(codebook.pow(2).sum(1), flat, codebook.t(), alpha=-2.0).argmin(dim=1)
         z_q = self.embedding(tokens).reshape(b, h, w, e).permute(0, 3, 1, 2)  # codebook dtype (fp32)
         return tokens.reshape(b, h * w), z_q
 
@@ -436,7 +470,11 @@ def tokenizer_loss(
 ) -> dict[str, Tensor]:
     """All loss terms (named) and ``total``, their weighted sum. ``target01``: undilated frames in [0, 1]."""
     target = target01 * 2.0 - 1.0
-    terms = reconstruction_losses(target, out.reconstruction, changed_mask, cfg.changed_pixel_weight)
+    rec = out.reconstruction
+    if cfg.clamped_loss:  # ours: what decode() returns, gradient straight through the clamp
+        rec = rec.float()
+        rec = rec + (rec.clamp(-1.0, 1.0) - rec).detach()
+    terms = reconstruction_losses(target, rec, changed_mask, cfg.changed_pixel_weight)
     terms["codebook"], terms["commitment"] = vq_loss(out.z.float(), out.z_quantized.float(), cfg.beta)
     if perceptual is not None and cfg.perceptual_weight > 0:
         terms["perceptual"] = cfg.perceptual_weight * perceptual(target, out.reconstruction.float()).mean()
