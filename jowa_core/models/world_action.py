@@ -630,7 +630,8 @@ class WorldActionModel(nn.Module):
 
         ``first`` (B,) is the observation's first token (argmax at the action token), ``pos`` (1,) long
         its absolute position, ``keys`` / ``values`` full-size per-layer cache tensors holding the
-        window before ``pos``. Writes positions ``pos .. pos + 35`` and returns the observation tokens
+        window before ``pos`` and finite values (e.g. zeros) after it, since masked attention weighs them
+        by 0 and 0 x NaN is NaN. Writes positions ``pos .. pos + 35`` and returns the observation tokens
         (B, 36) and the Q logits at its last token, as ``step`` does. Same function as the eager loop
         (tested); attention runs over the whole cache under a mask instead of over a slice.
         """
