@@ -307,7 +307,7 @@ def tiny() -> Preset:
         ),
         train=TrainConfig(
             batch_size=32, stage1_steps=1000, stage2_steps=3000, target_update_every=250,
-            # tokenizer (ours, issue 4): 2000 steps of 32 frames, cosine from 4e-3, in about 2.5 minutes on 2 cores
+            # tokenizer (ours, issue 4): 2000 steps of 32 frames, cosine from 4e-3; about 3.7 min on 2 cores (~64k frames)
             tokenizer_batch_size=32, tokenizer_steps=2000, tokenizer_lr=4e-3, tokenizer_lr_schedule="cosine",
             tokenizer_warmup_steps=100, log_every=50, save_every=500,
         ),
