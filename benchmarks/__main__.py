@@ -87,7 +87,9 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
             peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
         else:  # ru_maxrss is KiB on Linux: the process's peak, so an upper bound once other suites ran
             peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        yield _figure("train_stage2_peak_memory", peak_mib, "MiB", name, kind="cuda_allocated" if cuda else "rss", **tag)
+        yield _figure(
+            "train_stage2_peak_memory", peak_mib, "MiB", name, kind="cuda_allocated" if cuda else "rss", **tag
+        )
         peak = bf16_peak(device)
         if peak is not None:
             with torch.device("meta"):
@@ -158,7 +160,7 @@ def tokenizer_suite(presets: list[str], device: torch.device, args: argparse.Nam
         configs.append(("official", TokenizerConfig()))
     for name, cfg in configs:
         small = name == "tiny" or not cuda
-        train_batch = 64 if small else 256
+        train_batch = preset("tiny").train.tokenizer_batch_size if name == "tiny" else (64 if small else 256)
         encode_batch = 256 if small else 1024
         tag = {"amp": "bf16" if cuda else "fp32"}
         yield _figure("tokenizer_train_frames_per_s", train_fps(cfg, train_batch, repeats, device), "frames/s", name,
@@ -237,16 +239,25 @@ def markdown_table(figures: list[Figure]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--suite", nargs="+", choices=SUITES, default=list(SUITES))
-    ap.add_argument("--preset", nargs="+", choices=PRESETS, default=None,
-                    help="world-action presets (default: tiny and jowa_40m on CPU, all four on CUDA)")
+    ap.add_argument(
+        "--preset",
+        nargs="+",
+        choices=PRESETS,
+        default=None,
+        help="world-action presets (default: tiny and jowa_40m on CPU, all four on CUDA)",
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="shorter timings (a smoke run of the suite)")
     ap.add_argument("--steps", type=int, default=None, help="train: timed optimizer steps (after as many warm-up)")
     ap.add_argument("--batch-size", type=int, default=None, help="train: segments per step (default per device)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the library's split)")
     ap.add_argument("--no-compile", action="store_true", help="train: eager on CUDA too")
-    ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
-                    help="planner: also time the per-node reference (default: on CPU only)")
+    ap.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="planner: also time the per-node reference (default: on CPU only)",
+    )
     ap.add_argument("--no-cuda-graphs", action="store_true", help="planner: eager decoding on CUDA too")
     ap.add_argument("--jsonl", type=Path, default=None, help="also append every figure to this file")
     ap.add_argument("--markdown", type=Path, default=None, help="write the markdown table here at the end")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The device check of the CUDA fast path, as one script for a lent GPU machine (about 9 minutes on one
+# The device check of the CUDA fast path, as one script for a lent GPU machine (about 5 minutes on one
 # H100/H200): GPU tests, then the benchmark suite, most important figures first. Every step has its own
-# timeout so that one hang leaves the others' figures. Writes logs and JSON lines under ${OUT:-gpu_out}.
+# timeout so that one hang leaves the others' figures. Writes logs, JSON lines and tables under ${OUT:-gpu_out}.
 #   bash benchmarks/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -10,18 +10,17 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia_smi.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-J="$OUT/bench.jsonl"
+bench() {  # bench NAME TIMEOUT ARGS...: one suite run, its figures appended to bench.jsonl, its table in NAME.md
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" python3 -m benchmarks --device cuda "$@" --jsonl "$OUT/bench.jsonl" --markdown "$OUT/$name.md" \
+        2>"$OUT/$name.err" >/dev/null || echo "$name: failed or timed out, see $OUT/$name.err"
+}
 timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -5
-timeout 150 python3 -m benchmarks --device cuda --suite train --preset jowa_150m --steps 10 --batch-size 256 --jsonl "$J" 2>"$OUT/train150.err"
-timeout 120 python3 -m benchmarks --device cuda --suite planner --preset jowa_150m tiny --quick --jsonl "$J" 2>"$OUT/planner.err"
-timeout 150 python3 -m benchmarks --device cuda --suite train --preset tiny jowa_40m jowa_70m --steps 10 --batch-size 128 --jsonl "$J" 2>"$OUT/train.err"
-timeout 60 python3 -m benchmarks --device cuda --suite train --preset jowa_150m --steps 10 --batch-size 128 --no-compile --jsonl "$J" 2>"$OUT/train150_eager.err"
-timeout 60 python3 -m benchmarks --device cuda --suite tokenizer --quick --jsonl "$J" 2>"$OUT/tokenizer.err"
-python3 - "$J" <<'PY'
-import json, sys
-for line in open(sys.argv[1]):
-    f = json.loads(line)
-    extra = {k: f[k] for k in ("envs", "batch_size", "compile", "actions_match") if k in f}
-    print(f"{f['name']:45s} {f['preset'] or '':10s} {f['value']:>14.4g} {f['unit']:12s} {extra}")
-PY
-tail -3 "$OUT"/*.err
+bench train150 150 --suite train --preset jowa_150m --steps 10 --batch-size 512
+bench planner 150 --suite planner --preset jowa_150m tiny --quick
+bench planner150_eager 60 --suite planner --preset jowa_150m --quick --no-cuda-graphs
+bench train 150 --suite train --preset tiny jowa_40m jowa_70m --steps 10 --batch-size 128
+bench train150_eager 60 --suite train --preset jowa_150m --steps 10 --batch-size 128 --no-compile
+bench tokenizer 60 --suite tokenizer --quick
+cat "$OUT"/*.md

@@ -59,6 +59,22 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def cli_error(capsys):
+    """Run ``jowa ARGV`` expecting the CLI's one-line error: exit status 2, no traceback; returns stderr."""
+    from jowa_core.cli import main
+
+    def run(argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err
+
+    return run
+
+
 class SmokeRun:
     """One smoke run folder: ``ensure(names)`` runs (or resumes up to) the named notebooks, all six by
     default; ``run_dir`` is known before anything ran (the browser tests open Lab on it meanwhile)."""

@@ -9,22 +9,12 @@ import pytest
 import torch
 
 from jowa_core import checkpoints
-from jowa_core.cli import main
 from jowa_core.config import ConfigError, preset
 from jowa_core.models.world_action import WorldActionModel
 
 
-def _cli_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
-
-
-def test_missing_run_folder(tmp_path, capsys):
-    err = _cli_error(["evaluate", "--run-dir", str(tmp_path / "nope")], capsys)
+def test_missing_run_folder(tmp_path, cli_error):
+    err = cli_error(["evaluate", "--run-dir", str(tmp_path / "nope")])
     assert "does not exist" in err and "run_dir" in err
 
 
