@@ -89,10 +89,16 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
-    from jowa_core.training import train_world_action
+    from jowa_core.config import preset
+    from jowa_core.training import mtbc_preset, resolve_preset, train_world_action
 
+    cfg = preset(args.preset)
+    if args.objective == "mtbc":  # the baseline: the same steps and batch, all spent on its BC head
+        steps = {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps, "batch_size": args.batch_size}
+        cfg = mtbc_preset(resolve_preset(cfg, steps))
+        args.stage1_steps = args.stage2_steps = args.batch_size = None
     train_world_action(
-        args.preset,
+        cfg,
         args.caches,
         args.run_dir,
         stage1_steps=args.stage1_steps,
@@ -440,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--no-resume", action="store_true", help="start afresh instead of resuming")
+    p.add_argument("--objective", choices=("jowa", "mtbc"), default="jowa",
+                   help="jowa (both stages) or mtbc: the behaviour-cloning baseline with the same steps and batch")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser(

@@ -111,7 +111,8 @@ class ReferenceScores:
 
 
 def reference_scores(game: str, *, dqn_source: str = "results_file") -> ReferenceScores:
-    """Random / human / DQN scores (raw returns) for the 20 paper games.
+    """Random / human / DQN scores (raw returns) for the 20 paper games, and random / human for Breakout
+    (the walkthrough's demo game; Mnih et al. 2015, see ``reference_notes`` in the game table).
 
     ``dqn_source``: "results_file" (official ``results/base_scores.py``) or "paper_table18"
     (the paper's held-out DQN column; only the 5 held-out games).
@@ -121,7 +122,7 @@ def reference_scores(game: str, *, dqn_source: str = "results_file") -> Referenc
     if name not in t["random"]:
         raise UnknownGameError(
             f"No reference scores for {name!r}: they exist for the 20 paper games "
-            f"({', '.join(PRETRAINING_GAMES + HELD_OUT_GAMES)})."
+            f"({', '.join(PRETRAINING_GAMES + HELD_OUT_GAMES)}) and Breakout."
         )
     dqn_table = {"results_file": t["dqn"], "paper_table18": t["dqn_paper_table18"]}[dqn_source]
     return ReferenceScores(float(t["random"][name]), float(t["human"][name]), dqn_table.get(name))

@@ -116,8 +116,57 @@ def td_rows(mask_padding: torch.Tensor, ends: torch.Tensor) -> TDRows:
     return TDRows(mask & (next_index < L), mask & ends.bool(), next_index)
 
 
+@dataclass
+class NStepTargets:
+    """Per TD row: the discounted sum of rewards up to the bootstrap step, the discount of the bootstrap
+    value, the index of the bootstrap step, and which rows end inside their window (and which bootstrap)."""
+
+    returns: torch.Tensor
+    discount: torch.Tensor
+    boot_index: torch.Tensor
+    terminal: torch.Tensor
+    nonterminal: torch.Tensor
+
+
+def n_step_targets(rewards: torch.Tensor, rows: TDRows, ends: torch.Tensor, gamma: float, n: int) -> NStepTargets:
+    """n-step returns inside a segment (ours; the official loss is n = 1).
+
+    Row t sums gamma^k r_{t+k} over its next real steps until it has n rewards, its episode ends, or the
+    segment has no step after the one reached, and bootstraps from the step after the last reward
+    (discount gamma^m for m rewards); a row whose window holds a terminal step is terminal (no
+    bootstrap). With n = 1 this is exactly the official pairing of ``td_rows``.
+    """
+    if n < 1:
+        raise ValueError(f"td_steps must be >= 1, got {n}.")
+    B, L = rewards.shape
+    nxt = rows.next_index
+    end = rows.terminal
+    ret = rewards.float().clone()
+    disc = torch.full_like(ret, gamma)
+    boot = nxt.clone()
+    term = end.clone()
+    alive = rows.nonterminal & ~term  # rows that may take one more reward
+    cur = nxt
+    for _ in range(n - 1):
+        at = cur.clamp(max=L - 1)
+        r_k, e_k, n_k = rewards.float().gather(1, at), end.gather(1, at), nxt.gather(1, at)
+        take = alive & (e_k | (n_k < L))  # the reached step can be used: it ends or has a successor
+        ret = torch.where(take, ret + disc * r_k, ret)
+        disc = torch.where(take, disc * gamma, disc)
+        boot = torch.where(take, n_k, boot)
+        term = term | (take & e_k)
+        alive = take & ~e_k
+        cur = n_k
+    nonterminal = rows.nonterminal if n == 1 else rows.nonterminal & ~term  # n = 1: the official rows, as they are
+    return NStepTargets(ret, disc, boot, term, nonterminal)
+
+
 def c51_project(
-    next_probs: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor, gamma: float, atoms: torch.Tensor
+    next_probs: torch.Tensor,
+    rewards: torch.Tensor,
+    dones: torch.Tensor,
+    gamma: float | torch.Tensor,
+    atoms: torch.Tensor,
 ) -> torch.Tensor:
     """Categorical projection of r + gamma (1 - d) Z' onto the support (C51; spec 6.2).
 
@@ -127,6 +176,7 @@ def c51_project(
     Args:
         next_probs: (..., Z) probabilities of the bootstrap distribution (rows sum to 1).
         rewards, dones: (...) per row.
+        gamma: a float, or (...) per-row discounts (n-step returns).
         atoms: (Z,) evenly spaced support.
     Returns:
         (..., Z) projected target probabilities.
@@ -139,6 +189,7 @@ def c51_project(
     atoms = atoms.to(torch.float32)
     v_min, v_max = atoms[0], atoms[-1]
     dz = (v_max - v_min) / (Z - 1)
+    gamma = torch.as_tensor(gamma, dtype=torch.float32, device=next_probs.device)
     discount = gamma * (1.0 - dones.to(torch.float32))
     tz = (rewards.to(torch.float32).unsqueeze(-1) + discount.unsqueeze(-1) * atoms).clamp(v_min, v_max)  # (..., Z_j)
     weight = (1.0 - (tz.unsqueeze(-2) - atoms.unsqueeze(-1)).abs() / dz).clamp(min=0.0)  # (..., Z_i, Z_j)
@@ -177,13 +228,14 @@ def c51_td_loss(
     atoms: torch.Tensor,
     gamma: float,
     weights: torch.Tensor | None = None,
+    n_steps: int = 1,
 ) -> torch.Tensor:
     """1-step distributional TD loss (spec 6.2): mean over TD rows of -sum_i m_i log(P_i + 1e-8).
 
     P is the online mixture at the dataset action; m projects the TARGET head's distribution at
     the next real step, at a* = argmax over the game's legal actions of its expected Q (the target
     net's own argmax, not double-Q). ``weights`` (num_q,): REM weights shared by online and target
-    (default uniform).
+    (default uniform). ``n_steps`` > 1 (ours) uses ``n_step_targets`` inside the segment.
 
     Args:
         q_logits, q_target_logits: (num_q, B, L, 18, Z) online / target logits.
@@ -200,15 +252,16 @@ def c51_td_loss(
         a_star = t_q.argmax(-1)  # (B, L)
         p_star = t_probs.gather(2, a_star.view(*a_star.shape, 1, 1).expand(-1, -1, 1, Z)).squeeze(2)  # (B, L, Z)
         L = p_star.shape[1]
-        nxt = rows.next_index.clamp(max=L - 1)
-        p_next = p_star.gather(1, nxt.unsqueeze(-1).expand(-1, -1, Z))  # (B, L, Z) at t + 1
-        m_boot = c51_project(p_next, rewards, torch.zeros_like(rewards), gamma, atoms)
-        m_term = c51_project(p_next, rewards, torch.ones_like(rewards), gamma, atoms)
+        tgt = n_step_targets(rewards, rows, ends, gamma, n_steps)
+        nxt = tgt.boot_index.clamp(max=L - 1)
+        p_next = p_star.gather(1, nxt.unsqueeze(-1).expand(-1, -1, Z))  # (B, L, Z) at the bootstrap step
+        m_boot = c51_project(p_next, tgt.returns, torch.zeros_like(rewards), tgt.discount, atoms)
+        m_term = c51_project(p_next, tgt.returns, torch.ones_like(rewards), tgt.discount, atoms)
     log_p = torch.log(p_taken + 1e-8)
     ce_boot = -(m_boot * log_p).sum(-1)
     ce_term = -(m_term * log_p).sum(-1)
-    total = (ce_boot * rows.nonterminal).sum() + (ce_term * rows.terminal).sum()
-    return total / (rows.nonterminal.sum() + rows.terminal.sum()).clamp(min=1)
+    total = (ce_boot * tgt.nonterminal).sum() + (ce_term * tgt.terminal).sum()
+    return total / (tgt.nonterminal.sum() + tgt.terminal.sum()).clamp(min=1)
 
 
 def mse_td_loss(
@@ -221,6 +274,7 @@ def mse_td_loss(
     legal_mask: torch.Tensor,
     gamma: float,
     weights: torch.Tensor | None = None,
+    n_steps: int = 1,
 ) -> torch.Tensor:
     """Ablation ``td_loss: mse`` (spec 6.4): 0.5 * mean over TD rows of (Q(s,a) - y)^2 with
     y = r + gamma max_{legal a'} Q_target(s', a') (y = r on terminal rows).
@@ -235,11 +289,12 @@ def mse_td_loss(
     with torch.no_grad():
         t_q = expected_q(q_target_values.detach().float(), None, weights)
         v = t_q.masked_fill(~legal_mask.bool().unsqueeze(1), float("-inf")).max(-1).values  # (B, L)
-        v_next = v.gather(1, rows.next_index.clamp(max=v.shape[1] - 1))
-        y_boot = rewards.float() + gamma * v_next
-        y_term = rewards.float()
-    se = (q_taken - y_boot) ** 2 * rows.nonterminal + (q_taken - y_term) ** 2 * rows.terminal
-    return 0.5 * se.sum() / (rows.nonterminal.sum() + rows.terminal.sum()).clamp(min=1)
+        tgt = n_step_targets(rewards, rows, ends, gamma, n_steps)
+        v_next = v.gather(1, tgt.boot_index.clamp(max=v.shape[1] - 1))
+        y_boot = tgt.returns + tgt.discount * v_next
+        y_term = tgt.returns
+    se = (q_taken - y_boot) ** 2 * tgt.nonterminal + (q_taken - y_term) ** 2 * tgt.terminal
+    return 0.5 * se.sum() / (tgt.nonterminal.sum() + tgt.terminal.sum()).clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +406,7 @@ def joint_loss(
     rem_weights: torch.Tensor | None = None,
     bc_weight: float = 1.0,
     num_real_rows: int | None = None,
+    td_steps: int = 1,
 ) -> LossTerms:
     """L = lambda (CE_obs + CE_rew + CE_end) + L_TD + alpha L_CQL (+ bc_weight L_BC) (paper Eq. 9).
 
@@ -362,6 +418,7 @@ def joint_loss(
         q_penalty: "cql", "combo" (dataset term on the first ``num_real_rows`` rows only) or "null".
         num_real_rows: rows [0, num_real_rows) are real data, the rest imagined; world and BC losses
             use the real rows only (official). Default: all rows are real.
+        td_steps: n of the n-step TD target inside the segment (official 1; ``n_step_targets``).
 
     Differences from the official code, all outside its default settings: with REM weights the CQL
     terms use the uniform mixture (official: the dataset term uses the REM mixture); the MSE
@@ -398,11 +455,12 @@ def joint_loss(
             raise ValueError("train_critic=True needs q_target_logits (model.q_target_logits(out.q_hidden)).")
         if td_loss == "c51":
             td = c51_td_loss(out.q_logits, q_target_logits, actions, rewards, ends, mask, legal_mask, atoms, gamma,
-                             rem_weights)  # fmt: skip
+                             rem_weights, n_steps=td_steps)  # fmt: skip
             q_exp = expected_q(out.q_logits, atoms)
         elif td_loss == "mse":
             td = mse_td_loss(
-                out.q_logits, q_target_logits, actions, rewards, ends, mask, legal_mask, gamma, rem_weights
+                out.q_logits, q_target_logits, actions, rewards, ends, mask, legal_mask, gamma, rem_weights,
+                n_steps=td_steps,
             )
             q_exp = expected_q(out.q_logits.float(), None)
         else:

@@ -24,7 +24,11 @@ __all__ = [
     "Run",
     "best_constant",
     "evaluate_run",
+    "load_mtbc",
     "load_run",
+    "results_frame",
+    "results_markdown",
+    "target_checks",
     "make_agent",
     "paper_comparison",
     "reference_games",
@@ -168,6 +172,22 @@ def make_agent(
                  epsilon=epsilon, name=label, seed=seed)  # fmt: skip
 
 
+def load_mtbc(run: Run) -> Any | None:
+    """The MTBC baseline trained beside the run (notebook 03's ``mtbc_dir``), in eval mode on the run's
+    device, or None when the run has none. It must read the run's tokens (same vocabulary)."""
+    from jowa_core.checkpoints import load
+
+    named = _summary(run.run_dir, "03").get("mtbc_dir")
+    if not named or not Path(named).is_dir():
+        return None
+    model = load(named, device=next(run.model.parameters()).device).model.eval()
+    if getattr(model, "head_bc", None) is None:
+        raise ValueError(f"{named} holds no behaviour-cloning head; it is not an MTBC run (retrain notebook 03).")
+    if model.cfg.obs_vocab_size != run.model.cfg.obs_vocab_size:
+        raise ValueError(f"the MTBC model in {named} reads another token vocabulary than the run's model.")
+    return model
+
+
 def best_constant(table: ScoreTable, name: str = "constant_best") -> ScoreTable:
     """One agent holding, per game, the returns of the constant action with the best mean score
     (``meta[name]["actions"]`` names it per game): the strongest trivial control."""
@@ -208,6 +228,8 @@ def evaluate_run(
     seed: int = 0,
     num_envs: int | None = None,
     progress: bool = True,
+    mtbc_model: Any = None,
+    all_constants: bool = False,
 ) -> ScoreTable:
     """Evaluate a run with and without planning, beside the controls, under each protocol.
 
@@ -222,6 +244,9 @@ def evaluate_run(
             at least 1; "greedy" horizon 0).
         max_steps: episode cap in agent steps (official 108,000).
         seed, num_envs, progress: as in ``evaluation.evaluate``.
+        mtbc_model: a separately trained MTBC model (``load_mtbc``) for the "mtbc" agent; default the
+            run model's own ``head_bc`` when it has one.
+        all_constants: keep every constant action's returns (``constant_<ACTION>``) beside ``constant_best``.
     Returns:
         One ``ScoreTable``: jowa_greedy, jowa_beam, mtbc, random and constant_best (the best
         constant action per game, see ``best_constant``), for each protocol.
@@ -242,23 +267,25 @@ def evaluate_run(
         if "beam" in agents:
             jobs.append(make_agent(run, beam_width=beam_width, horizon=horizon, history_steps=history_steps,
                                    epsilon=epsilon, seed=seed))  # fmt: skip
-        if "mtbc" in agents and run.has_bc_head:
-            hist = history_steps or run.model.cfg.max_blocks
-            jobs.append(MTBCAgent(run.tokenizer, run.model, history_steps=hist, epsilon=epsilon, seed=seed))
+        bc_model = mtbc_model if mtbc_model is not None else (run.model if run.has_bc_head else None)
+        if "mtbc" in agents and bc_model is not None:
+            hist = history_steps or bc_model.cfg.max_blocks
+            jobs.append(MTBCAgent(run.tokenizer, bc_model, history_steps=hist, epsilon=epsilon, seed=seed))
         for agent in jobs:
             tables.append(_rename(evaluate(agent, game_list, episodes, env_config=proto, **kw), suffix))
         if "random" in agents or "constant" in agents:
             ctl = control_scores(game_list, episodes, include_random="random" in agents,
                                  actions=None if "constant" in agents else [], env_config=proto,
                                  **(kw | {"progress": False}))  # fmt: skip  # quick; one bar per action is noise
+            kept = [a for a in ctl.agents if all_constants or not a.startswith("constant_")]
             keep = ScoreTable(
-                returns={a: v for a, v in ctl.returns.items() if not a.startswith("constant_")},
-                lengths={a: v for a, v in ctl.lengths.items() if not a.startswith("constant_")},
-                meta={a: v for a, v in ctl.meta.items() if not a.startswith("constant_")},
+                returns={a: ctl.returns[a] for a in kept},
+                lengths={a: ctl.lengths[a] for a in kept},
+                meta={a: ctl.meta[a] for a in kept},
             )
             tables.append(_rename(keep.merge(best_constant(ctl)), suffix))
     if not tables:
-        raise ValueError("nothing to evaluate: agents is empty (or only 'mtbc' for a model without a BC head).")
+        raise ValueError("nothing to evaluate: agents is empty (or only 'mtbc' without an MTBC model or BC head).")
     return tables[0].merge(*tables[1:])
 
 
@@ -327,3 +354,142 @@ def scores_summary(table: ScoreTable) -> dict[str, Any]:
     agg = score_aggregates(table, reps=500)
     iqm = {r.agent: r.value for r in agg.itertuples() if r.stat == "iqm"}
     return {"mean_return": means, "hns_iqm": iqm, "hns_games": reference_games(table.games)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The walkthrough's results table: data, controls, MTBC and JOWA side by side
+
+
+AGENT_ORDER = ("random", "constant_best", "mtbc", "jowa_greedy", "jowa_beam")
+
+
+def _protocol_of(agent: str) -> tuple[str, str]:
+    base, _, proto = agent.partition("@")
+    return base, proto or "official"
+
+
+def results_frame(table: ScoreTable, data: Any = None, *, reps: int = 2000, seed: int = 0) -> Any:
+    """Long table of everything the walkthrough compares (pandas): one row per (row label, game,
+    protocol) with mean return, 95% bootstrap CI and episodes, then the IQM of HNS over the games with
+    reference scores as game ``"IQM HNS"``. ``data`` is ``data.prepare.dataset_summary`` of the
+    training files: its mean returns per behaviour policy come first (protocol "data", no CI); when it
+    was made with the evaluation's ``max_steps``, ``mean`` is the return within that cap (what the
+    agents could score) and ``full_mean`` the whole episodes'."""
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+    if data is not None:
+        for r in data.to_dict("records"):
+            label = "data: all policies" if r["policy"] == "all" else f"data: {r['policy']}"
+            mean = r.get("mean_return_capped", r["mean_return"])
+            rows.append({"row": label, "game": r["game"], "protocol": "data", "mean": mean, "ci_low": math.nan,
+                         "ci_high": math.nan, "episodes": r["complete"], "full_mean": r["mean_return"]})  # fmt: skip
+    ref = reference_games(table.games)
+    for a in table.agents:
+        base, proto = _protocol_of(a)
+        for g in table.returns[a]:
+            lo, hi = table.ci(g, a, reps=reps, seed=seed)
+            rows.append({"row": base, "game": g, "protocol": proto, "mean": table.mean(g, a), "ci_low": lo,
+                         "ci_high": hi, "episodes": len(table.returns[a][g])})  # fmt: skip
+        games_a = [g for g in ref if g in table.returns[a]]
+        if games_a:
+            agg = table.aggregate("hns", "iqm", agent=a, games=games_a, reps=reps, seed=seed)
+            rows.append({"row": base, "game": "IQM HNS", "protocol": proto, "mean": agg.value, "ci_low": agg.low,
+                         "ci_high": agg.high, "episodes": sum(len(table.returns[a][g]) for g in games_a)})  # fmt: skip
+    cols = ["row", "game", "protocol", "mean", "ci_low", "ci_high", "episodes", "full_mean"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _row_rank(label: str) -> tuple[int, str]:
+    if label.startswith("data"):
+        return (0 if label == "data: all policies" else 1, label)
+    if label.startswith("constant_") and label != "constant_best":
+        return (3, label)
+    return (2 if label == "random" else 4 + (AGENT_ORDER.index(label) if label in AGENT_ORDER else 9), label)
+
+
+def results_markdown(frame: Any, digits: int = 1) -> str:
+    """``results_frame`` as one markdown table: a row per data policy / agent, a column per game and
+    protocol (mean [95% CI]), IQM HNS columns last."""
+    frame = frame.copy()
+    frame["column"] = [g if p == "data" else f"{g} ({p})" for g, p in zip(frame.game, frame.protocol)]
+    cols = [c for c in dict.fromkeys(frame.column) if "(" in c]
+    games_cols = sorted((c for c in cols if not c.startswith("IQM")), key=lambda c: (c.split(" (")[0], c))
+    iqm_cols = [c for c in cols if c.startswith("IQM")]
+    data_games = list(dict.fromkeys(frame[frame.protocol == "data"].game))
+    header = ["", *games_cols, *iqm_cols]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label in sorted(dict.fromkeys(frame.row), key=_row_rank):
+        sub = frame[frame.row == label]
+        cells = []
+        for c in games_cols + iqm_cols:
+            hit = sub[sub.column == c]
+            if hit.empty and label.startswith("data"):  # data rows: one value per game, in every protocol column
+                game = c.split(" (")[0]
+                hit = sub[sub.game == game] if game in data_games else hit
+            if hit.empty:
+                cells.append("")
+                continue
+            r = hit.iloc[0]
+            f = f"{{:.{digits if 'IQM' not in c else 2}f}}"
+            if math.isnan(r["mean"]):
+                cells.append("-")  # e.g. a policy without a complete episode
+                continue
+            cell = f.format(r["mean"])
+            if not math.isnan(r["ci_low"]):
+                cell += f" [{f.format(r['ci_low'])}, {f.format(r['ci_high'])}]"
+            full = r.get("full_mean", math.nan)
+            if label.startswith("data") and not math.isnan(full) and full != r["mean"]:
+                cell += f" (whole episodes {f.format(full)})"
+            cells.append(cell)
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def target_checks(frame: Any, protocol: str = "official") -> Any:
+    """The walkthrough's targets on ``results_frame`` (pandas, one row per target with ``passed``):
+    per game JOWA (greedy and beam) above the data mean and above every control; on the IQM of HNS,
+    JOWA's CI above MTBC's and every control's (non-overlapping); beam search at least as good as greedy."""
+    import pandas as pd
+
+    f = frame[(frame.protocol == protocol) | (frame.protocol == "data")]
+    rows: list[dict[str, Any]] = []
+
+    def get(label: str, game: str) -> Any:
+        hit = f[(f.row == label) & (f.game == game) & (f.protocol != "data")]
+        return None if hit.empty else hit.iloc[0]
+
+    games_ = [g for g in dict.fromkeys(f[f.protocol != "data"].game) if g != "IQM HNS"]
+    controls = [r for r in dict.fromkeys(f.row) if r == "random" or r.startswith("constant_")]
+    for jowa in ("jowa_greedy", "jowa_beam"):
+        for g in games_:
+            j = get(jowa, g)
+            if j is None:
+                continue
+            data = f[(f.row == "data: all policies") & (f.game == g)]
+            if not data.empty:
+                d = float(data.iloc[0]["mean"])
+                rows.append({"target": f"{jowa} > data mean", "game": g, "passed": bool(j["mean"] > d),
+                             "detail": f"{j['mean']:.2f} vs {d:.2f}"})  # fmt: skip
+            for c in controls:
+                r = get(c, g)
+                if r is not None:
+                    rows.append({"target": f"{jowa} > {c}", "game": g, "passed": bool(j["mean"] > r["mean"]),
+                                 "detail": f"{j['mean']:.2f} vs {r['mean']:.2f}"})  # fmt: skip
+        j = get(jowa, "IQM HNS")
+        if j is None:
+            continue
+        for other in ["mtbc", *controls]:
+            r = get(other, "IQM HNS")
+            if r is not None:
+                rows.append({"target": f"{jowa} IQM HNS CI above {other}'s", "game": "IQM HNS",
+                             "passed": bool(j["ci_low"] > r["ci_high"]),
+                             "detail": f"[{j['ci_low']:.2f}, {j['ci_high']:.2f}] vs [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"})  # fmt: skip
+    for g in games_ + ["IQM HNS"]:
+        b, gr = get("jowa_beam", g), get("jowa_greedy", g)
+        if b is not None and gr is not None:
+            rows.append({"target": "jowa_beam >= jowa_greedy", "game": g, "passed": bool(b["mean"] >= gr["mean"]),
+                         "detail": f"{b['mean']:.2f} vs {gr['mean']:.2f}"})  # fmt: skip
+    out = pd.DataFrame(rows, columns=["target", "game", "passed", "detail"])
+    out.insert(0, "protocol", protocol)
+    return out

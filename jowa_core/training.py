@@ -333,6 +333,7 @@ def step_loss(
         supervised_weight=train_cfg.supervised_weight_stage1 if stage == 1 else train_cfg.supervised_weight_stage2,
         train_critic=critic, gamma=train_cfg.gamma, cql_weight=train_cfg.cql_weight, td_loss=cfg.td_loss,
         q_penalty=cfg.q_penalty, cql_legal_only=cfg.cql_legal_only, rem_weights=rem, bc_weight=train_cfg.bc_weight,
+        td_steps=train_cfg.td_steps,
     )  # fmt: skip
 
 
@@ -400,7 +401,9 @@ def _tensorboard(run_dir: Path):
 # The loop
 
 
-def _resolve(cfg: Preset | tuple[WorldActionConfig, TrainConfig] | str, overrides: dict[str, Any]) -> Preset:
+def resolve_preset(cfg: Preset | tuple[WorldActionConfig, TrainConfig] | str, overrides: dict[str, Any]) -> Preset:
+    """The preset a run trains: a name or config pair made a ``Preset``, with the non-None ``TrainConfig``
+    overrides applied (what checkpoints record)."""
     if isinstance(cfg, str):
         cfg = preset(cfg)
     if isinstance(cfg, tuple):
@@ -410,6 +413,16 @@ def _resolve(cfg: Preset | tuple[WorldActionConfig, TrainConfig] | str, override
         raise TypeError(f"cfg must be a Preset, a preset name or (WorldActionConfig, TrainConfig); got {type(cfg)}.")
     given = {k: v for k, v in overrides.items() if v is not None}
     return replace(cfg, train=replace(cfg.train, **given)) if given else cfg
+
+
+def mtbc_preset(p: Preset | str) -> Preset:
+    """The multi-task behaviour-cloning baseline (MTBC) of a preset: the same backbone with its
+    18-way ``head_bc`` trained alone (world-loss weight 0, no critic) for the same number of steps
+    and the same batch as JOWA's two stages together, so that both get the same compute and data."""
+    p = preset(p) if isinstance(p, str) else p
+    tc = p.train
+    train = replace(tc, stage1_steps=tc.stage1_steps + tc.stage2_steps, stage2_steps=0, supervised_weight_stage1=0.0)
+    return replace(p, name=f"{p.name}_mtbc", model=replace(p.model, bc_head=True), train=train)
 
 
 def train_world_action(
@@ -478,7 +491,7 @@ def train_world_action(
         "log_every": log_every,
         "save_every": save_every,
     }
-    p = _resolve(cfg, overrides)
+    p = resolve_preset(cfg, overrides)
     tc = p.train
     if tc.stage1_steps < 0 or tc.stage2_steps < 0 or tc.log_every < 1 or tc.save_every < 1:
         raise ValueError("need stage1_steps >= 0, stage2_steps >= 0, log_every >= 1 and save_every >= 1.")
@@ -705,3 +718,42 @@ def load_agent_model(run_dir: str | os.PathLike, device: str | torch.device = "c
     """The newest checkpoint of a world-action run: ``(model in eval mode, resolved preset)``."""
     ckpt = checkpoints.load(run_dir, device=resolve_device(device))
     return ckpt.model, ckpt.preset
+
+
+def train_with_mtbc(
+    cfg: Preset | str,
+    token_caches: Sequence[str | os.PathLike],
+    run_dir: str | os.PathLike,
+    mtbc_dir: str | os.PathLike,
+    *,
+    stage1_steps: int | None = None,
+    stage2_steps: int | None = None,
+    batch_size: int | None = None,
+    parallel: bool | None = None,
+    **kwargs: Any,
+) -> tuple[WorldActionModel, WorldActionModel]:
+    """JOWA and its MTBC baseline (``mtbc_preset``) on the same caches with the same steps and batch.
+
+    ``parallel`` (default: on a CPU with at least 2 free cores) trains the baseline in a spawned process
+    beside JOWA, one torch thread each: on 2 cores that is faster than one after the other with 2 threads
+    each. Both runs checkpoint and resume independently; other keyword arguments go to both calls.
+    Returns ``(jowa_model, mtbc_model)`` in eval mode.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    p = resolve_preset(cfg, {"stage1_steps": stage1_steps, "stage2_steps": stage2_steps, "batch_size": batch_size})
+    bc = mtbc_preset(p)
+    on_cpu = resolve_device(kwargs.get("device", "auto")).type == "cpu"
+    if parallel is None:
+        parallel = on_cpu and available_cores() >= 2
+    if not parallel:
+        model = train_world_action(p, token_caches, run_dir, **kwargs)
+        return model, train_world_action(bc, token_caches, mtbc_dir, **kwargs)
+    child = {**kwargs, "progress": False, "num_threads": 1}
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        job = pool.submit(train_world_action, bc, list(map(str, token_caches)), str(mtbc_dir), **child)
+        model = train_world_action(p, token_caches, run_dir, **{**kwargs, "num_threads": kwargs.get("num_threads") or 1})
+        job.result()  # re-raises the baseline's error here
+    mtbc_model, _ = load_agent_model(mtbc_dir, device=next(model.parameters()).device)
+    return model, mtbc_model

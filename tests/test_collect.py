@@ -113,6 +113,26 @@ def test_mixed_policy_records_episode_policies(tmp_path):
         assert json.loads(f.attrs["collection"])["backend"] == "python"  # the tracker reads RAM
         assert len(labels) == len(f["episode_starts"]) >= 9 and set(labels.tolist()) == {0, 1}
         assert games.legal_mask("Breakout")[f["actions"][:]].all()
+    from jowa_core.data.prepare import dataset_summary
+
+    summary = dataset_summary([path]).set_index("policy")  # one row per policy and one for all
+    assert summary.loc["all", "episodes"] == len(labels)
+    assert [summary.loc[n, "episodes"] for n in ("tracker_eps0.05", "random")] == np.bincount(labels).tolist()
+
+
+def test_dataset_summary_against_the_recorded_episodes(breakout_file):
+    from jowa_core.data.prepare import dataset_summary
+
+    with open_dataset(breakout_file) as f:
+        starts, rewards, terminals = f["episode_starts"][:], f["rewards"][:], f["terminals"][:]
+        returns = f["episode_returns"][:]
+    row = dataset_summary([breakout_file], max_steps=25).set_index("policy").loc["all"]
+    bounds = list(zip(starts, list(starts[1:]) + [len(rewards)]))
+    done = [(a, b) for a, b in bounds if terminals[b - 1]]  # complete episodes only
+    assert done and row.complete == len(done) and row.episodes == len(bounds)
+    assert row.mean_return == pytest.approx(np.mean([rewards[a:b].sum() for a, b in done]))
+    assert row.mean_return_capped == pytest.approx(np.mean([rewards[a : min(b, a + 25)].sum() for a, b in done]))
+    assert np.allclose(returns, [rewards[a:b].sum() for a, b in bounds])
 
 
 def test_breakout_tracker_follows_the_ball():
@@ -128,6 +148,11 @@ def test_breakout_tracker_follows_the_ball():
     assert shifted.tolist() == [FIRE, NOOP, LEFT, LEFT]
     with pytest.raises(ValueError, match="cannot play"):
         BreakoutTracker().check_game("Pong")
+    launcher = BreakoutTracker(hold="RIGHT")  # a lazy player that still launches the ball
+    assert launcher.act(obs, ram, games.legal_mask("Breakout"), rng).tolist() == [FIRE, RIGHT, RIGHT, RIGHT]
+    assert launcher.name == "launch_hold_right_eps0" and launcher.describe()["hold"] == "RIGHT"
+    with pytest.raises(ValueError, match="legal Breakout action"):
+        BreakoutTracker(hold="UP")
 
 
 def test_simple_policies():

@@ -43,7 +43,8 @@ def test_normalised_scores_by_hand():
     assert dqn_normalized(-2.05, "Pong") == pytest.approx(0.5)
     assert dqn_normalized(19.5, "Pong", "paper_table18") == pytest.approx(1.0)
     with pytest.raises(games.UnknownGameError):
-        human_normalized(10.0, "Breakout")  # not one of the paper's 20 games
+        human_normalized(10.0, "Asterix")  # not one of the paper's 20 games (nor Breakout)
+    assert human_normalized(30.5, "Breakout") == pytest.approx(1.0)  # Mnih et al. 2015: random 1.7, human 30.5
 
 
 def test_iqm_of_15_games_drops_3_and_3():
@@ -103,8 +104,8 @@ def test_bootstrap_ci_properties():
 
 def _table():
     return ScoreTable(
-        returns={"a": {"Pong": [-21.0, -19.0], "Breakout": [2.0, 4.0, 3.0]}, "b": {"Pong": [-20.0, -20.0]}},
-        lengths={"a": {"Pong": [800, 900], "Breakout": [100, 200, 150]}, "b": {"Pong": [810, 820]}},
+        returns={"a": {"Pong": [-21.0, -19.0], "Asterix": [2.0, 4.0, 3.0]}, "b": {"Pong": [-20.0, -20.0]}},
+        lengths={"a": {"Pong": [800, 900], "Asterix": [100, 200, 150]}, "b": {"Pong": [810, 820]}},
         meta={"a": {"seed": 0}, "b": {"seed": 1}},
     )
 
@@ -116,16 +117,16 @@ def test_score_table_frame_markdown_round_trip(tmp_path):
     assert row.episodes == 2 and row["mean"] == -20.0 and row.mean_length == 850
     assert row.hns == pytest.approx((-20.0 + 20.7) / (14.6 + 20.7))  # Pong human 14.6
     assert row.ci_low == -21.0 and row.ci_high == -19.0
-    assert np.isnan(df[(df.agent == "a") & (df.game == "Breakout")].iloc[0].hns)
+    assert np.isnan(df[(df.agent == "a") & (df.game == "Asterix")].iloc[0].hns)
     md = t.to_markdown()
-    assert "| a | Breakout | 3 | 3.0 [" in md and "| b | iqm |" in md
+    assert "| a | Asterix | 3 | 3.0 [" in md and "| b | iqm |" in md
     path = t.save(tmp_path / "scores.json")
     back = ScoreTable.load(path)
     assert back.returns == t.returns and back.lengths == t.lengths and back.meta == t.meta
-    assert t.best() == {"Pong": ("a", -20.0), "Breakout": ("a", 3.0)}
+    assert t.best() == {"Pong": ("a", -20.0), "Asterix": ("a", 3.0)}
     with pytest.raises(ValueError, match="agent="):
         t.aggregate("hns")
-    with pytest.raises(ValueError, match="Breakout"):
+    with pytest.raises(ValueError, match="Asterix"):
         t.aggregate("hns", agent="a")
     assert t.aggregate("hns", "mean", agent="b").value == pytest.approx(row.hns)
     (tmp_path / "bad.json").write_text("{}")
@@ -317,3 +318,47 @@ def test_evaluate_the_jowa_agent_end_to_end():
     assert t.agents == ["jowa"] and t.lengths["jowa"] == {"Pong": [12, 12], "Breakout": [12, 12]}
     assert agent.history_length().tolist() == [0, 0]  # every finished episode reset its slot
     assert t.meta["jowa"]["agent"]["history_steps"] == 3
+
+
+# --- the walkthrough's results table ---------------------------------------------------------------
+
+
+def test_results_frame_markdown_and_targets():
+    import pandas as pd
+
+    from jowa_core.runs import results_frame, results_markdown, target_checks
+
+    t = ScoreTable(
+        returns={"jowa_greedy": {"Breakout": [20.0, 22.0, 24.0]}, "jowa_beam": {"Breakout": [18.0, 18.0, 18.0]},
+                 "mtbc": {"Breakout": [10.0, 12.0, 14.0]}, "random": {"Breakout": [1.0, 2.0, 0.0]},
+                 "constant_best": {"Breakout": [5.0, 5.0, 5.0]}, "constant_NOOP": {"Breakout": [0.0, 0.0, 0.0]},
+                 "jowa_greedy@sticky": {"Breakout": [2.0, 3.0, 4.0]}, "mtbc@sticky": {"Breakout": [9.0, 9.0, 9.0]}},
+    )  # fmt: skip
+    data = pd.DataFrame([
+        {"game": "Breakout", "policy": "all", "complete": 10, "mean_return": 15.0},
+        {"game": "Breakout", "policy": "tracker_eps0.05", "complete": 4, "mean_return": 38.0},
+    ])  # fmt: skip
+    f = results_frame(t, data, reps=200)
+    row = f[(f.row == "jowa_greedy") & (f.game == "Breakout") & (f.protocol == "official")].iloc[0]
+    assert row["mean"] == 22.0 and row.ci_low >= 20.0 and row.ci_high <= 24.0 and row.episodes == 3
+    iqm = f[(f.row == "jowa_greedy") & (f.game == "IQM HNS") & (f.protocol == "official")].iloc[0]
+    assert iqm["mean"] == pytest.approx((22.0 - 1.7) / (30.5 - 1.7))  # one game: its HNS
+    assert set(f[f.protocol == "sticky"].row) == {"jowa_greedy", "mtbc"}
+    assert f[f.row == "data: tracker_eps0.05"].iloc[0]["mean"] == 38.0
+
+    md = results_markdown(f)
+    lines = md.splitlines()
+    assert lines[0] == "|  | Breakout (official) | Breakout (sticky) | IQM HNS (official) | IQM HNS (sticky) |"
+    labels = [ln.split(" | ")[0][2:] for ln in lines[2:]]
+    assert labels == ["data: all policies", "data: tracker_eps0.05", "random", "constant_NOOP", "constant_best",
+                      "mtbc", "jowa_greedy", "jowa_beam"]  # fmt: skip
+    assert "| data: all policies | 15.0 | 15.0 |" in md and "| jowa_greedy | 22.0 [" in md
+
+    checks = target_checks(f, "official").set_index(["target", "game"]).passed
+    assert checks[("jowa_greedy > data mean", "Breakout")] and checks[("jowa_beam > data mean", "Breakout")]  # 22, 18 > 15
+    assert checks[("jowa_greedy > constant_NOOP", "Breakout")] and checks[("jowa_beam > random", "Breakout")]
+    assert checks[("jowa_greedy IQM HNS CI above mtbc's", "IQM HNS")]  # [20, 24] vs [10, 14]
+    assert not checks[("jowa_beam >= jowa_greedy", "Breakout")]  # 18 < 22: a missed target is reported as missed
+    sticky = target_checks(f, "sticky").set_index(["target", "game"]).passed
+    assert not sticky[("jowa_greedy > data mean", "Breakout")]  # 3 < 15
+    assert not sticky[("jowa_greedy IQM HNS CI above mtbc's", "IQM HNS")]

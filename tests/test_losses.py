@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from jowa_core.config import WorldActionConfig
 from jowa_core.losses import (
+    n_step_targets,
     c51_project,
     c51_td_loss,
     compute_loss,
@@ -155,6 +156,77 @@ def test_c51_td_loss_equals_brute_force(seed):
                             best, best_a = v, a
                 pn = mixture(qt[:, b, t_next, best_a]).tolist()
                 target = ref_project(pn, rewards[b, t].item(), False, 0.99, ATOMS.tolist())
+            terms.append(-sum(m * math.log(pi + 1e-8) for m, pi in zip(target, p.tolist())))
+    assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def ref_n_step_rows(mask: list[bool], ends: list[bool], rewards: list[float], gamma: float, n: int):
+    """(t, G, discount, t_boot) per TD row for n > 1: rewards of the next real steps, at most n, never past
+    an episode end, and only as far as a step that ends or has a successor (t_boot None when it ends)."""
+    real = [t for t, m in enumerate(mask) if m]
+    rows = []
+    for i, t in enumerate(real):
+        if not ends[t] and i + 1 == len(real):
+            continue  # nothing to bootstrap from
+        G, m, last = 0.0, 0, None
+        for j in range(i, min(i + n, len(real))):
+            s = real[j]
+            if not ends[s] and j + 1 == len(real):
+                break
+            G += gamma**m * rewards[s]
+            m, last = m + 1, j
+            if ends[s]:
+                break
+        s = real[last]
+        rows.append((t, G, gamma**m, None if ends[s] else real[last + 1]))
+    return rows
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_n_step_targets_equal_reference(n):
+    g = torch.Generator().manual_seed(n)
+    B, L = 64, 6
+    starts = torch.randint(0, 3, (B,), generator=g)
+    stops = torch.randint(3, L + 1, (B,), generator=g)
+    pos = torch.arange(L)
+    mask = (pos >= starts[:, None]) & (pos < stops[:, None])
+    ends = torch.zeros(B, L, dtype=torch.long)
+    ended = torch.rand(B, generator=g) < 0.5
+    ends[ended, stops[ended] - 1] = 1  # the episode ends at the last real step of half the rows
+    rewards = torch.randint(-1, 2, (B, L), generator=g).float()
+    got = n_step_targets(rewards, td_rows(mask, ends), ends.bool() & mask, 0.9, n)
+    for b in range(B):
+        ref = ref_n_step_rows(mask[b].tolist(), [bool(e) for e in ends[b]], rewards[b].tolist(), 0.9, n)
+        rows = [t for t in range(L) if got.terminal[b, t] or got.nonterminal[b, t]]
+        assert rows == [r[0] for r in ref]
+        for t, G, disc, boot in ref:
+            assert got.returns[b, t].item() == pytest.approx(G, abs=1e-6)
+            assert bool(got.terminal[b, t]) == (boot is None)
+            if boot is not None:
+                assert got.discount[b, t].item() == pytest.approx(disc) and got.boot_index[b, t].item() == boot
+
+
+def test_n_step_one_is_the_official_loss():
+    q, qt, actions, rewards, ends, mask, legal = random_td_case(4)
+    one = c51_td_loss(q, qt, actions, rewards, ends, mask, legal, ATOMS, 0.99)
+    assert c51_td_loss(q, qt, actions, rewards, ends, mask, legal, ATOMS, 0.99, n_steps=1).item() == one.item()
+    assert c51_td_loss(q, qt, actions, rewards, ends, mask, legal, ATOMS, 0.99, n_steps=3).item() != one.item()
+
+
+def test_c51_n_step_loss_equals_brute_force():
+    q, qt, actions, rewards, ends, mask, legal = random_td_case(5, L=6)
+    got = c51_td_loss(q, qt, actions, rewards, ends, mask, legal, ATOMS, 0.9, n_steps=3)
+    terms = []
+    for b in range(q.shape[1]):
+        for t, G, disc, boot in ref_n_step_rows(mask[b].tolist(), [bool(e) for e in ends[b]], rewards[b].tolist(), 0.9, 3):
+            p = mixture(q[:, b, t, actions[b, t]])
+            if boot is None:
+                target = ref_project([1.0] + [0.0] * 50, G, True, 0.9, ATOMS.tolist())
+            else:
+                vals = {a: float(mixture(qt[:, b, boot, a]) @ ATOMS.double()) for a in range(18) if legal[b, a]}
+                best_a = max(vals, key=vals.get)
+                # the projection of G + disc * z is the reference projection with gamma = disc
+                target = ref_project(mixture(qt[:, b, boot, best_a]).tolist(), G, False, disc, ATOMS.tolist())
             terms.append(-sum(m * math.log(pi + 1e-8) for m, pi in zip(target, p.tolist())))
     assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
 

@@ -43,6 +43,14 @@ def test_pipeline_smoke_run(smoke_run):
         assert not errors
     summary = json.loads((smoke_run / "01_summary.json").read_text())
     assert summary["games"] and all(g["num_transitions"] > 0 for g in summary["games"].values())
+    pretrain = json.loads((smoke_run / "03_summary.json").read_text())
+    assert (smoke_run / "mtbc" / "checkpoints").is_dir() and pretrain["mtbc_dir"].endswith("mtbc")
+    results = json.loads((smoke_run / "06_summary.json").read_text())
+    table = (smoke_run / "06_results.md").read_text()
+    for row in ("| data: all policies |", "| random |", "| constant_FIRE |", "| mtbc |", "| jowa_greedy |", "| jowa_beam |"):
+        assert row in table
+    assert "Breakout (official)" in table and "Breakout (sticky)" in table and "IQM HNS (official)" in table
+    assert results["targets"] > 0 and 0 <= results["targets_passed"] <= results["targets"]
 
 
 @pytest.mark.slow

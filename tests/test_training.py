@@ -320,3 +320,27 @@ def test_bad_inputs_are_explained(caches, tmp_path):
         train_world_action(small, caches, tmp_path / "c", stage1_steps=1, **RUN)
     with pytest.raises(ValueError, match="at least one token cache"):
         train_world_action(tiny(), [], tmp_path / "d", **RUN)
+
+
+# ---------------------------------------------------------------------------------------------
+# The MTBC baseline beside JOWA
+
+
+def test_mtbc_baseline_gets_the_same_budget_and_trains_only_its_bc_head(caches, tmp_path):
+    from jowa_core.training import mtbc_preset, train_with_mtbc
+
+    p = tiny(dropout=0.0, stage1_steps=3, stage2_steps=5)
+    bc = mtbc_preset(p)
+    assert bc.model.bc_head and not p.model.bc_head
+    assert (bc.train.stage1_steps, bc.train.stage2_steps, bc.train.batch_size) == (8, 0, p.train.batch_size)
+    assert bc.train.supervised_weight_stage1 == 0.0
+
+    run = {k: v for k, v in RUN.items() if k != "num_threads"}
+    jowa, mtbc = train_with_mtbc(p, caches, tmp_path / "jowa", tmp_path / "mtbc", parallel=True, **run)
+    alone = train_world_action(p, caches, tmp_path / "alone", **RUN)
+    assert_same(params(jowa), params(alone))  # training the baseline beside it changes nothing
+    assert mtbc.head_bc is not None
+    recs = read_metrics(tmp_path / "mtbc")
+    assert recs[-1]["step"] == 8 and {r["stage"] for r in recs} == {1}
+    for r in recs:  # the objective is the BC loss alone: world terms are logged but weigh nothing
+        assert r["loss/total"] == pytest.approx(r["loss/bc"]) and r["loss/td"] == 0.0 and r["loss/obs"] > 0

@@ -248,8 +248,8 @@ def test_write_video_round_trip(tmp_path, record, nets):
 
 def _table() -> ScoreTable:
     return ScoreTable(
-        returns={"a": {"Pong": [-20.0, -10.0], "Breakout": [3.0, 5.0]}, "b": {"Pong": [0.0, 2.0], "Breakout": [1.0, 1.0]}},
-        lengths={"a": {"Pong": [9, 9], "Breakout": [9, 9]}, "b": {"Pong": [9, 9], "Breakout": [9, 9]}},
+        returns={"a": {"Pong": [-20.0, -10.0], "Asterix": [3.0, 5.0]}, "b": {"Pong": [0.0, 2.0], "Asterix": [1.0, 1.0]}},
+        lengths={"a": {"Pong": [9, 9], "Asterix": [9, 9]}, "b": {"Pong": [9, 9], "Asterix": [9, 9]}},
     )  # fmt: skip
 
 
@@ -261,7 +261,7 @@ def test_score_bars_plot_hns_where_defined_and_raw_elsewhere():
     assert list(a_hns.x) == ["Pong"]
     assert a_hns.y[0] == pytest.approx((-15.0 - ref.random) / (ref.human - ref.random))
     a_raw = bars[("a", "x2")]
-    assert list(a_raw.x) == ["Breakout"] and a_raw.y[0] == pytest.approx(4.0)
+    assert list(a_raw.x) == ["Asterix"] and a_raw.y[0] == pytest.approx(4.0)
     assert "raw return" in fig.layout.annotations[1].text
 
 
@@ -276,7 +276,7 @@ def test_best_constant_and_paper_comparison():
     assert best.returns["constant_best"] == {"Pong": [-19.0], "Assault": [300.0]}
     assert best.meta["constant_best"]["actions"] == {"Pong": "FIRE", "Assault": "NOOP"}
     cmp = paper_comparison(_table().merge(best))
-    assert "not a JOWA paper game" in cmp.loc["Breakout", "note"]
+    assert "not a JOWA paper game" in cmp.loc["Asterix", "note"]
     assert cmp.loc["Assault", "paper JOWA-150M"] == games.paper_scores()["JOWA-150M"]["Assault"]
     assert cmp.loc["Pong", "paper JOWA-150M (fine-tuned)"] == games.paper_scores("paper_table3_finetune_dns")[
         "JOWA-150M"]["Pong"]  # fmt: skip

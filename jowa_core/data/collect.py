@@ -133,6 +133,7 @@ class EpsilonGreedy(Policy):
 
 class BreakoutTracker(Policy):
     """Scripted Breakout player from RAM: move the paddle under the ball, FIRE when no ball is in play.
+    With ``hold`` it launches the ball but then holds that action instead of tracking (a lazy player).
 
     RAM[99] = ball x, RAM[101] = ball y (0 when no ball is in play), RAM[72] = paddle x. The paddle
     aims at ``ball_x + AIM + offset``; ``AIM`` = -10 was tuned on random seeds (it lines the paddle's
@@ -144,11 +145,17 @@ class BreakoutTracker(Policy):
     AIM = -10
     BALL_X, BALL_Y, PADDLE_X = 99, 101, 72
 
-    def __init__(self, epsilon: float = 0.0, offset: int = 0, deadzone: int = 3):
+    def __init__(self, epsilon: float = 0.0, offset: int = 0, deadzone: int = 3, hold: int | str | None = None):
         self.epsilon = _check_epsilon(epsilon)
         self.offset = int(offset)
         self.deadzone = int(deadzone)
-        self.name = f"tracker_eps{epsilon:g}" + (f"_off{offset:+d}" if offset else "")
+        self.hold = games.FULL_ACTION_SET.index(hold) if isinstance(hold, str) else hold
+        if self.hold is not None and not games.legal_mask("Breakout")[self.hold]:
+            raise ValueError(f"hold must be a legal Breakout action (NOOP, FIRE, RIGHT, LEFT), got {hold!r}.")
+        if self.hold is not None:  # a lazy player that still launches the ball
+            self.name = f"launch_hold_{games.FULL_ACTION_SET[self.hold].lower()}_eps{epsilon:g}"
+        else:
+            self.name = f"tracker_eps{epsilon:g}" + (f"_off{offset:+d}" if offset else "")
 
     def check_game(self, game: str) -> None:
         if games.canonical_name(game) != "Breakout":
@@ -162,6 +169,8 @@ class BreakoutTracker(Policy):
         paddle_x = ram[:, self.PADDLE_X].astype(np.int64)
         gap = ball_x + self.AIM + self.offset - paddle_x
         actions = np.where(gap > self.deadzone, RIGHT, np.where(gap < -self.deadzone, LEFT, NOOP))
+        if self.hold is not None:
+            actions = np.full_like(actions, self.hold)
         actions = np.where(ball_y == 0, FIRE, actions).astype(np.int64)
         return _epsilon_mix(actions, self.epsilon, legal_mask, rng)
 
@@ -173,6 +182,7 @@ class BreakoutTracker(Policy):
             "offset": self.offset,
             "aim": self.AIM,
             "deadzone": self.deadzone,
+            "hold": None if self.hold is None else games.FULL_ACTION_SET[self.hold],
             "ram": {"ball_x": self.BALL_X, "ball_y": self.BALL_Y, "paddle_x": self.PADDLE_X},
         }
 

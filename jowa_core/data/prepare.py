@@ -106,10 +106,12 @@ def prepare_datasets(spec: DatasetSpec, progress: bool = True) -> list[Path]:
     return paths
 
 
-def dataset_summary(paths: list[str | os.PathLike]) -> pd.DataFrame:
+def dataset_summary(paths: list[str | os.PathLike], max_steps: int | None = None) -> pd.DataFrame:
     """One row per game and behaviour policy: episodes, transitions, mean / std / max episode return.
 
-    Unfinished (truncated) last episodes are excluded from the return statistics.
+    Unfinished (truncated) last episodes are excluded from the return statistics. With ``max_steps``,
+    ``mean_return_capped`` is the mean return over the first ``max_steps`` steps of those episodes: the
+    data's score under the same episode cap as an evaluation run with ``max_steps``.
     """
     rows = []
     for path in paths:
@@ -120,6 +122,10 @@ def dataset_summary(paths: list[str | os.PathLike]) -> pd.DataFrame:
             n = f["actions"].shape[0]
             lengths = np.diff(np.append(starts, n))
             complete = f["terminals"][starts + lengths - 1]
+            capped = None
+            if max_steps is not None:
+                cum = np.concatenate([[0.0], np.cumsum(f["rewards"][:], dtype=np.float64)])
+                capped = cum[starts + np.minimum(lengths, max_steps)] - cum[starts]
             labels = f["episode_policy"][:] if "episode_policy" in f else np.zeros(len(starts), int)
             names = json.loads(f.attrs.get("episode_policy_names", '["all"]'))
         groups = [("all", np.ones(len(starts), bool))]
@@ -134,4 +140,7 @@ def dataset_summary(paths: list[str | os.PathLike]) -> pd.DataFrame:
                 "std_return": float(done.std()) if len(done) else float("nan"),
                 "max_return": float(done.max()) if len(done) else float("nan"),
             })
+            if capped is not None:
+                sel_done = capped[sel & complete]
+                rows[-1]["mean_return_capped"] = float(sel_done.mean()) if len(sel_done) else float("nan")
     return pd.DataFrame(rows)
