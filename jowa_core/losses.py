@@ -138,7 +138,7 @@ def n_step_targets(rewards: torch.Tensor, rows: TDRows, ends: torch.Tensor, gamm
     """
     if n < 1:
         raise ValueError(f"td_steps must be >= 1, got {n}.")
-    B, L = rewards.shape
+    L = rewards.shape[1]
     nxt = rows.next_index
     end = rows.terminal
     ret = rewards.float().clone()

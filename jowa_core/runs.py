@@ -26,14 +26,14 @@ __all__ = [
     "evaluate_run",
     "load_mtbc",
     "load_run",
-    "results_frame",
-    "results_markdown",
-    "target_checks",
     "make_agent",
     "paper_comparison",
     "reference_games",
+    "results_frame",
+    "results_markdown",
     "score_aggregates",
     "scores_summary",
+    "target_checks",
 ]
 
 AGENT_KINDS = ("greedy", "beam", "mtbc", "random", "constant")

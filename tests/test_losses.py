@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from jowa_core.config import WorldActionConfig
 from jowa_core.losses import (
-    n_step_targets,
     c51_project,
     c51_td_loss,
     compute_loss,
@@ -16,6 +15,7 @@ from jowa_core.losses import (
     joint_loss,
     mse_td_loss,
     mtbc_loss,
+    n_step_targets,
     td_rows,
     world_losses,
 )
