@@ -89,21 +89,16 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
-    from jowa_core.config import preset
     from jowa_core.training import mtbc_preset, resolve_preset, train_world_action
 
-    cfg = preset(args.preset)
+    steps = {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps, "batch_size": args.batch_size}
+    cfg = resolve_preset(args.preset, steps)
     if args.objective == "mtbc":  # the baseline: the same steps and batch, all spent on its BC head
-        steps = {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps, "batch_size": args.batch_size}
-        cfg = mtbc_preset(resolve_preset(cfg, steps))
-        args.stage1_steps = args.stage2_steps = args.batch_size = None
+        cfg = mtbc_preset(cfg)
     train_world_action(
         cfg,
         args.caches,
         args.run_dir,
-        stage1_steps=args.stage1_steps,
-        stage2_steps=args.stage2_steps,
-        batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         seed=args.seed,
         device=args.device,

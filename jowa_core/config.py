@@ -256,7 +256,7 @@ class TrainConfig:
         _check(self.batch_size > 0 and self.grad_accum > 0, f"batch_size ({self.batch_size}) and grad_accum ({self.grad_accum}) must be positive integers.")
         _check(self.batch_size % self.grad_accum == 0, f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}.")
         _check(0.0 < self.gamma <= 1.0, f"gamma must be in (0, 1], got {self.gamma}.")
-        _check(1 <= self.td_steps < self.segment_length or self.td_steps == 1,
+        _check(self.td_steps == 1 or 1 < self.td_steps < self.segment_length,
                f"td_steps must be >= 1 and shorter than segment_length {self.segment_length}, got {self.td_steps}.")
         _check(
             self.tokenizer_lr_schedule in ("constant", "cosine"),

@@ -128,20 +128,22 @@ class NStepTargets:
     nonterminal: torch.Tensor
 
 
-def n_step_targets(rewards: torch.Tensor, rows: TDRows, ends: torch.Tensor, gamma: float, n: int) -> NStepTargets:
+def n_step_targets(rewards: torch.Tensor, rows: TDRows, gamma: float, n: int) -> NStepTargets:
     """n-step returns inside a segment (ours; the official loss is n = 1).
 
     Row t sums gamma^k r_{t+k} over its next real steps until it has n rewards, its episode ends, or the
     segment has no step after the one reached, and bootstraps from the step after the last reward
     (discount gamma^m for m rewards); a row whose window holds a terminal step is terminal (no
-    bootstrap). With n = 1 this is exactly the official pairing of ``td_rows``.
+    bootstrap). Episode ends come from ``rows.terminal``. With n = 1 this is exactly the official
+    pairing of ``td_rows``.
     """
     if n < 1:
         raise ValueError(f"td_steps must be >= 1, got {n}.")
     L = rewards.shape[1]
     nxt = rows.next_index
     end = rows.terminal
-    ret = rewards.float().clone()
+    r = rewards.float()
+    ret = r.clone()
     disc = torch.full_like(ret, gamma)
     boot = nxt.clone()
     term = end.clone()
@@ -149,7 +151,7 @@ def n_step_targets(rewards: torch.Tensor, rows: TDRows, ends: torch.Tensor, gamm
     cur = nxt
     for _ in range(n - 1):
         at = cur.clamp(max=L - 1)
-        r_k, e_k, n_k = rewards.float().gather(1, at), end.gather(1, at), nxt.gather(1, at)
+        r_k, e_k, n_k = r.gather(1, at), end.gather(1, at), nxt.gather(1, at)
         take = alive & (e_k | (n_k < L))  # the reached step can be used: it ends or has a successor
         ret = torch.where(take, ret + disc * r_k, ret)
         disc = torch.where(take, disc * gamma, disc)
@@ -252,7 +254,7 @@ def c51_td_loss(
         a_star = t_q.argmax(-1)  # (B, L)
         p_star = t_probs.gather(2, a_star.view(*a_star.shape, 1, 1).expand(-1, -1, 1, Z)).squeeze(2)  # (B, L, Z)
         L = p_star.shape[1]
-        tgt = n_step_targets(rewards, rows, ends, gamma, n_steps)
+        tgt = n_step_targets(rewards, rows, gamma, n_steps)
         nxt = tgt.boot_index.clamp(max=L - 1)
         p_next = p_star.gather(1, nxt.unsqueeze(-1).expand(-1, -1, Z))  # (B, L, Z) at the bootstrap step
         m_boot = c51_project(p_next, tgt.returns, torch.zeros_like(rewards), tgt.discount, atoms)
@@ -289,7 +291,7 @@ def mse_td_loss(
     with torch.no_grad():
         t_q = expected_q(q_target_values.detach().float(), None, weights)
         v = t_q.masked_fill(~legal_mask.bool().unsqueeze(1), float("-inf")).max(-1).values  # (B, L)
-        tgt = n_step_targets(rewards, rows, ends, gamma, n_steps)
+        tgt = n_step_targets(rewards, rows, gamma, n_steps)
         v_next = v.gather(1, tgt.boot_index.clamp(max=v.shape[1] - 1))
         y_boot = tgt.returns + tgt.discount * v_next
         y_term = tgt.returns

@@ -258,6 +258,7 @@ def evaluate_run(
         raise ValueError("the 'beam' agent needs horizon >= 1 (horizon 0 is the 'greedy' agent).")
     game_list = [games_mod.canonical_name(g) for g in (games or run.games)]
     kw = {"max_steps": max_steps, "seed": seed, "num_envs": num_envs, "progress": progress}
+    bc_model = mtbc_model if mtbc_model is not None else (run.model if run.has_bc_head else None)
     tables = []
     for proto in protocols:
         suffix = "" if proto == "official" else f"@{proto}"
@@ -267,7 +268,6 @@ def evaluate_run(
         if "beam" in agents:
             jobs.append(make_agent(run, beam_width=beam_width, horizon=horizon, history_steps=history_steps,
                                    epsilon=epsilon, seed=seed))  # fmt: skip
-        bc_model = mtbc_model if mtbc_model is not None else (run.model if run.has_bc_head else None)
         if "mtbc" in agents and bc_model is not None:
             hist = history_steps or bc_model.cfg.max_blocks
             jobs.append(MTBCAgent(run.tokenizer, bc_model, history_steps=hist, epsilon=epsilon, seed=seed))

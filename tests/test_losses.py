@@ -194,7 +194,7 @@ def test_n_step_targets_equal_reference(n):
     ended = torch.rand(B, generator=g) < 0.5
     ends[ended, stops[ended] - 1] = 1  # the episode ends at the last real step of half the rows
     rewards = torch.randint(-1, 2, (B, L), generator=g).float()
-    got = n_step_targets(rewards, td_rows(mask, ends), ends.bool() & mask, 0.9, n)
+    got = n_step_targets(rewards, td_rows(mask, ends), 0.9, n)
     for b in range(B):
         ref = ref_n_step_rows(mask[b].tolist(), [bool(e) for e in ends[b]], rewards[b].tolist(), 0.9, n)
         rows = [t for t in range(L) if got.terminal[b, t] or got.nonterminal[b, t]]
