@@ -154,6 +154,9 @@ def make_agent(
         history_steps: context steps; 0 means the official per-game value for official model sizes
             and the model's whole window (``max_blocks``) otherwise.
         epsilon: probability of a random legal action (official 0.001; 0 for inspection).
+
+    The beam score discounts with the run's training gamma, so the planner values the future as the
+    critic was trained to.
     """
     if beam_width < 0 or horizon < 0 or history_steps < 0:
         raise ValueError(f"beam_width, horizon and history_steps must be >= 0 (0 = default); got "
@@ -169,7 +172,7 @@ def make_agent(
         hist = run.model.cfg.max_blocks
     label = name or ("jowa_greedy" if horizon == 0 else "jowa_beam")
     return Agent(run.tokenizer, run.model, history_steps=hist, beam_width=bw if horizon else 0, horizon=horizon,
-                 epsilon=epsilon, name=label, seed=seed)  # fmt: skip
+                 epsilon=epsilon, name=label, seed=seed, gamma=run.preset.train.gamma)  # fmt: skip
 
 
 def load_mtbc(run: Run) -> Any | None:
