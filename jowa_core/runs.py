@@ -413,11 +413,11 @@ def _row_rank(label: str) -> tuple[int, str]:
 
 def results_markdown(frame: Any, digits: int = 1) -> str:
     """``results_frame`` as one markdown table: a row per data policy / agent, a column per game and
-    protocol (mean [95% CI]), IQM HNS columns last."""
+    protocol (mean [95% CI]; protocols in the order evaluated), IQM HNS columns last."""
     frame = frame.copy()
     frame["column"] = [g if p == "data" else f"{g} ({p})" for g, p in zip(frame.game, frame.protocol)]
     cols = [c for c in dict.fromkeys(frame.column) if "(" in c]
-    games_cols = sorted((c for c in cols if not c.startswith("IQM")), key=lambda c: (c.split(" (")[0], c))
+    games_cols = sorted((c for c in cols if not c.startswith("IQM")), key=lambda c: (c.split(" (")[0], cols.index(c)))
     iqm_cols = [c for c in cols if c.startswith("IQM")]
     data_games = list(dict.fromkeys(frame[frame.protocol == "data"].game))
     header = ["", *games_cols, *iqm_cols]

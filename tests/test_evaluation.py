@@ -332,7 +332,8 @@ def test_results_frame_markdown_and_targets():
         returns={"jowa_greedy": {"Breakout": [20.0, 22.0, 24.0]}, "jowa_beam": {"Breakout": [18.0, 18.0, 18.0]},
                  "mtbc": {"Breakout": [10.0, 12.0, 14.0]}, "random": {"Breakout": [1.0, 2.0, 0.0]},
                  "constant_best": {"Breakout": [5.0, 5.0, 5.0]}, "constant_NOOP": {"Breakout": [0.0, 0.0, 0.0]},
-                 "jowa_greedy@sticky": {"Breakout": [2.0, 3.0, 4.0]}, "mtbc@sticky": {"Breakout": [9.0, 9.0, 9.0]}},
+                 "jowa_greedy@sticky": {"Breakout": [2.0, 3.0, 4.0]}, "mtbc@sticky": {"Breakout": [9.0, 9.0, 9.0]},
+                 "jowa_greedy@fire": {"Breakout": [11.0, 11.0, 11.0]}},
     )  # fmt: skip
     data = pd.DataFrame([
         {"game": "Breakout", "policy": "all", "complete": 10, "mean_return": 15.0},
@@ -348,11 +349,12 @@ def test_results_frame_markdown_and_targets():
 
     md = results_markdown(f)
     lines = md.splitlines()
-    assert lines[0] == "|  | Breakout (official) | Breakout (sticky) | IQM HNS (official) | IQM HNS (sticky) |"
+    assert lines[0] == ("|  | Breakout (official) | Breakout (sticky) | Breakout (fire) | IQM HNS (official) | "
+                        "IQM HNS (sticky) | IQM HNS (fire) |")  # protocols in the order evaluated
     labels = [ln.split(" | ")[0][2:] for ln in lines[2:]]
     assert labels == ["data: all policies", "data: tracker_eps0.05", "random", "constant_NOOP", "constant_best",
                       "mtbc", "jowa_greedy", "jowa_beam"]  # fmt: skip
-    assert "| data: all policies | 15.0 | 15.0 |" in md and "| jowa_greedy | 22.0 [" in md
+    assert "| data: all policies | 15.0 | 15.0 | 15.0 |" in md and "| jowa_greedy | 22.0 [" in md
 
     checks = target_checks(f, "official").set_index(["target", "game"]).passed
     assert checks[("jowa_greedy > data mean", "Breakout")] and checks[("jowa_beam > data mean", "Breakout")]  # 22, 18 > 15
