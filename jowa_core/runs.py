@@ -178,12 +178,12 @@ def make_agent(
 def load_mtbc(run: Run) -> Any | None:
     """The MTBC baseline trained beside the run (notebook 03's ``mtbc_dir``), in eval mode on the run's
     device, or None when the run has none. It must read the run's tokens (same vocabulary)."""
-    from jowa_core.checkpoints import load
+    from jowa_core.training import load_agent_model
 
     named = _summary(run.run_dir, "03").get("mtbc_dir")
     if not named or not Path(named).is_dir():
         return None
-    model = load(named, device=next(run.model.parameters()).device).model.eval()
+    model, _ = load_agent_model(named, device=next(run.model.parameters()).device)
     if getattr(model, "head_bc", None) is None:
         raise ValueError(f"{named} holds no behaviour-cloning head; it is not an MTBC run (retrain notebook 03).")
     if model.cfg.obs_vocab_size != run.model.cfg.obs_vocab_size:
@@ -417,7 +417,7 @@ def results_markdown(frame: Any, digits: int = 1) -> str:
     frame = frame.copy()
     frame["column"] = [g if p == "data" else f"{g} ({p})" for g, p in zip(frame.game, frame.protocol)]
     cols = [c for c in dict.fromkeys(frame.column) if "(" in c]
-    games_cols = sorted((c for c in cols if not c.startswith("IQM")), key=lambda c: (c.split(" (")[0], cols.index(c)))
+    games_cols = sorted((c for c in cols if not c.startswith("IQM")), key=lambda c: c.split(" (")[0])  # stable sort
     iqm_cols = [c for c in cols if c.startswith("IQM")]
     data_games = list(dict.fromkeys(frame[frame.protocol == "data"].game))
     header = ["", *games_cols, *iqm_cols]

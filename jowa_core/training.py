@@ -419,7 +419,7 @@ def mtbc_preset(p: Preset | str) -> Preset:
     """The multi-task behaviour-cloning baseline (MTBC) of a preset: the same backbone with its
     18-way ``head_bc`` trained alone (world-loss weight 0, no critic) for the same number of steps
     and the same batch as JOWA's two stages together, so that both get the same compute and data."""
-    p = preset(p) if isinstance(p, str) else p
+    p = resolve_preset(p, {})
     tc = p.train
     train = replace(tc, stage1_steps=tc.stage1_steps + tc.stage2_steps, stage2_steps=0, supervised_weight_stage1=0.0)
     return replace(p, name=f"{p.name}_mtbc", model=replace(p.model, bc_head=True), train=train)
