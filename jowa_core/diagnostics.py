@@ -1,0 +1,211 @@
+"""Measurements that explain an agent's choices from its data: emulator RAM recovered by replaying a
+dataset, the discounted returns that followed each action, and (Breakout) what the data and the
+tokenizer show in frames with no ball in play.
+
+The README's analysis of the default run (why greedy Q often fails to press FIRE) comes from these
+functions, so anyone can redo it on their own run:
+
+>>> from jowa_core import diagnostics
+>>> diagnostics.breakout_no_ball_table("runs/default/data/Breakout.h5")        # per behaviour policy
+>>> diagnostics.tokenizer_ball_check(tokenizer, "runs/default/data/Breakout.h5")
+
+``replay_ram`` needs a deterministic protocol (no sticky actions, no no-op starts), which makes an
+episode a function of its actions; it checks every replayed frame against the stored one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.signal import lfilter
+
+from jowa_core import games
+from jowa_core.data.collect import BreakoutTracker
+from jowa_core.data.format import DatasetError, episode_bounds, open_dataset
+from jowa_core.envs import AtariVecEnv, EnvConfig
+
+__all__ = [
+    "RamReplay",
+    "ball_visible",
+    "breakout_no_ball_table",
+    "discounted_returns",
+    "replay_ram",
+    "tokenizer_ball_check",
+]
+
+# Breakout's play field in the 84 x 84 frame: the rows between the lowest bricks and the paddle, inside the walls.
+# Only the ball is drawn there, so its brightest pixel tells whether the ball is visible (not while it is among
+# the bricks or level with the paddle).
+PLAY_FIELD = (slice(38, 74), slice(8, 76))
+BALL_THRESHOLD = 40
+"""A ball pixel in the play field is 85-110 after the 84 x 84 resize; the background is 0."""
+
+ACTION_NAMES = ("NOOP", "FIRE", "RIGHT", "LEFT")
+
+
+def discounted_returns(
+    rewards: np.ndarray, episode_starts: np.ndarray, gamma: float = 0.99, *, clip: bool = True
+) -> np.ndarray:
+    """G_t = sum_k gamma^k r_{t+k} up to the end of t's episode, for every transition (rewards
+    clipped to [-1, 1] as in training when ``clip``). An episode cut by the file's end counts only
+    the rewards stored."""
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}.")
+    r = np.asarray(rewards, np.float64)
+    if clip:
+        r = np.clip(r, -1.0, 1.0)
+    starts = np.asarray(episode_starts, np.int64)
+    if len(r) and (len(starts) == 0 or starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= len(r)):
+        raise ValueError("episode_starts must increase from 0 and stay inside rewards.")
+    out = np.empty_like(r)
+    for s, e in zip(starts, np.append(starts[1:], len(r))):
+        out[s:e] = lfilter([1.0], [1.0, -gamma], r[s:e][::-1])[::-1]  # G_t = r_t + gamma G_{t+1}
+    return out
+
+
+@dataclass
+class RamReplay:
+    """Emulator RAM before each replayed transition: ``ram[i]`` belongs to transition ``index[i]``."""
+
+    index: np.ndarray
+    ram: np.ndarray
+
+
+def replay_ram(dataset: str | os.PathLike, episodes: Sequence[int] | None = None) -> RamReplay:
+    """Replay stored episodes (default: all) action by action from reset and record the RAM seen
+    before every transition. Raises ``DatasetError`` if the file's protocol is not deterministic or a
+    replayed frame differs from the stored one (then the RAM would describe another game)."""
+    path = Path(dataset)
+    with open_dataset(path) as f:
+        cfg = EnvConfig.from_dict(json.loads(str(f.attrs["env_config"]))) if "env_config" in f.attrs else None
+        if cfg is None or cfg.repeat_action_probability > 0 or cfg.noop_max > 0:
+            raise DatasetError(
+                f"Dataset {path}: cannot be replayed, because its protocol is not deterministic (sticky actions or "
+                "no-op starts) or not recorded. Collect the data under the official protocol "
+                "(`jowa collect`, the default) to analyse it with replay_ram."
+            )
+        game = str(f.attrs["game"])
+        bounds = episode_bounds(f)
+        chosen = range(len(bounds)) if episodes is None else list(episodes)
+        idx, rams = [], []
+        for ep in chosen:
+            if not 0 <= ep < len(bounds):
+                raise ValueError(f"episode {ep} is out of range: {path} holds episodes 0..{len(bounds) - 1}.")
+            start, stop = bounds[ep]
+            actions = f["actions"][start:stop].astype(np.int64)
+            frames = f["observations"][start:stop]
+            env = AtariVecEnv(game, 1, cfg, seed=0, backend="python")
+            obs = env.reset()
+            for t in range(stop - start):
+                if not np.array_equal(obs[0], frames[t]):
+                    raise DatasetError(
+                        f"Dataset {path}: episode {ep} diverges from its replay at step {t} (transition {start + t}), "
+                        "so the file was not collected from reset by this emulator with these actions (another "
+                        "ale-py version, or imported data). replay_ram only works on data collected by `jowa collect`."
+                    )
+                rams.append(env.ram()[0].copy())
+                obs, *_ = env.step(actions[t : t + 1])
+            idx.append(np.arange(start, stop))
+    ram = np.stack(rams) if rams else np.zeros((0, 128), np.uint8)
+    return RamReplay(np.concatenate(idx) if idx else np.zeros(0, np.int64), ram)
+
+
+def ball_visible(frames: np.ndarray, threshold: int = BALL_THRESHOLD) -> np.ndarray:
+    """(N, 84, 84) Breakout frames (uint8, or float in [0, 1]) -> (N,) bool: a ball in the play field."""
+    x = np.asarray(frames)
+    if x.ndim != 3 or x.shape[1:] != (84, 84):
+        raise ValueError(f"frames must be (N, 84, 84), got {x.shape}.")
+    if x.dtype != np.uint8:
+        x = np.round(np.clip(x, 0.0, 1.0) * 255.0)
+    return x[:, PLAY_FIELD[0], PLAY_FIELD[1]].max(axis=(1, 2)) > threshold
+
+
+def _require_breakout(path: Path) -> None:
+    with open_dataset(path) as f:
+        game = games.canonical_name(str(f.attrs["game"]))
+    if game != "Breakout":
+        raise ValueError(f"{path} holds {game}; this analysis reads Breakout's RAM and screen layout.")
+
+
+def breakout_no_ball_table(dataset: str | os.PathLike, gamma: float = 0.99) -> pd.DataFrame:
+    """Per behaviour policy (and "all"): how many transitions start with no ball in play (RAM, by
+    replay), the share of each action there, and the mean discounted return that followed each action
+    there (``discounted_returns``). NaN where an action never occurs."""
+    path = Path(dataset)
+    _require_breakout(path)
+    replay = replay_ram(path)
+    with open_dataset(path) as f:
+        actions = f["actions"][:].astype(np.int64)
+        returns = discounted_returns(f["rewards"][:], f["episode_starts"][:], gamma)
+        names = json.loads(str(f.attrs["episode_policy_names"])) if "episode_policy_names" in f.attrs else None
+        policy = np.repeat(f["episode_policy"][:], np.diff(episode_bounds(f), axis=1)[:, 0]) if names else None
+    no_ball = np.zeros(len(actions), bool)
+    no_ball[replay.index] = replay.ram[:, BreakoutTracker.BALL_Y] == 0
+    groups = [("all", np.ones(len(actions), bool))]
+    if names:
+        groups += [(n, policy == k) for k, n in enumerate(names)]
+    rows = []
+    for name, sel in groups:
+        m = sel & no_ball
+        row: dict[str, float | int | str] = {"policy": name, "transitions": int(sel.sum()), "no_ball": int(m.sum())}
+        for a_name in ACTION_NAMES:
+            hit = m & (actions == games.FULL_ACTION_SET.index(a_name))
+            row[f"share_{a_name}"] = float(hit.sum() / m.sum()) if m.any() else float("nan")
+            row[f"return_{a_name}"] = float(returns[hit].mean()) if hit.any() else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("policy")
+
+
+@torch.no_grad()
+def tokenizer_ball_check(
+    tokenizer: torch.nn.Module, dataset: str | os.PathLike, *, every: int = 50, batch: int = 256
+) -> dict[str, float | int]:
+    """Does the tokenizer keep Breakout's ball? Encodes and decodes every ``every``-th stored frame and
+    compares ``ball_visible`` on the reconstruction with the original (and with RAM, by replay).
+
+    Returns recall (share of frames with a visible ball whose reconstruction shows one), false_positive
+    (share of frames with no ball in play whose reconstruction shows one) and the median and 90th
+    percentile distance (pixels, max over axes) between the brightest play-field pixels."""
+    path = Path(dataset)
+    _require_breakout(path)
+    with open_dataset(path) as f:
+        n = f["actions"].shape[0]
+        frames = f["observations"][0:n:every]
+        starts = f["episode_starts"][:]
+    picked = np.arange(0, n, every)
+    episodes = np.unique(np.searchsorted(starts, picked, side="right") - 1)
+    replay = replay_ram(path, episodes)
+    ball_y = np.full(n, -1, np.int64)
+    ball_y[replay.index] = replay.ram[:, BreakoutTracker.BALL_Y]
+    in_play = ball_y[picked] != 0
+    device = next(tokenizer.parameters()).device
+    recon = []
+    for i in range(0, len(frames), batch):
+        x = torch.from_numpy(frames[i : i + batch]).to(device)
+        recon.append(tokenizer.decode(tokenizer.encode(x))[:, 0].float().cpu().numpy())
+    rec = np.round(np.clip(np.concatenate(recon), 0.0, 1.0) * 255.0).astype(np.uint8)
+    seen, kept = ball_visible(frames), ball_visible(rec)
+
+    def argmax_yx(x: np.ndarray) -> np.ndarray:
+        field = x[:, PLAY_FIELD[0], PLAY_FIELD[1]].reshape(len(x), -1)
+        flat = field.argmax(1)
+        w = PLAY_FIELD[1].stop - PLAY_FIELD[1].start
+        return np.stack([flat // w, flat % w], 1)
+
+    dist = np.abs(argmax_yx(frames[seen]) - argmax_yx(rec[seen])).max(1) if seen.any() else np.zeros(0)
+    return {
+        "frames": len(frames),
+        "with_visible_ball": int(seen.sum()),
+        "without_ball_in_play": int((~in_play).sum()),
+        "recall": float(kept[seen].mean()) if seen.any() else float("nan"),
+        "false_positive": float(kept[~in_play].mean()) if (~in_play).any() else float("nan"),
+        "distance_median_px": float(np.median(dist)) if len(dist) else float("nan"),
+        "distance_p90_px": float(np.percentile(dist, 90)) if len(dist) else float("nan"),
+    }

@@ -1,0 +1,122 @@
+"""diagnostics: discounted returns against a loop, RAM replay against the emulator's own rules, and the
+Breakout no-ball table and tokenizer check on files with known answers."""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from jowa_core import diagnostics, games
+from jowa_core.data.collect import BreakoutTracker, LazyPolicy, collect
+from jowa_core.data.format import DatasetError
+from jowa_core.envs import EnvConfig
+
+FIRE, RIGHT = games.FULL_ACTION_SET.index("FIRE"), games.FULL_ACTION_SET.index("RIGHT")
+
+
+@pytest.fixture(scope="module")
+def tracker_file(tmp_path_factory):
+    """A noiseless RAM tracker: it presses FIRE exactly when RAM says no ball is in play."""
+    path = tmp_path_factory.mktemp("diag") / "Breakout.h5"
+    return collect("Breakout", 400, path, BreakoutTracker(epsilon=0.0), num_envs=2, seed=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def lazy_file(tmp_path_factory):
+    """A lazy player without noise never launches the ball."""
+    path = tmp_path_factory.mktemp("diag") / "Breakout.h5"
+    return collect("Breakout", 120, path, LazyPolicy("RIGHT", epsilon=0.0), num_envs=2, seed=0, progress=False)
+
+
+def test_discounted_returns_match_a_loop():
+    rng = np.random.default_rng(0)
+    r = rng.choice([-2.0, 0.0, 0.0, 1.0, 3.0], 40).astype(np.float32)
+    starts = np.array([0, 7, 8, 30])
+    for gamma, clip in ((0.9, True), (1.0, False)):
+        want = np.zeros(40)
+        rr = np.clip(r.astype(np.float64), -1, 1) if clip else r.astype(np.float64)
+        for s, e in zip(starts, [7, 8, 30, 40]):
+            for t in range(s, e):
+                want[t] = sum(gamma ** (k - t) * rr[k] for k in range(t, e))
+        np.testing.assert_allclose(diagnostics.discounted_returns(r, starts, gamma, clip=clip), want, rtol=1e-10)
+    with pytest.raises(ValueError, match="episode_starts"):
+        diagnostics.discounted_returns(r, np.array([3, 10]))
+    with pytest.raises(ValueError, match="gamma"):
+        diagnostics.discounted_returns(r, starts, 0.0)
+
+
+def test_replay_ram_follows_the_stored_frames(tracker_file):
+    replay = diagnostics.replay_ram(tracker_file)
+    with h5py.File(tracker_file) as f:
+        n, starts = f["actions"].shape[0], f["episode_starts"][:]
+        frames, actions = f["observations"][:], f["actions"][:]
+    np.testing.assert_array_equal(replay.index, np.arange(n))
+    ball_y = replay.ram[:, BreakoutTracker.BALL_Y]
+    assert (ball_y[starts] == 0).all(), "no ball is in play before the first FIRE of an episode"
+    # the noiseless tracker's own rule, read back from the replayed RAM
+    np.testing.assert_array_equal(actions == FIRE, ball_y == 0)
+    # a ball drawn in the play field means RAM has one in play
+    visible = diagnostics.ball_visible(frames)
+    assert visible.any() and (ball_y[visible] != 0).all()
+
+
+def test_replay_ram_refuses_a_changed_file(tracker_file, tmp_path):
+    bad = tmp_path / "Breakout.h5"
+    shutil.copy(tracker_file, bad)
+    with h5py.File(bad, "r+") as f:
+        f["observations"][5] = 255 - f["observations"][5]
+    with pytest.raises(DatasetError, match=r"episode 0 diverges from its replay at step 5"):
+        diagnostics.replay_ram(bad)
+    with pytest.raises(ValueError, match="out of range"):
+        diagnostics.replay_ram(tracker_file, [99])
+
+
+def test_replay_ram_refuses_sticky_data(tmp_path):
+    path = collect("Breakout", 20, tmp_path / "Breakout.h5", "random", num_envs=1, config=EnvConfig.sticky(),
+                   progress=False)  # fmt: skip
+    with pytest.raises(DatasetError, match="not deterministic"):
+        diagnostics.replay_ram(path)
+
+
+def test_no_ball_table_known_answers(tracker_file, lazy_file):
+    lazy = diagnostics.breakout_no_ball_table(lazy_file).loc["all"]
+    assert lazy["no_ball"] == lazy["transitions"] == 120
+    assert lazy["share_RIGHT"] == 1.0 and lazy["return_RIGHT"] == 0.0 and np.isnan(lazy["return_FIRE"])
+    table = diagnostics.breakout_no_ball_table(tracker_file)
+    row = table.loc["tracker_eps0"]
+    assert 0 < row["no_ball"] < row["transitions"]
+    assert row["share_FIRE"] == 1.0 and row["share_RIGHT"] == 0.0
+
+
+def test_no_ball_table_needs_breakout(tmp_path):
+    path = collect("Pong", 10, tmp_path / "Pong.h5", "random", num_envs=1, progress=False)
+    with pytest.raises(ValueError, match="holds Pong"):
+        diagnostics.breakout_no_ball_table(path)
+
+
+class _Codec(torch.nn.Module):
+    """A 'tokenizer' that keeps the frame (``blank``: returns black frames)."""
+
+    def __init__(self, blank: bool):
+        super().__init__()
+        self.blank = blank
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, frames):
+        return frames
+
+    def decode(self, tokens):
+        x = tokens.float().unsqueeze(1) / 255.0
+        return torch.zeros_like(x) if self.blank else x
+
+
+def test_tokenizer_ball_check_known_answers(tracker_file):
+    perfect = diagnostics.tokenizer_ball_check(_Codec(blank=False), tracker_file, every=3)
+    assert perfect["with_visible_ball"] > 0 and perfect["without_ball_in_play"] > 0
+    assert perfect["recall"] == 1.0 and perfect["false_positive"] == 0.0 and perfect["distance_p90_px"] == 0.0
+    blank = diagnostics.tokenizer_ball_check(_Codec(blank=True), tracker_file, every=3)
+    assert blank["recall"] == 0.0
