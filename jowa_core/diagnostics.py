@@ -8,6 +8,7 @@ functions, so anyone can redo it on their own run:
 >>> from jowa_core import diagnostics
 >>> diagnostics.breakout_no_ball_table("runs/default/data/Breakout.h5")        # per behaviour policy
 >>> diagnostics.tokenizer_ball_check(tokenizer, "runs/default/data/Breakout.h5")
+>>> diagnostics.value_fit(model, "runs/default/data/Breakout.tokens.h5")          # any game
 
 ``replay_ram`` needs a deterministic protocol (no sticky actions, no no-op starts), which makes an
 episode a function of its actions; it checks every replayed frame against the stored one.
@@ -29,6 +30,7 @@ from scipy.signal import lfilter
 from jowa_core import games
 from jowa_core.data.collect import BreakoutTracker
 from jowa_core.data.format import DatasetError, episode_bounds, open_dataset
+from jowa_core.data.token_cache import open_token_cache
 from jowa_core.envs import AtariVecEnv, EnvConfig
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "discounted_returns",
     "replay_ram",
     "tokenizer_ball_check",
+    "value_fit",
 ]
 
 # Breakout's play field in the 84 x 84 frame: the rows between the lowest bricks and the paddle, inside the walls.
@@ -208,4 +211,57 @@ def tokenizer_ball_check(
         "false_positive": float(kept[~in_play].mean()) if (~in_play).any() else float("nan"),
         "distance_median_px": float(np.median(dist)) if len(dist) else float("nan"),
         "distance_p90_px": float(np.percentile(dist, 90)) if len(dist) else float("nan"),
+    }
+
+
+@torch.no_grad()
+def value_fit(
+    model: torch.nn.Module,
+    token_cache: str | os.PathLike,
+    *,
+    gamma: float = 0.99,
+    samples: int = 2000,
+    seed: int = 0,
+    batch: int = 200,
+) -> dict[str, float | int]:
+    """Has the critic learned values? Its Q(s_t, a_t) for dataset steps, read as the agent reads it (the
+    last step of a ``max_blocks``-step window inside the episode), against the discounted return G_t
+    that followed in the data (``discounted_returns``, rewards clipped as in training).
+
+    With max bootstrapping Q estimates a better policy than the data's, so its mean may exceed G's; a
+    correlation near 0 means the critic ranks by something other than value (the CQL term's data
+    frequencies, or its initialisation). ``samples`` steps are drawn without replacement (``seed``).
+    """
+    path = Path(token_cache)
+    L = int(model.cfg.max_blocks)
+    with open_token_cache(path) as f:
+        game = str(f.attrs["game"])
+        tokens = f["tokens"][:].astype(np.int64)
+        actions = f["actions"][:].astype(np.int64)
+        returns = discounted_returns(f["rewards"][:], f["episode_starts"][:], gamma)
+        starts = f["episode_starts"][:]
+    n = len(actions)
+    episode_start = starts[np.searchsorted(starts, np.arange(n), side="right") - 1]
+    eligible = np.flatnonzero(np.arange(n) - episode_start >= L - 1)
+    if len(eligible) == 0:
+        raise ValueError(f"{path} has no episode of {L} steps or more, so no full context window to read Q from.")
+    ts = np.sort(np.random.default_rng(seed).choice(eligible, min(samples, len(eligible)), replace=False))
+    device = next(model.parameters()).device
+    task = games.task_id(game)
+    q_taken = []
+    for i in range(0, len(ts), batch):
+        rows = ts[i : i + batch, None] + np.arange(1 - L, 1)  # (b, L) step indices ending at t
+        seq = np.concatenate([tokens[rows], actions[rows][..., None]], axis=-1).reshape(len(rows), -1)
+        out = model(torch.from_numpy(seq).to(device), torch.full((len(rows),), task, device=device))
+        q = model.q_values(out.q_logits[:, :, -1]).float().cpu().numpy()  # (b, 18) at the window's last step
+        q_taken.append(q[np.arange(len(rows)), actions[ts[i : i + batch]]])
+    qa, g = np.concatenate(q_taken), returns[ts]
+    corr = float(np.corrcoef(qa, g)[0, 1]) if qa.std() > 0 and g.std() > 0 else float("nan")
+    return {
+        "samples": len(ts),
+        "corr": corr,
+        "mean_q": float(qa.mean()),
+        "mean_return": float(g.mean()),
+        "std_q": float(qa.std()),
+        "std_return": float(g.std()),
     }

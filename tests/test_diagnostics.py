@@ -120,3 +120,44 @@ def test_tokenizer_ball_check_known_answers(tracker_file):
     assert perfect["recall"] == 1.0 and perfect["false_positive"] == 0.0 and perfect["distance_p90_px"] == 0.0
     blank = diagnostics.tokenizer_ball_check(_Codec(blank=True), tracker_file, every=3)
     assert blank["recall"] == 0.0
+
+
+class _Oracle(torch.nn.Module):
+    """A 'critic' whose Q at the window's last step is the return the test computed for that step: the
+    cache's first token of each step is the step's index, so a misaligned window reads the wrong return."""
+
+    def __init__(self, returns: np.ndarray, max_blocks: int):
+        super().__init__()
+        self.cfg = type("Cfg", (), {"max_blocks": max_blocks})()
+        self.returns = torch.as_tensor(returns, dtype=torch.float32)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, tokens, task_ids):
+        B, L = tokens.shape[0], self.cfg.max_blocks
+        step = tokens.view(B, L, 37)[:, :, 0]  # (B, L) step indices
+        q = self.returns[step].unsqueeze(-1).expand(B, L, 18)
+        return type("Out", (), {"q_logits": q.unsqueeze(0)})()  # (num_q=1, B, L, 18)
+
+    def q_values(self, q_logits):
+        return q_logits.mean(0)
+
+
+def test_value_fit_reads_q_at_the_last_step_of_each_window(tmp_path, write_token_cache):
+    path = write_token_cache(tmp_path / "Breakout.tokens.h5", "Breakout", n_episodes=8, lengths=(3, 20), vocab=4096)
+    with h5py.File(path, "r+") as f:
+        n = f["actions"].shape[0]
+        f["tokens"][:, 0] = np.arange(n)
+        rewards, starts = f["rewards"][:], f["episode_starts"][:]
+    returns = np.zeros(n)
+    for s, e in zip(starts, np.append(starts[1:], n)):
+        for t in range(s, e):
+            returns[t] = sum(0.9 ** (k - t) * rewards[k] for k in range(t, e))
+    fit = diagnostics.value_fit(_Oracle(returns, 4), path, gamma=0.9, samples=50)
+    start_of = starts[np.searchsorted(starts, np.arange(n), side="right") - 1]
+    assert fit["samples"] == min(50, int((np.arange(n) - start_of >= 3).sum()))
+    assert fit["corr"] == pytest.approx(1.0) and fit["std_q"] > 0
+    assert fit["mean_q"] == pytest.approx(fit["mean_return"], rel=1e-5)
+    shifted = diagnostics.value_fit(_Oracle(np.r_[returns[1:], 0.0], 4), path, gamma=0.9, samples=50)
+    assert shifted["corr"] < 0.99
+    with pytest.raises(ValueError, match="no episode of 40 steps"):
+        diagnostics.value_fit(_Oracle(returns, 40), path)
