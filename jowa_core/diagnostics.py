@@ -38,6 +38,7 @@ __all__ = [
     "ball_visible",
     "breakout_no_ball_table",
     "discounted_returns",
+    "greedy_agreement",
     "replay_ram",
     "tokenizer_ball_check",
     "value_fit",
@@ -214,6 +215,53 @@ def tokenizer_ball_check(
     }
 
 
+@dataclass
+class _Windows:
+    """Dataset steps ``steps`` with the ``L``-step token windows (B, L * 37) that end at them."""
+
+    game: str
+    steps: np.ndarray
+    tokens: np.ndarray
+    actions: np.ndarray
+    returns: np.ndarray
+
+
+def _windows(token_cache: str | os.PathLike, L: int, samples: int, seed: int, gamma: float = 0.99) -> _Windows:
+    path = Path(token_cache)
+    with open_token_cache(path) as f:
+        game = str(f.attrs["game"])
+        tokens = f["tokens"][:].astype(np.int64)
+        actions = f["actions"][:].astype(np.int64)
+        returns = discounted_returns(f["rewards"][:], f["episode_starts"][:], gamma)
+        starts = f["episode_starts"][:]
+    n = len(actions)
+    episode_start = starts[np.searchsorted(starts, np.arange(n), side="right") - 1]
+    eligible = np.flatnonzero(np.arange(n) - episode_start >= L - 1)
+    if len(eligible) == 0:
+        raise ValueError(f"{path} has no episode of {L} steps or more, so no full context window to read Q from.")
+    ts = np.sort(np.random.default_rng(seed).choice(eligible, min(samples, len(eligible)), replace=False))
+    rows = ts[:, None] + np.arange(1 - L, 1)  # (b, L) step indices ending at t
+    seq = np.concatenate([tokens[rows], actions[rows][..., None]], axis=-1).reshape(len(ts), -1)
+    return _Windows(game, ts, seq, actions[ts], returns[ts])
+
+
+def _scores(model: torch.nn.Module, w: _Windows, batch: int) -> np.ndarray:
+    """(b, 18) what the agent ranks at each window's last step: expected Q, or ``head_bc``'s logits (MTBC)."""
+    device = next(model.parameters()).device
+    task = games.task_id(w.game)
+    out_rows = []
+    for i in range(0, len(w.steps), batch):
+        x = torch.from_numpy(w.tokens[i : i + batch]).to(device)
+        out = model(x, torch.full((len(x),), task, device=device))
+        s = (
+            out.bc_logits[:, -1]
+            if getattr(out, "bc_logits", None) is not None
+            else model.q_values(out.q_logits[:, :, -1])
+        )
+        out_rows.append(s.float().cpu().numpy())
+    return np.concatenate(out_rows)
+
+
 @torch.no_grad()
 def value_fit(
     model: torch.nn.Module,
@@ -232,36 +280,43 @@ def value_fit(
     correlation near 0 means the critic ranks by something other than value (the CQL term's data
     frequencies, or its initialisation). ``samples`` steps are drawn without replacement (``seed``).
     """
-    path = Path(token_cache)
-    L = int(model.cfg.max_blocks)
-    with open_token_cache(path) as f:
-        game = str(f.attrs["game"])
-        tokens = f["tokens"][:].astype(np.int64)
-        actions = f["actions"][:].astype(np.int64)
-        returns = discounted_returns(f["rewards"][:], f["episode_starts"][:], gamma)
-        starts = f["episode_starts"][:]
-    n = len(actions)
-    episode_start = starts[np.searchsorted(starts, np.arange(n), side="right") - 1]
-    eligible = np.flatnonzero(np.arange(n) - episode_start >= L - 1)
-    if len(eligible) == 0:
-        raise ValueError(f"{path} has no episode of {L} steps or more, so no full context window to read Q from.")
-    ts = np.sort(np.random.default_rng(seed).choice(eligible, min(samples, len(eligible)), replace=False))
-    device = next(model.parameters()).device
-    task = games.task_id(game)
-    q_taken = []
-    for i in range(0, len(ts), batch):
-        rows = ts[i : i + batch, None] + np.arange(1 - L, 1)  # (b, L) step indices ending at t
-        seq = np.concatenate([tokens[rows], actions[rows][..., None]], axis=-1).reshape(len(rows), -1)
-        out = model(torch.from_numpy(seq).to(device), torch.full((len(rows),), task, device=device))
-        q = model.q_values(out.q_logits[:, :, -1]).float().cpu().numpy()  # (b, 18) at the window's last step
-        q_taken.append(q[np.arange(len(rows)), actions[ts[i : i + batch]]])
-    qa, g = np.concatenate(q_taken), returns[ts]
+    w = _windows(token_cache, int(model.cfg.max_blocks), samples, seed, gamma)
+    qa, g = _scores(model, w, batch)[np.arange(len(w.steps)), w.actions], w.returns
     corr = float(np.corrcoef(qa, g)[0, 1]) if qa.std() > 0 and g.std() > 0 else float("nan")
     return {
-        "samples": len(ts),
+        "samples": len(w.steps),
         "corr": corr,
         "mean_q": float(qa.mean()),
         "mean_return": float(g.mean()),
         "std_q": float(qa.std()),
         "std_return": float(g.std()),
     }
+
+
+@torch.no_grad()
+def greedy_agreement(
+    models: dict[str, torch.nn.Module],
+    token_cache: str | os.PathLike,
+    *,
+    samples: int = 2000,
+    seed: int = 0,
+    batch: int = 200,
+) -> pd.DataFrame:
+    """How often agents pick the same action on the same dataset windows: greedy Q for JOWA models,
+    ``head_bc``'s argmax for MTBC ones, over the game's legal actions, at the last step of a full
+    window. The "data" row and column are the dataset's own actions. High agreement with MTBC means
+    the greedy agent chooses much as behaviour cloning does."""
+    if not models:
+        raise ValueError("greedy_agreement needs at least one model.")
+    L = min(int(m.cfg.max_blocks) for m in models.values())
+    w = _windows(token_cache, L, samples, seed)
+    legal = games.legal_mask(w.game)
+    picks = {"data": w.actions}
+    for name, m in models.items():
+        sc = _scores(m, w, batch)
+        sc[:, ~legal] = -np.inf
+        picks[name] = sc.argmax(-1)
+    names = list(picks)
+    return pd.DataFrame(
+        [[float((picks[a] == picks[b]).mean()) for b in names] for a in names], index=names, columns=names
+    )

@@ -161,3 +161,45 @@ def test_value_fit_reads_q_at_the_last_step_of_each_window(tmp_path, write_token
     assert shifted["corr"] < 0.99
     with pytest.raises(ValueError, match="no episode of 40 steps"):
         diagnostics.value_fit(_Oracle(returns, 40), path)
+
+
+class _Chooser(torch.nn.Module):
+    """Scores that make a known choice: copy the window's own last action token ("copy"), or prefer the
+    illegal UP and then RIGHT ("right"); ``bc`` returns them as MTBC logits instead of Q values."""
+
+    def __init__(self, rule: str, bc: bool = False):
+        super().__init__()
+        self.rule, self.bc = rule, bc
+        self.cfg = type("Cfg", (), {"max_blocks": 4})()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, tokens, task_ids):
+        B = tokens.shape[0]
+        s = torch.zeros(B, 4, 18)
+        if self.rule == "copy":
+            s[torch.arange(B), -1, tokens[:, -1]] = 1.0
+        else:
+            s[:, :, games.FULL_ACTION_SET.index("UP")], s[:, :, RIGHT] = 2.0, 1.0
+        out = {"bc_logits": s if self.bc else None, "q_logits": s.unsqueeze(0)}
+        return type("Out", (), out)()
+
+    def q_values(self, q_logits):
+        return q_logits.mean(0)
+
+
+def test_greedy_agreement_known_choices(tmp_path, write_token_cache):
+    path = write_token_cache(tmp_path / "Breakout.tokens.h5", "Breakout", n_episodes=8, lengths=(6, 20))
+    models = {"copy": _Chooser("copy"), "right": _Chooser("right"), "right_bc": _Chooser("right", bc=True)}
+    table = diagnostics.greedy_agreement(models, path, samples=40)
+    with h5py.File(path) as f:
+        actions, starts = f["actions"][:], f["episode_starts"][:]
+    n = len(actions)
+    start_of = starts[np.searchsorted(starts, np.arange(n), side="right") - 1]
+    eligible = np.flatnonzero(np.arange(n) - start_of >= 3)
+    drawn = np.sort(np.random.default_rng(0).choice(eligible, min(40, len(eligible)), replace=False))
+    assert table.loc["copy", "data"] == 1.0
+    assert table.loc["right", "right_bc"] == 1.0  # the illegal UP is never chosen, through either head
+    assert table.loc["right", "data"] == pytest.approx((actions[drawn] == RIGHT).mean())
+    assert table.loc["right", "copy"] == table.loc["right", "data"] and (table.values == table.values.T).all()
+    with pytest.raises(ValueError, match="at least one model"):
+        diagnostics.greedy_agreement({}, path)
