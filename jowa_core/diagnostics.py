@@ -9,6 +9,7 @@ functions, so anyone can redo it on their own run:
 >>> diagnostics.breakout_no_ball_table("runs/default/data/Breakout.h5")        # per behaviour policy
 >>> diagnostics.tokenizer_ball_check(tokenizer, "runs/default/data/Breakout.h5")
 >>> diagnostics.value_fit(model, "runs/default/data/Breakout.tokens.h5")          # any game
+>>> diagnostics.greedy_agreement({"jowa": model, "mtbc": mtbc}, "runs/default/data/Breakout.tokens.h5")
 
 ``replay_ram`` needs a deterministic protocol (no sticky actions, no no-op starts), which makes an
 episode a function of its actions; it checks every replayed frame against the stored one.
@@ -105,17 +106,18 @@ def replay_ram(dataset: str | os.PathLike, episodes: Sequence[int] | None = None
             start, stop = bounds[ep]
             actions = f["actions"][start:stop].astype(np.int64)
             frames = f["observations"][start:stop]
-            env = AtariVecEnv(game, 1, cfg, seed=0, backend="python")
-            obs = env.reset()
-            for t in range(stop - start):
-                if not np.array_equal(obs[0], frames[t]):
-                    raise DatasetError(
-                        f"Dataset {path}: episode {ep} diverges from its replay at step {t} (transition {start + t}), "
-                        "so the file was not collected from reset by this emulator with these actions (another "
-                        "ale-py version, or imported data). replay_ram only works on data collected by `jowa collect`."
-                    )
-                rams.append(env.ram()[0].copy())
-                obs, *_ = env.step(actions[t : t + 1])
+            with AtariVecEnv(game, 1, cfg, seed=0, backend="python") as env:
+                obs = env.reset()
+                for t in range(stop - start):
+                    if not np.array_equal(obs[0], frames[t]):
+                        raise DatasetError(
+                            f"Dataset {path}: episode {ep} diverges from its replay at step {t} (transition "
+                            f"{start + t}), so the file was not collected from reset by this emulator with these "
+                            "actions (another ale-py version, or imported data). replay_ram only works on data "
+                            "collected by `jowa collect`."
+                        )
+                    rams.append(env.ram()[0].copy())
+                    obs, *_ = env.step(actions[t : t + 1])
             idx.append(np.arange(start, stop))
     ram = np.stack(rams) if rams else np.zeros((0, 128), np.uint8)
     return RamReplay(np.concatenate(idx) if idx else np.zeros(0, np.int64), ram)
