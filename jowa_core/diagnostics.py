@@ -75,6 +75,11 @@ def discounted_returns(
     return out
 
 
+def _episode_of(starts: np.ndarray, n: int) -> np.ndarray:
+    """(n,) index of the episode that holds each of n transitions."""
+    return np.searchsorted(starts, np.arange(n), side="right") - 1
+
+
 @dataclass
 class RamReplay:
     """Emulator RAM before each replayed transition: ``ram[i]`` belongs to transition ``index[i]``."""
@@ -133,9 +138,8 @@ def ball_visible(frames: np.ndarray, threshold: int = BALL_THRESHOLD) -> np.ndar
     return x[:, PLAY_FIELD[0], PLAY_FIELD[1]].max(axis=(1, 2)) > threshold
 
 
-def _require_breakout(path: Path) -> None:
-    with open_dataset(path) as f:
-        game = games.canonical_name(str(f.attrs["game"]))
+def _require_breakout(f, path: Path) -> None:
+    game = games.canonical_name(str(f.attrs["game"]))
     if game != "Breakout":
         raise ValueError(f"{path} holds {game}; this analysis reads Breakout's RAM and screen layout.")
 
@@ -145,13 +149,14 @@ def breakout_no_ball_table(dataset: str | os.PathLike, gamma: float = 0.99) -> p
     replay), the share of each action there, and the mean discounted return that followed each action
     there (``discounted_returns``). NaN where an action never occurs."""
     path = Path(dataset)
-    _require_breakout(path)
-    replay = replay_ram(path)
     with open_dataset(path) as f:
+        _require_breakout(f, path)
         actions = f["actions"][:].astype(np.int64)
-        returns = discounted_returns(f["rewards"][:], f["episode_starts"][:], gamma)
+        starts = f["episode_starts"][:]
+        returns = discounted_returns(f["rewards"][:], starts, gamma)
         names = json.loads(str(f.attrs["episode_policy_names"])) if "episode_policy_names" in f.attrs else None
-        policy = np.repeat(f["episode_policy"][:], np.diff(episode_bounds(f), axis=1)[:, 0]) if names else None
+        policy = f["episode_policy"][:][_episode_of(starts, len(actions))] if names else None
+    replay = replay_ram(path)
     no_ball = np.zeros(len(actions), bool)
     no_ball[replay.index] = replay.ram[:, BreakoutTracker.BALL_Y] == 0
     groups = [("all", np.ones(len(actions), bool))]
@@ -180,15 +185,14 @@ def tokenizer_ball_check(
     (share of frames with no ball in play whose reconstruction shows one) and the median and 90th
     percentile distance (pixels, max over axes) between the brightest play-field pixels."""
     path = Path(dataset)
-    _require_breakout(path)
     with open_dataset(path) as f:
+        _require_breakout(f, path)
         n = f["actions"].shape[0]
         frames = f["observations"][0:n:every]
         starts = f["episode_starts"][:]
     picked = np.arange(0, n, every)
-    episodes = np.unique(np.searchsorted(starts, picked, side="right") - 1)
-    replay = replay_ram(path, episodes)
-    ball_y = np.full(n, -1, np.int64)
+    replay = replay_ram(path, np.unique(_episode_of(starts, n)[picked]))
+    ball_y = np.full(n, -1, np.int64)  # only the replayed episodes are filled in
     ball_y[replay.index] = replay.ram[:, BreakoutTracker.BALL_Y]
     in_play = ball_y[picked] != 0
     device = next(tokenizer.parameters()).device
@@ -196,7 +200,7 @@ def tokenizer_ball_check(
     for i in range(0, len(frames), batch):
         x = torch.from_numpy(frames[i : i + batch]).to(device)
         recon.append(tokenizer.decode(tokenizer.encode(x))[:, 0].float().cpu().numpy())
-    rec = np.round(np.clip(np.concatenate(recon), 0.0, 1.0) * 255.0).astype(np.uint8)
+    rec = np.concatenate(recon)  # floats in [0, 1]; ball_visible and the argmax below take them as they are
     seen, kept = ball_visible(frames), ball_visible(rec)
 
     def argmax_yx(x: np.ndarray) -> np.ndarray:
@@ -237,7 +241,7 @@ def _windows(token_cache: str | os.PathLike, L: int, samples: int, seed: int, ga
         returns = discounted_returns(f["rewards"][:], f["episode_starts"][:], gamma)
         starts = f["episode_starts"][:]
     n = len(actions)
-    episode_start = starts[np.searchsorted(starts, np.arange(n), side="right") - 1]
+    episode_start = starts[_episode_of(starts, n)]
     eligible = np.flatnonzero(np.arange(n) - episode_start >= L - 1)
     if len(eligible) == 0:
         raise ValueError(f"{path} has no episode of {L} steps or more, so no full context window to read Q from.")
@@ -255,11 +259,7 @@ def _scores(model: torch.nn.Module, w: _Windows, batch: int) -> np.ndarray:
     for i in range(0, len(w.steps), batch):
         x = torch.from_numpy(w.tokens[i : i + batch]).to(device)
         out = model(x, torch.full((len(x),), task, device=device))
-        s = (
-            out.bc_logits[:, -1]
-            if getattr(out, "bc_logits", None) is not None
-            else model.q_values(out.q_logits[:, :, -1])
-        )
+        s = out.bc_logits[:, -1] if out.bc_logits is not None else model.q_values(out.q_logits[:, :, -1])
         out_rows.append(s.float().cpu().numpy())
     return np.concatenate(out_rows)
 

@@ -136,7 +136,7 @@ class _Oracle(torch.nn.Module):
         B, L = tokens.shape[0], self.cfg.max_blocks
         step = tokens.view(B, L, 37)[:, :, 0]  # (B, L) step indices
         q = self.returns[step].unsqueeze(-1).expand(B, L, 18)
-        return type("Out", (), {"q_logits": q.unsqueeze(0)})()  # (num_q=1, B, L, 18)
+        return type("Out", (), {"q_logits": q.unsqueeze(0), "bc_logits": None})()  # (num_q=1, B, L, 18)
 
     def q_values(self, q_logits):
         return q_logits.mean(0)
