@@ -10,6 +10,7 @@ functions, so anyone can redo it on their own run:
 >>> diagnostics.tokenizer_ball_check(tokenizer, "runs/default/data/Breakout.h5")
 >>> diagnostics.value_fit(model, "runs/default/data/Breakout.tokens.h5")          # any game
 >>> diagnostics.greedy_agreement({"jowa": model, "mtbc": mtbc}, "runs/default/data/Breakout.tokens.h5")
+>>> diagnostics.breakout_stalls(agent, "official")   # does a playing agent launch the ball?
 
 ``replay_ram`` needs a deterministic protocol (no sticky actions, no no-op starts), which makes an
 episode a function of its actions; it checks every replayed frame against the stored one.
@@ -29,6 +30,7 @@ import torch
 from scipy.signal import lfilter
 
 from jowa_core import games
+from jowa_core.agent import BaseAgent
 from jowa_core.data.collect import BreakoutTracker
 from jowa_core.data.format import DatasetError, episode_bounds, open_dataset
 from jowa_core.data.token_cache import open_token_cache
@@ -38,6 +40,7 @@ __all__ = [
     "RamReplay",
     "ball_visible",
     "breakout_no_ball_table",
+    "breakout_stalls",
     "discounted_returns",
     "greedy_agreement",
     "replay_ram",
@@ -322,3 +325,58 @@ def greedy_agreement(
     return pd.DataFrame(
         [[float((picks[a] == picks[b]).mean()) for b in names] for a in names], index=names, columns=names
     )
+
+
+def breakout_stalls(
+    agent: BaseAgent,
+    env_config: EnvConfig | str = "official",
+    *,
+    steps: int = 300,
+    num_envs: int = 4,
+    seed: int = 0,
+) -> dict[str, float | int | dict[str, float]]:
+    """Does a playing agent launch the ball? ``steps`` agent steps in ``num_envs`` Breakout envs (episodes
+    restart as in ``evaluation.evaluate``), with RAM[101] read before every choice: the share of steps
+    with no ball in play, what the agent chose there, and its longest wait. Under the official protocol
+    only FIRE launches, so a greedy agent that prefers anything else there waits until its 0.001 random
+    actions press FIRE for it (about 4,000 steps on average)."""
+    from jowa_core.evaluation import protocol  # evaluation imports the agents; keep this module light
+
+    if steps < 1 or num_envs < 1:
+        raise ValueError(f"steps and num_envs must be >= 1, got {steps} and {num_envs}.")
+    cfg = protocol(env_config) if isinstance(env_config, str) else env_config
+    no_ball = np.zeros((steps, num_envs), bool)
+    chosen = np.zeros((steps, num_envs), np.int64)
+    rewards = np.zeros(num_envs)
+    lives_lost = 0
+    with AtariVecEnv("Breakout", num_envs, cfg, seed=seed, backend="python") as env:
+        agent.bind(["Breakout"] * num_envs, seed=seed)
+        obs = env.reset()
+        lives = env.lives
+        for t in range(steps):
+            no_ball[t] = env.ram()[:, BreakoutTracker.BALL_Y] == 0
+            chosen[t] = np.asarray(agent.act(obs), dtype=np.int64).reshape(-1)
+            obs, r, term, trunc, info = env.step(chosen[t])
+            agent.observe_actions(info["actions"])
+            rewards += r
+            done = term | trunc
+            lives_lost += int(((info["lives"] < lives) & ~done).sum())
+            lives = info["lives"]
+            if done.any():
+                agent.reset(np.flatnonzero(done))
+    legal = np.flatnonzero(games.legal_mask("Breakout"))
+    waiting = chosen[no_ball]
+    longest = 0
+    for col in no_ball.T:  # longest run of consecutive no-ball steps in any env
+        runs = np.diff(np.flatnonzero(np.diff(np.concatenate([[0], col.astype(np.int8), [0]]))))[::2]
+        longest = max(longest, int(runs.max()) if len(runs) else 0)
+    return {
+        "steps": steps * num_envs,
+        "no_ball_share": float(no_ball.mean()),
+        "choices_without_ball": {
+            games.FULL_ACTION_SET[a]: float((waiting == a).mean()) if len(waiting) else float("nan") for a in legal
+        },
+        "longest_wait": longest,
+        "lives_lost": lives_lost,
+        "reward_per_env": float(rewards.mean()),
+    }

@@ -203,3 +203,28 @@ def test_greedy_agreement_known_choices(tmp_path, write_token_cache):
     assert table.loc["right", "copy"] == table.loc["right", "data"] and (table.values == table.values.T).all()
     with pytest.raises(ValueError, match="at least one model"):
         diagnostics.greedy_agreement({}, path)
+
+
+def test_breakout_stalls_known_agents():
+    """Holding RIGHT never launches; FIRE relaunches at once, so it waits only while a lost ball resets."""
+    from jowa_core.agent import ConstantAgent
+
+    right = diagnostics.breakout_stalls(ConstantAgent("RIGHT"), steps=60, num_envs=2)
+    assert right["no_ball_share"] == 1.0 and right["longest_wait"] == 60 and right["steps"] == 120
+    assert right["choices_without_ball"] == {"NOOP": 0.0, "FIRE": 0.0, "RIGHT": 1.0, "LEFT": 0.0}
+    assert right["lives_lost"] == 0 and right["reward_per_env"] == 0.0
+
+    fire = diagnostics.breakout_stalls(ConstantAgent("FIRE"), steps=300, num_envs=1)
+    assert fire["choices_without_ball"]["FIRE"] == 1.0
+    assert fire["lives_lost"] >= 1  # the paddle never moves, so balls are lost and relaunched
+    assert fire["no_ball_share"] < 0.2 and fire["longest_wait"] < 10
+
+
+def test_breakout_stalls_under_the_fire_protocol():
+    """With FIRE pressed at each life start, even the RIGHT-holder has the ball in play after its first step."""
+    from jowa_core.agent import ConstantAgent
+
+    res = diagnostics.breakout_stalls(ConstantAgent("RIGHT"), "fire", steps=200, num_envs=1)
+    assert res["no_ball_share"] < 0.2 and res["lives_lost"] >= 1
+    with pytest.raises(ValueError, match="unknown protocol"):
+        diagnostics.breakout_stalls(ConstantAgent("RIGHT"), "fired")
