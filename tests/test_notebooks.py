@@ -51,6 +51,8 @@ def test_pipeline_smoke_run(smoke_run):
         assert row in table
     assert "Breakout (official)" in table and "Breakout (sticky)" in table and "IQM HNS (official)" in table
     assert results["targets"] > 0 and 0 <= results["targets_passed"] <= results["targets"]
+    assert set(results["no_ball_share"]) == {"jowa_greedy", "mtbc"}
+    assert all(0.0 <= share <= 1.0 for share in results["no_ball_share"].values())
 
 
 @pytest.mark.slow
