@@ -35,6 +35,7 @@ from jowa_core.data.collect import BreakoutTracker
 from jowa_core.data.format import DatasetError, episode_bounds, open_dataset
 from jowa_core.data.token_cache import open_token_cache
 from jowa_core.envs import AtariVecEnv, EnvConfig
+from jowa_core.evaluation import protocol
 
 __all__ = [
     "RamReplay",
@@ -55,7 +56,8 @@ PLAY_FIELD = (slice(38, 74), slice(8, 76))
 BALL_THRESHOLD = 40
 """A ball pixel in the play field is 85-110 after the 84 x 84 resize; the background is 0."""
 
-ACTION_NAMES = ("NOOP", "FIRE", "RIGHT", "LEFT")
+BREAKOUT_ACTIONS = np.flatnonzero(games.legal_mask("Breakout"))
+"""Breakout's legal full-set actions (NOOP, FIRE, RIGHT, LEFT), from the game table."""
 
 
 def discounted_returns(
@@ -169,8 +171,9 @@ def breakout_no_ball_table(dataset: str | os.PathLike, gamma: float = 0.99) -> p
     for name, sel in groups:
         m = sel & no_ball
         row: dict[str, float | int | str] = {"policy": name, "transitions": int(sel.sum()), "no_ball": int(m.sum())}
-        for a_name in ACTION_NAMES:
-            hit = m & (actions == games.FULL_ACTION_SET.index(a_name))
+        for a in BREAKOUT_ACTIONS:
+            a_name = games.FULL_ACTION_SET[a]
+            hit = m & (actions == a)
             row[f"share_{a_name}"] = float(hit.sum() / m.sum()) if m.any() else float("nan")
             row[f"return_{a_name}"] = float(returns[hit].mean()) if hit.any() else float("nan")
         rows.append(row)
@@ -241,8 +244,8 @@ def _windows(token_cache: str | os.PathLike, L: int, samples: int, seed: int, ga
         game = str(f.attrs["game"])
         tokens = f["tokens"][:].astype(np.int64)
         actions = f["actions"][:].astype(np.int64)
-        returns = discounted_returns(f["rewards"][:], f["episode_starts"][:], gamma)
         starts = f["episode_starts"][:]
+        returns = discounted_returns(f["rewards"][:], starts, gamma)
     n = len(actions)
     episode_start = starts[_episode_of(starts, n)]
     eligible = np.flatnonzero(np.arange(n) - episode_start >= L - 1)
@@ -276,7 +279,7 @@ def value_fit(
     samples: int = 2000,
     seed: int = 0,
     batch: int = 200,
-) -> dict[str, float | int]:
+) -> dict[str, float | int | str]:
     """Has the critic learned values? Its Q(s_t, a_t) for dataset steps, read as the agent reads it (the
     last step of a ``max_blocks``-step window inside the episode), against the discounted return G_t
     that followed in the data (``discounted_returns``, rewards clipped as in training).
@@ -289,6 +292,7 @@ def value_fit(
     qa, g = _scores(model, w, batch)[np.arange(len(w.steps)), w.actions], w.returns
     corr = float(np.corrcoef(qa, g)[0, 1]) if qa.std() > 0 and g.std() > 0 else float("nan")
     return {
+        "game": w.game,
         "samples": len(w.steps),
         "corr": corr,
         "mean_q": float(qa.mean()),
@@ -340,21 +344,22 @@ def breakout_stalls(
     with no ball in play, what the agent chose there, and its longest wait. Under the official protocol
     only FIRE launches, so a greedy agent that prefers anything else there waits until its 0.001 random
     actions press FIRE for it (about 4,000 steps on average)."""
-    from jowa_core.evaluation import protocol  # evaluation imports the agents; keep this module light
-
     if steps < 1 or num_envs < 1:
         raise ValueError(f"steps and num_envs must be >= 1, got {steps} and {num_envs}.")
     cfg = protocol(env_config) if isinstance(env_config, str) else env_config
     no_ball = np.zeros((steps, num_envs), bool)
     chosen = np.zeros((steps, num_envs), np.int64)
     rewards = np.zeros(num_envs)
-    lives_lost = 0
+    wait = np.zeros(num_envs, np.int64)  # consecutive no-ball steps so far, per env
+    lives_lost = longest = 0
     with AtariVecEnv("Breakout", num_envs, cfg, seed=seed, backend="python") as env:
         agent.bind(["Breakout"] * num_envs, seed=seed)
         obs = env.reset()
         lives = env.lives
         for t in range(steps):
             no_ball[t] = env.ram()[:, BreakoutTracker.BALL_Y] == 0
+            wait = np.where(no_ball[t], wait + 1, 0)
+            longest = max(longest, int(wait.max()))
             chosen[t] = np.asarray(agent.act(obs), dtype=np.int64).reshape(-1)
             obs, r, term, trunc, info = env.step(chosen[t])
             agent.observe_actions(info["actions"])
@@ -364,17 +369,13 @@ def breakout_stalls(
             lives = info["lives"]
             if done.any():
                 agent.reset(np.flatnonzero(done))
-    legal = np.flatnonzero(games.legal_mask("Breakout"))
     waiting = chosen[no_ball]
-    longest = 0
-    for col in no_ball.T:  # longest run of consecutive no-ball steps in any env
-        runs = np.diff(np.flatnonzero(np.diff(np.concatenate([[0], col.astype(np.int8), [0]]))))[::2]
-        longest = max(longest, int(runs.max()) if len(runs) else 0)
     return {
         "steps": steps * num_envs,
         "no_ball_share": float(no_ball.mean()),
         "choices_without_ball": {
-            games.FULL_ACTION_SET[a]: float((waiting == a).mean()) if len(waiting) else float("nan") for a in legal
+            games.FULL_ACTION_SET[a]: float((waiting == a).mean()) if len(waiting) else float("nan")
+            for a in BREAKOUT_ACTIONS
         },
         "longest_wait": longest,
         "lives_lost": lives_lost,

@@ -175,6 +175,18 @@ def make_agent(
                  epsilon=epsilon, name=label, seed=seed, gamma=run.preset.train.gamma)  # fmt: skip
 
 
+def make_mtbc_agent(
+    run: Run, mtbc_model: Any = None, *, history_steps: int = 0, epsilon: float = 0.001, seed: int = 0
+) -> MTBCAgent | None:
+    """The MTBC agent of a run: ``mtbc_model`` (``load_mtbc``) when given, else the run's own model when it
+    has a BC head, else None. ``history_steps`` 0 means the model's whole window (``max_blocks``)."""
+    bc_model = mtbc_model if mtbc_model is not None else (run.model if run.has_bc_head else None)
+    if bc_model is None:
+        return None
+    hist = history_steps or bc_model.cfg.max_blocks
+    return MTBCAgent(run.tokenizer, bc_model, history_steps=hist, epsilon=epsilon, seed=seed)
+
+
 def load_mtbc(run: Run) -> Any | None:
     """The MTBC baseline trained beside the run (notebook 03's ``mtbc_dir``), in eval mode on the run's
     device, or None when the run has none. It must read the run's tokens (same vocabulary)."""
@@ -261,7 +273,6 @@ def evaluate_run(
         raise ValueError("the 'beam' agent needs horizon >= 1 (horizon 0 is the 'greedy' agent).")
     game_list = [games_mod.canonical_name(g) for g in (games or run.games)]
     kw = {"max_steps": max_steps, "seed": seed, "num_envs": num_envs, "progress": progress}
-    bc_model = mtbc_model if mtbc_model is not None else (run.model if run.has_bc_head else None)
     tables = []
     for proto in protocols:
         suffix = "" if proto == "official" else f"@{proto}"
@@ -271,9 +282,9 @@ def evaluate_run(
         if "beam" in agents:
             jobs.append(make_agent(run, beam_width=beam_width, horizon=horizon, history_steps=history_steps,
                                    epsilon=epsilon, seed=seed))  # fmt: skip
-        if "mtbc" in agents and bc_model is not None:
-            hist = history_steps or bc_model.cfg.max_blocks
-            jobs.append(MTBCAgent(run.tokenizer, bc_model, history_steps=hist, epsilon=epsilon, seed=seed))
+        if "mtbc" in agents:
+            mtbc_agent = make_mtbc_agent(run, mtbc_model, history_steps=history_steps, epsilon=epsilon, seed=seed)
+            jobs += [mtbc_agent] if mtbc_agent is not None else []
         for agent in jobs:
             tables.append(_rename(evaluate(agent, game_list, episodes, env_config=proto, **kw), suffix))
         if "random" in agents or "constant" in agents:
