@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check of the CUDA fast path, as one script for a lent GPU machine (about 5 minutes on one
+# The device check of the CUDA fast path, as one script for a lent GPU machine (about 7 minutes on one
 # H100/H200): GPU tests, then the benchmark suite, most important figures first. Every step has its own
 # timeout so that one hang leaves the others' figures. Writes logs, JSON lines and tables under ${OUT:-gpu_out}.
 #   bash benchmarks/gpu_check.sh
@@ -23,4 +23,6 @@ bench planner150_eager 60 --suite planner --preset jowa_150m --quick --no-cuda-g
 bench train 150 --suite train --preset tiny jowa_40m jowa_70m --steps 10 --batch-size 128
 bench train150_eager 60 --suite train --preset jowa_150m --steps 10 --batch-size 128 --no-compile
 bench tokenizer 60 --suite tokenizer --quick
+timeout 150 python3 -m benchmarks.profile_train --preset jowa_150m --batch-size 512 --variants compile_loss eager \
+    --profile >"$OUT/profile_train.jsonl" 2>"$OUT/profile_train.err" || echo "profile_train: failed or timed out"
 cat "$OUT"/*.md

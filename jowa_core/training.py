@@ -32,13 +32,14 @@ Where we differ from the official trainer (spec 7 and 11), by design:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,23 @@ def step_loss(
     )  # fmt: skip
 
 
+LossFn = Callable[[Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def loss_and_metrics(
+    forward: nn.Module,
+    model: WorldActionModel,
+    batch: Batch,
+    *,
+    stage: int,
+    train_cfg: TrainConfig,
+    clip_rewards: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``step_loss`` as (total, detached terms): plain tensors out, so it can be one compiled graph."""
+    terms = step_loss(forward, model, batch, stage=stage, train_cfg=train_cfg, clip_rewards=clip_rewards)
+    return terms.total, terms.metrics()
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics
 
@@ -471,7 +489,8 @@ def train_world_action(
             rank's cores, at most 4).
         num_threads: torch CPU threads (default: the rank's share of the cores minus the workers,
             ``runtime.configure_threads``).
-        compile: wrap the forward in ``torch.compile`` (off by default; worth it on CUDA).
+        compile: ``torch.compile`` the forward and the loss as one graph (the forward alone under DDP;
+            off by default; worth it on CUDA).
         stride: distance between segment starts (4 for pretraining).
         data_split: "per_rank" (each rank draws its own batches) or "global" (each rank slices the
             same global batch, so results do not depend on the world size; ``GlobalBatchSlices``).
@@ -626,17 +645,21 @@ def _train(
         return param_groups(model, stage, tc, official_stage2_lr=options["official_stage2_lr"],
                             official_q_weight_decay=options["official_q_weight_decay"])  # fmt: skip
 
-    def build_stage(stage: int) -> tuple[nn.Module, DistributedDataParallel | None, torch.optim.Optimizer]:
+    def build_stage(stage: int) -> tuple[LossFn, DistributedDataParallel | None, torch.optim.Optimizer]:
         set_stage(model, stage)
         ddp = None
         if info.distributed:  # a new wrapper per stage: DDP registers the parameters that need grad
             ids = [dev.index] if dev.type == "cuda" else None
             ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         fwd: nn.Module = ddp or model
-        if compile:
+        if compile and ddp is not None:  # DDP: compile its forward, whose graph DDP splits at its buckets
             fwd = torch.compile(fwd)
+        loss_fn: LossFn = functools.partial(loss_and_metrics, fwd, model, stage=stage, train_cfg=tc,
+                                            clip_rewards=options["clip_rewards"])  # fmt: skip
+        if compile and ddp is None:  # one graph for the forward and the loss: the 2048-way CE fuses
+            loss_fn = torch.compile(loss_fn)
         opt = torch.optim.AdamW(groups_for(stage), betas=(0.9, 0.999), eps=1e-8, fused=dev.type == "cuda")
-        return fwd, ddp, opt
+        return loss_fn, ddp, opt
 
     def save(s: int, stage: int, opt: torch.optim.Optimizer) -> None:
         rngs = [rng_state()]
@@ -653,13 +676,13 @@ def _train(
     use_amp = dev.type == "cuda"
     acc: dict[str, torch.Tensor] = {}
     n_acc, t_log = 0, time.perf_counter()
-    stage, fwd, ddp, opt = 0, model, None, None
+    stage, loss_fn, ddp, opt = 0, None, None, None
     bar = tqdm(total=end, initial=step, desc="world-action", disable=not (progress and info.is_main))
     while step < end:
         if stage_of(step) != stage:
             stage = stage_of(step)
-            del fwd, ddp  # drop the previous stage's DDP wrapper before making the next
-            fwd, ddp, opt = build_stage(stage)
+            del loss_fn, ddp  # drop the previous stage's DDP wrapper before making the next
+            loss_fn, ddp, opt = build_stage(stage)
             if state is not None and int(state["stage"]) == stage and state.get("optimizer") is not None:
                 opt.load_state_dict(state["optimizer"])
                 for g, fresh in zip(opt.param_groups, groups_for(stage)):  # settings may have changed
@@ -673,10 +696,10 @@ def _train(
             last = k == len(micro) - 1
             ctx = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
             with ctx, torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                terms = step_loss(fwd, model, mb, stage=stage, train_cfg=tc, clip_rewards=options["clip_rewards"])
-            (terms.total / len(micro)).backward()
+                total, metrics = loss_fn(mb)
+            (total / len(micro)).backward()
             with torch.no_grad():
-                for name, v in terms.metrics().items():
+                for name, v in metrics.items():
                     acc[f"loss/{name}"] = acc.get(f"loss/{name}", 0.0) + v.float() / len(micro)
         grad_norm = torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], tc.grad_clip)
         opt.step()

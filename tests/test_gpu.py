@@ -3,6 +3,8 @@ reachable, the planner on the GPU chooses what the CPU chooses. Skipped without 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -11,7 +13,7 @@ from jowa_core import games
 from jowa_core.config import WorldActionConfig, preset
 from jowa_core.models.world_action import WorldActionModel
 from jowa_core.planning import beam_search
-from jowa_core.training import Batch, param_groups, set_stage, step_loss
+from jowa_core.training import Batch, loss_and_metrics, param_groups, set_stage, step_loss
 
 pytestmark = [
     pytest.mark.gpu,
@@ -103,6 +105,15 @@ def test_compiled_model_matches_eager(device: torch.device) -> None:
     g_comp = torch.autograd.grad(loss_comp, [model.head_q.head_module.params[0]])[0]
     assert abs(float(loss_comp - loss_eager)) < 1e-4 * abs(float(loss_eager)) + 1e-5
     assert _rel(g_comp, g_eager) < 1e-3
+    # the training loop's compile: forward and loss in one graph, with the detached terms beside it
+    whole = torch.compile(functools.partial(loss_and_metrics, model, model, stage=2, train_cfg=tc))
+    loss_whole, metrics = whole(batch)
+    g_whole = torch.autograd.grad(loss_whole, [model.head_q.head_module.params[0]])[0]
+    assert abs(float(loss_whole - loss_eager)) < 1e-4 * abs(float(loss_eager)) + 1e-5
+    assert _rel(g_whole, g_eager) < 1e-3
+    eager_terms = step_loss(model, model, batch, stage=2, train_cfg=tc).metrics()
+    for name, v in eager_terms.items():
+        assert abs(float(metrics[name] - v)) < 1e-4 * abs(float(v)) + 1e-5, name
 
 
 def test_training_forward_uses_flash_attention(device: torch.device) -> None:

@@ -1,0 +1,214 @@
+"""Where a stage-2 training step's time goes, variant by variant: prints one JSON object per variant.
+
+    python benchmarks/profile_train.py [--preset jowa_150m] [--batch-size 512] [--steps 10]
+                                       [--variants eager compile_forward compile_loss] [--profile]
+
+The step is the training loop's own (``step_loss``, backward, gradient clipping, fused AdamW on CUDA,
+bf16 autocast), fed from batches already on the device, so that the loop's data path is left out and
+the figure is the step itself. Variants: ``eager``; ``compile_forward`` (what ``train_world_action
+(compile=True)`` does: ``torch.compile`` of the model's forward); ``compile_loss`` (forward and the
+joint loss in one compiled graph, so the 2048-way cross-entropy and the critic's small kernels fuse).
+Reports ms per step (CUDA events around ``--steps`` steps after as many warm-up steps), tokens/s,
+MFU (the suite's FLOP count) and peak memory; ``--profile`` adds, from ``torch.profiler`` over three
+steps, the GPU's busy share of the wall time and the kernels by share of GPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jowa_core.config import preset
+from jowa_core.data.segments import SegmentSampler
+from jowa_core.games import action_masks
+from jowa_core.models.world_action import WorldActionModel
+from jowa_core.runtime import resolve_device
+from jowa_core.training import Batch, make_sources, param_groups, set_stage, step_loss, to_batches
+
+VARIANTS = ("eager", "compile_forward", "compile_loss")
+
+
+def flops_per_sample(p) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = WorldActionModel(p.model)
+    x = torch.zeros(1, p.model.max_tokens, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        out = model(x, torch.zeros(1, dtype=torch.long, device="meta"))
+        model.q_target_logits(out.q_hidden)
+    return 3.0 * counter.get_total_flops()
+
+
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    if "flash" in n or "fmha" in n or "attention" in n:
+        return "attention"
+    if "gemm" in n or "sm90" in n or "cutlass" in n or "matmul" in n or "xmma" in n:
+        return "matmul"
+    if "adam" in n:
+        return "optimizer"
+    if "triton" in n:
+        return "triton (fused elementwise/reductions)"
+    if "softmax" in n or "nll" in n or "cross_entropy" in n:
+        return "softmax/cross-entropy (eager)"
+    if "norm" in n:
+        return "norm"
+    if "memcpy" in n or "memset" in n or "copy" in n:
+        return "copies"
+    return "other elementwise"
+
+
+def apply_inductor_settings(settings: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` strings onto ``torch._inductor.config``, each value cast to the setting's type."""
+    import torch._inductor.config as inductor_config
+
+    applied: dict[str, object] = {}
+    for kv in settings:
+        key, sep, value = kv.partition("=")
+        if not sep or not hasattr(inductor_config, key):
+            raise SystemExit(f"--inductor {kv!r}: expected KEY=VALUE with KEY a torch._inductor.config setting.")
+        kind = type(getattr(inductor_config, key))
+        applied[key] = kind(int(value)) if kind is bool and value.isdigit() else kind(value)
+        setattr(inductor_config, key, applied[key])
+    return applied
+
+
+def run_variant(
+    variant: str, p, batches: list[Batch], dev: torch.device, steps: int, profile: bool, peak: float | None
+):
+    torch.manual_seed(0)
+    model = WorldActionModel(p.model).to(dev).train()
+    set_stage(model, 2)
+    opt = torch.optim.AdamW(param_groups(model, 2, p.train), betas=(0.9, 0.999), eps=1e-8, fused=dev.type == "cuda")
+    cuda = dev.type == "cuda"
+
+    def loss_of(tokens, task_ids, rewards, ends, mask, legal):
+        b = Batch(tokens, task_ids, rewards, ends, mask, legal)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cuda):
+            terms = step_loss(fwd, model, b, stage=2, train_cfg=p.train)
+        return terms.total, torch.stack([v.float() for v in terms.metrics().values()])
+
+    fwd = torch.compile(model) if variant == "compile_forward" else model
+    loss_fn = torch.compile(loss_of) if variant == "compile_loss" else loss_of
+
+    def step(i: int) -> torch.Tensor:
+        b = batches[i % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        total, metrics = loss_fn(b.tokens, b.task_ids, b.rewards, b.ends, b.mask, b.legal)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], p.train.grad_clip)
+        opt.step()
+        return metrics
+
+    t0 = time.perf_counter()
+    for i in range(3):
+        step(i)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    warm_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    for i in range(2):  # steady state before timing
+        step(i)
+    sync()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        m = step(i)
+    m.tolist()  # one sync, as at a log step
+    sync()
+    ms = (time.perf_counter() - t0) / steps * 1e3
+    B, T = batches[0].tokens.shape
+    out = {"variant": variant, "preset": p.name, "batch_size": B, "ms_per_step": round(ms, 2),
+           "tokens_per_s": round(B * T / ms * 1e3, 1), "warmup_s": round(warm_s, 1)}  # fmt: skip
+    if cuda:
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+    if peak is not None:
+        out["mfu"] = round(flops_per_sample(p) * B / (ms / 1e3) / peak, 4)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as tprofile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        sync()
+        with tprofile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            for i in range(3):
+                step(i)
+            sync()
+            wall_us = (time.perf_counter() - t0) * 1e6
+        kinds: dict[str, float] = defaultdict(float)
+        top: dict[str, float] = defaultdict(float)
+        busy = 0.0
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                kinds[kernel_kind(e.name)] += e.device_time
+                top[e.name[:90]] += e.device_time
+                busy += e.device_time
+        sort = "cuda_time_total" if cuda else "cpu_time_total"
+        print(f"== {variant}\n" + prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70),
+              file=sys.stderr)  # fmt: skip
+        out["gpu_busy_share"] = round(busy / wall_us, 3) if cuda else None
+        out["ms_by_kind"] = {k: round(v / 3e3, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+        out["top_kernels_ms"] = {k: round(v / 3e3, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:18]}
+    return out
+
+
+def main() -> None:
+    from benchmarks.train_throughput import bf16_peak, write_cache
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="jowa_150m")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument(
+        "--inductor",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="torch._inductor.config settings for the compiled variants, e.g. coordinate_descent_tuning=1",
+    )
+    args = ap.parse_args()
+    apply_inductor_settings(args.inductor)
+    dev = resolve_device(args.device)
+    p = preset(args.preset)
+    B = args.batch_size or (p.train.batch_size if dev.type == "cuda" else 8)
+    legal = torch.as_tensor(action_masks(), device=dev)
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        caches = [write_cache(Path(tmp) / f"{g}.tokens.h5", g, p.model.obs_vocab_size, 20_000, rng)
+                  for g in ("Pong", "Breakout")]  # fmt: skip
+        sampler = SegmentSampler(make_sources(caches, p.model), B, seed=0)
+        it = iter(sampler)
+        batches = [to_batches(next(it), 1, dev, legal)[0] for _ in range(4)]
+    peak = bf16_peak(dev)
+    info = {
+        "torch": torch.__version__,
+        "inductor": args.inductor,
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+    }
+    for v in args.variants:
+        try:
+            print(json.dumps({**info, **run_variant(v, p, batches, dev, args.steps, args.profile, peak)}), flush=True)
+        except Exception as e:  # noqa: BLE001 - one failing variant (out of memory, say) must not hide the rest
+            print(
+                json.dumps({**info, "variant": v, "batch_size": B, "error": f"{type(e).__name__}: {e}"[:400]}),
+                flush=True,
+            )
+        if dev.type == "cuda":  # the variant's model and optimizer are gone with its frame
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
