@@ -7,7 +7,10 @@ The step is the training loop's own (``step_loss``, backward, gradient clipping,
 bf16 autocast), fed from batches already on the device, so that the loop's data path is left out and
 the figure is the step itself. Variants: ``eager``; ``compile_forward`` (what ``train_world_action
 (compile=True)`` does: ``torch.compile`` of the model's forward); ``compile_loss`` (forward and the
-joint loss in one compiled graph, so the 2048-way cross-entropy and the critic's small kernels fuse).
+joint loss in one compiled graph, so the 2048-way cross-entropy and the critic's small kernels fuse);
+``compile_loss_pure_bf16`` (the same with every parameter, and so the residual stream, in bf16: not a
+training recipe, AdamW on bf16 weights loses small updates, but a bound on what halving the bytes of the
+elementwise passes would give).
 Reports ms per step (CUDA events around ``--steps`` steps after as many warm-up steps), tokens/s,
 MFU (the suite's FLOP count) and peak memory; ``--profile`` adds, from ``torch.profiler`` over three
 steps, the GPU's busy share of the wall time and the kernels by share of GPU time.
@@ -33,7 +36,7 @@ from jowa_core.models.world_action import WorldActionModel
 from jowa_core.runtime import resolve_device
 from jowa_core.training import Batch, make_sources, param_groups, set_stage, step_loss, to_batches
 
-VARIANTS = ("eager", "compile_forward", "compile_loss")
+VARIANTS = ("eager", "compile_forward", "compile_loss", "compile_loss_pure_bf16")
 
 
 def flops_per_sample(p) -> float:
@@ -87,6 +90,8 @@ def run_variant(
 ):
     torch.manual_seed(0)
     model = WorldActionModel(p.model).to(dev).train()
+    if variant == "compile_loss_pure_bf16":
+        model.to(torch.bfloat16)
     set_stage(model, 2)
     opt = torch.optim.AdamW(param_groups(model, 2, p.train), betas=(0.9, 0.999), eps=1e-8, fused=dev.type == "cuda")
     cuda = dev.type == "cuda"
@@ -98,7 +103,7 @@ def run_variant(
         return terms.total, torch.stack([v.float() for v in terms.metrics().values()])
 
     fwd = torch.compile(model) if variant == "compile_forward" else model
-    loss_fn = torch.compile(loss_of) if variant == "compile_loss" else loss_of
+    loss_fn = torch.compile(loss_of) if variant.startswith("compile_loss") else loss_of
 
     def step(i: int) -> torch.Tensor:
         b = batches[i % len(batches)]
