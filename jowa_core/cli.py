@@ -91,7 +91,8 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> None:
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from jowa_core.training import mtbc_preset, resolve_preset, train_world_action
 
-    steps = {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps, "batch_size": args.batch_size}
+    steps = {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps, "batch_size": args.batch_size,
+             "mc_anchor": True if args.mc_anchor else None}  # fmt: skip
     cfg = resolve_preset(args.preset, steps)
     if args.objective == "mtbc":  # the baseline: the same steps and batch, all spent on its BC head
         cfg = mtbc_preset(cfg)
@@ -439,8 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model and its loss (GPU)")
     p.add_argument("--no-resume", action="store_true", help="start afresh instead of resuming")
+    p.add_argument(
+        "--mc-anchor",
+        action="store_true",
+        help="anchor the critic on the data's discounted returns-to-go (TrainConfig.mc_anchor)",
+    )
     p.add_argument("--objective", choices=("jowa", "mtbc"), default="jowa",
                    help="jowa (both stages) or mtbc: the behaviour-cloning baseline with the same steps and batch")
     p.set_defaults(func=_cmd_pretrain)

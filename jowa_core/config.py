@@ -231,6 +231,9 @@ class TrainConfig:
     td_steps: int = 1
     """n of the TD target, inside a segment (official 1). Ours: > 1 carries delayed rewards back faster in
     short runs, e.g. Breakout's FIRE after a lost life (``losses.n_step_targets``)."""
+    mc_anchor: bool = False
+    """Ours (off in the paper presets): anchor the C51 critic on the data's discounted returns-to-go, a floor
+    under each bootstrap value and the target of a segment's last step (``losses.c51_td_loss``)."""
     supervised_weight_stage1: float = 1.0
     supervised_weight_stage2: float = 0.1
     """World-loss weight lambda (paper Eq. 9): 1.0 in stage 1, 0.1 in stage 2, 0.5 in fine-tuning."""

@@ -231,6 +231,7 @@ def c51_td_loss(
     gamma: float,
     weights: torch.Tensor | None = None,
     n_steps: int = 1,
+    mc_returns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """1-step distributional TD loss (spec 6.2): mean over TD rows of -sum_i m_i log(P_i + 1e-8).
 
@@ -238,6 +239,14 @@ def c51_td_loss(
     the next real step, at a* = argmax over the game's legal actions of its expected Q (the target
     net's own argmax, not double-Q). ``weights`` (num_q,): REM weights shared by online and target
     (default uniform). ``n_steps`` > 1 (ours) uses ``n_step_targets`` inside the segment.
+
+    ``mc_returns`` (B, L) (ours, ``TrainConfig.mc_anchor``): each step's discounted return-to-go in the
+    data (``data.segments.returns_to_go``). A TD row whose target head values its bootstrap step below
+    that step's return-to-go G bootstraps from G instead (a point mass at the n-step return + discount x
+    G: what the data itself collected from there is a lower bound of the optimal value), and a real step
+    with no TD target (the last of a segment cut mid-episode) gets a point mass at its own G. Without it,
+    every target of a segment bootstraps, directly or through its neighbours, from values that no target
+    fixes the level of, and short runs leave them near the head's initial mean.
 
     Args:
         q_logits, q_target_logits: (num_q, B, L, 18, Z) online / target logits.
@@ -259,11 +268,24 @@ def c51_td_loss(
         p_next = p_star.gather(1, nxt.unsqueeze(-1).expand(-1, -1, Z))  # (B, L, Z) at the bootstrap step
         m_boot = c51_project(p_next, tgt.returns, torch.zeros_like(rewards), tgt.discount, atoms)
         m_term = c51_project(p_next, tgt.returns, torch.ones_like(rewards), tgt.discount, atoms)
+        mc_rows = torch.zeros_like(tgt.nonterminal)
+        if mc_returns is not None:
+            _expect(mc_returns, rewards.shape, "mc_returns")
+            g = mc_returns.float()
+            g_boot = g.gather(1, nxt)
+            below = t_q.max(-1).values.gather(1, nxt) < g_boot  # (B, L) the target head's V at the bootstrap step
+            ones = torch.ones_like(rewards)
+            m_floor = c51_project(p_next, tgt.returns + tgt.discount * g_boot, ones, tgt.discount, atoms)
+            m_boot = torch.where(below.unsqueeze(-1), m_floor, m_boot)
+            m_mc = c51_project(p_next, g, ones, tgt.discount, atoms)  # point mass at G
+            mc_rows = mask_padding.bool() & ~tgt.nonterminal & ~tgt.terminal
     log_p = torch.log(p_taken + 1e-8)
     ce_boot = -(m_boot * log_p).sum(-1)
     ce_term = -(m_term * log_p).sum(-1)
     total = (ce_boot * tgt.nonterminal).sum() + (ce_term * tgt.terminal).sum()
-    return total / (tgt.nonterminal.sum() + tgt.terminal.sum()).clamp(min=1)
+    if mc_returns is not None:
+        total = total + (-(m_mc * log_p).sum(-1) * mc_rows).sum()
+    return total / (tgt.nonterminal.sum() + tgt.terminal.sum() + mc_rows.sum()).clamp(min=1)
 
 
 def mse_td_loss(
@@ -409,6 +431,7 @@ def joint_loss(
     bc_weight: float = 1.0,
     num_real_rows: int | None = None,
     td_steps: int = 1,
+    mc_returns: torch.Tensor | None = None,
 ) -> LossTerms:
     """L = lambda (CE_obs + CE_rew + CE_end) + L_TD + alpha L_CQL (+ bc_weight L_BC) (paper Eq. 9).
 
@@ -421,6 +444,7 @@ def joint_loss(
         num_real_rows: rows [0, num_real_rows) are real data, the rest imagined; world and BC losses
             use the real rows only (official). Default: all rows are real.
         td_steps: n of the n-step TD target inside the segment (official 1; ``n_step_targets``).
+        mc_returns: (B, L) returns-to-go of the data for the C51 loss's MC anchor (``c51_td_loss``).
 
     Differences from the official code, all outside its default settings: with REM weights the CQL
     terms use the uniform mixture (official: the dataset term uses the REM mixture); the MSE
@@ -457,9 +481,11 @@ def joint_loss(
             raise ValueError("train_critic=True needs q_target_logits (model.q_target_logits(out.q_hidden)).")
         if td_loss == "c51":
             td = c51_td_loss(out.q_logits, q_target_logits, actions, rewards, ends, mask, legal_mask, atoms, gamma,
-                             rem_weights, n_steps=td_steps)  # fmt: skip
+                             rem_weights, n_steps=td_steps, mc_returns=mc_returns)  # fmt: skip
             q_exp = expected_q(out.q_logits, atoms)
         elif td_loss == "mse":
+            if mc_returns is not None:
+                raise ValueError("the MC anchor (mc_returns, TrainConfig.mc_anchor) is for td_loss='c51'; turn it off.")
             td = mse_td_loss(
                 out.q_logits, q_target_logits, actions, rewards, ends, mask, legal_mask, gamma, rem_weights,
                 n_steps=td_steps,

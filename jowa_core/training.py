@@ -189,6 +189,7 @@ def make_sources(
     *,
     stride: int = 4,
     segment_length: int | None = None,
+    returns_gamma: float | None = None,
 ) -> list[SegmentSource]:
     """One ``SegmentSource`` per token cache, validated (format, and the token vocabulary against the
     model's ``obs_vocab_size``) before any training starts."""
@@ -205,7 +206,13 @@ def make_sources(
                 "vocab_size."
             )
         sources.append(
-            SegmentSource(None, tokens_path=path, segment_length=segment_length or model_cfg.max_blocks, stride=stride)
+            SegmentSource(
+                None,
+                tokens_path=path,
+                segment_length=segment_length or model_cfg.max_blocks,
+                stride=stride,
+                returns_gamma=returns_gamma,
+            )
         )
     games_seen = [s.game for s in sources]
     if len(set(games_seen)) != len(games_seen):
@@ -223,6 +230,8 @@ class Batch:
     ends: torch.Tensor
     mask: torch.Tensor
     legal: torch.Tensor
+    returns_to_go: torch.Tensor | None = None
+    """(B, L) the data's discounted returns-to-go, when the sources compute them (``TrainConfig.mc_anchor``)."""
 
 
 def to_batches(
@@ -245,6 +254,7 @@ def to_batches(
             ends=raw["ends"][sl].to(device, non_blocking=True),
             mask=raw["mask_padding"][sl].to(device, non_blocking=True),
             legal=legal_table[task],
+            returns_to_go=raw["returns_to_go"][sl].to(device, non_blocking=True) if "returns_to_go" in raw else None,
         ))  # fmt: skip
     return out
 
@@ -334,7 +344,7 @@ def step_loss(
         supervised_weight=train_cfg.supervised_weight_stage1 if stage == 1 else train_cfg.supervised_weight_stage2,
         train_critic=critic, gamma=train_cfg.gamma, cql_weight=train_cfg.cql_weight, td_loss=cfg.td_loss,
         q_penalty=cfg.q_penalty, cql_legal_only=cfg.cql_legal_only, rem_weights=rem, bc_weight=train_cfg.bc_weight,
-        td_steps=train_cfg.td_steps,
+        td_steps=train_cfg.td_steps, mc_returns=batch.returns_to_go if critic and train_cfg.mc_anchor else None,
     )  # fmt: skip
 
 
@@ -566,7 +576,7 @@ def _train(
         configure_threads(env_workers=available_cores() - share, loader_workers=num_workers)  # other ranks' cores
     else:
         torch.set_num_threads(max(1, num_threads))
-    sources = make_sources(token_caches, mc, stride=options["stride"])
+    sources = make_sources(token_caches, mc, stride=options["stride"], returns_gamma=tc.gamma if tc.mc_anchor else None)
     if options["data_split"] == "global":
         sampler = SegmentSampler(sources, tc.batch_size, seed=tc.seed)
         dataset: IterableDataset = GlobalBatchSlices(sampler, info.rank, W)

@@ -429,3 +429,46 @@ def test_compute_loss_backprops_and_clips_rewards():
         td = c51_td_loss(out.q_logits, model.q_target_logits(out.q_hidden), actions, rewards.clamp(-1, 1), ends, mask,
                          legal, model.atoms, 0.99)  # fmt: skip
     torch.testing.assert_close(terms.td, td)
+
+
+def test_c51_mc_anchor_equals_brute_force():
+    """The MC anchor: a bootstrap value below the data's return-to-go there is replaced by it (a point mass at
+    G + discount x G_boot), and a real step with no TD target gets a point mass at its own return-to-go."""
+    q, qt, actions, rewards, ends, mask, legal = random_td_case(5, L=6)
+    g = torch.Generator().manual_seed(11)
+    mc = 12.0 + 8.0 * torch.rand(rewards.shape, generator=g)  # around the target head's max values (14-19)
+    got = c51_td_loss(q, qt, actions, rewards, ends, mask, legal, ATOMS, 0.9, n_steps=3, mc_returns=mc)
+    point = [1.0] + [0.0] * 50
+    terms, floored = [], 0
+    for b in range(q.shape[1]):
+        rows = {t: (G, disc, boot) for t, G, disc, boot in
+                ref_n_step_rows(mask[b].tolist(), [bool(e) for e in ends[b]], rewards[b].tolist(), 0.9, 3)}  # fmt: skip
+        for t in range(q.shape[2]):
+            if not mask[b, t]:
+                continue
+            p = mixture(q[:, b, t, actions[b, t]])
+            if t not in rows:  # no TD target: regress on the return-to-go itself
+                target = ref_project(point, mc[b, t].item(), True, 0.9, ATOMS.tolist())
+            else:
+                G, disc, boot = rows[t]
+                if boot is None:
+                    target = ref_project(point, G, True, 0.9, ATOMS.tolist())
+                else:
+                    vals = {a: float(mixture(qt[:, b, boot, a]) @ ATOMS.double()) for a in range(18) if legal[b, a]}
+                    best_a = max(vals, key=vals.get)
+                    if vals[best_a] < mc[b, boot].item():
+                        floored += 1
+                        target = ref_project(point, G + disc * mc[b, boot].item(), True, 0.9, ATOMS.tolist())
+                    else:
+                        target = ref_project(mixture(qt[:, b, boot, best_a]).tolist(), G, False, disc, ATOMS.tolist())
+            terms.append(-sum(m * math.log(pi + 1e-8) for m, pi in zip(target, p.tolist())))
+    assert 0 < floored < len(terms)  # the case holds floored and kept bootstraps, and MC rows
+    assert len(terms) > sum(len(ref_n_step_rows(mask[b].tolist(), [bool(e) for e in ends[b]], rewards[b].tolist(),
+                                                0.9, 3)) for b in range(q.shape[1]))  # fmt: skip
+    assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    # returns-to-go far below every value change nothing but add the MC rows' terms
+    low = c51_td_loss(q, qt, actions, rewards, ends, mask, legal, ATOMS, 0.9, n_steps=3, mc_returns=mc - 100.0)
+    plain = c51_td_loss(q, qt, actions, rewards, ends, mask, legal, ATOMS, 0.9, n_steps=3)
+    assert low.item() != pytest.approx(plain.item())
+    with pytest.raises(ValueError, match="mc_returns"):
+        c51_td_loss(q, qt, actions, rewards, ends, mask, legal, ATOMS, 0.9, mc_returns=mc[:, :3])

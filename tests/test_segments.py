@@ -266,3 +266,32 @@ def test_dataloader_with_two_workers(tmp_path):
     resumed = list(DataLoader(sampler, batch_size=None, num_workers=2))
     assert [int(b["batch_index"]) for b in resumed] == [4, 5, 6]
     assert torch.equal(resumed[0]["obs"], batches[4]["obs"])
+
+
+def test_returns_to_go_by_hand_and_through_a_source():
+    from jowa_core.data.segments import returns_to_go
+
+    rewards = np.array([1.0, 0.0, 2.0, 0.0, 0.0, 1.0], np.float32)  # 2.0 is clamped to 1, as training does
+    bounds = np.array([[0, 4], [4, 6]])
+    got = returns_to_go(rewards, bounds, 0.5)
+    np.testing.assert_allclose(got, [1.25, 0.5, 1.0, 0.0, 0.5, 1.0])
+    src = SegmentSource.from_arrays(
+        "Breakout", actions=np.zeros(6, np.int64), rewards=rewards, terminals=np.array([0, 0, 0, 1, 0, 1], bool),
+        episode_starts=np.array([0, 4]), tokens=np.zeros((6, 36), np.int64), segment_length=3, stride=1,
+        returns_gamma=0.5,
+    )  # fmt: skip
+    batch = src.fetch(np.arange(src.num_segments))
+    starts = [tuple(s) for s in src.segments]
+    for row, (ep, start, _stop) in enumerate(starts):
+        for k in range(3):
+            t = bounds[ep, 0] + start + k
+            want = got[t] if t < bounds[ep, 1] else 0.0  # padding holds 0
+            assert batch["returns_to_go"][row, k] == pytest.approx(want)
+    assert "returns_to_go" not in SegmentSource.from_arrays(
+        "Breakout", actions=np.zeros(6, np.int64), rewards=rewards, terminals=np.zeros(6, bool),
+        episode_starts=np.array([0, 4]), tokens=np.zeros((6, 36), np.int64), segment_length=3,
+    ).fetch(np.arange(1))  # fmt: skip
+    with pytest.raises(ValueError, match="returns_gamma"):
+        SegmentSource.from_arrays("Breakout", actions=np.zeros(6, np.int64), rewards=rewards,
+                                  terminals=np.zeros(6, bool), episode_starts=np.array([0, 4]),
+                                  tokens=np.zeros((6, 36), np.int64), returns_gamma=1.5)  # fmt: skip

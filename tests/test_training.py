@@ -344,3 +344,18 @@ def test_mtbc_baseline_gets_the_same_budget_and_trains_only_its_bc_head(caches, 
     assert recs[-1]["step"] == 8 and {r["stage"] for r in recs} == {1}
     for r in recs:  # the objective is the BC loss alone: world terms are logged but weigh nothing
         assert r["loss/total"] == pytest.approx(r["loss/bc"]) and r["loss/td"] == 0.0 and r["loss/obs"] > 0
+
+
+def test_mc_anchor_reaches_the_loss_through_the_loop(caches, tmp_path):
+    """With ``mc_anchor`` the sampler carries each step's return-to-go and the C51 loss uses it: the same
+    seed and data give another TD loss, and the world loss of the first critic step is untouched."""
+    runs = {}
+    for anchor in (False, True):
+        run = tmp_path / f"run_{anchor}"
+        train_world_action(tiny(dropout=0.0, mc_anchor=anchor, log_every=1), caches, run, stage1_steps=2,
+                           stage2_steps=2, **RUN)  # fmt: skip
+        runs[anchor] = read_metrics(run)
+    plain, anchored = runs[False], runs[True]
+    assert [r["loss/world"] for r in plain[:2]] == [r["loss/world"] for r in anchored[:2]]  # stage 1: no critic
+    assert plain[2]["loss/world"] == pytest.approx(anchored[2]["loss/world"], rel=1e-6)
+    assert plain[2]["loss/td"] != pytest.approx(anchored[2]["loss/td"], rel=1e-3)

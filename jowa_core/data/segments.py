@@ -75,6 +75,23 @@ def _read_ranges(ds: h5py.Dataset, first: np.ndarray, count: np.ndarray, rows: n
     return buf[offset[k] + rows - block_lo[k]]
 
 
+def returns_to_go(rewards: np.ndarray, bounds: np.ndarray, gamma: float) -> np.ndarray:
+    """Discounted return-to-go of every step inside its episode, rewards clamped to [-1, 1] as training
+    clamps them. What the behaviour policy collected from (s_t, a_t) on: a Monte Carlo sample of
+    Q_behaviour, which the critic's MC anchor (``TrainConfig.mc_anchor``) uses. A truncated episode's last
+    steps see only the rewards the file holds."""
+    r = np.clip(np.asarray(rewards, np.float64), -1.0, 1.0)
+    g = np.zeros_like(r)
+    ends, lengths = bounds[:, 1], bounds[:, 1] - bounds[:, 0]
+    acc = np.zeros(len(bounds))
+    for k in range(int(lengths.max(initial=0))):  # all episodes at once, k steps before their ends
+        live = lengths > k
+        idx = ends[live] - 1 - k
+        acc[live] = r[idx] + gamma * acc[live]
+        g[idx] = acc[live]
+    return g.astype(np.float32)
+
+
 class SegmentSource:
     """Segments of one game: frames or tokens plus actions, rewards, ends, from HDF5 or memory.
 
@@ -108,6 +125,7 @@ class SegmentSource:
         in_memory: bool | None = None,
         task_id: int | None = None,
         alias_held_out: bool = False,
+        returns_gamma: float | None = None,
     ):
         self.dataset_path = Path(dataset_path) if dataset_path is not None else None
         self.tokens_path = Path(tokens_path) if tokens_path is not None else None
@@ -123,7 +141,7 @@ class SegmentSource:
             self._check_token_cache(n)
         kind = "tokens" if self.tokens_path is not None else "frames"
         in_memory = (kind == "tokens") if in_memory is None else bool(in_memory)
-        self._setup(game, kind, starts, n, segment_length, stride, in_memory, task_id, alias_held_out)
+        self._setup(game, kind, starts, n, segment_length, stride, in_memory, task_id, alias_held_out, returns_gamma)
 
     def _setup(
         self,
@@ -136,6 +154,7 @@ class SegmentSource:
         in_memory: bool,
         task_id: int | None,
         alias_held_out: bool,
+        returns_gamma: float | None = None,
     ) -> None:
         if len(starts) == 0:
             raise DatasetError(f"{self.dataset_path or self.tokens_path or 'the arrays'} hold no episodes to sample.")
@@ -151,6 +170,9 @@ class SegmentSource:
         self._ep_len = self.bounds[:, 1] - self.bounds[:, 0]
         self.segments = segment_index(self.bounds, self.segment_length, self.stride)
         self._steps = np.arange(self.segment_length)
+        if returns_gamma is not None and not 0.0 < returns_gamma <= 1.0:
+            raise ValueError(f"returns_gamma must be in (0, 1], got {returns_gamma}.")
+        self.returns_gamma = returns_gamma
         self._cols: dict[str, Any] | None = None  # per-process state, built on first fetch
         self._files: list[h5py.File] = []
         self._pid = -1
@@ -171,6 +193,7 @@ class SegmentSource:
         stride: int = 4,
         task_id: int | None = None,
         alias_held_out: bool = False,
+        returns_gamma: float | None = None,
     ) -> SegmentSource:
         """A source over in-memory arrays (transition-major, as in the dataset file); give frames or tokens."""
         if (observations is None) == (tokens is None):
@@ -201,7 +224,7 @@ class SegmentSource:
         self.dataset_path = self.tokens_path = None
         self._arrays = arrays
         kind = "frames" if observations is not None else "tokens"
-        self._setup(game, kind, s, n, segment_length, stride, True, task_id, alias_held_out)
+        self._setup(game, kind, s, n, segment_length, stride, True, task_id, alias_held_out, returns_gamma)
         return self
 
     def _read_cache_index(self) -> tuple[str, np.ndarray, int]:
@@ -254,6 +277,8 @@ class SegmentSource:
                 raise DatasetError(
                     f"{self!r} cannot read its files any more ({e}); were they moved or rewritten?"
                 ) from None
+        if self.returns_gamma is not None:
+            cols["returns_to_go"] = returns_to_go(cols["rewards"], self.bounds, self.returns_gamma)
         self._cols, self._pid = cols, os.getpid()
         return cols
 
@@ -297,7 +322,8 @@ class SegmentSource:
         Returns:
             ``obs`` (B, L, 84, 84) uint8 or ``tokens`` (B, L, 36) int64, ``actions`` (B, L) int64,
             ``rewards`` (B, L) float32, ``ends`` (B, L) bool (terminal), ``truncated`` (B, L) bool,
-            ``mask_padding`` (B, L) bool (True on real steps), ``task_id`` (B,) int64.
+            ``mask_padding`` (B, L) bool (True on real steps), ``task_id`` (B,) int64, and with
+            ``returns_gamma`` ``returns_to_go`` (B, L) float32 (``returns_to_go``; 0 on padding).
         """
         cols = self._open()
         seg = self.segments[np.asarray(rows, dtype=np.int64)]
@@ -314,6 +340,8 @@ class SegmentSource:
             "mask_padding": mask,
             "task_id": np.full(len(seg), self.task_id, np.int64),
         }
+        if "returns_to_go" in cols:
+            out["returns_to_go"] = np.where(mask, cols["returns_to_go"][flat], 0).astype(np.float32)
         obs = cols["obs"]
         if isinstance(obs, np.ndarray):
             x = obs[flat]
