@@ -57,10 +57,7 @@ def _figure(name: str, value: float, unit: str, preset_name: str | None, **extra
 
 
 def train_suite(presets: list[str], device: torch.device, args: argparse.Namespace) -> Iterator[Figure]:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from benchmarks.train_throughput import bf16_peak, write_cache
-    from jowa_core.models.world_action import WorldActionModel
+    from benchmarks.train_throughput import bf16_peak, counted_flops_per_sample, write_cache
     from jowa_core.training import read_metrics, train_world_action
 
     cuda = device.type == "cuda"
@@ -92,13 +89,7 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
         )
         peak = bf16_peak(device)
         if peak is not None:
-            with torch.device("meta"):
-                model = WorldActionModel(p.model)
-            x = torch.zeros(1, p.model.max_tokens, dtype=torch.long, device="meta")
-            with FlopCounterMode(display=False) as counter:
-                out = model(x, torch.zeros(1, dtype=torch.long, device="meta"))
-                model.q_target_logits(out.q_hidden)
-            flops_per_sample = 3 * counter.get_total_flops()
+            flops_per_sample = counted_flops_per_sample(p.model)
             yield _figure("train_stage2_mfu", flops_per_sample * rec["samples_per_s"] / peak, "fraction", name,
                           flops_per_sample=flops_per_sample, bf16_peak=peak, **tag)  # fmt: skip
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.train_throughput import counted_flops_per_sample
 from jowa_core.config import preset
 from jowa_core.data.segments import SegmentSampler
 from jowa_core.games import action_masks
@@ -37,18 +38,6 @@ from jowa_core.runtime import resolve_device
 from jowa_core.training import Batch, make_sources, param_groups, set_stage, step_loss, to_batches
 
 VARIANTS = ("eager", "compile_forward", "compile_loss", "compile_loss_pure_bf16")
-
-
-def flops_per_sample(p) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        model = WorldActionModel(p.model)
-    x = torch.zeros(1, p.model.max_tokens, dtype=torch.long, device="meta")
-    with FlopCounterMode(display=False) as counter:
-        out = model(x, torch.zeros(1, dtype=torch.long, device="meta"))
-        model.q_target_logits(out.q_hidden)
-    return 3.0 * counter.get_total_flops()
 
 
 def kernel_kind(name: str) -> str:
@@ -96,13 +85,14 @@ def run_variant(
     opt = torch.optim.AdamW(param_groups(model, 2, p.train), betas=(0.9, 0.999), eps=1e-8, fused=dev.type == "cuda")
     cuda = dev.type == "cuda"
 
+    fwd = torch.compile(model) if variant == "compile_forward" else model
+
     def loss_of(tokens, task_ids, rewards, ends, mask, legal):
         b = Batch(tokens, task_ids, rewards, ends, mask, legal)
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cuda):
             terms = step_loss(fwd, model, b, stage=2, train_cfg=p.train)
         return terms.total, torch.stack([v.float() for v in terms.metrics().values()])
 
-    fwd = torch.compile(model) if variant == "compile_forward" else model
     loss_fn = torch.compile(loss_of) if variant.startswith("compile_loss") else loss_of
 
     def step(i: int) -> torch.Tensor:
@@ -137,7 +127,7 @@ def run_variant(
     if cuda:
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
     if peak is not None:
-        out["mfu"] = round(flops_per_sample(p) * B / (ms / 1e3) / peak, 4)
+        out["mfu"] = round(counted_flops_per_sample(p.model) * B / (ms / 1e3) / peak, 4)
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as tprofile

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from jowa_core import games
-from jowa_core.config import preset
+from jowa_core.config import WorldActionConfig, preset
 from jowa_core.data.token_cache import CACHE_FORMAT_VERSION
 from jowa_core.models.world_action import WorldActionModel
 from jowa_core.runtime import resolve_device
@@ -62,6 +62,20 @@ def flops_per_token(name: str) -> float:
     embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     n = model.num_parameters() - embeddings
     return 6 * n + 12 * cfg.num_layers * cfg.embed_dim * cfg.max_tokens
+
+
+def counted_flops_per_sample(cfg: WorldActionConfig) -> float:
+    """Training FLOPs of one full-window segment for MFU: 3x the forward's (and the target head's), counted
+    by ``torch.utils.flop_counter`` on the meta device (attention in full, heads where they run)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = WorldActionModel(cfg)
+    x = torch.zeros(1, cfg.max_tokens, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        out = model(x, torch.zeros(1, dtype=torch.long, device="meta"))
+        model.q_target_logits(out.q_hidden)
+    return 3.0 * counter.get_total_flops()
 
 
 def bf16_peak(device: torch.device) -> float | None:
