@@ -11,6 +11,7 @@ functions, so anyone can redo it on their own run:
 >>> diagnostics.value_fit(model, "runs/default/data/Breakout.tokens.h5")          # any game
 >>> diagnostics.greedy_agreement({"jowa": model, "mtbc": mtbc}, "runs/default/data/Breakout.tokens.h5")
 >>> diagnostics.breakout_stalls(agent, "official")   # does a playing agent launch the ball?
+>>> diagnostics.breakout_q_by_state(model, "runs/default/data/Breakout.h5")   # what it ranks with and without a ball
 
 ``replay_ram`` needs a deterministic protocol (no sticky actions, no no-op starts), which makes an
 episode a function of its actions; it checks every replayed frame against the stored one.
@@ -33,7 +34,7 @@ from jowa_core import games
 from jowa_core.agent import BaseAgent
 from jowa_core.data.collect import BreakoutTracker
 from jowa_core.data.format import DatasetError, episode_bounds, open_dataset
-from jowa_core.data.token_cache import open_token_cache
+from jowa_core.data.token_cache import open_token_cache, token_cache_path
 from jowa_core.envs import AtariVecEnv, EnvConfig
 from jowa_core.evaluation import protocol
 
@@ -41,6 +42,7 @@ __all__ = [
     "RamReplay",
     "ball_visible",
     "breakout_no_ball_table",
+    "breakout_q_by_state",
     "breakout_stalls",
     "discounted_returns",
     "greedy_agreement",
@@ -329,6 +331,75 @@ def greedy_agreement(
     return pd.DataFrame(
         [[float((picks[a] == picks[b]).mean()) for b in names] for a in names], index=names, columns=names
     )
+
+
+@torch.no_grad()
+def breakout_q_by_state(
+    model: torch.nn.Module,
+    dataset: str | os.PathLike,
+    token_cache: str | os.PathLike | None = None,
+    *,
+    ball_samples: int = 3000,
+    gamma: float = 0.99,
+    seed: int = 0,
+    batch: int = 200,
+) -> pd.DataFrame:
+    """What a model ranks in the data's frames with and without a ball in play, per behaviour policy.
+
+    Reads the model as the agent does (the last step of a full ``max_blocks`` window, see ``value_fit``)
+    at every dataset step with no ball in play (RAM[101] = 0, by ``replay_ram``) and at ``ball_samples``
+    steps with one (drawn with ``seed``). Rows are indexed by (state, policy), with "all" for the whole
+    file: the windows read, the mean discounted return that followed in the data, the mean score of each
+    legal action (``q_<ACTION>``: expected Q, or MTBC's logits) and the share of windows where each action
+    ranks first (``first_<ACTION>``). It separates "the critic cannot see that no ball is in play" from
+    "it sees it and still ranks FIRE low", and shows which behaviour's states carry the highest values.
+    ``token_cache`` defaults to the dataset's own (``<Game>.tokens.h5`` beside it).
+    """
+    if ball_samples < 0:
+        raise ValueError(f"ball_samples must be >= 0, got {ball_samples}.")
+    path = Path(dataset)
+    cache = Path(token_cache) if token_cache is not None else token_cache_path(path)
+    with open_dataset(path) as f:
+        _require_breakout(f, path)
+        actions = f["actions"][:].astype(np.int64)
+        starts = f["episode_starts"][:]
+        names = json.loads(str(f.attrs["episode_policy_names"])) if "episode_policy_names" in f.attrs else []
+        policy = f["episode_policy"][:][_episode_of(starts, len(actions))] if names else None
+    w = _windows(cache, int(model.cfg.max_blocks), len(actions), seed, gamma)
+    with open_token_cache(cache) as g:
+        same = g["actions"].shape == actions.shape and np.array_equal(g["actions"][:], actions)
+    if not same:
+        raise ValueError(
+            f"{cache} was not encoded from {path} (their actions differ); pass the token cache built from this "
+            "dataset (build_token_cache(dataset, tokenizer))."
+        )
+    replay = replay_ram(path)
+    no_ball = np.zeros(len(actions), bool)
+    no_ball[replay.index] = replay.ram[:, BreakoutTracker.BALL_Y] == 0
+    rng = np.random.default_rng(seed)
+    in_play = np.flatnonzero(~no_ball[w.steps])
+    keep = np.sort(
+        np.r_[np.flatnonzero(no_ball[w.steps]), rng.choice(in_play, min(ball_samples, len(in_play)), replace=False)]
+    )
+    w = _Windows(w.game, w.steps[keep], w.tokens[keep], w.actions[keep], w.returns[keep])
+    scores = _scores(model, w, batch)[:, BREAKOUT_ACTIONS]
+    first = scores.argmax(1)
+    state = np.where(no_ball[w.steps], "no_ball", "ball")
+    groups = [("all", np.ones(len(w.steps), bool))]
+    if names:
+        groups += [(n, policy[w.steps] == k) for k, n in enumerate(names)]
+    rows = []
+    for st in ("no_ball", "ball"):
+        for name, sel in groups:
+            m = sel & (state == st)
+            row: dict[str, float | int | str] = {"state": st, "policy": name, "windows": int(m.sum())}
+            row["mean_return"] = float(w.returns[m].mean()) if m.any() else float("nan")
+            for j, a in enumerate(BREAKOUT_ACTIONS):
+                row[f"q_{games.FULL_ACTION_SET[a]}"] = float(scores[m, j].mean()) if m.any() else float("nan")
+            for j, a in enumerate(BREAKOUT_ACTIONS):
+                row[f"first_{games.FULL_ACTION_SET[a]}"] = float((first[m] == j).mean()) if m.any() else float("nan")
+            rows.append(row)
+    return pd.DataFrame(rows).set_index(["state", "policy"])
 
 
 def breakout_stalls(

@@ -228,3 +228,51 @@ def test_breakout_stalls_under_the_fire_protocol():
     assert res["no_ball_share"] < 0.2 and res["lives_lost"] >= 1
     with pytest.raises(ValueError, match="unknown protocol"):
         diagnostics.breakout_stalls(ConstantAgent("RIGHT"), "fired")
+
+
+class _ZeroTokenizer(torch.nn.Module):
+    """Encodes every frame to token 0: enough for a token cache whose windows only carry the actions."""
+
+    def __init__(self):
+        super().__init__()
+        from jowa_core.config import preset
+
+        self.cfg = preset("tiny").tokenizer
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def content_hash(self) -> str:
+        return "0" * 64
+
+    def encode(self, frames):
+        return torch.zeros(len(frames), 36, dtype=torch.long)
+
+
+def test_breakout_q_by_state_against_the_no_ball_table(tmp_path):
+    """A 'critic' that copies the data's action ranks first exactly the actions the data took, so with a
+    1-step window (every step read) its no-ball rows must reproduce breakout_no_ball_table's shares and
+    counts, and each q_<ACTION> (a one-hot score) must equal first_<ACTION>."""
+    from jowa_core.data.collect import MixedPolicy
+    from jowa_core.data.token_cache import build_token_cache
+
+    policy = MixedPolicy([BreakoutTracker(epsilon=0.0), LazyPolicy("RIGHT", epsilon=0.3)])
+    path = collect("Breakout", 300, tmp_path / "Breakout.h5", policy, num_envs=2, seed=0, progress=False)
+    build_token_cache(path, _ZeroTokenizer(), progress=False)
+    copy = _Chooser("copy")
+    copy.cfg.max_blocks = 1
+    got = diagnostics.breakout_q_by_state(copy, path, ball_samples=10_000)
+    want = diagnostics.breakout_no_ball_table(path)
+    assert (want["no_ball"] > 0).all()  # seed 0 gives each policy one episode, both with no-ball frames
+    for name in want.index:
+        row = got.loc[("no_ball", name)]
+        assert row["windows"] == want.loc[name, "no_ball"]
+        for a in ("NOOP", "FIRE", "RIGHT", "LEFT"):
+            assert row[f"first_{a}"] == pytest.approx(want.loc[name, f"share_{a}"])
+            assert row[f"q_{a}"] == pytest.approx(row[f"first_{a}"])
+    assert got.loc[("ball", "all"), "windows"] + got.loc[("no_ball", "all"), "windows"] == 300
+    few = diagnostics.breakout_q_by_state(copy, path, ball_samples=5)
+    assert few.loc[("ball", "all"), "windows"] == 5
+    assert few.loc[("no_ball", "all"), "windows"] == got.loc[("no_ball", "all"), "windows"]
+    other = collect("Breakout", 300, tmp_path / "other" / "Breakout.h5", LazyPolicy("LEFT", 0.5), num_envs=2,
+                    seed=2, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="was not encoded from"):
+        diagnostics.breakout_q_by_state(copy, path, build_token_cache(other, _ZeroTokenizer(), progress=False))
