@@ -23,6 +23,7 @@ bench planner150_eager 60 --suite planner --preset jowa_150m --quick --no-cuda-g
 bench train 150 --suite train --preset tiny jowa_40m jowa_70m --steps 10 --batch-size 128
 bench train150_eager 60 --suite train --preset jowa_150m --steps 10 --batch-size 128 --no-compile
 bench tokenizer 60 --suite tokenizer --quick
-timeout 150 python3 -m benchmarks.profile_train --preset jowa_150m --batch-size 512 --variants compile_loss eager \
+timeout 240 python3 -m benchmarks.profile_train --preset jowa_150m --batch-size 512 \
+    --variants compile_loss compile_loss_no_dropout eager \
     --profile >"$OUT/profile_train.jsonl" 2>"$OUT/profile_train.err" || echo "profile_train: failed or timed out"
 cat "$OUT"/*.md

@@ -10,7 +10,9 @@ the figure is the step itself. Variants: ``eager``; ``compile_forward`` (what ``
 joint loss in one compiled graph, so the 2048-way cross-entropy and the critic's small kernels fuse);
 ``compile_loss_pure_bf16`` (the same with every parameter, and so the residual stream, in bf16: not a
 training recipe, AdamW on bf16 weights loses small updates, but a bound on what halving the bytes of the
-elementwise passes would give).
+elementwise passes would give); ``*_no_dropout`` (the same model with every dropout at 0: what the
+dropout masks and their random numbers cost, the untested guess behind the H100's 106 ms of elementwise
+kernels per jowa_150m step).
 Reports ms per step (CUDA events around ``--steps`` steps after as many warm-up steps), tokens/s,
 MFU (the suite's FLOP count) and peak memory; ``--profile`` adds, from ``torch.profiler`` over three
 steps, the GPU's busy share of the wall time and the kernels by share of GPU time.
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,9 @@ from jowa_core.models.world_action import WorldActionModel
 from jowa_core.runtime import resolve_device
 from jowa_core.training import Batch, make_sources, param_groups, set_stage, step_loss, to_batches
 
-VARIANTS = ("eager", "compile_forward", "compile_loss", "compile_loss_pure_bf16")
+VARIANTS = (
+    "eager", "compile_forward", "compile_loss", "compile_loss_pure_bf16", "eager_no_dropout", "compile_loss_no_dropout"
+)
 
 
 def kernel_kind(name: str) -> str:
@@ -78,7 +83,9 @@ def run_variant(
     variant: str, p, batches: list[Batch], dev: torch.device, steps: int, profile: bool, peak: float | None
 ):
     torch.manual_seed(0)
-    model = WorldActionModel(p.model).to(dev).train()
+    no_dropout = variant.endswith("_no_dropout")
+    cfg = replace(p.model, embed_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, q_dropout=0.0) if no_dropout else p.model
+    model = WorldActionModel(cfg).to(dev).train()
     if variant == "compile_loss_pure_bf16":
         model.to(torch.bfloat16)
     set_stage(model, 2)
@@ -122,8 +129,9 @@ def run_variant(
     sync()
     ms = (time.perf_counter() - t0) / steps * 1e3
     B, T = batches[0].tokens.shape
-    out = {"variant": variant, "preset": p.name, "batch_size": B, "ms_per_step": round(ms, 2),
-           "tokens_per_s": round(B * T / ms * 1e3, 1), "warmup_s": round(warm_s, 1)}  # fmt: skip
+    out = {"variant": variant, "preset": p.name, "batch_size": B, "dropout": not no_dropout,
+           "ms_per_step": round(ms, 2), "tokens_per_s": round(B * T / ms * 1e3, 1),
+           "warmup_s": round(warm_s, 1)}  # fmt: skip
     if cuda:
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
     if peak is not None:

@@ -65,3 +65,6 @@ def test_profile_train_sorts_kernels_and_times_a_step():
     assert out["variant"] == "eager" and out["batch_size"] == B and out["ms_per_step"] > 0
     assert out["tokens_per_s"] == pytest.approx(B * L * tpb / out["ms_per_step"] * 1e3, rel=1e-3)
     assert "mfu" not in out  # no bf16 peak on a CPU
+    assert out["dropout"] is True
+    quiet = run_variant("eager_no_dropout", p, [batch], torch.device("cpu"), steps=1, profile=False, peak=None)
+    assert quiet["variant"] == "eager_no_dropout" and quiet["dropout"] is False
