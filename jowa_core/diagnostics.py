@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy.signal import lfilter
 
 from jowa_core import games
 from jowa_core.agent import BaseAgent
 from jowa_core.data.collect import BreakoutTracker
 from jowa_core.data.format import DatasetError, episode_bounds, open_dataset
+from jowa_core.data.segments import returns_to_go
 from jowa_core.data.token_cache import open_token_cache, token_cache_path
 from jowa_core.envs import AtariVecEnv, EnvConfig
 from jowa_core.evaluation import protocol
@@ -70,16 +70,12 @@ def discounted_returns(
     the rewards stored."""
     if not 0.0 < gamma <= 1.0:
         raise ValueError(f"gamma must be in (0, 1], got {gamma}.")
-    r = np.asarray(rewards, np.float64)
-    if clip:
-        r = np.clip(r, -1.0, 1.0)
+    n = len(rewards)
     starts = np.asarray(episode_starts, np.int64)
-    if len(r) and (len(starts) == 0 or starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= len(r)):
+    if n and (len(starts) == 0 or starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= n):
         raise ValueError("episode_starts must increase from 0 and stay inside rewards.")
-    out = np.empty_like(r)
-    for s, e in zip(starts, np.append(starts[1:], len(r))):
-        out[s:e] = lfilter([1.0], [1.0, -gamma], r[s:e][::-1])[::-1]  # G_t = r_t + gamma G_{t+1}
-    return out
+    bounds = np.stack([starts, np.append(starts[1:], n)], axis=1) if n else np.zeros((0, 2), np.int64)
+    return returns_to_go(rewards, bounds, gamma, clip=clip)
 
 
 def _episode_of(starts: np.ndarray, n: int) -> np.ndarray:
@@ -151,6 +147,22 @@ def _require_breakout(f, path: Path) -> None:
         raise ValueError(f"{path} holds {game}; this analysis reads Breakout's RAM and screen layout.")
 
 
+def _step_policies(f, starts: np.ndarray, n: int) -> tuple[list[str], np.ndarray | None]:
+    """The behaviour policies a collected file names and, per transition, the index of the one that acted
+    (None, and no names, for files without policy labels)."""
+    if "episode_policy_names" not in f.attrs:
+        return [], None
+    return json.loads(str(f.attrs["episode_policy_names"])), f["episode_policy"][:][_episode_of(starts, n)]
+
+
+def _no_ball_steps(path: Path, n: int) -> np.ndarray:
+    """(n,) True where a transition starts with no ball in play (RAM[101] = 0, by ``replay_ram``)."""
+    replay = replay_ram(path)
+    no_ball = np.zeros(n, bool)
+    no_ball[replay.index] = replay.ram[:, BreakoutTracker.BALL_Y] == 0
+    return no_ball
+
+
 def breakout_no_ball_table(dataset: str | os.PathLike, gamma: float = 0.99) -> pd.DataFrame:
     """Per behaviour policy (and "all"): how many transitions start with no ball in play (RAM, by
     replay), the share of each action there, and the mean discounted return that followed each action
@@ -161,14 +173,10 @@ def breakout_no_ball_table(dataset: str | os.PathLike, gamma: float = 0.99) -> p
         actions = f["actions"][:].astype(np.int64)
         starts = f["episode_starts"][:]
         returns = discounted_returns(f["rewards"][:], starts, gamma)
-        names = json.loads(str(f.attrs["episode_policy_names"])) if "episode_policy_names" in f.attrs else None
-        policy = f["episode_policy"][:][_episode_of(starts, len(actions))] if names else None
-    replay = replay_ram(path)
-    no_ball = np.zeros(len(actions), bool)
-    no_ball[replay.index] = replay.ram[:, BreakoutTracker.BALL_Y] == 0
+        names, policy = _step_policies(f, starts, len(actions))
+    no_ball = _no_ball_steps(path, len(actions))
     groups = [("all", np.ones(len(actions), bool))]
-    if names:
-        groups += [(n, policy == k) for k, n in enumerate(names)]
+    groups += [(n, policy == k) for k, n in enumerate(names)]
     rows = []
     for name, sel in groups:
         m = sel & no_ball
@@ -363,9 +371,7 @@ def breakout_q_by_state(
         _require_breakout(f, path)
         actions = f["actions"][:].astype(np.int64)
         starts = f["episode_starts"][:]
-        names = json.loads(str(f.attrs["episode_policy_names"])) if "episode_policy_names" in f.attrs else []
-        policy = f["episode_policy"][:][_episode_of(starts, len(actions))] if names else None
-    w = _windows(cache, int(model.cfg.max_blocks), len(actions), seed, gamma)
+        names, policy = _step_policies(f, starts, len(actions))
     with open_token_cache(cache) as g:
         same = g["actions"].shape == actions.shape and np.array_equal(g["actions"][:], actions)
     if not same:
@@ -373,9 +379,8 @@ def breakout_q_by_state(
             f"{cache} was not encoded from {path} (their actions differ); pass the token cache built from this "
             "dataset (build_token_cache(dataset, tokenizer))."
         )
-    replay = replay_ram(path)
-    no_ball = np.zeros(len(actions), bool)
-    no_ball[replay.index] = replay.ram[:, BreakoutTracker.BALL_Y] == 0
+    w = _windows(cache, int(model.cfg.max_blocks), len(actions), seed, gamma)
+    no_ball = _no_ball_steps(path, len(actions))
     rng = np.random.default_rng(seed)
     in_play = np.flatnonzero(~no_ball[w.steps])
     keep = np.sort(
@@ -386,8 +391,7 @@ def breakout_q_by_state(
     first = scores.argmax(1)
     state = np.where(no_ball[w.steps], "no_ball", "ball")
     groups = [("all", np.ones(len(w.steps), bool))]
-    if names:
-        groups += [(n, policy[w.steps] == k) for k, n in enumerate(names)]
+    groups += [(n, policy[w.steps] == k) for k, n in enumerate(names)]
     rows = []
     for st in ("no_ball", "ball"):
         for name, sel in groups:

@@ -75,12 +75,15 @@ def _read_ranges(ds: h5py.Dataset, first: np.ndarray, count: np.ndarray, rows: n
     return buf[offset[k] + rows - block_lo[k]]
 
 
-def returns_to_go(rewards: np.ndarray, bounds: np.ndarray, gamma: float) -> np.ndarray:
-    """Discounted return-to-go of every step inside its episode, rewards clamped to [-1, 1] as training
-    clamps them. What the behaviour policy collected from (s_t, a_t) on: a Monte Carlo sample of
-    Q_behaviour, which the critic's MC anchor (``TrainConfig.mc_anchor``) uses. A truncated episode's last
-    steps see only the rewards the file holds."""
-    r = np.clip(np.asarray(rewards, np.float64), -1.0, 1.0)
+def returns_to_go(rewards: np.ndarray, bounds: np.ndarray, gamma: float, *, clip: bool = True) -> np.ndarray:
+    """Discounted return-to-go (float64) of every step inside its episode (``bounds`` (E, 2) row ranges),
+    rewards clamped to [-1, 1] as training clamps them when ``clip``. What the behaviour policy collected
+    from (s_t, a_t) on: a Monte Carlo sample of Q_behaviour, which the critic's MC anchor
+    (``TrainConfig.mc_anchor``) and ``diagnostics`` use. A truncated episode's last steps see only the
+    rewards the file holds."""
+    r = np.asarray(rewards, np.float64)
+    if clip:
+        r = np.clip(r, -1.0, 1.0)
     g = np.zeros_like(r)
     ends, lengths = bounds[:, 1], bounds[:, 1] - bounds[:, 0]
     acc = np.zeros(len(bounds))
@@ -89,7 +92,7 @@ def returns_to_go(rewards: np.ndarray, bounds: np.ndarray, gamma: float) -> np.n
         idx = ends[live] - 1 - k
         acc[live] = r[idx] + gamma * acc[live]
         g[idx] = acc[live]
-    return g.astype(np.float32)
+    return g
 
 
 class SegmentSource:
@@ -278,7 +281,7 @@ class SegmentSource:
                     f"{self!r} cannot read its files any more ({e}); were they moved or rewritten?"
                 ) from None
         if self.returns_gamma is not None:
-            cols["returns_to_go"] = returns_to_go(cols["rewards"], self.bounds, self.returns_gamma)
+            cols["returns_to_go"] = returns_to_go(cols["rewards"], self.bounds, self.returns_gamma).astype(np.float32)
         self._cols, self._pid = cols, os.getpid()
         return cols
 
