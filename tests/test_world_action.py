@@ -210,6 +210,25 @@ def test_step_equals_greedy_decoding_with_full_forwards():
 
 
 @pytest.mark.parametrize("use_task_embed", [True, False])
+def test_imagination_token_path_is_forward_bit_for_bit(use_task_embed):
+    """``step`` feeds observation tokens through a lean path; planning results must not move by a bit."""
+    model = make_model(use_task_embed=use_task_embed)
+    B, tasks = 3, torch.tensor([5, 6, 7])
+    history = random_tokens(model.cfg, B, TPB)  # one past step: the cache ends after its action token
+    tok = torch.tensor([[1], [2], [3]])
+    with torch.no_grad():
+        a, b = model.empty_cache(B), model.empty_cache(B)
+        model(history, tasks, a)
+        model(history, tasks, b)
+        ref = model(tok, tasks, a).hidden
+        got = model._decode_obs_token(tok, tasks, b)
+    assert torch.equal(got, ref)
+    assert a.length == b.length
+    for x, y in zip(a.keys + a.values, b.keys + b.values):
+        assert torch.equal(x[:, :, : a.length], y[:, :, : b.length])
+
+
+@pytest.mark.parametrize("use_task_embed", [True, False])
 def test_static_decode_equals_eager_step(use_task_embed):
     """The fixed-shape decode that CUDA graphs capture computes what the eager ``step`` loop computes.
 

@@ -600,17 +600,30 @@ class WorldActionModel(nn.Module):
             first = out.obs_logits[:, -1].float().argmax(-1)
             tokens, q_logits = decoder(first, task_ids, kv_cache)
             return StepOutput(tokens, reward_logits, end_logits, q_logits, kv_cache)
+        logits = out.obs_logits[:, -1]
         new_tokens = []
         for k in range(tpb - 1):
-            logits = out.obs_logits[:, -1].float()
             if sample:
-                probs = torch.softmax(logits / temperature, dim=-1)
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
                 tok = torch.multinomial(probs, 1, generator=generator)
             else:
-                tok = logits.argmax(-1, keepdim=True)
+                tok = logits.float().argmax(-1, keepdim=True)
             new_tokens.append(tok)
-            out = self(tok, task_ids, kv_cache)
-        return StepOutput(torch.cat(new_tokens, dim=1), reward_logits, end_logits, out.q_logits[:, :, 0], kv_cache)
+            h = self._decode_obs_token(tok, task_ids, kv_cache)
+            if k < tpb - 2:
+                logits = self.head_observations(h)[:, -1]
+        q_logits = self._q_head(self.head_q, h)[:, :, 0]
+        return StepOutput(torch.cat(new_tokens, dim=1), reward_logits, end_logits, q_logits, kv_cache)
+
+    def _decode_obs_token(self, tok: torch.Tensor, task_ids: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        """``forward``'s features (B, 1, d) for one observation token after the cache, without the
+        checks and the heads that a lone observation token leaves empty: the imagination loop runs
+        this 36 times per step, and on a CPU that bookkeeping was about a fifth of planning time."""
+        pos = kv_cache.length
+        x = self.embedder.embedding_tables[1](tok) + self.pos_emb.weight[pos]
+        if self.cfg.use_task_embed:
+            x = x + self.task_emb.embedding_tables[1](task_ids).unsqueeze(1)
+        return self.transformer(x, kv_cache)
 
     # -- static-shape decoding (CUDA graphs) ---------------------------------------------------------
 
