@@ -32,7 +32,7 @@ import torch
 from jowa_core import games
 from jowa_core.agent import BaseAgent
 from jowa_core.data.collect import BreakoutTracker
-from jowa_core.data.format import DatasetError, episode_bounds, open_dataset
+from jowa_core.data.format import DatasetError, bounds_from_starts, episode_bounds, open_dataset
 from jowa_core.data.segments import returns_to_go
 from jowa_core.data.token_cache import open_token_cache, token_cache_path
 from jowa_core.envs import AtariVecEnv, EnvConfig
@@ -74,8 +74,7 @@ def discounted_returns(
     starts = np.asarray(episode_starts, np.int64)
     if n and (len(starts) == 0 or starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= n):
         raise ValueError("episode_starts must increase from 0 and stay inside rewards.")
-    bounds = np.stack([starts, np.append(starts[1:], n)], axis=1) if n else np.zeros((0, 2), np.int64)
-    return returns_to_go(rewards, bounds, gamma, clip=clip)
+    return returns_to_go(rewards, bounds_from_starts(starts, n), gamma, clip=clip)
 
 
 def _episode_of(starts: np.ndarray, n: int) -> np.ndarray:

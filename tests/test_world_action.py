@@ -221,7 +221,7 @@ def test_imagination_token_path_is_forward_bit_for_bit(use_task_embed):
         model(history, tasks, a)
         model(history, tasks, b)
         ref = model(tok, tasks, a).hidden
-        got = model._decode_obs_token(tok, tasks, b)
+        got = model._decode_obs_token(tok, model._task_obs_embedding(tasks), b)
     assert torch.equal(got, ref)
     assert a.length == b.length
     for x, y in zip(a.keys + a.values, b.keys + b.values):

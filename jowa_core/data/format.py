@@ -237,11 +237,16 @@ def dataset_info(path: str | os.PathLike) -> DatasetInfo:
         )
 
 
+def bounds_from_starts(starts: np.ndarray, n: int) -> np.ndarray:
+    """(E, 2) int64 [start, stop) of every episode of ``n`` transitions from its ``episode_starts``."""
+    starts = np.asarray(starts, np.int64)
+    stops = np.append(starts[1:], n) if len(starts) else starts
+    return np.stack([starts, stops], axis=1)
+
+
 def episode_bounds(f: h5py.File) -> np.ndarray:
     """(E, 2) int64 [start, stop) of every episode."""
-    starts = f["episode_starts"][:]
-    stops = np.append(starts[1:], f["actions"].shape[0])
-    return np.stack([starts, stops], axis=1)
+    return bounds_from_starts(f["episode_starts"][:], f["actions"].shape[0])
 
 
 def read_episode(f: h5py.File, index: int) -> dict[str, np.ndarray]:

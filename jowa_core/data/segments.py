@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from jowa_core import games
 from jowa_core.config import FRAME_SIZE, OBS_TOKENS
-from jowa_core.data.format import DatasetError, open_dataset
+from jowa_core.data.format import DatasetError, bounds_from_starts, open_dataset
 
 _CHUNK_CACHE_BYTES = 64 << 20  # h5py's default 1 MiB holds less than one 256-frame chunk
 _COLUMNS = ("actions", "rewards", "terminals", "truncations")
@@ -168,7 +168,7 @@ class SegmentSource:
         self.stride = int(stride)
         self.task_id = int(task_id) if task_id is not None else games.task_id(self.game, alias_held_out=alias_held_out)
         self.num_transitions = int(n)
-        self.bounds = np.stack([starts, np.append(starts[1:], n)], axis=1).astype(np.int64)
+        self.bounds = bounds_from_starts(starts, n)
         self._ep_start = self.bounds[:, 0]
         self._ep_len = self.bounds[:, 1] - self.bounds[:, 0]
         self.segments = segment_index(self.bounds, self.segment_length, self.stride)

@@ -600,7 +600,7 @@ class WorldActionModel(nn.Module):
             first = out.obs_logits[:, -1].float().argmax(-1)
             tokens, q_logits = decoder(first, task_ids, kv_cache)
             return StepOutput(tokens, reward_logits, end_logits, q_logits, kv_cache)
-        logits = out.obs_logits[:, -1]
+        logits, t_obs = out.obs_logits[:, -1], self._task_obs_embedding(task_ids)
         new_tokens = []
         for k in range(tpb - 1):
             if sample:
@@ -609,21 +609,23 @@ class WorldActionModel(nn.Module):
             else:
                 tok = logits.float().argmax(-1, keepdim=True)
             new_tokens.append(tok)
-            h = self._decode_obs_token(tok, task_ids, kv_cache)
+            h = self._decode_obs_token(tok, t_obs, kv_cache)
             if k < tpb - 2:
                 logits = self.head_observations(h)[:, -1]
         q_logits = self._q_head(self.head_q, h)[:, :, 0]
         return StepOutput(torch.cat(new_tokens, dim=1), reward_logits, end_logits, q_logits, kv_cache)
 
-    def _decode_obs_token(self, tok: torch.Tensor, task_ids: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
-        """``forward``'s features (B, 1, d) for one observation token after the cache, without the
+    def _task_obs_embedding(self, task_ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1, d) task embedding of observation positions, or None without task embeddings."""
+        return self.task_emb.embedding_tables[1](task_ids).unsqueeze(1) if self.cfg.use_task_embed else None
+
+    def _decode_obs_token(self, tok: torch.Tensor, t_obs: torch.Tensor | None, kv_cache: KVCache) -> torch.Tensor:
+        """``forward``'s features (B, 1, d) for one observation token (B, 1) after the cache, without the
         checks and the heads that a lone observation token leaves empty: the imagination loop runs
-        this 36 times per step, and on a CPU that bookkeeping was about a fifth of planning time."""
-        pos = kv_cache.length
-        x = self.embedder.embedding_tables[1](tok) + self.pos_emb.weight[pos]
-        if self.cfg.use_task_embed:
-            x = x + self.task_emb.embedding_tables[1](task_ids).unsqueeze(1)
-        return self.transformer(x, kv_cache)
+        this 36 times per step, and on a CPU that bookkeeping was about a fifth of planning time.
+        ``t_obs``: ``_task_obs_embedding(task_ids)``, looked up once per step."""
+        x = self.embedder.embedding_tables[1](tok) + self.pos_emb.weight[kv_cache.length]
+        return self.transformer(x if t_obs is None else x + t_obs, kv_cache)
 
     # -- static-shape decoding (CUDA graphs) ---------------------------------------------------------
 
@@ -648,9 +650,9 @@ class WorldActionModel(nn.Module):
         (B, 36) and the Q logits at its last token, as ``step`` does. Same function as the eager loop
         (tested); attention runs over the whole cache under a mask instead of over a slice.
         """
-        cfg, n_obs = self.cfg, self.cfg.tokens_per_block - 1
+        n_obs = self.cfg.tokens_per_block - 1
         obs_table = self.embedder.embedding_tables[1]
-        t_obs = self.task_emb.embedding_tables[1](task_ids).unsqueeze(1) if cfg.use_task_embed else None
+        t_obs = self._task_obs_embedding(task_ids)
         kpos = torch.arange(keys[0].shape[2], device=first.device)
         tok, tokens = first, []
         for k in range(n_obs):
