@@ -92,7 +92,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     from jowa_core.training import mtbc_preset, resolve_preset, train_world_action
 
     steps = {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps, "batch_size": args.batch_size,
-             "mc_anchor": True if args.mc_anchor else None}  # fmt: skip
+             "mc_anchor": True if args.mc_anchor else None, "life_start_share": args.life_start_share}  # fmt: skip
     cfg = resolve_preset(args.preset, steps)
     if args.objective == "mtbc":  # the baseline: the same steps and batch, all spent on its BC head
         cfg = mtbc_preset(cfg)
@@ -447,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="anchor the critic on the data's discounted returns-to-go (TrainConfig.mc_anchor)",
     )
+    p.add_argument("--life-start-share", type=float, default=None,
+                   help="share of each batch from segments holding a life's first step (TrainConfig.life_start_share)")
     p.add_argument("--objective", choices=("jowa", "mtbc"), default="jowa",
                    help="jowa (both stages) or mtbc: the behaviour-cloning baseline with the same steps and batch")
     p.set_defaults(func=_cmd_pretrain)

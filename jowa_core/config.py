@@ -234,6 +234,9 @@ class TrainConfig:
     mc_anchor: bool = False
     """Ours (off in the paper presets): anchor the C51 critic on the data's discounted returns-to-go, a floor
     under each bootstrap value and the target of a segment's last step (``losses.c51_td_loss``)."""
+    life_start_share: float = 0.0
+    """Ours (0 in the paper presets): expected share of each batch drawn from segments that hold the first
+    step of a life (``data.segments.SegmentSampler``); needs data with ALE's lives counter."""
     supervised_weight_stage1: float = 1.0
     supervised_weight_stage2: float = 0.1
     """World-loss weight lambda (paper Eq. 9): 1.0 in stage 1, 0.1 in stage 2, 0.5 in fine-tuning."""
@@ -265,6 +268,7 @@ class TrainConfig:
             self.tokenizer_lr_schedule in ("constant", "cosine"),
             f"tokenizer_lr_schedule must be 'constant' or 'cosine', got {self.tokenizer_lr_schedule!r}.",
         )
+        _check(0.0 <= self.life_start_share <= 1.0, f"life_start_share must be in [0, 1], got {self.life_start_share}.")
         warmup = self.tokenizer_warmup_steps
         _check(warmup >= 0, f"tokenizer_warmup_steps must be >= 0, got {warmup}.")
 

@@ -578,10 +578,12 @@ def _train(
         torch.set_num_threads(max(1, num_threads))
     sources = make_sources(token_caches, mc, stride=options["stride"], returns_gamma=tc.gamma if tc.mc_anchor else None)
     if options["data_split"] == "global":
-        sampler = SegmentSampler(sources, tc.batch_size, seed=tc.seed)
+        sampler = SegmentSampler(sources, tc.batch_size, seed=tc.seed, life_start_share=tc.life_start_share)
         dataset: IterableDataset = GlobalBatchSlices(sampler, info.rank, W)
     else:
-        sampler = SegmentSampler(sources, rank_rows, seed=tc.seed, rank=info.rank, world_size=W)
+        sampler = SegmentSampler(
+            sources, rank_rows, seed=tc.seed, rank=info.rank, world_size=W, life_start_share=tc.life_start_share
+        )
         dataset = sampler
     legal_table = torch.as_tensor(action_masks(), device=dev)
 

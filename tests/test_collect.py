@@ -22,7 +22,7 @@ from jowa_core.data.collect import (
     make_policy,
     mixed_quality,
 )
-from jowa_core.data.format import episode_bounds, open_dataset, read_episode
+from jowa_core.data.format import episode_bounds, life_starts, open_dataset, read_episode
 from jowa_core.envs import AtariVecEnv, EnvConfig
 
 STICKY = EnvConfig.sticky()
@@ -56,6 +56,12 @@ def test_file_is_valid_and_consistent(breakout_file):
         assert json.loads(f.attrs["episode_policy_names"]) == ["random"]
         assert f["episode_policy"].shape == (len(bounds),) and not f["episode_policy"][:].any()
         assert json.loads(f.attrs["collection"])["seed"] == 11
+        lives = f["lives"][:]
+        assert (lives[bounds[:, 0]] == 5).all() and lives.min() >= 1  # Breakout starts with 5 lives
+        starts = life_starts(lives, bounds[:, 0], n)
+        lives_played = np.array([starts[a:b].sum() for a, b in bounds])
+        assert (lives_played[terms[bounds[:, 1] - 1]] == 5).all()  # a finished game shows all 5 lives begin
+        assert (np.diff(lives.astype(int))[~starts[1:]] == 0).all()  # and the counter moves only between lives
 
 
 def test_replaying_recorded_actions_reproduces_frames(breakout_file):
@@ -69,6 +75,7 @@ def test_replaying_recorded_actions_reproduces_frames(breakout_file):
         for e, ep in enumerate(episodes):
             for t in range(len(ep["actions"])):
                 np.testing.assert_array_equal(obs[0], ep["observations"][t], err_msg=f"episode {e} step {t}")
+                assert ep["lives"][t] == env.lives[0], f"episode {e} step {t}"  # the counter of this frame
                 obs, rew, term, trunc, _ = env.step(ep["actions"][t : t + 1].astype(np.int64))
                 assert rew[0] == ep["rewards"][t] and term[0] == ep["terminals"][t], f"episode {e} step {t}"
                 if t < len(ep["actions"]) - 1:

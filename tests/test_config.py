@@ -36,3 +36,5 @@ def test_validation_names_the_fix():
         TrainConfig(tokenizer_lr_schedule="linear")
     with pytest.raises(ConfigError, match="tokenizer_warmup_steps"):
         TrainConfig(tokenizer_warmup_steps=-1)
+    with pytest.raises(ConfigError, match="life_start_share must be in"):
+        TrainConfig(life_start_share=-0.1)

@@ -7,7 +7,15 @@ import h5py
 import numpy as np
 import pytest
 
-from jowa_core.data.format import DatasetError, DatasetWriter, dataset_info, episode_bounds, open_dataset, read_episode
+from jowa_core.data.format import (
+    DatasetError,
+    DatasetWriter,
+    dataset_info,
+    episode_bounds,
+    life_starts,
+    open_dataset,
+    read_episode,
+)
 
 
 def _episode(rng, t, terminal=True):
@@ -109,3 +117,44 @@ def test_wrong_schema_gives_clear_error(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(DatasetError, match="no such file"):
         open_dataset(tmp_path / "Nope.h5")
+
+
+def test_lives_column_round_trip_and_life_starts(tmp_path):
+    rng = np.random.default_rng(1)
+    eps = [_episode(rng, t) for t in (6, 4)]
+    eps[0]["lives"] = [3, 3, 2, 2, 2, 1]  # lives lost before steps 2 and 5
+    eps[1]["lives"] = [3, 3, 3, 2]
+    path = _write(tmp_path / "Breakout.h5", eps)
+    with open_dataset(path) as f:
+        assert f["lives"].dtype == np.uint8
+        np.testing.assert_array_equal(read_episode(f, 1)["lives"], [3, 3, 3, 2])
+        got = life_starts(f["lives"][:], f["episode_starts"][:], len(f["actions"]))
+    # by hand: each episode's first step and each step right after a lost life
+    np.testing.assert_array_equal(np.flatnonzero(got), [0, 2, 5, 6, 9])
+    # without a lives counter only the episode starts are known
+    np.testing.assert_array_equal(np.flatnonzero(life_starts(None, [0, 6], 10)), [0, 6])
+
+
+def test_lives_must_be_given_for_all_episodes_or_none(tmp_path):
+    rng = np.random.default_rng(2)
+    with pytest.raises(DatasetError, match="lives for every episode or for none"):
+        with DatasetWriter(tmp_path / "a.h5", "Breakout", source="collected") as w:
+            w.add_episode(**_episode(rng, 3), lives=[5, 5, 4])
+            w.add_episode(**_episode(rng, 3))
+    with pytest.raises(DatasetError, match="lives for every episode or for none"):
+        with DatasetWriter(tmp_path / "b.h5", "Breakout", source="collected") as w:
+            w.add_episode(**_episode(rng, 3))
+            w.add_episode(**_episode(rng, 3), lives=[5, 5, 4])
+    with pytest.raises(DatasetError, match="differ in length"):
+        with DatasetWriter(tmp_path / "c.h5", "Breakout", source="collected") as w:
+            w.add_episode(**_episode(rng, 3), lives=[5, 5])
+    assert not list(tmp_path.glob("*.h5"))
+
+
+def test_malformed_lives_column_is_explained(tmp_path):
+    rng = np.random.default_rng(3)
+    path = _write(tmp_path / "Breakout.h5", [_episode(rng, 5)])
+    with h5py.File(path, "a") as f:
+        f.create_dataset("lives", data=np.ones(4, np.uint8))
+    with pytest.raises(DatasetError, match="'lives' is uint8 \\(4,\\), expected uint8 \\(5,\\)"):
+        open_dataset(path)

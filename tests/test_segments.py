@@ -295,3 +295,76 @@ def test_returns_to_go_by_hand_and_through_a_source():
         SegmentSource.from_arrays("Breakout", actions=np.zeros(6, np.int64), rewards=rewards,
                                   terminals=np.zeros(6, bool), episode_starts=np.array([0, 4]),
                                   tokens=np.zeros((6, 36), np.int64), returns_gamma=1.5)  # fmt: skip
+
+
+def _lives_for(rng, lengths):
+    """A lives counter per step: 3 at each episode start, dropping by one at a few random steps."""
+    parts = []
+    for t in lengths:
+        drops = np.zeros(t, int)
+        drops[rng.choice(np.arange(1, t), size=min(2, t - 1), replace=False)] = 1 if t > 1 else 0
+        parts.append(3 - np.cumsum(drops))
+    return np.concatenate(parts).astype(np.uint8)
+
+
+def test_life_start_segments_match_a_loop():
+    rng = np.random.default_rng(8)
+    lengths = rng.integers(1, 40, 30)
+    cols = random_columns(rng, lengths)
+    cols["lives"] = _lives_for(rng, lengths)
+    for length, stride in ((8, 4), (8, 1), (3, 5)):
+        src = SegmentSource.from_arrays("Breakout", **cols, segment_length=length, stride=stride)
+        starts = cols["episode_starts"]
+        want = []
+        for k, (e, s, _) in enumerate(src.segments):  # a segment counts when one of its real steps begins a life
+            a = starts[e]
+            for step in range(s, min(s + length, lengths[e])):
+                if step == 0 or cols["lives"][a + step] < cols["lives"][a + step - 1]:
+                    want.append(k)
+                    break
+        np.testing.assert_array_equal(src.life_start_segments, want)
+    no_lives = {k: v for k, v in cols.items() if k != "lives"}
+    assert SegmentSource.from_arrays("Breakout", **no_lives).life_start_segments is None
+
+
+def test_life_start_share_draws_that_share():
+    rng = np.random.default_rng(9)
+    lengths = rng.integers(20, 60, 40)
+    cols = random_columns(rng, lengths)
+    cols["lives"] = _lives_for(rng, lengths)
+    src = SegmentSource.from_arrays("Breakout", **cols)
+    focus = np.zeros(src.num_segments, bool)
+    focus[src.life_start_segments] = True
+    seg_of_start = {int(cols["episode_starts"][e] + s): k for k, (e, s, _) in enumerate(src.segments)}
+
+    def focus_rate(share):
+        sampler = SegmentSampler([src], batch_size=32, seed=2, life_start_share=share)
+        rows = [seg_of_start[int(x)] for i in range(200) for x in sampler.batch(i)["tokens"][:, 0, 0]]
+        return focus[rows].mean()
+
+    base = focus.mean()  # about 0.15 here: the uniform stream's rate
+    assert abs(focus_rate(0.0) - base) < 0.03
+    assert focus_rate(1.0) == 1.0
+    # share s from the life starts plus (1 - s) uniform rows, of which a fraction base are life starts too
+    assert abs(focus_rate(0.4) - (0.4 + 0.6 * base)) < 0.03
+    # share 0 is the plain stream, draw for draw
+    plain, zero = SegmentSampler([src], 16, seed=5), SegmentSampler([src], 16, seed=5, life_start_share=0.0)
+    assert all(torch.equal(plain.batch(3)[k], zero.batch(3)[k]) for k in plain.batch(3))
+
+
+def test_life_start_share_needs_lives_and_a_valid_share(tmp_path):
+    rng = np.random.default_rng(10)
+    _, tok_path, cols = write_h5(tmp_path, rng)
+    with pytest.raises(ValueError, match="Recollect the data with `jowa collect`"):
+        SegmentSampler([SegmentSource(None, tok_path)], 8, life_start_share=0.2)
+    with pytest.raises(ValueError, match="life_start_share must be in"):
+        SegmentSampler([SegmentSource(None, tok_path)], 8, life_start_share=1.5)
+    # a token cache and a dataset that carry the lives column give the same life-start segments
+    lives = _lives_for(rng, np.diff(np.r_[cols["episode_starts"], len(cols["actions"])]))
+    with h5py.File(tok_path, "a") as f:
+        f.create_dataset("lives", data=lives)
+    from_cache = SegmentSource(None, tok_path)
+    no_frames = {k: v for k, v in cols.items() if k != "observations"}
+    want = SegmentSource.from_arrays("Breakout", **no_frames, lives=lives).life_start_segments
+    np.testing.assert_array_equal(from_cache.life_start_segments, want)
+    assert SegmentSampler([from_cache], 8, life_start_share=0.5).batch(0)["tokens"].shape == (8, 8, 36)

@@ -27,7 +27,7 @@ def _tokenizer(seed):
     return tok
 
 
-def _dataset(path, lengths=(130, 170, 20)):
+def _dataset(path, lengths=(130, 170, 20), lives=False):
     rng = np.random.default_rng(0)
     with DatasetWriter(path, "Pong", source="collected") as w:
         for t in lengths:  # 320 frames: crosses the 256-frame HDF5 chunk
@@ -36,18 +36,22 @@ def _dataset(path, lengths=(130, 170, 20)):
                 rng.integers(0, 18, t),
                 rng.choice([-1.0, 0.0, 1.0], t),
                 np.r_[np.zeros(t - 1, bool), True],
+                lives=np.sort(rng.integers(0, 4, t))[::-1] if lives else None,
             )
     return path
 
 
-def test_round_trip(tmp_path):
-    src = _dataset(tmp_path / "Pong.h5")
+@pytest.mark.parametrize("lives", [False, True])
+def test_round_trip(tmp_path, lives):
+    src = _dataset(tmp_path / "Pong.h5", lives=lives)
     tok = _tokenizer(0)
     out = build_token_cache(src, tok, batch_size=100, device="cpu", progress=False)
     assert out == tmp_path / "Pong.tokens.h5" == token_cache_path(src)
     with h5py.File(src) as f:
         frames = torch.from_numpy(f["observations"][:])
-        source = {k: f[k][:] for k in ("actions", "rewards", "terminals", "truncations", "episode_starts")}
+        keys = ("actions", "rewards", "terminals", "truncations", "episode_starts", "lives")
+        source = {k: f[k][:] for k in keys if k in f}
+    assert ("lives" in source) == lives
     expected = torch.cat([tok.encode(frames[i : i + 64]) for i in range(0, len(frames), 64)]).numpy()
     cache = read_token_cache(out, expected_hash=tok)
     assert cache["tokens"].dtype == np.uint16 and cache["tokens"].shape == (320, 36)

@@ -3,7 +3,8 @@
 ``collect`` steps ``num_envs`` envs (``jowa_core.envs.AtariVecEnv``, official protocol unless told
 otherwise) and writes each finished episode with ``DatasetWriter.add_episode``, aligned as
 ``(o_t, a_t, r_t, terminal_t)``: ``actions[t]`` is the full-set action executed in ``observations[t]``
-and ``rewards[t]`` the raw reward it earned.
+and ``rewards[t]`` the raw reward it earned; ``lives[t]`` is ALE's lives counter when ``observations[t]``
+was seen (``format.life_starts`` finds each life's first step from it).
 
 Exact budget rule: exactly ``num_transitions`` transitions are written. Every agent step adds one
 transition per env in env order; on the last step only the first ``remaining`` envs' transitions are
@@ -321,24 +322,29 @@ class _EpisodeBuffer:
         self.obs = np.empty((capacity, FRAME_SIZE, FRAME_SIZE), np.uint8)
         self.actions = np.empty(capacity, np.uint8)
         self.rewards = np.empty(capacity, np.float32)
+        self.lives = np.empty(capacity, np.uint8)
         self.n = 0
 
-    def append(self, obs: np.ndarray, action: int, reward: float) -> None:
+    def append(self, obs: np.ndarray, action: int, reward: float, lives: int) -> None:
         if self.n == len(self.actions):
             cap = 2 * self.n
             self.obs = np.concatenate([self.obs, np.empty_like(self.obs)])[:cap]
             self.actions = np.resize(self.actions, cap)
             self.rewards = np.resize(self.rewards, cap)
+            self.lives = np.resize(self.lives, cap)
         self.obs[self.n] = obs
         self.actions[self.n] = action
         self.rewards[self.n] = reward
+        self.lives[self.n] = lives
         self.n += 1
 
     def flush(self, writer: DatasetWriter, terminal: bool) -> None:
         n = self.n
         ends = np.zeros(n, bool)
         ends[-1] = True
-        writer.add_episode(self.obs[:n], self.actions[:n], self.rewards[:n], ends & terminal, ends & (not terminal))
+        writer.add_episode(
+            self.obs[:n], self.actions[:n], self.rewards[:n], ends & terminal, ends & (not terminal), self.lives[:n]
+        )
         self.n = 0
 
 
@@ -426,12 +432,13 @@ def collect(
             while kept < num_transitions:
                 ram = env.ram() if policy.needs_ram else None
                 actions = policy.act(obs, ram, legal, rng)
+                lives = env.lives  # of the frames in obs, before acting
                 next_obs, rewards, terminated, truncated, info = env.step(actions)
                 executed = info["actions"]
                 k = min(num_envs, num_transitions - kept)
                 ended = []
                 for i in range(k):
-                    buffers[i].append(obs[i], executed[i], rewards[i])
+                    buffers[i].append(obs[i], executed[i], rewards[i], lives[i])
                     if terminated[i] or truncated[i]:
                         episode_policy.append(policy.episode_label(i))
                         episode_env.append(i)

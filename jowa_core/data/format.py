@@ -34,6 +34,10 @@ SCHEMA: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
     "terminals": (np.dtype(bool), ()),
     "truncations": (np.dtype(bool), ()),
 }
+# optional per-transition columns: present for every episode of a file or for none
+OPTIONAL_SCHEMA: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
+    "lives": (np.dtype(np.uint8), ()),  # ALE lives left when observations[t] was seen (0: a game without lives)
+}
 EPISODE_SCHEMA: dict[str, np.dtype] = {
     "episode_starts": np.dtype(np.int64),
     "episode_returns": np.dtype(np.float32),
@@ -82,7 +86,9 @@ class DatasetWriter:
     def num_episodes(self) -> int:
         return len(self._starts)
 
-    def add_episode(self, observations, actions, rewards, terminals, truncations=None) -> None:
+    def add_episode(self, observations, actions, rewards, terminals, truncations=None, lives=None) -> None:
+        """Append one episode. ``lives`` (optional, T ints): ALE's lives counter at each observation; give
+        it for every episode of a file or for none (``life_starts`` reads it)."""
         obs = np.asarray(observations)
         t = len(obs)
         if t == 0:
@@ -99,6 +105,16 @@ class DatasetWriter:
             "terminals": np.asarray(terminals, dtype=bool),
             "truncations": np.zeros(t, bool) if truncations is None else np.asarray(truncations, dtype=bool),
         }
+        if self._n and (lives is not None) != ("lives" in self._f):
+            have = "has" if "lives" in self._f else "has no"
+            raise DatasetError(f"this file {have} a lives column; give lives for every episode or for none.")
+        if lives is not None:
+            lv = np.asarray(lives)
+            if lv.size and (lv.min() < 0 or lv.max() > 255):
+                raise DatasetError(f"lives must be counts in [0, 255]; got range [{lv.min()}, {lv.max()}].")
+            cols["lives"] = lv.astype(np.uint8)
+            if "lives" not in self._f:
+                self._f.create_dataset("lives", shape=(0,), maxshape=(None,), dtype=np.uint8, chunks=(65536,))
         for name, arr in cols.items():
             if len(arr) != t:
                 raise DatasetError(f"episode arrays differ in length: observations {t}, {name} {len(arr)}.")
@@ -115,7 +131,7 @@ class DatasetWriter:
     def add_episode_field(self, name: str, values) -> None:
         """Store an extra per-episode (E,) array, e.g. which behaviour policy produced each episode."""
         values = np.asarray(values)
-        if name in SCHEMA or name in EPISODE_SCHEMA or name in self._f:
+        if name in SCHEMA or name in OPTIONAL_SCHEMA or name in EPISODE_SCHEMA or name in self._f:
             raise DatasetError(f"per-episode field {name!r} exists already or is reserved; pick another name.")
         if values.shape != (self.num_episodes,):
             raise DatasetError(f"per-episode field {name!r} has shape {values.shape}; expected ({self.num_episodes},).")
@@ -206,6 +222,9 @@ def validate(f: h5py.File, path: Path) -> None:
             n = ds.shape[0]
         elif ds.shape[0] != n:
             raise _fail(path, f"{name!r} has {ds.shape[0]} rows but observations has {n}.")
+    for name, (dtype, shape) in OPTIONAL_SCHEMA.items():
+        if name in f and (f[name].dtype != dtype or f[name].shape != (n, *shape)):
+            raise _fail(path, f"{name!r} is {f[name].dtype} {f[name].shape}, expected {dtype} ({n},).")
     for name, dtype in EPISODE_SCHEMA.items():
         if name not in f:
             raise _fail(path, f"lacks {name!r}: the writer did not finish.")
@@ -244,6 +263,18 @@ def bounds_from_starts(starts: np.ndarray, n: int) -> np.ndarray:
     return np.stack([starts, stops], axis=1)
 
 
+def life_starts(lives: np.ndarray | None, starts: np.ndarray, n: int) -> np.ndarray:
+    """(N,) bool: the first step of every life, that is each episode's first step and, with ``lives``, each
+    step whose lives counter fell below the previous step's within the episode. These are the rare frames
+    where, in games such as Breakout, the agent must act (FIRE) before play resumes."""
+    out = np.zeros(n, bool)
+    out[np.asarray(starts, np.int64)] = True
+    if lives is not None:
+        lv = np.asarray(lives, np.int64)
+        out[1:] |= lv[1:] < lv[:-1]
+    return out
+
+
 def episode_bounds(f: h5py.File) -> np.ndarray:
     """(E, 2) int64 [start, stop) of every episode."""
     return bounds_from_starts(f["episode_starts"][:], f["actions"].shape[0])
@@ -251,7 +282,7 @@ def episode_bounds(f: h5py.File) -> np.ndarray:
 
 def read_episode(f: h5py.File, index: int) -> dict[str, np.ndarray]:
     start, stop = episode_bounds(f)[index]
-    return {name: f[name][start:stop] for name in SCHEMA}
+    return {name: f[name][start:stop] for name in (*SCHEMA, *OPTIONAL_SCHEMA) if name in f}
 
 
 def dataset_path(root: str | os.PathLike, game: str) -> Path:

@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from jowa_core import games
 from jowa_core.config import FRAME_SIZE, OBS_TOKENS
-from jowa_core.data.format import DatasetError, bounds_from_starts, open_dataset
+from jowa_core.data.format import DatasetError, bounds_from_starts, life_starts, open_dataset
 
 _CHUNK_CACHE_BYTES = 64 << 20  # h5py's default 1 MiB holds less than one 256-frame chunk
 _COLUMNS = ("actions", "rewards", "terminals", "truncations")
@@ -138,13 +138,15 @@ class SegmentSource:
         if self.dataset_path is not None:
             with open_dataset(self.dataset_path) as f:
                 game, starts, n = str(f.attrs["game"]), f["episode_starts"][:], int(f["actions"].shape[0])
+                lives = f["lives"][:] if "lives" in f else None
         else:
-            game, starts, n = self._read_cache_index()
+            game, starts, n, lives = self._read_cache_index()
         if self.tokens_path is not None:
             self._check_token_cache(n)
         kind = "tokens" if self.tokens_path is not None else "frames"
         in_memory = (kind == "tokens") if in_memory is None else bool(in_memory)
         self._setup(game, kind, starts, n, segment_length, stride, in_memory, task_id, alias_held_out, returns_gamma)
+        self._index_life_starts(lives)
 
     def _setup(
         self,
@@ -176,6 +178,7 @@ class SegmentSource:
         if returns_gamma is not None and not 0.0 < returns_gamma <= 1.0:
             raise ValueError(f"returns_gamma must be in (0, 1], got {returns_gamma}.")
         self.returns_gamma = returns_gamma
+        self.life_start_segments: np.ndarray | None = None  # set by _index_life_starts when lives are known
         self._cols: dict[str, Any] | None = None  # per-process state, built on first fetch
         self._files: list[h5py.File] = []
         self._pid = -1
@@ -192,6 +195,7 @@ class SegmentSource:
         observations: np.ndarray | None = None,
         tokens: np.ndarray | None = None,
         truncations: np.ndarray | None = None,
+        lives: np.ndarray | None = None,
         segment_length: int = 8,
         stride: int = 4,
         task_id: int | None = None,
@@ -228,9 +232,23 @@ class SegmentSource:
         self._arrays = arrays
         kind = "frames" if observations is not None else "tokens"
         self._setup(game, kind, s, n, segment_length, stride, True, task_id, alias_held_out, returns_gamma)
+        if lives is not None and len(lives) != n:
+            raise ValueError(f"lives has {len(lives)} rows but actions has {n}.")
+        self._index_life_starts(lives)
         return self
 
-    def _read_cache_index(self) -> tuple[str, np.ndarray, int]:
+    def _index_life_starts(self, lives: np.ndarray | None) -> None:
+        """``life_start_segments``: the rows of ``segments`` whose real steps include the first step of a
+        life (``format.life_starts``); None when the data has no lives counter (only episode starts known)."""
+        if lives is None:
+            return
+        first = np.r_[0, np.cumsum(life_starts(lives, self.bounds[:, 0], self.num_transitions))]
+        ep, start, stop = self.segments.T
+        lo = self._ep_start[ep] + start
+        hi = self._ep_start[ep] + np.minimum(stop, self._ep_len[ep])
+        self.life_start_segments = np.flatnonzero(first[hi] > first[lo])
+
+    def _read_cache_index(self) -> tuple[str, np.ndarray, int, np.ndarray | None]:
         """Game, episode starts and length from a token cache that carries the dataset's columns."""
         try:
             with h5py.File(self.tokens_path, "r") as f:
@@ -242,7 +260,8 @@ class SegmentSource:
                         f"Token cache {self.tokens_path} lacks {missing}, so it cannot be used alone; pass the dataset "
                         f"file too: SegmentSource(dataset_path, tokens_path)."
                     )
-                return str(f.attrs["game"]), f["episode_starts"][:].astype(np.int64), int(f["actions"].shape[0])
+                lives = f["lives"][:] if "lives" in f else None
+                return str(f.attrs["game"]), f["episode_starts"][:].astype(np.int64), int(f["actions"].shape[0]), lives
         except OSError as e:
             raise DatasetError(f"Token cache {self.tokens_path} cannot be opened ({e}); rebuild it.") from None
 
@@ -385,6 +404,10 @@ class SegmentSampler(IterableDataset):
         rank, world_size: this process's DDP rank and the number of ranks.
         weights: relative game frequencies (default equal).
         num_batches: stop after batch index ``num_batches - 1`` (default: never stop).
+        life_start_share: ours (0 in the paper's recipe): the expected share of each game's rows drawn
+            from its segments that hold the first step of a life (``SegmentSource.life_start_segments``),
+            the rest uniformly. Those frames decide, for example, Breakout's FIRE, and are too rare (about
+            1 % of steps) for a short run to learn from when drawn uniformly. Needs the ``lives`` column.
     """
 
     def __init__(
@@ -397,9 +420,21 @@ class SegmentSampler(IterableDataset):
         *,
         weights: Sequence[float] | None = None,
         num_batches: int | None = None,
+        life_start_share: float = 0.0,
     ):
         super().__init__()
         self.sources = list(sources)
+        if not 0.0 <= life_start_share <= 1.0:
+            raise ValueError(f"life_start_share must be in [0, 1], got {life_start_share}.")
+        if life_start_share > 0:
+            lacking = [repr(s) for s in self.sources if s.life_start_segments is None]
+            if lacking:
+                raise DatasetError(
+                    f"life_start_share={life_start_share} needs each game's lives counter, but {', '.join(lacking)} "
+                    "has none (files collected before lives were recorded, or DQN-Replay imports). Recollect the "
+                    "data with `jowa collect` and rebuild the token cache, or set life_start_share to 0."
+                )
+        self.life_start_share = float(life_start_share)
         if not self.sources:
             raise ValueError("SegmentSampler needs at least one SegmentSource.")
         if len({s.kind for s in self.sources}) != 1 or len({s.segment_length for s in self.sources}) != 1:
@@ -427,11 +462,19 @@ class SegmentSampler(IterableDataset):
         points = (rng.random() + np.arange(b)) / b  # systematic sampling: balanced game counts
         game = np.minimum(np.searchsorted(self._cum, points, side="right"), len(self.sources) - 1)
         counts = np.bincount(game, minlength=len(self.sources))
-        parts = [src.fetch(rng.integers(0, src.num_segments, c)) for src, c in zip(self.sources, counts) if c > 0]
+        parts = [src.fetch(self._rows(src, c, rng)) for src, c in zip(self.sources, counts) if c > 0]
         order = rng.permutation(b)
         out = {k: torch.from_numpy(np.concatenate([p[k] for p in parts])[order]) for k in parts[0]}
         out["batch_index"] = torch.tensor(int(index))
         return out
+
+    def _rows(self, src: SegmentSource, count: int, rng: np.random.Generator) -> np.ndarray:
+        """``count`` segment rows of ``src``: uniform, or a Binomial(count, share) part from its life starts."""
+        if self.life_start_share == 0 or src.life_start_segments is None or len(src.life_start_segments) == 0:
+            return rng.integers(0, src.num_segments, count)  # the paper's stream, draw for draw
+        k = rng.binomial(count, self.life_start_share)
+        focus = src.life_start_segments[rng.integers(0, len(src.life_start_segments), k)]
+        return np.concatenate([rng.integers(0, src.num_segments, count - k), focus])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()

@@ -2,8 +2,8 @@
 
 The cache is self-sufficient for world-model training: ``tokens`` uint16 (N, 36) plus the source
 dataset's ``actions``, ``rewards``, ``terminals``, ``truncations``, ``episode_starts`` and
-``episode_returns``. Root attributes name the tokenizer (``tokenizer_hash``, from
-``Tokenizer.content_hash``), the game and task id, and the source file and its length.
+``episode_returns`` (and ``lives`` when the dataset has it). Root attributes name the tokenizer
+(``tokenizer_hash``, from ``Tokenizer.content_hash``), the game and task id, and the source file and its length.
 Readers refuse a cache made by another tokenizer. Encoding runs in fp32 (no autocast) so the cached
 tokens equal ``tokenizer.encode`` on the same frames.
 """
@@ -27,6 +27,7 @@ from jowa_core.runtime import atomic_path, resolve_device
 
 CACHE_FORMAT_VERSION = 1
 COPIED = ("actions", "rewards", "terminals", "truncations", "episode_starts", "episode_returns")
+OPTIONAL_COPIED = ("lives",)  # copied when the dataset has them
 REQUIRED_ATTRS = ("cache_format_version", "tokenizer_hash", "game", "task_id", "source_path", "source_num_transitions")
 TOKEN_CHUNK = 4096
 
@@ -92,7 +93,7 @@ def build_token_cache(
                     ]
                     tokens[a : a + len(block)] = torch.cat(encoded).numpy().astype(np.uint16)
                     bar.update(len(block))
-            for name in COPIED:
+            for name in COPIED + tuple(k for k in OPTIONAL_COPIED if k in f):
                 g.create_dataset(name, data=f[name][:])
             attrs = g.attrs
             attrs["cache_format_version"] = CACHE_FORMAT_VERSION
@@ -151,6 +152,9 @@ def _validate(f: h5py.File, path: Path, expected_hash) -> None:
             raise _fail(path, f"lacks {name!r}.")
         if name not in ("episode_starts", "episode_returns") and f[name].shape[0] != n:
             raise _fail(path, f"{name!r} has {f[name].shape[0]} rows, tokens has {n}.")
+    for name in OPTIONAL_COPIED:
+        if name in f and f[name].shape != (n,):
+            raise _fail(path, f"{name!r} has shape {f[name].shape}, tokens has {n} rows.")
     if expected_hash is not None:
         want, have = _hash_of(expected_hash), str(f.attrs["tokenizer_hash"])
         if want != have:
@@ -166,6 +170,6 @@ def _validate(f: h5py.File, path: Path, expected_hash) -> None:
 def read_token_cache(path: str | os.PathLike, expected_hash=None) -> dict[str, np.ndarray]:
     """The whole cache in memory: ``tokens`` (N, 36) uint16 and the copied arrays; attrs under ``attrs``."""
     with open_token_cache(path, expected_hash) as f:
-        out = {name: f[name][:] for name in ("tokens", *COPIED)}
+        out = {name: f[name][:] for name in ("tokens", *COPIED, *OPTIONAL_COPIED) if name in f}
         out["attrs"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
     return out
