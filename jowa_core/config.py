@@ -328,6 +328,9 @@ def tiny() -> Preset:
             # learns from rewards several steps away within this budget.
             batch_size=16, stage1_steps=300, stage2_steps=1700, target_update_every=200,
             lr_stage1=1e-3, lr_stage2=3e-4, critic_lr=3e-4, cql_weight=1.0, td_steps=7,
+            # 30 % of each batch from segments that hold a life's first step (7 % of Breakout's segments): drawn
+            # uniformly, the rare FIRE-to-launch frames left greedy Q stalling without a ball on most seeds (issue 9)
+            life_start_share=0.3,
             # tokenizer (ours, issue 4): 2000 steps of 32 frames, cosine from 4e-3; about 3.7 min on 2 cores (~64k frames)
             tokenizer_batch_size=32, tokenizer_steps=2000, tokenizer_lr=4e-3, tokenizer_lr_schedule="cosine",
             tokenizer_warmup_steps=100, log_every=50, save_every=500,

@@ -167,6 +167,12 @@ def _validate(f: h5py.File, path: Path, expected_hash) -> None:
             )
 
 
+def has_lives(path: str | os.PathLike) -> bool:
+    """Whether a cache carries the lives counter that ``TrainConfig.life_start_share`` needs."""
+    with open_token_cache(path) as f:
+        return "lives" in f
+
+
 def read_token_cache(path: str | os.PathLike, expected_hash=None) -> dict[str, np.ndarray]:
     """The whole cache in memory: ``tokens`` (N, 36) uint16 and the copied arrays; attrs under ``attrs``."""
     with open_token_cache(path, expected_hash) as f:
