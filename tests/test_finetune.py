@@ -286,3 +286,22 @@ def test_cli_finetunes_a_pretrained_run_on_real_frames_and_resumes(tmp_path, cap
     assert json.loads(capsys.readouterr().out)["steps"] == 3
     assert [r["step"] for r in read_metrics(out)] == [2, 3]
     assert "other settings" in cli_error(args + ["--steps", "3", "--lr", "1e-3"])
+
+
+def test_scratch_baseline_beside_the_run_matches_one_after_the_other(setup, tmp_path):
+    """``finetune_with_scratch`` in a spawned process gives the same two runs as sequential calls."""
+    from jowa_core.finetune import finetune_with_scratch
+
+    tok, model, cache = setup
+    cfg = replace(SMALL, steps=4, eval_every=4, eval_episodes=1, eval_max_steps=10)
+    runs = {}
+    for parallel in (False, True):
+        runs[parallel] = finetune_with_scratch((tok, model), GAME, cache, tmp_path / str(parallel), cfg,
+                                               parallel=parallel, resume=False, **RUN)  # fmt: skip
+    for name in ("pretrained", "scratch"):
+        a, b = runs[False][name], runs[True][name]
+        assert a.run_dir.name == b.run_dir.name == name and b.scratch == (name == "scratch")
+        assert all(torch.equal(x, y) for x, y in zip(state(a.model).values(), state(b.model).values()))
+        assert [e["returns"] for e in a.evals] == [e["returns"] for e in b.evals]
+    pre, scratch = runs[True]["pretrained"].model, runs[True]["scratch"].model
+    assert not all(torch.equal(x, y) for x, y in zip(state(pre).values(), state(scratch).values()))
