@@ -840,10 +840,8 @@ def finetune_with_scratch(
         return {"pretrained": pre, "scratch": finetune(pretrained, game, dataset_path, run_dir / "scratch", config,
                                                        scratch=True, **kwargs)}  # fmt: skip
     child = {**kwargs, "progress": False, "num_threads": 1}
-    if isinstance(pretrained, (str, os.PathLike)):
-        pretrained = str(pretrained)
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        job = pool.submit(finetune, pretrained, game, str(dataset_path), str(run_dir / "scratch"), config,
+        job = pool.submit(finetune, pretrained, game, dataset_path, run_dir / "scratch", config,
                           scratch=True, **child)  # fmt: skip
         pre = finetune(pretrained, game, dataset_path, run_dir / "pretrained", config,
                        **{**kwargs, "num_threads": kwargs.get("num_threads") or 1})  # fmt: skip

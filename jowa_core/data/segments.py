@@ -470,7 +470,7 @@ class SegmentSampler(IterableDataset):
 
     def _rows(self, src: SegmentSource, count: int, rng: np.random.Generator) -> np.ndarray:
         """``count`` segment rows of ``src``: uniform, or a Binomial(count, share) part from its life starts."""
-        if self.life_start_share == 0 or src.life_start_segments is None or len(src.life_start_segments) == 0:
+        if self.life_start_share == 0:  # otherwise __init__ checked that every source knows its life starts
             return rng.integers(0, src.num_segments, count)  # the paper's stream, draw for draw
         k = rng.binomial(count, self.life_start_share)
         focus = src.life_start_segments[rng.integers(0, len(src.life_start_segments), k)]
