@@ -5,14 +5,14 @@
 
 The step is the training loop's own (``step_loss``, backward, gradient clipping, fused AdamW on CUDA,
 bf16 autocast), fed from batches already on the device, so that the loop's data path is left out and
-the figure is the step itself. Variants: ``eager``; ``compile_forward`` (what ``train_world_action
-(compile=True)`` does: ``torch.compile`` of the model's forward); ``compile_loss`` (forward and the
-joint loss in one compiled graph, so the 2048-way cross-entropy and the critic's small kernels fuse);
-``compile_loss_pure_bf16`` (the same with every parameter, and so the residual stream, in bf16: not a
-training recipe, AdamW on bf16 weights loses small updates, but a bound on what halving the bytes of the
-elementwise passes would give); ``*_no_dropout`` (the same model with every dropout at 0: what the
-dropout masks and their random numbers cost, the untested guess behind the H100's 106 ms of elementwise
-kernels per jowa_150m step).
+the figure is the step itself. Variants: ``eager``; ``compile_forward`` (``torch.compile`` of the model's
+forward alone, the loop's recipe before session 7); ``compile_loss`` (what ``train_world_action(compile=True)``
+does: forward and the joint loss in one compiled graph, so the 2048-way cross-entropy and the critic's small
+kernels fuse); ``compile_loss_pure_bf16`` (the same with every parameter, and so the residual stream, in bf16:
+not a training recipe, AdamW on bf16 weights loses small updates, but a bound on what halving the bytes of the
+elementwise passes would give); ``*_no_dropout`` (the same model with every dropout at 0: what dropout costs;
+on an H200, 36 ms of jowa_150m's 255 ms step, session 11). ``--inductor KEY=VALUE`` sets inductor options
+for the whole process (``fallback_random=1``, ``triton.persistent_reductions=0``).
 Reports ms per step (CUDA events around ``--steps`` steps after as many warm-up steps), tokens/s,
 MFU (the suite's FLOP count) and peak memory; ``--profile`` adds, from ``torch.profiler`` over three
 steps, the GPU's busy share of the wall time and the kernels by share of GPU time.
@@ -71,11 +71,15 @@ def apply_inductor_settings(settings: list[str]) -> dict[str, object]:
     applied: dict[str, object] = {}
     for kv in settings:
         key, sep, value = kv.partition("=")
-        if not sep or not hasattr(inductor_config, key):
+        *path, leaf = key.split(".")  # dotted keys reach nested settings: triton.persistent_reductions=0
+        owner = inductor_config
+        for part in path:
+            owner = getattr(owner, part, None)
+        if not sep or owner is None or not hasattr(owner, leaf):
             raise SystemExit(f"--inductor {kv!r}: expected KEY=VALUE with KEY a torch._inductor.config setting.")
-        kind = type(getattr(inductor_config, key))
+        kind = type(getattr(owner, leaf))
         applied[key] = kind(int(value)) if kind is bool and value.isdigit() else kind(value)
-        setattr(inductor_config, key, applied[key])
+        setattr(owner, leaf, applied[key])
     return applied
 
 
@@ -122,11 +126,15 @@ def run_variant(
     for i in range(2):  # steady state before timing
         step(i)
     sync()
+    if cuda:  # an NVTX range, so that Nsight Compute can take the timed steps alone (--nvtx-include timed_steps/)
+        torch.cuda.nvtx.range_push("timed_steps")
     t0 = time.perf_counter()
     for i in range(steps):
         m = step(i)
     m.tolist()  # one sync, as at a log step
     sync()
+    if cuda:
+        torch.cuda.nvtx.range_pop()
     ms = (time.perf_counter() - t0) / steps * 1e3
     B, T = batches[0].tokens.shape
     out = {"variant": variant, "preset": p.name, "batch_size": B, "dropout": not no_dropout,
