@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The device A/B of the jowa_150m training step (batch 512) behind the README's "where dropout's cost lies":
-# the step with and without dropout, with aten's random numbers (fallback_random) and with looped reductions,
-# then Nsight Compute on the fused LayerNorm/dropout kernels (the backward ones, which session 11 did not
-# reach: its run took the forward's). One process per variant (inductor settings are process-wide). ~5 minutes
-# on an H200.
+# first the recipe against the hand-written fused dropout + add + LayerNorm op (compile_loss_fused_ln, one
+# process, so one machine), then the step with and without dropout, with aten's random numbers
+# (fallback_random) and with looped reductions, then Nsight Compute on inductor's fused LayerNorm/dropout
+# backward kernels and on the hand-written ones. One process per inductor setting (they are process-wide).
+# ~7 minutes on an H200 (estimated; the fused_ln lines have not run on a GPU yet).
 #   bash benchmarks/gpu_ab.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ pt() {  # pt LIMIT ARGS...: one profile_train process, its JSON lines appended t
         >>"$OUT/ab.jsonl" 2>>"$OUT/ab.err" || echo "failed or timed out: $*" | tee -a "$OUT/ab.err"
     tail -n 1 "$OUT/ab.jsonl" | cut -c1-400
 }
-pt 110 --variants compile_loss --profile
+pt 220 --variants compile_loss compile_loss_fused_ln --profile
 pt 110 --variants compile_loss_no_dropout --profile
 pt 110 --variants compile_loss --profile --inductor fallback_random=1
 pt 110 --variants compile_loss --inductor triton.persistent_reductions=0
@@ -29,3 +30,9 @@ timeout 100 ncu --nvtx --nvtx-include "timed_steps/" --kernel-name "regex:native
     python3 -m benchmarks.profile_train --preset jowa_150m --batch-size 512 --steps 1 --variants compile_loss \
     >"$OUT/ncu.txt" 2>&1 || echo "ncu failed or timed out"
 grep -E "triton_|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Block Size|Grid Size|Executed Ipc" "$OUT/ncu.txt" | head -60
+# a step launches the forward kernel 25 times before the first backward one: 28 launches take both
+timeout 150 ncu --nvtx --nvtx-include "timed_steps/" --kernel-name "regex:dropout_add_layer_norm_(fwd|bwd)" --launch-count 28 \
+    --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis --section WarpStateStats \
+    python3 -m benchmarks.profile_train --preset jowa_150m --batch-size 512 --steps 1 --variants compile_loss_fused_ln \
+    >"$OUT/ncu_fused_ln.txt" 2>&1 || echo "ncu (fused_ln) failed or timed out"
+grep -E "dropout_add_layer_norm|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Block Size|Grid Size|Executed Ipc" "$OUT/ncu_fused_ln.txt" | head -60

@@ -11,8 +11,10 @@ does: forward and the joint loss in one compiled graph, so the 2048-way cross-en
 kernels fuse); ``compile_loss_pure_bf16`` (the same with every parameter, and so the residual stream, in bf16:
 not a training recipe, AdamW on bf16 weights loses small updates, but a bound on what halving the bytes of the
 elementwise passes would give); ``*_no_dropout`` (the same model with every dropout at 0: what dropout costs;
-on an H200, 36 ms of jowa_150m's 255 ms step, session 11). ``--inductor KEY=VALUE`` sets inductor options
-for the whole process (``fallback_random=1``, ``triton.persistent_reductions=0``).
+on an H200, 36 ms of jowa_150m's 255 ms step, session 11); ``compile_loss_fused_ln`` (``compile_loss`` with
+``model.use_fused_layer_norm(True)``: each residual add, its dropout and the next LayerNorm in one hand-written
+Triton op, ``jowa_core.models.fused_ln``, instead of inductor's kernels). ``--inductor KEY=VALUE`` sets inductor
+options for the whole process (``fallback_random=1``, ``triton.persistent_reductions=0``).
 Reports ms per step (CUDA events around ``--steps`` steps after as many warm-up steps), tokens/s,
 MFU (the suite's FLOP count) and peak memory; ``--profile`` adds, from ``torch.profiler`` over three
 steps, the GPU's busy share of the wall time and the kernels by share of GPU time.
@@ -41,8 +43,9 @@ from jowa_core.runtime import resolve_device
 from jowa_core.training import Batch, make_sources, param_groups, set_stage, step_loss, to_batches
 
 VARIANTS = (
-    "eager", "compile_forward", "compile_loss", "compile_loss_pure_bf16", "eager_no_dropout", "compile_loss_no_dropout"
-)
+    "eager", "compile_forward", "compile_loss", "compile_loss_pure_bf16", "eager_no_dropout", "compile_loss_no_dropout",
+    "compile_loss_fused_ln",
+)  # fmt: skip
 
 
 def kernel_kind(name: str) -> str:
@@ -53,6 +56,8 @@ def kernel_kind(name: str) -> str:
         return "matmul"
     if "adam" in n:
         return "optimizer"
+    if "dropout_add_layer_norm" in n:  # jowa_core.models.fused_ln's hand-written Triton kernels
+        return "fused dropout/add/LayerNorm (fused_ln)"
     if "triton" in n:
         return "triton (fused elementwise/reductions)"
     if "softmax" in n or "nll" in n or "cross_entropy" in n:
@@ -89,7 +94,7 @@ def run_variant(
     torch.manual_seed(0)
     no_dropout = variant.endswith("_no_dropout")
     cfg = replace(p.model, embed_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, q_dropout=0.0) if no_dropout else p.model
-    model = WorldActionModel(cfg).to(dev).train()
+    model = WorldActionModel(cfg).to(dev).train().use_fused_layer_norm(variant.endswith("_fused_ln"))
     if variant == "compile_loss_pure_bf16":
         model.to(torch.bfloat16)
     set_stage(model, 2)

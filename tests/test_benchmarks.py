@@ -44,6 +44,7 @@ def test_profile_train_sorts_kernels_and_times_a_step():
     assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26") == "attention"
     assert kernel_kind("triton_poi_fused_gelu_view_16").startswith("triton")
     assert kernel_kind("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<Adam") == "optimizer"
+    assert kernel_kind("dropout_add_layer_norm_bwd").endswith("(fused_ln)")
     before = inductor_config.aggressive_fusion
     try:
         assert apply_inductor_settings(["aggressive_fusion=1"]) == {"aggressive_fusion": True}

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jowa_core.config import WorldActionConfig
+from jowa_core.models.fused_ln import dropout_add_layer_norm
 
 # ---------------------------------------------------------------------------------------------
 # KV cache
@@ -160,6 +161,10 @@ class SelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.resid_pdrop)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        return self.resid_drop(self.attend(x, cache, layer))
+
+    def attend(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """``forward`` without the residual dropout (the fused LayerNorm path applies it)."""
         B, T, C = x.shape
         h = self.num_heads
         q = self.query(x).view(B, T, h, C // h).transpose(1, 2)  # (B, h, T, hd)
@@ -181,7 +186,7 @@ class SelfAttention(nn.Module):
             mask = kpos.unsqueeze(0) <= qpos.unsqueeze(1)  # (T, start + T) bool, True = attend
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_drop(self.proj(y))
+        return self.proj(y)
 
     def static_step(
         self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
@@ -211,6 +216,19 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x), cache, layer)
         return x + self.mlp(self.ln2(x))
 
+    def fused_forward(
+        self, x: torch.Tensor, y: torch.Tensor, next_ln: nn.LayerNorm, out_dtype: torch.dtype | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` with each residual add, its dropout and the following LayerNorm as one op: takes
+        the stream x and ``y = ln1(x)``, returns the new stream and ``next_ln`` of it (in ``out_dtype``)."""
+        x, y = dropout_add_layer_norm(
+            x, self.attn.attend(y), self.ln2.weight, self.ln2.bias, self.attn.resid_drop.p, self.training,
+            self.ln2.eps, out_dtype,
+        )  # fmt: skip
+        linear1, gelu, linear2, drop = self.mlp
+        m = linear2(gelu(linear1(y)))
+        return dropout_add_layer_norm(x, m, next_ln.weight, next_ln.bias, drop.p, self.training, next_ln.eps, out_dtype)
+
 
 class Transformer(nn.Module):
     """Embedding dropout, blocks, final LayerNorm (official ``transformer.*`` names)."""
@@ -221,13 +239,33 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
         self.ln_f = nn.LayerNorm(cfg.embed_dim)
 
+    fused_layer_norm: bool = False
+    """Run the window forward (no cache) through ``fused_ln.dropout_add_layer_norm``; set by
+    ``WorldActionModel.use_fused_layer_norm``."""
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is None and self.fused_layer_norm:
+            return self._fused_forward(x)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.ln_f(x)
+
+    def _fused_forward(self, emb: torch.Tensor) -> torch.Tensor:
+        """``forward`` without a cache, restructured so that every LayerNorm follows its residual add and
+        dropout in one op. Intermediate LayerNorms come out in the autocast dtype (what the next matmul
+        reads), ``ln_f`` in the stream's dtype as ``nn.LayerNorm`` under autocast gives."""
+        dev = emb.device.type
+        act = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        norms = [b.ln1 for b in self.blocks] + [self.ln_f]
+        out = [act] * len(self.blocks) + [emb.dtype]
+        ln = norms[0]
+        x, y = dropout_add_layer_norm(None, emb, ln.weight, ln.bias, self.drop.p, self.training, ln.eps, out[0])
+        for block, ln, dtype in zip(self.blocks, norms[1:], out[1:]):
+            x, y = block.fused_forward(x, y, ln, dtype)
+        return y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -626,6 +664,14 @@ class WorldActionModel(nn.Module):
         ``t_obs``: ``_task_obs_embedding(task_ids)``, looked up once per step."""
         x = self.embedder.embedding_tables[1](tok) + self.pos_emb.weight[kv_cache.length]
         return self.transformer(x if t_obs is None else x + t_obs, kv_cache)
+
+    def use_fused_layer_norm(self, enabled: bool = True) -> WorldActionModel:
+        """Run the window forward (no KV cache: training, full-sequence evaluation) with each residual
+        add, its dropout and the next LayerNorm fused in one op (``jowa_core.models.fused_ln``: Triton
+        on CUDA, a torch reference elsewhere). Same function; dropout draws other masks. An implementation
+        choice, not a config field: parameters and checkpoints are unchanged. Off by default."""
+        self.transformer.fused_layer_norm = enabled
+        return self
 
     # -- static-shape decoding (CUDA graphs) ---------------------------------------------------------
 

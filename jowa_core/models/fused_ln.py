@@ -1,0 +1,333 @@
+"""Fused "dropout + residual add + LayerNorm", one op for the pre-LN transformer's residual stream.
+
+``dropout_add_layer_norm(x, h, weight, bias, p, training)`` returns ``x_new = x + dropout(h)`` and
+``y = layer_norm(x_new)``. Why a hand-written op: inductor fuses exactly this pattern but runs each row
+of 768 on one warp with ~200 registers, latency-bound at 12-18 % occupancy (Nsight Compute on an H200,
+README "Performance"); the Triton kernels below put several rows on a program of 4-8 warps instead.
+Registered with ``torch.library.custom_op`` so that it stays one opaque op inside ``torch.compile``.
+
+Dispatch: Triton kernels on CUDA when ``triton`` imports, else a pure-torch reference of the same math
+(CPU, tests). Dtype rule: ``x_new`` keeps x's dtype; every sum and the normalisation run in fp32 (or
+fp64 for fp64 inputs); ``y`` comes out in ``out_dtype``, by default h's dtype, i.e. the dtype the next
+matmul consumes under autocast. ``nn.LayerNorm`` under autocast returns fp32 that the next ``Linear``
+rounds to bf16; rounding the same fp32 value here once gives the matmul the same input.
+
+Dropout mask: drawn in the forward from a seed that ``torch.randint`` takes from torch's generator on
+x's device (reproducible under ``torch.manual_seed``) and kept as uint8, one byte per element, for the
+backward: the same memory as the bool mask inductor saves today, and the backward, already the slower
+kernel, reads one byte instead of re-running Philox.
+"""
+
+import contextlib
+import functools
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------------
+# Pure-torch reference (CPU, no Triton, tests)
+
+
+def _reference_mask(h: Tensor, seed: Tensor, p: float) -> Tensor:
+    """uint8 keep mask (1 = kept, probability 1 - p) drawn from a generator seeded with ``seed`` (on a GPU
+    without Triton, reading the seed waits for the device: a fallback, not a fast path)."""
+    g = torch.Generator(device=h.device)
+    g.manual_seed(int(seed.item()))
+    return (torch.rand(h.shape, generator=g, device=h.device) >= p).to(torch.uint8)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _reference_forward(
+    x: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor, mask: Tensor | None, p: float, eps: float,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(x_new, y, mean, rstd) for 2-D (N, C) inputs and a given keep mask (None: no dropout)."""
+    res_dtype = h.dtype if x is None else x.dtype
+    cd = _compute_dtype(res_dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        d = h.to(cd, copy=True) if mask is None else h.to(cd) * mask.to(cd) * (1.0 / (1.0 - p))
+        x_new = (d if x is None else x.to(cd) + d).to(res_dtype)
+        C = x_new.shape[-1]
+        y, mean, rstd = torch.native_layer_norm(x_new.to(cd), [C], weight.to(cd), bias.to(cd), eps)
+    return x_new, y.to(out_dtype), mean.view(-1), rstd.view(-1)
+
+
+def _reference_backward(
+    dy: Tensor, dxn: Tensor | None, x_new: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, mask: Tensor | None,
+    p: float, h_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dx, dh, dweight, dbias): d(x_new) total = dxn + LN-backward(dy); dx = that; dh = that * mask / (1 - p)."""
+    cd = mean.dtype
+    with torch.autocast(dy.device.type, enabled=False):
+        C = x_new.shape[-1]
+        w = weight.to(cd)  # also stands in for the bias, of which aten reads only the shape
+        g, dw, db = torch.ops.aten.native_layer_norm_backward(
+            dy.to(cd), x_new.to(cd), [C], mean.view(-1, 1), rstd.view(-1, 1), w, w, [True, True, True]
+        )
+        if dxn is not None:
+            g = g + dxn.to(cd)
+        dh = g * (1.0 if mask is None else mask.to(cd) * (1.0 / (1.0 - p)))
+    return g.to(x_new.dtype), dh.to(h_dtype), dw.to(weight.dtype), db.to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels (CUDA; also run on CPU by Triton's interpreter in the tests)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton imports (asked only for CUDA tensors: CPU paths never import it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _block_sizes(C: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_C, num_warps): a tile of about 4096 elements per program (4 rows of 768 padded
+    to 1024), 8 warps, so each thread holds 16 elements of each operand rather than inductor's 24 per row
+    on one warp. Not tuned on a GPU yet: the next device session should sweep BLOCK_ROWS and num_warps."""
+    import triton
+
+    block_c = triton.next_power_of_2(C)
+    rows = max(1, min(16, 4096 // block_c))
+    return rows, block_c, 8 if rows * block_c >= 4096 else 4
+
+
+@functools.cache
+def _kernels():
+    """Compile-on-first-use kernels (importing triton is slow and must not happen on CPU-only paths)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dropout_add_layer_norm_fwd(X, H, W, B, XN, Y, MEAN, RSTD, MASK, SEED, N, C, p, scale, eps,
+            HAS_X: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        m = (rows < N)[:, None] & cmask[None, :]
+        offs = rows[:, None] * C + cols[None, :]  # int32: the wrapper checks N * C < 2**31
+        d = tl.load(H + offs, mask=m, other=0.0).to(tl.float32)
+        if DROPOUT:
+            keep = tl.rand(tl.load(SEED), offs) >= p
+            tl.store(MASK + offs, keep.to(tl.uint8), mask=m)
+            d = tl.where(keep, d * scale, 0.0)
+        if HAS_X:
+            d += tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
+        xn = d.to(XN.dtype.element_ty)
+        tl.store(XN + offs, xn, mask=m)
+        xn = xn.to(tl.float32)  # normalise what is stored, as LayerNorm on x_new would
+        mean = tl.sum(xn, axis=1) / C
+        xc = tl.where(m, xn - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = xc * rstd[:, None] * w[None, :] + b[None, :]
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m)
+        tl.store(MEAN + rows, mean, mask=rows < N)
+        tl.store(RSTD + rows, rstd, mask=rows < N)
+
+    @triton.jit
+    def dropout_add_layer_norm_bwd(DY, DXN, XN, W, MEAN, RSTD, MASK, DX, DH, DW, DB, N, C, scale,
+            HAS_DXN: tl.constexpr, HAS_DX: tl.constexpr, DROPOUT: tl.constexpr,
+            BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+        # each program strides over row blocks and keeps its own partial dweight/dbias (one row of DW/DB)
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        db = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for start in range(pid * BLOCK_ROWS, N, tl.num_programs(0) * BLOCK_ROWS):
+            rows = start + tl.arange(0, BLOCK_ROWS)
+            m = (rows < N)[:, None] & cmask[None, :]
+            offs = rows[:, None] * C + cols[None, :]
+            mean = tl.load(MEAN + rows, mask=rows < N, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=rows < N, other=0.0)
+            xhat = (tl.load(XN + offs, mask=m, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
+            xhat = tl.where(m, xhat, 0.0)
+            dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
+            dw += tl.sum(dy * xhat, axis=0)
+            db += tl.sum(dy, axis=0)
+            g = dy * w[None, :]
+            c1 = tl.sum(g * xhat, axis=1) / C
+            c2 = tl.sum(g, axis=1) / C
+            g = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
+            if HAS_DXN:
+                g += tl.load(DXN + offs, mask=m, other=0.0).to(tl.float32)
+            if HAS_DX:
+                tl.store(DX + offs, g.to(DX.dtype.element_ty), mask=m)
+            if DROPOUT:
+                g = tl.where(tl.load(MASK + offs, mask=m, other=0) != 0, g * scale, 0.0)
+            tl.store(DH + offs, g.to(DH.dtype.element_ty), mask=m)
+        tl.store(DW + pid * C + cols, dw, mask=cmask)
+        tl.store(DB + pid * C + cols, db, mask=cmask)
+
+    return dropout_add_layer_norm_fwd, dropout_add_layer_norm_bwd  # names as profilers show them
+
+
+def _on_device(t: Tensor):
+    """Launch on t's GPU (Triton launches on the current device); nothing to do for the interpreter."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _triton_forward(
+    x: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor, seed: Tensor | None, p: float, eps: float,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(x_new, y, mean, rstd, mask) for 2-D (N, C) inputs; mask is empty without dropout."""
+    x, h = None if x is None else x.contiguous(), h.contiguous()  # the kernels assume row-major rows
+    N, C = h.shape
+    if N * C >= 2**31:
+        raise ValueError(f"dropout_add_layer_norm: {N} x {C} elements exceed the kernels' int32 offsets.")
+    rows, block_c, warps = _block_sizes(C)
+    x_new = torch.empty_like(h, dtype=h.dtype if x is None else x.dtype)
+    y = torch.empty_like(h, dtype=out_dtype)
+    mean = torch.empty(N, device=h.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    mask = torch.empty((N, C) if seed is not None else (0,), device=h.device, dtype=torch.uint8)
+    fwd, _ = _kernels()
+    with _on_device(h):
+        fwd[(_cdiv(N, rows),)](
+            # tensors stand in for pointers that a constexpr branch never reads (an empty one may be null)
+            x_new if x is None else x, h, weight, bias, x_new, y, mean, rstd,
+            mean if seed is None else mask, mean if seed is None else seed,
+            N, C, p, 1.0 / (1.0 - p), eps,
+            HAS_X=x is not None, DROPOUT=seed is not None, BLOCK_ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+        )  # fmt: skip
+    return x_new, y, mean, rstd, mask
+
+
+def _triton_backward(
+    dy: Tensor, dxn: Tensor | None, x_new: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, mask: Tensor | None,
+    p: float, h_dtype: torch.dtype, need_dx: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dx, dh, dweight, dbias) as ``_reference_backward``; dx is empty when ``need_dx`` is False."""
+    dy, dxn, x_new = dy.contiguous(), None if dxn is None else dxn.contiguous(), x_new.contiguous()
+    N, C = x_new.shape
+    rows, block_c, warps = _block_sizes(C)
+    # enough programs to fill the GPU a few times over, few enough that the partial sums stay small
+    sms = torch.cuda.get_device_properties(x_new.device).multi_processor_count if x_new.is_cuda else 2
+    grid = max(1, min(_cdiv(N, rows), 8 * sms))
+    dx = torch.empty_like(x_new) if need_dx else x_new.new_empty(0)
+    dh = torch.empty_like(x_new, dtype=h_dtype)
+    dw = torch.empty(grid, C, device=x_new.device, dtype=torch.float32)
+    db = torch.empty_like(dw)
+    _, bwd = _kernels()
+    with _on_device(x_new):
+        bwd[(grid,)](
+            dy, dy if dxn is None else dxn, x_new, weight, mean, rstd, dy if mask is None else mask,
+            dx if need_dx else dh, dh, dw, db,
+            N, C, 1.0 / (1.0 - p),
+            HAS_DXN=dxn is not None, HAS_DX=need_dx, DROPOUT=mask is not None,
+            BLOCK_ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+        )  # fmt: skip
+    return dx, dh, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The op: one opaque node for torch.compile, Triton on CUDA, the reference elsewhere
+
+
+def _use_triton(t: Tensor) -> bool:
+    return t.is_cuda and t.dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_available()
+
+
+@torch.library.custom_op("jowa::dropout_add_layer_norm", mutates_args=())
+def _fused_forward(
+    x: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor, seed: Tensor | None, p: float, eps: float,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(x_new, y, mean, rstd, mask) for 2-D (N, C) inputs; dropout with probability p iff ``seed`` is given
+    (a 1-element int64 tensor), the mask (uint8 (N, C), empty without dropout) returned for the backward."""
+    if _use_triton(h):
+        return _triton_forward(x, h, weight, bias, seed, p, eps, out_dtype)
+    mask = None if seed is None else _reference_mask(h, seed, p)
+    x_new, y, mean, rstd = _reference_forward(x, h, weight, bias, mask, p, eps, out_dtype)
+    return x_new, y, mean, rstd, h.new_empty(0, dtype=torch.uint8) if mask is None else mask
+
+
+@_fused_forward.register_fake
+def _(x, h, weight, bias, seed, p, eps, out_dtype):
+    N, C = h.shape
+    res_dtype = h.dtype if x is None else x.dtype
+    stat = h.new_empty(N, dtype=_compute_dtype(res_dtype))
+    mask = h.new_empty((N, C) if seed is not None else (0,), dtype=torch.uint8)
+    return torch.empty_like(h, dtype=res_dtype), torch.empty_like(h, dtype=out_dtype), stat, stat.clone(), mask
+
+
+@torch.library.custom_op("jowa::dropout_add_layer_norm_backward", mutates_args=())
+def _fused_backward(
+    dy: Tensor, dxn: Tensor | None, x_new: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, mask: Tensor,
+    p: float, h_dtype: torch.dtype, need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dx, dh, dweight, dbias); dx is empty when ``need_dx`` is False (x was None)."""
+    m = mask if p > 0 else None
+    if _use_triton(x_new):
+        return _triton_backward(dy, dxn, x_new, weight, mean, rstd, m, p, h_dtype, need_dx)
+    dx, dh, dw, db = _reference_backward(dy, dxn, x_new, weight, mean, rstd, m, p, h_dtype)
+    return dx if need_dx else dx.new_empty(0), dh, dw, db
+
+
+@_fused_backward.register_fake
+def _(dy, dxn, x_new, weight, mean, rstd, mask, p, h_dtype, need_dx):
+    dx = torch.empty_like(x_new) if need_dx else x_new.new_empty(0)
+    return dx, torch.empty_like(x_new, dtype=h_dtype), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, h, weight, _bias, _seed, p, _eps, _out_dtype = inputs
+    x_new, _y, mean, rstd, mask = output
+    ctx.save_for_backward(x_new, weight, mean, rstd, mask)
+    ctx.p, ctx.h_dtype, ctx.has_x = p, h.dtype, x is not None
+    ctx.set_materialize_grads(False)  # the last layer's x_new is unused: no zeros tensor for its gradient
+
+
+def _backward(ctx, dxn, dy, _dmean, _drstd, _dmask):
+    x_new, weight, mean, rstd, mask = ctx.saved_tensors
+    dy = torch.zeros_like(x_new) if dy is None else dy
+    dx, dh, dw, db = _fused_backward(dy, dxn, x_new, weight, mean, rstd, mask, ctx.p, ctx.h_dtype, ctx.has_x)
+    return dx if ctx.has_x else None, dh, dw, db, None, None, None, None
+
+
+_fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dropout_add_layer_norm(
+    x: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor, p: float, training: bool, eps: float = 1e-5,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``x_new = x + dropout(h)`` and ``y = layer_norm(x_new, weight, bias)`` in one op.
+
+    Args:
+        x: (..., C) residual stream (fp32 under autocast), or None for ``x_new = dropout(h)`` (the
+            embedding dropout before the first block).
+        h: (..., C) branch output, possibly bf16 under autocast.
+        weight, bias: (C,) LayerNorm affine parameters.
+        p, training: dropout probability in [0, 1), applied only when ``training``.
+        out_dtype: y's dtype; default h's dtype (see the module docstring for the dtype rule).
+    Returns:
+        (x_new in x's dtype (h's when x is None), y in ``out_dtype``), both shaped like h.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_add_layer_norm needs 0 <= p < 1, got p={p}.")
+    if x is not None and x.shape != h.shape:
+        raise ValueError(f"x {tuple(x.shape)} and h {tuple(h.shape)} must have the same shape.")
+    p = float(p) if training else 0.0
+    C = h.shape[-1]
+    # the seed comes from torch's generator on h's device, so torch.manual_seed makes runs repeat
+    seed = torch.randint(2**62, (1,), device=h.device) if p > 0 else None
+    x_new, y, *_ = _fused_forward(
+        None if x is None else x.reshape(-1, C).contiguous(), h.reshape(-1, C).contiguous(), weight, bias, seed, p,
+        float(eps), out_dtype or h.dtype,
+    )  # fmt: skip
+    return x_new.view(h.shape), y.view(h.shape)
