@@ -175,6 +175,8 @@ class Agent(BaseAgent):
         beam_width, horizon: beam search settings, int or per game; ``horizon`` 0 means greedy Q
             (``beam_width`` is then ignored; 0 is allowed for it).
         gamma: discount of the beam score.
+        use_mean: the beam scores imagined states by the mean of Q over legal actions instead of the
+            max (ours, ``planning.state_value``: the max favours states where CQL raised the data's action).
         epsilon: probability of a uniform legal action instead of the plan (official 0.001).
         shared_epsilon: False (ours, default): one draw per env and call. True: the official rule,
             one draw per ``act`` call shared by all envs, so either every env explores or none
@@ -197,6 +199,7 @@ class Agent(BaseAgent):
         beam_width: PerGame = 0,
         horizon: PerGame = 0,
         gamma: float = 0.99,
+        use_mean: bool = False,
         epsilon: float = 0.001,
         shared_epsilon: bool = False,
         alias_held_out: bool = False,
@@ -231,6 +234,7 @@ class Agent(BaseAgent):
         self.beam_width = self._setting("beam_width", beam_width, 0, None)
         self.horizon = self._setting("horizon", horizon, 0, cfg.max_blocks - 1)
         self.gamma, self.epsilon, self.shared_epsilon = float(gamma), float(epsilon), bool(shared_epsilon)
+        self.use_mean = bool(use_mean)
         self.alias_held_out = bool(alias_held_out)
         self.amp = bool(amp)
         self.name = name
@@ -381,7 +385,7 @@ class Agent(BaseAgent):
         with self._autocast():
             acts, trace = planning.beam_search(
                 self.model, history, self._task[slots], self._legal_t[torch.as_tensor(slots, device=self.device)],
-                beam_width, horizon, self.gamma, trace=want_trace, history_steps=steps,
+                beam_width, horizon, self.gamma, trace=want_trace, history_steps=steps, use_mean=self.use_mean,
             )  # fmt: skip
         return acts.cpu().numpy().astype(np.int64), trace
 
@@ -404,7 +408,7 @@ class Agent(BaseAgent):
         return {
             **super().describe(),
             "history_steps": plain(self.history_steps), "beam_width": plain(self.beam_width),
-            "horizon": plain(self.horizon), "gamma": self.gamma, "epsilon": self.epsilon,
+            "horizon": plain(self.horizon), "gamma": self.gamma, "use_mean": self.use_mean, "epsilon": self.epsilon,
             "shared_epsilon": self.shared_epsilon, "alias_held_out": self.alias_held_out,
             "model_config": {k: getattr(self.model.cfg, k) for k in ("num_layers", "embed_dim", "num_q")},
         }  # fmt: skip

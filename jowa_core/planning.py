@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from jowa_core.models.world_action import KVCache
 
-__all__ = ["PlanTrace", "beam_search", "decode_trace_frames", "greedy", "mcts"]
+__all__ = ["PlanTrace", "beam_search", "decode_trace_frames", "greedy", "mcts", "state_value"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,12 +50,13 @@ class PlanTrace:
         reward: (N,) float predicted reward of that action (sign class - 1; 0 at roots).
         q: (N, 18) float masked expected Q at the node's state (-inf on illegal actions).
         return_to_date: (N,) float R_d = R_{d-1} + gamma^(d-1) r.
-        score: (N,) float R_d + gamma^d max_a q (roots: max_a q).
+        score: (N,) float R_d + gamma^d V(q) (roots: V(q)), V = max over actions, or the mean over the
+            legal ones with ``use_mean``.
         obs_tokens: (N, obs_tokens) long imagined observation (roots: the real current one).
         kept: (N,) bool, the node survived pruning to ``beam_width`` (roots: True).
         best_leaf: (B,) long node index of the best leaf (the root when horizon is 0).
         actions: (B,) long chosen actions (depth-1 action on the path to ``best_leaf``).
-        beam_width, horizon, gamma: the search settings.
+        beam_width, horizon, gamma, use_mean: the search settings.
     """
 
     env: Tensor
@@ -73,6 +74,7 @@ class PlanTrace:
     beam_width: int
     horizon: int
     gamma: float
+    use_mean: bool = False
 
     @property
     def num_nodes(self) -> int:
@@ -172,6 +174,22 @@ def _root_q(model: nn.Module, tokens: Tensor, task_ids: Tensor, legal: Tensor, c
     return model.q_values(out.q_logits[:, :, -1], legal)
 
 
+def state_value(q: Tensor, legal: Tensor, use_mean: bool = False) -> Tensor:
+    """V(s) from the masked expected Q (..., 18) and the legal mask: max over actions (the official planners),
+    or with ``use_mean`` the mean over the legal ones.
+
+    Why the mean: CQL's penalty (logsumexp over actions minus the data's action) moves Q values between
+    actions but leaves their sum unchanged, so it raises the data's action most where the behaviour
+    always took it, and max Q ranks such states high whatever their returns. A planner that compares
+    imagined states by max Q then steers towards histories that look like the most deterministic
+    behaviour in the data (on the default Breakout data, the lazy player that never launches the ball).
+    """
+    if not use_mean:
+        return q.max(-1).values
+    legal = legal.expand_as(q)
+    return q.masked_fill(~legal, 0.0).sum(-1) / legal.sum(-1)
+
+
 def _rewards(reward_logits: Tensor, sample: bool, temperature: float, generator: torch.Generator | None) -> Tensor:
     """Predicted reward sign class - 1 in {-1, 0, 1} (argmax, or sampled with ``sample``)."""
     logits = reward_logits.float()
@@ -223,6 +241,7 @@ def beam_search(
     generator: torch.Generator | None = None,
     trace: bool = False,
     history_steps: Tensor | None = None,
+    use_mean: bool = False,
 ) -> tuple[Tensor, PlanTrace | None]:
     """Beam search in the world model for a batch of environments (spec 8.4), all beams batched.
 
@@ -235,12 +254,13 @@ def beam_search(
         beam_width: beams kept per env after each depth (>= 1); each beam expands its top
             min(#legal, beam_width) legal actions by expected Q.
         horizon: imagined steps (0 = greedy); the window is cut to max_blocks - horizon steps.
-        gamma: discount of the score R_d + gamma^d max_a Q.
+        gamma: discount of the score R_d + gamma^d V, V = max_a Q (official).
         sample: sample rewards and observation tokens (at ``temperature``, from ``generator``)
             instead of argmax decoding (the official planners decode greedily).
         trace: also return a ``PlanTrace`` of every node.
         history_steps: (B,) valid steps per row when rows have different lengths (left-padded);
             default: every row holds k steps.
+        use_mean: V = the mean of Q over the legal actions instead of the max (ours; see ``state_value``).
     Returns:
         actions (B,) long full-set actions on ``history``'s device, and the trace or None.
     """
@@ -260,13 +280,13 @@ def beam_search(
         window = history[rows, history.shape[1] - (g * tpb - 1) :]
         acts, nodes = _beam_search_group(
             model, window, task_ids[rows], legal[rows], beam_width, horizon, gamma,
-            sample=sample, temperature=temperature, generator=generator, trace=trace,
+            sample=sample, temperature=temperature, generator=generator, trace=trace, use_mean=use_mean,
         )  # fmt: skip
         actions[rows] = acts
         if trace:
             nodes["env"] = rows[nodes["env"]]
             parts.append(nodes)
-    plan_trace = _merge_traces(parts, actions, B, beam_width, horizon, gamma) if trace else None
+    plan_trace = _merge_traces(parts, actions, B, beam_width, horizon, gamma, use_mean) if trace else None
     return actions.to(out_device), plan_trace
 
 
@@ -283,6 +303,7 @@ def _beam_search_group(
     temperature: float,
     generator: torch.Generator | None,
     trace: bool,
+    use_mean: bool,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
     """Beam search for envs whose windows all hold the same number of steps (one batch)."""
     B, T = window.shape
@@ -295,7 +316,7 @@ def _beam_search_group(
         zeros, none = torch.zeros(B, device=dev), torch.full_like(env, -1)
         nodes = {
             "env": env, "depth": torch.zeros_like(env), "parent": none, "action": none, "reward": zeros, "q": c,
-            "return_to_date": zeros, "score": c.max(-1).values, "obs_tokens": window[:, T - (tpb - 1) :],
+            "return_to_date": zeros, "score": state_value(c, legal, use_mean), "obs_tokens": window[:, T - (tpb - 1) :],
             "kept": torch.ones_like(env, dtype=torch.bool),
         }  # fmt: skip
         chunks = [nodes]
@@ -325,7 +346,7 @@ def _beam_search_group(
         reward = _rewards(out.reward_logits, sample, temperature, generator)
         c = model.q_values(out.q_logits, legal[c_env])  # (M, 18)
         ret = f_ret[parent] + gamma ** (d - 1) * reward
-        score = ret + gamma**d * c.max(-1).values
+        score = ret + gamma**d * state_value(c, legal[c_env], use_mean)
         keep = _best_per_group(score, c_env, B, beam_width)  # env-major, score-descending
         first = act if d == 1 else f_first[parent]
         if trace:
@@ -349,7 +370,8 @@ def _beam_search_group(
 
 
 def _merge_traces(
-    parts: list[dict[str, Tensor]], actions: Tensor, B: int, beam_width: int, horizon: int, gamma: float
+    parts: list[dict[str, Tensor]], actions: Tensor, B: int, beam_width: int, horizon: int, gamma: float,
+    use_mean: bool,
 ) -> PlanTrace:
     """One trace from per-group traces, re-ordered by (depth, env, expansion order)."""
     sizes = [p["env"].shape[0] for p in parts]
@@ -381,6 +403,7 @@ def _merge_traces(
         beam_width=beam_width,
         horizon=horizon,
         gamma=gamma,
+        use_mean=use_mean,
     )
 
 
@@ -430,7 +453,7 @@ def _ucb(parent: _Node, child: _Node, stats: _MinMax, gamma: float, c1: float = 
 
 
 def _leaf_value(critic: Tensor, legal: Tensor, use_mean: bool) -> float:
-    return float(critic[legal].mean() if use_mean else critic.max())
+    return float(state_value(critic, legal, use_mean))
 
 
 @torch.no_grad()

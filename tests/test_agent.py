@@ -44,7 +44,8 @@ def spy(monkeypatch):
 
     def wrapped(model, history, task_ids, legal_mask, beam_width, horizon, gamma=0.99, **kw):
         calls.append({"history": history.clone(), "steps": kw["history_steps"].clone(), "task_ids": task_ids.clone(),
-                      "legal": legal_mask.clone(), "beam_width": beam_width, "horizon": horizon})  # fmt: skip
+                      "legal": legal_mask.clone(), "beam_width": beam_width, "horizon": horizon,
+                      "use_mean": kw["use_mean"]})  # fmt: skip
         return original(model, history, task_ids, legal_mask, beam_width, horizon, gamma, **kw)
 
     monkeypatch.setattr(agent_mod.planning, "beam_search", wrapped)
@@ -137,6 +138,12 @@ def test_mixed_history_lengths_and_per_game_settings(nets, spy):
         agent.act(_frames(rng, 2))
     assert spy[-1]["steps"].tolist() == [2, 4]
     assert spy[-1]["history"].shape == (2, 4 * TPB - 1)
+    assert spy[-1]["use_mean"] is False  # the official leaf value unless asked
+
+    mean_agent = Agent(tok, model, epsilon=0.0, beam_width=2, horizon=1, use_mean=True)
+    mean_agent.bind(["Breakout"])
+    mean_agent.act(_frames(rng, 1))
+    assert spy[-1]["use_mean"] is True and spy[-1]["horizon"] == 1 and mean_agent.describe()["use_mean"] is True
 
     off = Agent.official(tok, model, "150M")
     off.bind(["Assault", "Seaquest"])

@@ -15,7 +15,7 @@ from torch import nn
 from jowa_core import games
 from jowa_core.config import WorldActionConfig
 from jowa_core.models.world_action import KVCache, StepOutput, WorldActionModel
-from jowa_core.planning import PlanTrace, beam_search, decode_trace_frames, greedy, mcts
+from jowa_core.planning import PlanTrace, beam_search, decode_trace_frames, greedy, mcts, state_value
 
 TPB, A = 37, 18
 IMAGINED = 100  # the table model stores imagined actions as 100 + a, history actions as a
@@ -121,13 +121,17 @@ def random_table_model(seed: int) -> TableModel:
     return TableModel(reward_fn, q_fn)
 
 
-def exhaustive_action(model: TableModel, task: int, obs: int, legal: list[int], horizon: int, gamma: float):
-    """Best first action over all legal sequences of length ``horizon``: sum_d gamma^(d-1) r_d + gamma^H max Q."""
+def exhaustive_action(
+    model: TableModel, task: int, obs: int, legal: list[int], horizon: int, gamma: float, use_mean: bool = False
+):
+    """Best first action over all legal sequences of length ``horizon``: sum_d gamma^(d-1) r_d + gamma^H V,
+    V = max of Q over the legal actions, or their mean."""
     best = None
     for seq in itertools.product(legal, repeat=horizon):
         ret = sum(gamma**d * model.reward_fn(task, obs, seq[:d], seq[d]) for d in range(horizon))
         q = model.q_fn(task, obs, seq)
-        score = ret + gamma**horizon * max(q[a] for a in legal)
+        leaf = [q[a] for a in legal]
+        score = ret + gamma**horizon * (sum(leaf) / len(leaf) if use_mean else max(leaf))
         if best is None or score > best[0]:
             best = (score, seq[0])
     return best[1], best[0]
@@ -152,17 +156,21 @@ def legal_of(*action_lists) -> torch.Tensor:
 # --- beam search on the hand-made model ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("use_mean", [False, True])
 @pytest.mark.parametrize("horizon", [1, 2, 3])
-def test_wide_beam_equals_exhaustive_search(horizon):
+def test_wide_beam_equals_exhaustive_search(horizon, use_mean):
     gamma = 0.9
     legal_sets = [[0, 3, 5], [1, 2, 4, 17], [6, 7], [2, 11, 12]]
     model = random_table_model(seed=horizon)
     history = random_history(len(legal_sets), 3, 50, seed=horizon)
     tasks = torch.tensor([4, 9, 4, 33])
     bw = max(max(len(s) ** (horizon - 1), len(s)) for s in legal_sets)  # nothing is ever pruned
-    actions, trace = beam_search(model, history, tasks, legal_of(*legal_sets), bw, horizon, gamma, trace=True)
+    actions, trace = beam_search(
+        model, history, tasks, legal_of(*legal_sets), bw, horizon, gamma, trace=True, use_mean=use_mean
+    )
+    assert trace.use_mean is use_mean
     for b, legal in enumerate(legal_sets):
-        want, score = exhaustive_action(model, int(tasks[b]), int(history[b, -1]), legal, horizon, gamma)
+        want, score = exhaustive_action(model, int(tasks[b]), int(history[b, -1]), legal, horizon, gamma, use_mean)
         assert int(actions[b]) == want
         assert float(trace.score[trace.best_leaf[b]]) == pytest.approx(score, abs=1e-5)
 
@@ -205,6 +213,32 @@ def test_greedy_narrow_and_wide_beams_disagree_as_designed():
     assert int(beam_search(model, history, tasks, legal, 2, 2)[0]) == 0  # action 2 pruned at depth 1
     assert int(beam_search(model, history, tasks, legal, 3, 2)[0]) == 2  # exhaustive finds the reward
     assert exhaustive_action(model, 0, int(history[0, -1]), [0, 1, 2], 2, 0.99)[0] == 2
+
+
+def test_mean_value_prefers_the_state_whose_actions_are_all_good():
+    """After action 0 one action looks very good and the others bad (what CQL does where the data always took
+    one action); after action 1 every action is fairly good. Max prefers 0, the mean prefers 1."""
+
+    def q_fn(task, obs, seq):
+        if not seq:
+            return [1.0] * A
+        return [5.0 if a == 0 else 0.0 for a in range(A)] if seq[0] == 0 else [3.0] * A
+
+    model, legal = TableModel(lambda *args: 0, q_fn), legal_of([0, 1, 2])
+    history, tasks = random_history(1, 1, 50, 0), torch.tensor([3])
+    assert int(beam_search(model, history, tasks, legal, 2, 1)[0]) == 0  # 0.99 * 5 > 0.99 * 3
+    _, trace = beam_search(model, history, tasks, legal, 2, 1, use_mean=True, trace=True)
+    assert int(trace.actions[0]) == 1  # 0.99 * 3 > 0.99 * 5 / 3
+    child_of_0 = int(torch.nonzero((trace.depth == 1) & (trace.action == 0)).flatten()[0])
+    assert float(trace.score[child_of_0]) == pytest.approx(0.99 * 5.0 / 3)
+
+
+def test_state_value_is_max_or_legal_mean():
+    q = torch.tensor([[1.0, -2.0, float("-inf"), 4.0], [0.5, float("-inf"), float("-inf"), 1.5]])
+    legal = torch.tensor([[True, True, False, True], [True, False, False, True]])
+    assert state_value(q, legal).tolist() == [4.0, 1.5]
+    assert state_value(q, legal, use_mean=True).tolist() == [1.0, 1.0]
+    assert float(state_value(q[0], legal[0], use_mean=True)) == 1.0  # one state, as MCTS reads it
 
 
 def test_one_step_lookahead_beats_greedy_when_reward_is_known():

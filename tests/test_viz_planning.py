@@ -3,6 +3,7 @@ forward and a replayed emulator, the beam viewer and dream viewer reacting to th
 changed is checked against independently computed values), the dream's cached imagination against an
 uncached greedy decode, score bars against hand-normalised scores, run loading and evaluation, the CLI."""
 
+import dataclasses
 import json
 
 import cv2
@@ -88,6 +89,11 @@ def test_replan_equals_a_direct_beam_search(record, nets):
     assert torch.equal(trace.obs_tokens, ref.obs_tokens)
     with pytest.raises(ValueError, match="horizon must be in"):
         replan(model, record, 2, 2, 3)
+    # a record of a mean-valued planner re-plans with mean values too
+    mean_record = dataclasses.replace(record, use_mean=True)
+    trace = replan(model, mean_record, 2, beam_width=3, horizon=2)
+    _, ref = planning.beam_search(model, record.steps[2].history[None], task, legal, 3, 2, trace=True, use_mean=True)
+    assert trace.use_mean and torch.allclose(trace.score, ref.score)
 
 
 # --- beam viewer ------------------------------------------------------------------------------------------
