@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -105,7 +106,7 @@ from jowa_core.data.token_cache import (
 from jowa_core.losses import LossTerms, joint_loss
 from jowa_core.models.world_action import WorldActionModel
 from jowa_core.planning import beam_search
-from jowa_core.runtime import available_cores, configure_threads, resolve_device, truncate_jsonl
+from jowa_core.runtime import available_cores, configure_threads, resolve_device, run_pair, truncate_jsonl
 from jowa_core.training import (
     METRICS_FILE,
     Batch,
@@ -828,25 +829,13 @@ def finetune_with_scratch(
     the pretrained run, one torch thread each, as ``training.train_with_mtbc`` does: on 2 cores that is faster
     than one after the other. Returns ``{"pretrained": ..., "scratch": ...}``.
     """
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     run_dir = Path(run_dir)
-    on_cpu = resolve_device(kwargs.get("device", "auto")).type == "cpu"
-    if parallel is None:
-        parallel = on_cpu and available_cores() >= 2
-    if not parallel:
-        pre = finetune(pretrained, game, dataset_path, run_dir / "pretrained", config, **kwargs)
-        return {"pretrained": pre, "scratch": finetune(pretrained, game, dataset_path, run_dir / "scratch", config,
-                                                       scratch=True, **kwargs)}  # fmt: skip
-    child = {**kwargs, "progress": False, "num_threads": 1}
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        job = pool.submit(finetune, pretrained, game, dataset_path, run_dir / "scratch", config,
-                          scratch=True, **child)  # fmt: skip
-        pre = finetune(pretrained, game, dataset_path, run_dir / "pretrained", config,
-                       **{**kwargs, "num_threads": kwargs.get("num_threads") or 1})  # fmt: skip
-        scratch = job.result()  # re-raises the baseline's error here
-    return {"pretrained": pre, "scratch": scratch}
+    pre = functools.partial(finetune, pretrained, game, dataset_path, run_dir / "pretrained", config, **kwargs)
+    scratch = functools.partial(finetune, pretrained, game, dataset_path, run_dir / "scratch", config, scratch=True,
+                                **kwargs)  # fmt: skip
+    results = run_pair(pre, scratch, device=kwargs.get("device", "auto"), num_threads=kwargs.get("num_threads"),
+                       parallel=parallel)  # fmt: skip
+    return dict(zip(("pretrained", "scratch"), results))
 
 
 def finetune(

@@ -1,4 +1,4 @@
-"""Process-level helpers: the CPU-thread split, seeding, devices and atomic file writes.
+"""Process-level helpers: the CPU-thread split, two runs side by side, seeding, devices and atomic file writes.
 
 One helper decides the thread split because oversubscribing 2 cores made torch 5x slower in a
 measurement: torch threads + environment workers + DataLoader workers never exceed the free cores.
@@ -10,8 +10,9 @@ import contextlib
 import os
 import random
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,36 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def run_pair(
+    main: Callable[..., Any],
+    side: Callable[..., Any],
+    *,
+    device: str | torch.device | None = "auto",
+    num_threads: int | None = None,
+    parallel: bool | None = None,
+) -> tuple[Any, Any]:
+    """``(main(), side())``: two training runs that take ``progress`` and ``num_threads`` keywords (a run and
+    its baseline), one after the other, or with ``parallel`` ``side`` in a spawned process beside ``main``.
+
+    ``parallel`` defaults to on for a CPU with at least 2 free cores. Then each run gets one torch thread
+    (``main`` keeps ``num_threads`` when given) and ``side`` runs quietly: on 2 cores that is faster than one
+    after the other with 2 threads each (notebooks 03 and 05 train this way). ``side`` must pickle
+    (a module-level function, or a ``functools.partial`` of one with picklable arguments), and so must its
+    result; its error is re-raised here after ``main`` has finished.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    if parallel is None:
+        parallel = resolve_device(device).type == "cpu" and available_cores() >= 2
+    if not parallel:
+        return main(), side()
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        job = pool.submit(side, progress=False, num_threads=1)
+        first = main(num_threads=num_threads or 1)
+        return first, job.result()
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

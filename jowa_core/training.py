@@ -59,7 +59,14 @@ from jowa_core.data.token_cache import open_token_cache
 from jowa_core.games import action_masks
 from jowa_core.losses import LossTerms, joint_loss
 from jowa_core.models.world_action import WorldActionModel
-from jowa_core.runtime import available_cores, configure_threads, resolve_device, seed_everything, truncate_jsonl
+from jowa_core.runtime import (
+    available_cores,
+    configure_threads,
+    resolve_device,
+    run_pair,
+    seed_everything,
+    truncate_jsonl,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -755,6 +762,11 @@ def load_agent_model(run_dir: str | os.PathLike, device: str | torch.device = "c
     return ckpt.model, ckpt.preset
 
 
+def _train_quietly(*args: Any, **kwargs: Any) -> None:
+    """``train_world_action`` returning nothing (for a spawned process: its result need not pickle back)."""
+    train_world_action(*args, **kwargs)
+
+
 def train_with_mtbc(
     cfg: Preset | str,
     token_caches: Sequence[str | os.PathLike],
@@ -774,21 +786,11 @@ def train_with_mtbc(
     each. Both runs checkpoint and resume independently; other keyword arguments go to both calls.
     Returns ``(jowa_model, mtbc_model)`` in eval mode.
     """
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     p = resolve_preset(cfg, {"stage1_steps": stage1_steps, "stage2_steps": stage2_steps, "batch_size": batch_size})
-    bc = mtbc_preset(p)
-    on_cpu = resolve_device(kwargs.get("device", "auto")).type == "cpu"
-    if parallel is None:
-        parallel = on_cpu and available_cores() >= 2
-    if not parallel:
-        model = train_world_action(p, token_caches, run_dir, **kwargs)
-        return model, train_world_action(bc, token_caches, mtbc_dir, **kwargs)
-    child = {**kwargs, "progress": False, "num_threads": 1}
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        job = pool.submit(train_world_action, bc, list(map(str, token_caches)), str(mtbc_dir), **child)
-        model = train_world_action(p, token_caches, run_dir, **{**kwargs, "num_threads": kwargs.get("num_threads") or 1})
-        job.result()  # re-raises the baseline's error here
+    jowa = functools.partial(train_world_action, p, token_caches, run_dir, **kwargs)
+    # the baseline's model comes back from its checkpoint, not through the pipe (a compiled one would not pickle)
+    baseline = functools.partial(_train_quietly, mtbc_preset(p), list(map(str, token_caches)), str(mtbc_dir), **kwargs)
+    model, _ = run_pair(jowa, baseline, device=kwargs.get("device", "auto"), num_threads=kwargs.get("num_threads"),
+                        parallel=parallel)  # fmt: skip
     mtbc_model, _ = load_agent_model(mtbc_dir, device=next(model.parameters()).device)
     return model, mtbc_model
