@@ -12,6 +12,7 @@ functions, so anyone can redo it on their own run:
 >>> diagnostics.greedy_agreement({"jowa": model, "mtbc": mtbc}, "runs/default/data/Breakout.tokens.h5")
 >>> diagnostics.breakout_stalls(agent, "official")   # does a playing agent launch the ball?
 >>> diagnostics.breakout_q_by_state(model, "runs/default/data/Breakout.h5")   # what it ranks with and without a ball
+>>> diagnostics.q_trace(agent, "Breakout", past_action="NOOP")   # its Q as it plays; the state or its own actions?
 
 ``replay_ram`` needs a deterministic protocol (no sticky actions, no no-op starts), which makes an
 episode a function of its actions; it checks every replayed frame against the stored one.
@@ -30,7 +31,7 @@ import pandas as pd
 import torch
 
 from jowa_core import games
-from jowa_core.agent import BaseAgent
+from jowa_core.agent import Agent, BaseAgent
 from jowa_core.data.collect import BreakoutTracker
 from jowa_core.data.format import DatasetError, bounds_from_starts, episode_bounds, open_dataset
 from jowa_core.data.segments import returns_to_go
@@ -46,6 +47,7 @@ __all__ = [
     "breakout_stalls",
     "discounted_returns",
     "greedy_agreement",
+    "q_trace",
     "replay_ram",
     "tokenizer_ball_check",
     "value_fit",
@@ -338,6 +340,66 @@ def greedy_agreement(
     return pd.DataFrame(
         [[float((picks[a] == picks[b]).mean()) for b in names] for a in names], index=names, columns=names
     )
+
+
+@torch.no_grad()
+def q_trace(
+    agent: Agent,
+    game: str,
+    steps: int = 8,
+    *,
+    env_config: EnvConfig | str = "official",
+    seed: int = 0,
+    forced: Sequence[int | str] | None = None,
+    past_action: int | str | None = None,
+) -> pd.DataFrame:
+    """A JOWA agent's greedy Q at each step of one episode, as it plays: the expected Q of every legal action
+    at the decision context, and the action executed. ``forced`` actions (full-set indices or names) replace
+    the agent's first choices. With ``past_action`` the Q columns are read from a counterfactual context: the
+    frames as played, every past action token replaced by that action (the agent still plays from the real
+    history). The README's analysis of why a seed never launches the ball comes from this: did the state or
+    the agent's own actions in its history move the critic?"""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+    names = games.FULL_ACTION_SET
+    index = {n: i for i, n in enumerate(names)}
+
+    def action_index(a: int | str) -> int:
+        i = index.get(a) if isinstance(a, str) else int(a)
+        if i is None or not 0 <= i < len(names):
+            raise ValueError(f"unknown action {a!r}: give a full-set index 0-{len(names) - 1} or one of {names}.")
+        return i
+
+    forced_idx = [action_index(a) for a in (forced or [])]
+    replace = None if past_action is None else action_index(past_action)
+    cfg = protocol(env_config) if isinstance(env_config, str) else env_config
+    game = games.canonical_name(game)
+    legal_np = games.legal_mask(game)
+    legal = torch.as_tensor(legal_np, device=agent.device)[None]
+    task = torch.tensor([games.task_id(game)], device=agent.device)
+    tpb = agent.model.cfg.tokens_per_block
+    rows = []
+    with AtariVecEnv(game, 1, cfg, seed=seed, backend="python") as env:
+        agent.bind([game], seed=seed)
+        obs = env.reset()
+        for t in range(steps):
+            chosen = np.asarray(agent.act(obs), dtype=np.int64).reshape(-1)
+            if t < len(forced_idx):
+                chosen = np.array([forced_idx[t]])
+            history = agent.history_tokens(0)[:-1].clone()  # the decision context (drops the new action token)
+            if replace is not None:
+                history[tpb - 1 :: tpb] = replace  # every past action token (each block ends with one)
+            amp = agent.amp and agent.device.type == "cuda"  # as the agent's own forward
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out = agent.model(history[None], task)
+            q = agent.model.q_values(out.q_logits[:, :, -1], legal)[0].float().cpu().numpy()
+            obs, _, term, trunc, info = env.step(chosen)
+            agent.observe_actions(info["actions"])
+            rows.append({"step": t, **{names[a]: float(q[a]) for a in np.flatnonzero(legal_np)},
+                         "executed": names[int(info["actions"][0])]})  # fmt: skip
+            if term[0] or trunc[0]:
+                break
+    return pd.DataFrame(rows).set_index("step")
 
 
 @torch.no_grad()

@@ -276,3 +276,47 @@ def test_breakout_q_by_state_against_the_no_ball_table(tmp_path):
                     seed=2, progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="was not encoded from"):
         diagnostics.breakout_q_by_state(copy, path, build_token_cache(other, _ZeroTokenizer(), progress=False))
+
+
+def test_q_trace_reads_the_agents_context_and_its_counterfactual():
+    """Q columns equal a direct forward on the agent's decision context; forced actions are executed; with
+    past_action every past action token (and nothing else) is replaced before the forward."""
+    from jowa_core.agent import Agent
+    from jowa_core.config import preset
+    from jowa_core.envs import AtariVecEnv
+    from jowa_core.evaluation import protocol
+    from jowa_core.models.tokenizer import Tokenizer
+    from jowa_core.models.world_action import WorldActionModel
+
+    torch.manual_seed(0)
+    p = preset("tiny", model={"num_layers": 1, "embed_dim": 32, "num_heads": 2, "q_mlp_dim": 32})
+    tok, model = Tokenizer(p.tokenizer).eval(), WorldActionModel(p.model).eval()
+    agent = Agent(tok, model, epsilon=0.0)
+    legal = np.flatnonzero(games.legal_mask("Breakout"))
+    names = [games.FULL_ACTION_SET[a] for a in legal]
+
+    played = diagnostics.q_trace(agent, "Breakout", 5, forced=["FIRE", "RIGHT"])
+    assert list(played.columns) == names + ["executed"] and len(played) == 5
+    assert list(played["executed"][:2]) == ["FIRE", "RIGHT"]
+    q = played[names].to_numpy()
+    assert list(played["executed"][2:]) == [names[i] for i in q[2:].argmax(1)]  # greedy after the forced steps
+
+    counterfactual = diagnostics.q_trace(agent, "Breakout", 5, forced=["FIRE", "RIGHT"], past_action="NOOP")
+    assert list(counterfactual["executed"]) == list(played["executed"])  # it plays from the real history
+    assert np.allclose(counterfactual[names].to_numpy()[0], q[0])  # no past action at the first step
+
+    # the same by hand: replay the executed actions, encode the frames, build the context with NOOP actions
+    task = torch.tensor([games.task_id("Breakout")])
+    with AtariVecEnv("Breakout", 1, protocol("official"), seed=0, backend="python") as env:
+        obs = env.reset()
+        blocks = []
+        for t, name in enumerate(played["executed"]):
+            blocks.append(tok.encode(torch.from_numpy(obs))[0])
+            context = [torch.cat([b, torch.tensor([0])]) for b in blocks[:-1]] + [blocks[-1]]
+            with torch.no_grad():
+                out = model(torch.cat(context)[None], task)
+            want = model.q_values(out.q_logits[:, :, -1], torch.as_tensor(games.legal_mask("Breakout"))[None])[0]
+            assert np.allclose(counterfactual[names].to_numpy()[t], want[legal].numpy(), atol=1e-5), t
+            obs = env.step(np.array([games.FULL_ACTION_SET.index(name)]))[0]
+    with pytest.raises(ValueError, match="unknown action"):
+        diagnostics.q_trace(agent, "Breakout", 2, past_action="JUMP")
