@@ -137,13 +137,7 @@ class ConstantAgent(BaseAgent):
 
     def __init__(self, action: int | str) -> None:
         super().__init__(seed=None)
-        if isinstance(action, str):
-            if action not in games.FULL_ACTION_SET:
-                raise ValueError(f"unknown action {action!r}; use one of {', '.join(games.FULL_ACTION_SET)}.")
-            action = games.FULL_ACTION_SET.index(action)
-        if not 0 <= int(action) < games.NUM_ACTIONS:
-            raise ValueError(f"action must be a full-set index in [0, 18) or a name; got {action}.")
-        self.action = int(action)
+        self.action = games.action_index(action)
         self.name = f"constant_{games.FULL_ACTION_SET[self.action]}"
 
     def _on_bind(self) -> None:
@@ -324,7 +318,8 @@ class Agent(BaseAgent):
 
     # -- acting ---------------------------------------------------------------------------------
 
-    def _autocast(self):
+    def autocast(self):
+        """The context of the agent's own forwards: bf16 autocast on CUDA when ``amp``, else nothing."""
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp and self.device.type == "cuda")
 
     @torch.no_grad()
@@ -342,7 +337,7 @@ class Agent(BaseAgent):
         idx = _indices(env_indices, self.num_envs, len(obs))
         n = len(idx)
         rows_dev = torch.as_tensor(idx, device=self.device)
-        with self._autocast():
+        with self.autocast():
             tokens = self.tokenizer.encode(torch.from_numpy(obs).to(self.device))  # (n, 36)
         # Append the observation: shift the held steps left by one (the oldest falls off at the cap).
         blocks = torch.roll(self._blocks[rows_dev], shifts=-1, dims=1)
@@ -382,7 +377,7 @@ class Agent(BaseAgent):
         self, slots: np.ndarray, beam_width: int, horizon: int, want_trace: bool
     ) -> tuple[np.ndarray, planning.PlanTrace | None]:
         history, steps = self._context(slots)
-        with self._autocast():
+        with self.autocast():
             acts, trace = planning.beam_search(
                 self.model, history, self._task[slots], self._legal_t[torch.as_tensor(slots, device=self.device)],
                 beam_width, horizon, self.gamma, trace=want_trace, history_steps=steps, use_mean=self.use_mean,
@@ -436,7 +431,7 @@ class MTBCAgent(Agent):
             rows = np.flatnonzero(steps == k)
             sl = torch.as_tensor(slots[rows], device=self.device)
             window = self._blocks[sl, -int(k) :].reshape(len(rows), -1)[:, :-1]
-            with self._autocast():
+            with self.autocast():
                 logits = self.model(window, self._task[slots[rows]].to(self.device)).bc_logits[:, -1].float()
             out[rows] = logits.masked_fill(~self._legal_t[sl], float("-inf")).argmax(-1).cpu().numpy()
         return out, None

@@ -362,16 +362,8 @@ def q_trace(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
     names = games.FULL_ACTION_SET
-    index = {n: i for i, n in enumerate(names)}
-
-    def action_index(a: int | str) -> int:
-        i = index.get(a) if isinstance(a, str) else int(a)
-        if i is None or not 0 <= i < len(names):
-            raise ValueError(f"unknown action {a!r}: give a full-set index 0-{len(names) - 1} or one of {names}.")
-        return i
-
-    forced_idx = [action_index(a) for a in (forced or [])]
-    replace = None if past_action is None else action_index(past_action)
+    forced_idx = [games.action_index(a) for a in (forced or [])]
+    replace = None if past_action is None else games.action_index(past_action)
     cfg = protocol(env_config) if isinstance(env_config, str) else env_config
     game = games.canonical_name(game)
     legal_np = games.legal_mask(game)
@@ -389,8 +381,7 @@ def q_trace(
             history = agent.history_tokens(0)[:-1].clone()  # the decision context (drops the new action token)
             if replace is not None:
                 history[tpb - 1 :: tpb] = replace  # every past action token (each block ends with one)
-            amp = agent.amp and agent.device.type == "cuda"  # as the agent's own forward
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            with agent.autocast():
                 out = agent.model(history[None], task)
             q = agent.model.q_values(out.q_logits[:, :, -1], legal)[0].float().cpu().numpy()
             obs, _, term, trunc, info = env.step(chosen)

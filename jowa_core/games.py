@@ -71,6 +71,17 @@ def task_id(game: str, *, alias_held_out: bool = False) -> int:
     return GAMES.index(name)
 
 
+def action_index(action: int | str) -> int:
+    """A full-set action index from its index or its name ("FIRE"), with an error that lists the names."""
+    if isinstance(action, str):
+        if action not in FULL_ACTION_SET:
+            raise ValueError(f"unknown action {action!r}; use one of {', '.join(FULL_ACTION_SET)}.")
+        return FULL_ACTION_SET.index(action)
+    if not 0 <= int(action) < NUM_ACTIONS:
+        raise ValueError(f"action must be a full-set index in [0, {NUM_ACTIONS}) or a name; got {action}.")
+    return int(action)
+
+
 def legal_actions(game: str) -> tuple[int, ...]:
     """Full-set indices of the game's minimal ALE action set, in ALE's order."""
     names = _table()["legal_actions"][canonical_name(game)]

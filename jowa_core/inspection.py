@@ -170,8 +170,7 @@ def record_episode(
             if s["horizon"] == 0:
                 greedy = planned
             else:
-                amp = agent.amp and agent.device.type == "cuda"  # as the agent's own forward
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                with agent.autocast():  # as the agent's own forward
                     greedy = int(planning.greedy(agent.model, history[None], task, legal)[0])
             new_obs, reward, term, trunc, info = env.step(actions)
             agent.observe_actions(info["actions"])

@@ -74,3 +74,12 @@ def test_unknown_game_suggests_fix():
 def test_planning_settings_from_spec_table():
     assert games.planning_settings("Seaquest", "150M") == {"beam_width": 4, "horizon": 2, "buffer_size": 6}
     assert games.planning_settings("Atlantis", "40M")["buffer_size"] == 4
+
+
+def test_action_index_takes_names_and_indices():
+    assert games.action_index("FIRE") == 1 and games.action_index(17) == 17
+    assert games.action_index("DOWNLEFTFIRE") == games.FULL_ACTION_SET.index("DOWNLEFTFIRE")
+    with pytest.raises(ValueError, match="unknown action 'JUMP'"):
+        games.action_index("JUMP")
+    with pytest.raises(ValueError, match="full-set index"):
+        games.action_index(18)

@@ -150,7 +150,7 @@ class BreakoutTracker(Policy):
         self.epsilon = _check_epsilon(epsilon)
         self.offset = int(offset)
         self.deadzone = int(deadzone)
-        self.hold = games.FULL_ACTION_SET.index(hold) if isinstance(hold, str) else hold
+        self.hold = None if hold is None else games.action_index(hold)
         if self.hold is not None and not games.legal_mask("Breakout")[self.hold]:
             raise ValueError(f"hold must be a legal Breakout action (NOOP, FIRE, RIGHT, LEFT), got {hold!r}.")
         if self.hold is not None:  # a lazy player that still launches the ball
@@ -192,9 +192,7 @@ class LazyPolicy(Policy):
     """Holds one action (e.g. RIGHT) all the time; epsilon-random so games that wait for FIRE start."""
 
     def __init__(self, action: int | str = "RIGHT", epsilon: float = 0.05):
-        self.action = games.FULL_ACTION_SET.index(action) if isinstance(action, str) else int(action)
-        if not 0 <= self.action < games.NUM_ACTIONS:
-            raise ValueError(f"LazyPolicy action must be a full-set index in [0, 18) or a name, got {action!r}.")
+        self.action = games.action_index(action)
         self.epsilon = _check_epsilon(epsilon)
         self.name = f"lazy_{games.FULL_ACTION_SET[self.action].lower()}_eps{epsilon:g}"
 
