@@ -160,6 +160,11 @@ class WorldActionConfig:
     v_min: float = -10.0
     v_max: float = 30.0
     use_task_embed: bool = True
+    q_init_mean: float | None = None
+    """Ours (None in the paper presets): start every action's C51 distribution as a narrow bump at this value
+    (the output bias; official: zero bias, a near-uniform distribution whose mean is the support's middle,
+    (v_min + v_max) / 2 = 10). A short offline run leaves the values of states whose data never scored near
+    where they started; 0 starts them at what those states are worth."""
     q_loss_backwards_wm: bool = True
     """False: the Q head reads detached features (ablation)."""
     td_loss: str = "c51"
@@ -209,6 +214,10 @@ class WorldActionConfig:
         _check(self.td_loss in ("c51", "mse"), f"td_loss must be 'c51' or 'mse', got {self.td_loss!r}.")
         _check(self.q_penalty in ("cql", "combo", "null"), f"q_penalty must be 'cql', 'combo' or 'null', got {self.q_penalty!r}.")
         _check(self.num_atoms >= 2 and self.v_max > self.v_min, "need num_atoms >= 2 and v_max > v_min.")
+        if self.q_init_mean is not None:
+            _check(self.td_loss == "c51" and self.v_min <= self.q_init_mean <= self.v_max,
+                   f"q_init_mean is for td_loss='c51' and must lie in [v_min, v_max] = [{self.v_min}, {self.v_max}], "
+                   f"got {self.q_init_mean} with td_loss={self.td_loss!r}; set it to None for the official init.")
         for name in ("embed_pdrop", "resid_pdrop", "attn_pdrop", "q_dropout"):
             _check(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}.")
 
@@ -234,6 +243,12 @@ class TrainConfig:
     mc_anchor: bool = False
     """Ours (off in the paper presets): anchor the C51 critic on the data's discounted returns-to-go, a floor
     under each bootstrap value and the target of a segment's last step (``losses.c51_td_loss``)."""
+    next_step_target: bool = False
+    """Ours (off in the paper presets): sample segments one step longer and read the target head at that
+    extra step with a second, gradient-free pass over the window one step later, so that a segment's last
+    step, which greedy acting reads once the context is full, gets a TD target too (officially it has only
+    the CQL term, and every TD target bootstraps from it directly or through its neighbours). Costs one
+    forward pass per step."""
     life_start_share: float = 0.0
     """Ours (0 in the paper presets): expected share of each batch drawn from segments that hold the first
     step of a life (``data.segments.SegmentSampler``); needs data with ALE's lives counter."""
@@ -317,9 +332,12 @@ def tiny() -> Preset:
         # baseline train side by side within notebook 03's budget (issue 9). In single Breakout runs of 2000 steps,
         # 128 wide x 16 segments of 4 steps played worse (3.1) than 64 wide x 32 of 4 steps (6.9), and 16 segments
         # of 8 steps with 7-step returns played best (10.1 over 1000 agent steps; data mean 14.5).
+        # The C51 head starts every value at 0, not at the support's middle (10): in 2,000 steps the values of
+        # states whose data never scored (the lazy player's) stayed near where they began, above the trackers'
+        # life starts, and greedy Q followed them on some seeds (issue 9, session 12).
         model=WorldActionConfig(
             num_layers=2, num_heads=4, embed_dim=64, q_mlp_dim=128, obs_vocab_size=512,
-            embed_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0,
+            embed_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, q_init_mean=0.0,
         ),
         train=TrainConfig(
             # 2000 steps in all; higher learning rates than the paper's (short run, small model); the target

@@ -232,6 +232,8 @@ def c51_td_loss(
     weights: torch.Tensor | None = None,
     n_steps: int = 1,
     mc_returns: torch.Tensor | None = None,
+    next_target_logits: torch.Tensor | None = None,
+    next_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """1-step distributional TD loss (spec 6.2): mean over TD rows of -sum_i m_i log(P_i + 1e-8).
 
@@ -248,24 +250,39 @@ def c51_td_loss(
     every target of a segment bootstraps, directly or through its neighbours, from values that no target
     fixes the level of, and short runs leave them near the head's initial mean.
 
+    ``next_target_logits`` (num_q, B, 18, Z) and ``next_mask`` (B,) (ours, ``TrainConfig.next_step_target``):
+    the target head at the step after the segment, read from the window one step later, and whether that
+    step is real. The segment's last step then has a TD target too, and n-step rows reach one step further;
+    ``mc_returns`` then holds L + 1 steps.
+
     Args:
         q_logits, q_target_logits: (num_q, B, L, 18, Z) online / target logits.
     """
     _check_q_inputs(q_logits, q_target_logits, actions, rewards, ends, mask_padding, legal_mask, scalar=False)
     Z = q_logits.shape[-1]
-    rows = td_rows(mask_padding, ends)
+    B, L = rewards.shape
     probs = _mixture_probs(q_logits, weights)  # (B, L, A, Z)
     idx = actions.long().view(*actions.shape, 1, 1).expand(-1, -1, 1, Z)
     p_taken = probs.gather(2, idx).squeeze(2)  # (B, L, Z)
     with torch.no_grad():
         t_probs = _mixture_probs(q_target_logits.detach(), weights)  # (B, L, A, Z)
+        if next_target_logits is not None:  # one more step at the end: targets over L + 1, rows over the first L
+            if next_mask is None:
+                raise ValueError("next_target_logits needs next_mask (B,): whether the step after each segment is real.")
+            _expect(next_target_logits, (next_target_logits.shape[0], B, *q_logits.shape[3:]), "next_target_logits")
+            _expect(next_mask, (B,), "next_mask")
+            t_probs = torch.cat([t_probs, _mixture_probs(next_target_logits.detach(), weights).unsqueeze(1)], 1)
+            rewards = torch.cat([rewards, rewards.new_zeros(B, 1)], 1)
+            ends = torch.cat([ends, ends.new_zeros(B, 1)], 1)
+            mask_padding = torch.cat([mask_padding.bool(), next_mask.bool().unsqueeze(1)], 1)
+        rows = td_rows(mask_padding, ends)
         t_q = (t_probs @ atoms.float()).masked_fill(~legal_mask.bool().unsqueeze(1), float("-inf"))
-        a_star = t_q.argmax(-1)  # (B, L)
-        p_star = t_probs.gather(2, a_star.view(*a_star.shape, 1, 1).expand(-1, -1, 1, Z)).squeeze(2)  # (B, L, Z)
-        L = p_star.shape[1]
+        a_star = t_q.argmax(-1)  # (B, L')
+        p_star = t_probs.gather(2, a_star.view(*a_star.shape, 1, 1).expand(-1, -1, 1, Z)).squeeze(2)  # (B, L', Z)
+        n_t = p_star.shape[1]  # L, or L + 1 with the next step
         tgt = n_step_targets(rewards, rows, gamma, n_steps)
-        nxt = tgt.boot_index.clamp(max=L - 1)
-        p_next = p_star.gather(1, nxt.unsqueeze(-1).expand(-1, -1, Z))  # (B, L, Z) at the bootstrap step
+        nxt = tgt.boot_index.clamp(max=n_t - 1)
+        p_next = p_star.gather(1, nxt.unsqueeze(-1).expand(-1, -1, Z))  # (B, L', Z) at the bootstrap step
         m_boot = c51_project(p_next, tgt.returns, torch.zeros_like(rewards), tgt.discount, atoms)
         m_term = c51_project(p_next, tgt.returns, torch.ones_like(rewards), tgt.discount, atoms)
         mc_rows = torch.zeros_like(tgt.nonterminal)
@@ -279,6 +296,11 @@ def c51_td_loss(
             m_boot = torch.where(below.unsqueeze(-1), m_floor, m_boot)
             m_mc = c51_project(p_next, g, ones, tgt.discount, atoms)  # point mass at G
             mc_rows = mask_padding.bool() & ~tgt.nonterminal & ~tgt.terminal
+        if n_t > L:  # rows of the online window only
+            m_boot, m_term, mc_rows = m_boot[:, :L], m_term[:, :L], mc_rows[:, :L]
+            tgt = NStepTargets(**{f.name: getattr(tgt, f.name)[:, :L] for f in dataclasses.fields(tgt)})
+            if mc_returns is not None:
+                m_mc = m_mc[:, :L]
     log_p = torch.log(p_taken + 1e-8)
     ce_boot = -(m_boot * log_p).sum(-1)
     ce_term = -(m_term * log_p).sum(-1)
@@ -432,6 +454,8 @@ def joint_loss(
     num_real_rows: int | None = None,
     td_steps: int = 1,
     mc_returns: torch.Tensor | None = None,
+    next_target_logits: torch.Tensor | None = None,
+    next_mask: torch.Tensor | None = None,
 ) -> LossTerms:
     """L = lambda (CE_obs + CE_rew + CE_end) + L_TD + alpha L_CQL (+ bc_weight L_BC) (paper Eq. 9).
 
@@ -444,7 +468,10 @@ def joint_loss(
         num_real_rows: rows [0, num_real_rows) are real data, the rest imagined; world and BC losses
             use the real rows only (official). Default: all rows are real.
         td_steps: n of the n-step TD target inside the segment (official 1; ``n_step_targets``).
-        mc_returns: (B, L) returns-to-go of the data for the C51 loss's MC anchor (``c51_td_loss``).
+        mc_returns: (B, L) returns-to-go of the data for the C51 loss's MC anchor (``c51_td_loss``); (B, L + 1)
+            with ``next_target_logits``.
+        next_target_logits, next_mask: the target head at the step after each segment and whether it is real
+            (``TrainConfig.next_step_target``, ``c51_td_loss``).
 
     Differences from the official code, all outside its default settings: with REM weights the CQL
     terms use the uniform mixture (official: the dataset term uses the REM mixture); the MSE
@@ -481,11 +508,14 @@ def joint_loss(
             raise ValueError("train_critic=True needs q_target_logits (model.q_target_logits(out.q_hidden)).")
         if td_loss == "c51":
             td = c51_td_loss(out.q_logits, q_target_logits, actions, rewards, ends, mask, legal_mask, atoms, gamma,
-                             rem_weights, n_steps=td_steps, mc_returns=mc_returns)  # fmt: skip
+                             rem_weights, n_steps=td_steps, mc_returns=mc_returns,
+                             next_target_logits=next_target_logits, next_mask=next_mask)  # fmt: skip
             q_exp = expected_q(out.q_logits, atoms)
         elif td_loss == "mse":
             if mc_returns is not None:
                 raise ValueError("the MC anchor (mc_returns, TrainConfig.mc_anchor) is for td_loss='c51'; turn it off.")
+            if next_target_logits is not None:
+                raise ValueError("the next-step target (TrainConfig.next_step_target) is for td_loss='c51'; turn it off.")
             td = mse_td_loss(
                 out.q_logits, q_target_logits, actions, rewards, ends, mask, legal_mask, gamma, rem_weights,
                 n_steps=td_steps,

@@ -338,20 +338,32 @@ def step_loss(
     support are read from the unwrapped ``model``. Stage 1: world loss only (lambda = 1); stage 2:
     C51 TD + CQL + lambda 0.1 world loss (spec 6.4)."""
     cfg = model.cfg
-    out = forward(batch.tokens, batch.task_ids)
     critic = stage == 2
-    rewards = batch.rewards.clamp(-1.0, 1.0) if clip_rewards else batch.rewards
+    tokens, rewards, ends, mask, mc = batch.tokens, batch.rewards, batch.ends, batch.mask, batch.returns_to_go
+    next_logits = next_mask = None
+    if train_cfg.next_step_target:  # the batch holds L + 1 steps: the online window is the first L
+        tpb, L = cfg.tokens_per_block, cfg.max_blocks
+        if tokens.shape[1] != (L + 1) * tpb:
+            raise ValueError(f"next_step_target needs segments of {L + 1} steps, got {tokens.shape[1] // tpb}.")
+        tokens, rewards, ends, next_mask, mask = tokens[:, : L * tpb], rewards[:, :L], ends[:, :L], mask[:, L], mask[:, :L]
+        if critic:
+            with torch.no_grad():  # the target head at step L, read from the window of steps 1..L
+                later = forward(batch.tokens[:, tpb:], batch.task_ids)
+                next_logits = model.q_target_logits(later.q_hidden[..., -1:, :])[..., 0, :, :]
+    out = forward(tokens, batch.task_ids)
+    rewards = rewards.clamp(-1.0, 1.0) if clip_rewards else rewards
     rem = None
     if critic and cfg.use_rem:
         rem = torch.rand(cfg.num_q, device=batch.tokens.device)
         rem = rem / rem.sum()
     target = model.q_target_logits(out.q_hidden) if critic else None
     return joint_loss(
-        out, target, batch.tokens, rewards, batch.ends, batch.mask, batch.legal, model.atoms,
+        out, target, tokens, rewards, ends, mask, batch.legal, model.atoms,
         supervised_weight=train_cfg.supervised_weight_stage1 if stage == 1 else train_cfg.supervised_weight_stage2,
         train_critic=critic, gamma=train_cfg.gamma, cql_weight=train_cfg.cql_weight, td_loss=cfg.td_loss,
         q_penalty=cfg.q_penalty, cql_legal_only=cfg.cql_legal_only, rem_weights=rem, bc_weight=train_cfg.bc_weight,
-        td_steps=train_cfg.td_steps, mc_returns=batch.returns_to_go if critic and train_cfg.mc_anchor else None,
+        td_steps=train_cfg.td_steps, mc_returns=mc if critic and train_cfg.mc_anchor else None,
+        next_target_logits=next_logits, next_mask=next_mask,
     )  # fmt: skip
 
 
@@ -583,7 +595,8 @@ def _train(
         configure_threads(env_workers=available_cores() - share, loader_workers=num_workers)  # other ranks' cores
     else:
         torch.set_num_threads(max(1, num_threads))
-    sources = make_sources(token_caches, mc, stride=options["stride"], returns_gamma=tc.gamma if tc.mc_anchor else None)
+    sources = make_sources(token_caches, mc, stride=options["stride"], returns_gamma=tc.gamma if tc.mc_anchor else None,
+                           segment_length=mc.max_blocks + 1 if tc.next_step_target else None)  # fmt: skip
     if options["data_split"] == "global":
         sampler = SegmentSampler(sources, tc.batch_size, seed=tc.seed, life_start_share=tc.life_start_share)
         dataset: IterableDataset = GlobalBatchSlices(sampler, info.rank, W)

@@ -472,3 +472,48 @@ def test_c51_mc_anchor_equals_brute_force():
     assert low.item() != pytest.approx(plain.item())
     with pytest.raises(ValueError, match="mc_returns"):
         c51_td_loss(q, qt, actions, rewards, ends, mask, legal, ATOMS, 0.9, mc_returns=mc[:, :3])
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_next_step_target_equals_the_loss_over_one_more_step(n):
+    """``next_target_logits`` adds the step after the window as a bootstrap only: the loss equals the plain
+    loss over L + 1 steps whose extra step ends no episode (that step has no TD row of its own), and the
+    window's last real step gains a TD row it lacks without it."""
+    q, qt, actions, rewards, ends, mask, legal = random_td_case(7, L=6)
+    ends[:, -1] = 0
+    mask[2, 4:] = True  # row 2: real up to the extra step
+    full = c51_td_loss(q, qt, actions, rewards, ends, mask, legal, ATOMS, 0.9, n_steps=n)
+    w = slice(0, 5)
+    got = c51_td_loss(q[:, :, w], qt[:, :, w], actions[:, w], rewards[:, w], ends[:, w], mask[:, w], legal, ATOMS, 0.9,
+                      n_steps=n, next_target_logits=qt[:, :, 5], next_mask=mask[:, 5])  # fmt: skip
+    plain = c51_td_loss(q[:, :, w], qt[:, :, w], actions[:, w], rewards[:, w], ends[:, w], mask[:, w], legal, ATOMS,
+                        0.9, n_steps=n)  # fmt: skip
+    assert got.item() == pytest.approx(full.item(), rel=1e-6)
+    assert got.item() != pytest.approx(plain.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="next_mask"):
+        c51_td_loss(q[:, :, w], qt[:, :, w], actions[:, w], rewards[:, w], ends[:, w], mask[:, w], legal, ATOMS, 0.9,
+                    next_target_logits=qt[:, :, 5])  # fmt: skip
+
+
+def test_next_step_target_reaches_an_exact_one_step_target():
+    """A hand-made case: two steps, the target head's best action at the extra step a point mass at 10, reward
+    1 at the last step, gamma 0.5: the last step's target is 1 + 0.5 x 10 = 6, atom 20 of the support."""
+    Z, A = 51, 18
+    q = torch.zeros(1, 1, 2, A, Z)
+    qt = torch.zeros(1, 1, 2, A, Z)
+    nxt = torch.full((1, 1, A, Z), -50.0)
+    nxt[..., 0] = 50.0  # every action: a point mass at -10
+    nxt[0, 0, 3, 0], nxt[0, 0, 3, 25] = -50.0, 50.0  # but action 3: a point mass at atom 25 = 10.0, the max
+    actions, rewards = torch.tensor([[1, 2]]), torch.tensor([[0.0, 1.0]])
+    ends, mask, legal = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool), torch.ones(1, A, dtype=torch.bool)
+    q[0, 0, 1, 2, 20] = 10.0  # the online head at the last step, taken action 2: most mass at 6.0
+    got = c51_td_loss(q, qt, actions, rewards, ends, mask, legal, ATOMS, 0.5, next_target_logits=nxt,
+                      next_mask=torch.tensor([True]))  # fmt: skip
+    p_last = F.softmax(q[0, 0, 1, 2].double(), -1)
+    p_first = F.softmax(q[0, 0, 0, 1].double(), -1)
+    m_first = ref_project(F.softmax(qt[0, 0, 1, 0].double(), -1).tolist(), 0.0, False, 0.5, ATOMS.tolist())
+    expect = (-math.log(p_last[20].item() + 1e-8) - sum(m * math.log(p + 1e-8) for m, p in zip(m_first, p_first.tolist()))) / 2
+    assert got.item() == pytest.approx(expect, rel=1e-4)
+    alone = c51_td_loss(q, qt, actions, rewards, ends, mask, legal, ATOMS, 0.5, next_target_logits=nxt,
+                        next_mask=torch.tensor([False]))  # the extra step is padding: the last step has no row again
+    assert alone.item() == pytest.approx(-sum(m * math.log(p + 1e-8) for m, p in zip(m_first, p_first.tolist())), rel=1e-4)

@@ -359,3 +359,47 @@ def test_mc_anchor_reaches_the_loss_through_the_loop(caches, tmp_path):
     assert [r["loss/world"] for r in plain[:2]] == [r["loss/world"] for r in anchored[:2]]  # stage 1: no critic
     assert plain[2]["loss/world"] == pytest.approx(anchored[2]["loss/world"], rel=1e-6)
     assert plain[2]["loss/td"] != pytest.approx(anchored[2]["loss/td"], rel=1e-3)
+
+
+def test_next_step_target_reads_the_window_one_step_later(caches, tmp_path):
+    """``next_step_target``: batches hold L + 1 steps; the online window is the first L and the target head at
+    step L comes from a gradient-free pass over steps 1..L (checked against that pass done by hand), and the
+    loop trains with it."""
+    from jowa_core.games import action_masks
+    from jowa_core.losses import c51_td_loss
+    from jowa_core.training import Batch, step_loss
+
+    p = tiny(dropout=0.0, next_step_target=True, td_steps=2)
+    model = WorldActionModel(p.model).eval()
+    g = torch.Generator().manual_seed(3)
+    B, L, tpb = 3, p.model.max_blocks, p.model.tokens_per_block
+    obs = torch.randint(0, VOCAB, (B, L + 1, tpb - 1), generator=g)
+    actions = torch.randint(0, 4, (B, L + 1, 1), generator=g)
+    tokens = torch.cat([obs, actions], -1).reshape(B, -1)
+    tasks = torch.tensor([39, 12, 39])
+    rewards = torch.randint(-1, 2, (B, L + 1), generator=g).float()
+    ends = torch.zeros(B, L + 1, dtype=torch.long)
+    mask = torch.ones(B, L + 1, dtype=torch.bool)
+    mask[1, L] = False  # row 1's window is its episode's tail: no step after it
+    legal = torch.as_tensor(action_masks())[tasks]
+    batch = Batch(tokens=tokens, task_ids=tasks, rewards=rewards, ends=ends, mask=mask, legal=legal)
+    with torch.no_grad():
+        terms = step_loss(model, model, batch, stage=2, train_cfg=p.train)
+        out = model(tokens[:, : L * tpb], tasks)
+        later = model(tokens[:, tpb:], tasks)
+        td = c51_td_loss(out.q_logits, model.q_target_logits(out.q_hidden), actions[:, :L, 0], rewards[:, :L], ends[:, :L],
+                         mask[:, :L], legal, model.atoms, p.train.gamma, n_steps=2,
+                         next_target_logits=model.q_target_logits(later.q_hidden)[:, :, -1], next_mask=mask[:, L])  # fmt: skip
+        plain = step_loss(model, model, replace(batch, tokens=tokens[:, : L * tpb], rewards=rewards[:, :L],
+                                                ends=ends[:, :L], mask=mask[:, :L]),
+                          stage=2, train_cfg=replace(p.train, next_step_target=False))  # fmt: skip
+    torch.testing.assert_close(terms.td, td)
+    assert terms.obs.item() == pytest.approx(plain.obs.item(), rel=1e-6)  # the world loss sees the online window
+    assert terms.td.item() != pytest.approx(plain.td.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="segments of 5 steps"):
+        step_loss(model, model, replace(batch, tokens=tokens[:, : L * tpb]), stage=2, train_cfg=p.train)
+
+    run = tmp_path / "run"
+    train_world_action(replace(p, train=replace(p.train, log_every=1)), caches, run, stage1_steps=1, stage2_steps=2, **RUN)
+    recs = read_metrics(run)
+    assert [r["stage"] for r in recs] == [1, 2, 2] and all(np.isfinite(r["loss/td"]) and r["loss/td"] > 0 for r in recs[1:])

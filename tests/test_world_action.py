@@ -432,3 +432,25 @@ def test_param_count_formula_matches_built_models():
         model = make_model(**kw)
         assert model.num_parameters() == model.cfg.num_parameters(), kw
         assert model.num_parameters(trainable_only=False) == model.cfg.num_parameters(trainable_only=False), kw
+
+
+@pytest.mark.parametrize("mean", [0.0, 4.0])
+def test_q_init_mean_starts_every_action_near_that_value(mean):
+    """``q_init_mean``: a fresh C51 head's expected Q sits at the chosen value for every action and position
+    (official init: near the support's middle, 10 for the tiny preset's [-10, 30]); the target head starts equal."""
+    cfg = small_cfg(q_init_mean=mean, num_q=2)
+    model = make_model(q_init_mean=mean, num_q=2).eval()
+    tokens = random_tokens(cfg, 3, cfg.max_tokens)
+    task = torch.tensor([12, 39, 3])
+    with torch.no_grad():
+        out = model(tokens, task)
+        q = model.q_values(out.q_logits)
+        qt = model.q_values(model.q_target_logits(out.q_hidden))
+        plain = make_model().eval()
+        q_official = plain.q_values(plain(tokens, task).q_logits)
+    assert (q - mean).abs().max() < 0.5 and torch.equal(q, qt)
+    assert (q_official - (cfg.v_min + cfg.v_max) / 2).abs().mean() < 1.5 and (q_official - mean).abs().min() > 2.0
+    with pytest.raises(ValueError, match="q_init_mean"):
+        small_cfg(q_init_mean=cfg.v_max + 1.0)
+    with pytest.raises(ValueError, match="q_init_mean"):
+        small_cfg(q_init_mean=0.0, td_loss="mse")
