@@ -102,9 +102,10 @@ def test_two_games_one_call_uses_each_envs_mask_and_task(nets, spy):
     tok, model = nets
     q = model.head_q.head_module.params[9]  # last bias (num_q, 18 * 51), action-major
     saved = q.detach().clone()
-    with torch.no_grad():  # make an illegal action best everywhere, RIGHTFIRE (Pong only) second
-        q[:, DOWNLEFTFIRE * 51 + 50] += 30.0
-        q[:, RIGHTFIRE * 51 + 50] += 15.0
+    with torch.no_grad():  # make an illegal action best everywhere (a point mass at 30), RIGHTFIRE (Pong only) second (26)
+        for a, atom in ((DOWNLEFTFIRE, 50), (RIGHTFIRE, 45)):
+            q[:, a * 51 : (a + 1) * 51] = -50.0
+            q[:, a * 51 + atom] = 30.0
     try:
         out = model(torch.zeros(1, TPB - 1, dtype=torch.long), torch.tensor([0]))
         assert int(model.q_values(out.q_logits[:, :, -1]).argmax()) == DOWNLEFTFIRE  # unmasked would be illegal
