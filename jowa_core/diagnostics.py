@@ -25,6 +25,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -38,6 +39,9 @@ from jowa_core.data.segments import returns_to_go
 from jowa_core.data.token_cache import open_token_cache, token_cache_path
 from jowa_core.envs import AtariVecEnv, EnvConfig
 from jowa_core.evaluation import protocol
+
+if TYPE_CHECKING:
+    from jowa_core.inspection import EpisodeRecord
 
 __all__ = [
     "RamReplay",
@@ -236,6 +240,34 @@ def tokenizer_ball_check(
         "distance_median_px": float(np.median(dist)) if len(dist) else float("nan"),
         "distance_p90_px": float(np.percentile(dist, 90)) if len(dist) else float("nan"),
     }
+
+
+@torch.no_grad()
+def imagined_ball_check(record: EpisodeRecord, tokenizer: torch.nn.Module) -> dict[str, float | int | None]:
+    """Does the world model keep Breakout's ball when it imagines? For every recorded plan
+    (``inspection.record_episode`` with a horizon) whose real frame shows the ball, decodes each node of the
+    plan and counts those that show one: the root (the tokenizer's reconstruction of the real frame) and each
+    imagined depth. ``real_next`` is the share of those steps whose next real frame still shows the ball, the
+    reference for depth 1. Low imagined shares mean the planner scores frames without the ball, so its values
+    say little about where the ball goes."""
+    if games.canonical_name(record.game) != "Breakout":
+        raise ValueError(f"imagined_ball_check reads Breakout's play field; the record is of {record.game}.")
+    real = ball_visible(record.frames) if len(record) else np.zeros(0, bool)
+    picked = [i for i, s in enumerate(record.steps) if real[i] and s.trace is not None and s.trace.horizon > 0]
+    out: dict[str, float | int | None] = {"plans": sum(s.trace is not None and s.trace.horizon > 0 for s in record.steps),
+                                   "plans_with_ball": len(picked)}  # fmt: skip
+    shown: dict[int, list[bool]] = {}
+    device = next(tokenizer.parameters()).device
+    for i in picked:
+        trace = record.steps[i].trace
+        vis = ball_visible(tokenizer.decode(trace.obs_tokens.to(device))[:, 0].float().cpu().numpy())
+        for d, v in zip(trace.depth.tolist(), vis.tolist()):
+            shown.setdefault(int(d), []).append(bool(v))
+    for d in sorted(shown):
+        out["root" if d == 0 else f"depth_{d}"] = float(np.mean(shown[d]))
+    nxt = [real[i + 1] for i in picked if i + 1 < len(record)]
+    out["real_next"] = float(np.mean(nxt)) if nxt else None
+    return out
 
 
 @dataclass

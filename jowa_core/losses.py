@@ -268,7 +268,9 @@ def c51_td_loss(
         t_probs = _mixture_probs(q_target_logits.detach(), weights)  # (B, L, A, Z)
         if next_target_logits is not None:  # one more step at the end: targets over L + 1, rows over the first L
             if next_mask is None:
-                raise ValueError("next_target_logits needs next_mask (B,): whether the step after each segment is real.")
+                raise ValueError(
+                    "next_target_logits needs next_mask (B,): whether the step after each segment is real."
+                )
             _expect(next_target_logits, (next_target_logits.shape[0], B, *q_logits.shape[3:]), "next_target_logits")
             _expect(next_mask, (B,), "next_mask")
             t_probs = torch.cat([t_probs, _mixture_probs(next_target_logits.detach(), weights).unsqueeze(1)], 1)
@@ -515,7 +517,9 @@ def joint_loss(
             if mc_returns is not None:
                 raise ValueError("the MC anchor (mc_returns, TrainConfig.mc_anchor) is for td_loss='c51'; turn it off.")
             if next_target_logits is not None:
-                raise ValueError("the next-step target (TrainConfig.next_step_target) is for td_loss='c51'; turn it off.")
+                raise ValueError(
+                    "the next-step target (TrainConfig.next_step_target) is for td_loss='c51'; turn it off."
+                )
             td = mse_td_loss(
                 out.q_logits, q_target_logits, actions, rewards, ends, mask, legal_mask, gamma, rem_weights,
                 n_steps=td_steps,

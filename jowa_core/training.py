@@ -345,7 +345,8 @@ def step_loss(
         tpb, L = cfg.tokens_per_block, cfg.max_blocks
         if tokens.shape[1] != (L + 1) * tpb:
             raise ValueError(f"next_step_target needs segments of {L + 1} steps, got {tokens.shape[1] // tpb}.")
-        tokens, rewards, ends, next_mask, mask = tokens[:, : L * tpb], rewards[:, :L], ends[:, :L], mask[:, L], mask[:, :L]
+        next_mask = mask[:, L]
+        tokens, rewards, ends, mask = tokens[:, : L * tpb], rewards[:, :L], ends[:, :L], mask[:, :L]
         if critic:
             with torch.no_grad():  # the target head at step L, read from the window of steps 1..L
                 later = forward(batch.tokens[:, tpb:], batch.task_ids)

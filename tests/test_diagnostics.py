@@ -320,3 +320,48 @@ def test_q_trace_reads_the_agents_context_and_its_counterfactual():
             obs = env.step(np.array([games.FULL_ACTION_SET.index(name)]))[0]
     with pytest.raises(ValueError, match="unknown action"):
         diagnostics.q_trace(agent, "Breakout", 2, past_action="JUMP")
+
+
+class _BallTokenizer(torch.nn.Module):
+    """Decodes a token row to a blank frame, with a ball in the play field where its first token is 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = torch.zeros(len(tokens), 1, 84, 84)
+        x[tokens[:, 0] == 1, 0, 50, 40] = 1.0
+        return x
+
+
+def test_imagined_ball_check_counts_by_depth():
+    """Hand-made plans: the shares per depth are over plans whose real frame shows the ball, and ``real_next``
+    reads the next real frame."""
+    from types import SimpleNamespace
+
+    from jowa_core.envs import EnvConfig
+    from jowa_core.inspection import EpisodeRecord, StepRecord
+
+    def frame(ball: bool) -> np.ndarray:
+        f = np.zeros((84, 84), np.uint8)
+        if ball:
+            f[50, 40] = 200
+        return f
+
+    def plan(root: int, d1: list[int], d2: list[int]) -> SimpleNamespace:
+        tokens = torch.tensor([[root, 0]] + [[v, 0] for v in d1 + d2])
+        return SimpleNamespace(horizon=2, depth=torch.tensor([0] + [1] * len(d1) + [2] * len(d2)), obs_tokens=tokens)
+
+    rec = EpisodeRecord("Breakout", 0, EnvConfig(), 2, 2, 0.99)
+    plans = [plan(1, [1, 0], [0, 0]), plan(1, [1, 1], [1, 0]), plan(0, [0, 0], [0, 0]), None, plan(1, [0, 0], [1, 1])]
+    balls = [True, True, False, True, True]  # step 2 has no ball (its plan is left out); step 3 explored (no plan)
+    for t, (p, b) in enumerate(zip(plans, balls)):
+        rec.steps.append(StepRecord(t, frame(b), torch.zeros(1, dtype=torch.long), 0, 0, 0, 0.0, p))
+    got = diagnostics.imagined_ball_check(rec, _BallTokenizer())
+    assert got["plans"] == 4 and got["plans_with_ball"] == 3
+    assert got["root"] == pytest.approx(1.0)
+    assert got["depth_1"] == pytest.approx(3 / 6) and got["depth_2"] == pytest.approx(3 / 6)
+    assert got["real_next"] == pytest.approx(1 / 2)  # after step 0: a ball (step 1); after step 1: none (step 2)
+    with pytest.raises(ValueError, match="Breakout"):
+        diagnostics.imagined_ball_check(EpisodeRecord("Pong", 0, EnvConfig(), 2, 2, 0.99), _BallTokenizer())

@@ -370,6 +370,7 @@ def test_next_step_target_reads_the_window_one_step_later(caches, tmp_path):
     from jowa_core.training import Batch, step_loss
 
     p = tiny(dropout=0.0, next_step_target=True, td_steps=2)
+    torch.manual_seed(0)
     model = WorldActionModel(p.model).eval()
     g = torch.Generator().manual_seed(3)
     B, L, tpb = 3, p.model.max_blocks, p.model.tokens_per_block
@@ -395,7 +396,7 @@ def test_next_step_target_reads_the_window_one_step_later(caches, tmp_path):
                           stage=2, train_cfg=replace(p.train, next_step_target=False))  # fmt: skip
     torch.testing.assert_close(terms.td, td)
     assert terms.obs.item() == pytest.approx(plain.obs.item(), rel=1e-6)  # the world loss sees the online window
-    assert terms.td.item() != pytest.approx(plain.td.item(), rel=1e-3)
+    assert terms.td.item() != pytest.approx(plain.td.item(), rel=1e-5)  # rows 0 and 2 gain a TD row at step L - 1
     with pytest.raises(ValueError, match="segments of 5 steps"):
         step_loss(model, model, replace(batch, tokens=tokens[:, : L * tpb]), stage=2, train_cfg=p.train)
 
