@@ -243,7 +243,9 @@ def tokenizer_ball_check(
 
 
 @torch.no_grad()
-def imagined_ball_check(record: EpisodeRecord, tokenizer: torch.nn.Module) -> dict[str, float | int | None]:
+def imagined_ball_check(
+    record: EpisodeRecord, tokenizer: torch.nn.Module, *, batch: int = 256
+) -> dict[str, float | int | None]:
     """Does the world model keep Breakout's ball when it imagines? For every recorded plan
     (``inspection.record_episode`` with a horizon) whose real frame shows the ball, decodes each node of the
     plan and counts those that show one: the root (the tokenizer's reconstruction of the real frame) and each
@@ -252,19 +254,18 @@ def imagined_ball_check(record: EpisodeRecord, tokenizer: torch.nn.Module) -> di
     say little about where the ball goes."""
     if games.canonical_name(record.game) != "Breakout":
         raise ValueError(f"imagined_ball_check reads Breakout's play field; the record is of {record.game}.")
-    real = ball_visible(record.frames) if len(record) else np.zeros(0, bool)
-    picked = [i for i, s in enumerate(record.steps) if real[i] and s.trace is not None and s.trace.horizon > 0]
-    out: dict[str, float | int | None] = {"plans": sum(s.trace is not None and s.trace.horizon > 0 for s in record.steps),
-                                   "plans_with_ball": len(picked)}  # fmt: skip
-    shown: dict[int, list[bool]] = {}
-    device = next(tokenizer.parameters()).device
-    for i in picked:
-        trace = record.steps[i].trace
-        vis = ball_visible(tokenizer.decode(trace.obs_tokens.to(device))[:, 0].float().cpu().numpy())
-        for d, v in zip(trace.depth.tolist(), vis.tolist()):
-            shown.setdefault(int(d), []).append(bool(v))
-    for d in sorted(shown):
-        out["root" if d == 0 else f"depth_{d}"] = float(np.mean(shown[d]))
+    planned = [i for i, s in enumerate(record.steps) if s.trace is not None and s.trace.horizon > 0]
+    real = ball_visible(record.frames)
+    picked = [i for i in planned if real[i]]
+    out: dict[str, float | int | None] = {"plans": len(planned), "plans_with_ball": len(picked)}
+    if picked:
+        tokens = torch.cat([record.steps[i].trace.obs_tokens for i in picked])
+        depth = torch.cat([record.steps[i].trace.depth for i in picked]).numpy()
+        device = next(tokenizer.parameters()).device
+        vis = np.concatenate([ball_visible(tokenizer.decode(tokens[k : k + batch].to(device))[:, 0].float().cpu().numpy())
+                              for k in range(0, len(tokens), batch)])  # fmt: skip
+        for d in np.unique(depth):
+            out["root" if d == 0 else f"depth_{d}"] = float(vis[depth == d].mean())
     nxt = [real[i + 1] for i in picked if i + 1 < len(record)]
     out["real_next"] = float(np.mean(nxt)) if nxt else None
     return out

@@ -452,10 +452,6 @@ def _ucb(parent: _Node, child: _Node, stats: _MinMax, gamma: float, c1: float = 
     return prior_score + value
 
 
-def _leaf_value(critic: Tensor, legal: Tensor, use_mean: bool) -> float:
-    return float(state_value(critic, legal, use_mean))
-
-
 @torch.no_grad()
 def mcts(
     model: nn.Module,
@@ -549,10 +545,11 @@ def mcts(
             out = model.step(cache, acts, task_ids[envs])
             rewards = _rewards(out.reward_logits, False, 1.0, None).tolist()
             critic = model.q_values(out.q_logits, legal[envs])
+            values = state_value(critic, legal[envs], use_mean).tolist()
             for i, (b, path, _) in enumerate(items):
                 leaf = path[-1]
                 leaf.reward, leaf.cache, leaf.row = rewards[i], out.kv_cache, i
-                leaf.leaf_value = _leaf_value(critic[i], legal[b], use_mean)
+                leaf.leaf_value = values[i]
                 leaf.expand(critic[i], legal[b], temperature)
                 _backup(path, leaf.leaf_value, stats[b], gamma)
 

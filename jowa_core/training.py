@@ -350,7 +350,7 @@ def step_loss(
         if critic:
             with torch.no_grad():  # the target head at step L, read from the window of steps 1..L
                 later = forward(batch.tokens[:, tpb:], batch.task_ids)
-                next_logits = model.q_target_logits(later.q_hidden[..., -1:, :])[..., 0, :, :]
+                next_logits = model.q_target_logits(later.q_hidden[:, -1:])[:, :, 0]
     out = forward(tokens, batch.task_ids)
     rewards = rewards.clamp(-1.0, 1.0) if clip_rewards else rewards
     rem = None

@@ -446,15 +446,14 @@ class WorldActionModel(nn.Module):
         self.head_ends = _mlp_head(d, 2)
         self.head_bc = _mlp_head(d, cfg.num_actions) if cfg.bc_head else None
         self.apply(self._init_weights)
+        self.register_buffer("atoms", torch.linspace(cfg.v_min, cfg.v_max, cfg.num_atoms), persistent=False)
         q_ens = QEnsemble(cfg.num_q, d, cfg.q_mlp_dim, cfg.q_output_dim, cfg.q_dropout)
         if cfg.q_init_mean is not None:  # ours: each action's first distribution a bump at q_init_mean
-            support = torch.linspace(cfg.v_min, cfg.v_max, cfg.num_atoms)
-            width = 2.0 * (cfg.v_max - cfg.v_min) / (cfg.num_atoms - 1)
+            width = 2.0 * (cfg.v_max - cfg.v_min) / (cfg.num_atoms - 1)  # two atoms
             with torch.no_grad():
-                q_ens.params[-1].copy_((-0.5 * ((support - cfg.q_init_mean) / width) ** 2).repeat(cfg.num_actions))
+                q_ens.params[-1].copy_((-0.5 * ((self.atoms - cfg.q_init_mean) / width) ** 2).repeat(cfg.num_actions))
         self.head_q = Head(q_ens)
         self.head_q_target = copy.deepcopy(self.head_q).requires_grad_(False).eval()
-        self.register_buffer("atoms", torch.linspace(cfg.v_min, cfg.v_max, cfg.num_atoms), persistent=False)
         # Sorted absolute positions of each kind over the whole window (not saved; the official
         # ``head_*.indices`` are equivalent). A window [s, s+T) is a contiguous slice of each.
         self._kinds = {
