@@ -34,6 +34,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,10 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
 
     cuda = device.type == "cuda"
     compile_ = cuda and not args.no_compile
+    fused = cuda and not args.no_fused_ln  # the loop's default on CUDA (jowa_core.models.fused_ln)
     for name in presets:
         p = preset(name)
+        p = replace(p, train=replace(p.train, life_start_share=0.0))  # the synthetic caches have no lives
         batch = args.batch_size or (p.train.batch_size // 4 if cuda else 8)
         steps = args.steps or (20 if cuda else 3)
         with tempfile.TemporaryDirectory() as tmp:
@@ -75,9 +78,11 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
                 torch.cuda.reset_peak_memory_stats(device)
             train_world_action(p, caches, Path(tmp) / "run", stage1_steps=0, stage2_steps=2 * steps,
                                batch_size=batch, log_every=steps, save_every=10**9, device=device, resume=False,
-                               progress=False, num_threads=args.threads, keep_last=1, compile=compile_)  # fmt: skip
+                               progress=False, num_threads=args.threads, keep_last=1, compile=compile_,
+                               fused_layer_norm=fused)  # fmt: skip
             rec = read_metrics(Path(tmp) / "run")[-1]  # the second interval: warm-up and compilation excluded
-        tag = {"batch_size": batch, "steps_timed": steps, "compile": compile_, "amp": "bf16" if cuda else "fp32"}
+        tag = {"batch_size": batch, "steps_timed": steps, "compile": compile_, "fused_ln": fused,
+               "amp": "bf16" if cuda else "fp32"}  # fmt: skip
         yield _figure("train_stage2_tokens_per_s", rec["tokens_per_s"], "tokens/s", name, **tag)
         yield _figure("train_stage2_samples_per_s", rec["samples_per_s"], "segments/s", name, **tag)
         if cuda:
@@ -217,7 +222,7 @@ SUITE_FNS = {"train": train_suite, "planner": planner_suite, "tokenizer": tokeni
 
 def markdown_table(figures: list[Figure]) -> str:
     """The README's Performance table: one row per figure, the settings that matter in 'details'."""
-    keep = ("envs", "batch_size", "workers", "compile", "cuda_graphs", "amp", "actions_match", "skipped")
+    keep = ("envs", "batch_size", "workers", "compile", "fused_ln", "cuda_graphs", "amp", "actions_match", "skipped")
     lines = ["| figure | preset | value | unit | details |", "| --- | --- | ---: | --- | --- |"]
     for f in figures:
         details = ", ".join(f"{k}={f[k]}" for k in keep if k in f)
@@ -243,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="train: segments per step (default per device)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the library's split)")
     ap.add_argument("--no-compile", action="store_true", help="train: eager on CUDA too")
+    ap.add_argument("--no-fused-ln", action="store_true", help="train: inductor's LayerNorm kernels on CUDA too")
     ap.add_argument(
         "--reference",
         action=argparse.BooleanOptionalAction,

@@ -4,7 +4,8 @@
 # process, so one machine), then the step with and without dropout, with aten's random numbers
 # (fallback_random) and with looped reductions, then Nsight Compute on inductor's fused LayerNorm/dropout
 # backward kernels and on the hand-written ones. One process per inductor setting (they are process-wide).
-# ~7 minutes on an H200 (estimated; the fused_ln lines have not run on a GPU yet).
+# ~7 minutes on an H200 (estimated). The fused_ln lines use fused_ln.KernelConfig's tiles, as swept by
+# benchmarks/fused_ln_sweep.py on an H100 in session 13.
 #   bash benchmarks/gpu_ab.sh
 set -u
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check of the CUDA fast path, as one script for a lent GPU machine (about 7 minutes on one
+# The device check of the CUDA fast path, as one script for a lent GPU machine (about 10 minutes on one
 # H100/H200): GPU tests, then the benchmark suite, most important figures first. Every step has its own
 # timeout so that one hang leaves the others' figures. Writes logs, JSON lines and tables under ${OUT:-gpu_out}.
 #   bash benchmarks/gpu_check.sh
@@ -18,6 +18,9 @@ bench() {  # bench NAME TIMEOUT ARGS...: one suite run, its figures appended to 
 }
 timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -5
 bench train150 150 --suite train --preset jowa_150m --steps 10 --batch-size 512
+bench train150_no_fused_ln 130 --suite train --preset jowa_150m --steps 10 --batch-size 512 --no-fused-ln
+timeout 120 python3 -m benchmarks.fused_ln_sweep --best "$OUT/fused_ln_best.json" >"$OUT/fused_ln_sweep.jsonl" 2>"$OUT/fused_ln_sweep.err" ||
+    echo "fused_ln_sweep: failed or timed out"
 bench planner 150 --suite planner --preset jowa_150m tiny --quick
 bench planner150_eager 60 --suite planner --preset jowa_150m --quick --no-cuda-graphs
 bench train 150 --suite train --preset tiny jowa_40m jowa_70m --steps 10 --batch-size 128

@@ -195,8 +195,17 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="torch._inductor.config settings for the compiled variants, e.g. coordinate_descent_tuning=1",
     )
+    ap.add_argument("--fused-ln-config", default=None, metavar="JSON",
+                    help="a KernelConfig for the fused_ln variants, as benchmarks.fused_ln_sweep --best writes it")  # fmt: skip
     args = ap.parse_args()
     apply_inductor_settings(args.inductor)
+    fused_cfg = None
+    if args.fused_ln_config:
+        from jowa_core.models import fused_ln
+
+        with open(args.fused_ln_config) as f:
+            fused_cfg = fused_ln.KernelConfig(**json.load(f))
+        fused_ln.set_kernel_config(fused_cfg)
     dev = resolve_device(args.device)
     p = preset(args.preset)
     B = args.batch_size or (p.train.batch_size if dev.type == "cuda" else 8)
@@ -212,6 +221,7 @@ def main() -> None:
     info = {
         "torch": torch.__version__,
         "inductor": args.inductor,
+        **({"fused_ln_config": vars(fused_cfg)} if fused_cfg else {}),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
     }
     for v in args.variants:

@@ -69,3 +69,33 @@ def test_profile_train_sorts_kernels_and_times_a_step():
     assert out["dropout"] is True
     quiet = run_variant("eager_no_dropout", p, [batch], torch.device("cpu"), steps=1, profile=False, peak=None)
     assert quiet["variant"] == "eager_no_dropout" and quiet["dropout"] is False
+
+
+def test_fused_ln_sweep_reports_every_tile_and_writes_a_loadable_best(tmp_path, capsys):
+    """The CPU smoke run (torch reference, eager): one line for inductor's pattern, one per tile, the best."""
+    import json
+
+    from benchmarks.fused_ln_sweep import main as sweep
+    from jowa_core.models.fused_ln import KernelConfig, kernel_config
+
+    before = kernel_config()
+    sweep(["--device", "cpu", "--rows", "16", "--width", "8", "--reps", "1", "--best", str(tmp_path / "best.json")])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["impl"] for x in lines] == ["inductor"] + ["fused_ln"] * 44 + ["fused_ln_best"]
+    tiles = [x for x in lines if x["impl"] == "fused_ln"]
+    assert all(x["fwd_ms"] > 0 and x["bwd_ms"] > 0 and "error" not in x for x in tiles)
+    assert len({json.dumps(x["config"], sort_keys=True) for x in tiles}) == 43  # the default is in both grids
+    best = KernelConfig(**json.loads((tmp_path / "best.json").read_text()))
+    assert best == KernelConfig(**lines[-1]["config"])
+    assert kernel_config() == before  # the sweep puts the process's tiles back
+
+
+def test_train_suite_runs_the_tiny_preset_on_cpu(capsys):
+    """The tiny preset samples life starts; the suite's synthetic caches have no lives, so it turns that off."""
+    import json
+
+    assert main(["--suite", "train", "--preset", "tiny", "--steps", "1"]) in (None, 0)
+    figs = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    names = {f["name"] for f in figs}
+    assert {"train_stage2_tokens_per_s", "train_stage2_samples_per_s"} <= names
+    assert all(f["fused_ln"] is False and f["compile"] is False for f in figs if f["name"].startswith("train_"))

@@ -240,9 +240,12 @@ INTERPRETER_CHECK = textwrap.dedent(
                                    atol=1e-5, msg=what)
 
     torch.manual_seed(0)
-    # C = 48: BLOCK_C 64 with masked columns, 16 rows a program; N = 37 leaves a part-filled block.
-    # C = 768 (jowa_150m): 4 rows of 1024 a program. The backward's programs stride over several blocks.
-    for N, C in ((37, 48), (9, 768)):
+    # C = 48: BLOCK_C 64 with masked columns; N = 37 leaves a part-filled block. C = 768: jowa_150m's width.
+    # Tiles: the defaults (1-2 rows a program, as tuned on an H100) and 8 rows with 2 programs per "SM"
+    # (2 on CPU), so that the backward's programs stride over several blocks.
+    cases = [(f.KernelConfig(), 37, 48), (f.KernelConfig(), 9, 768), (f.KernelConfig(8, 2, 8, 4, 1), 37, 48)]
+    for cfg, N, C in cases:
+        f.set_kernel_config(cfg)
         for h_dtype in (torch.float32, torch.bfloat16):
             for with_x in (True, False):
                 x = torch.randn(N, C) if with_x else None
@@ -287,3 +290,19 @@ def test_triton_kernels_match_the_reference_in_the_interpreter() -> None:
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     assert "interpreter check passed" in run.stdout
     print(f"interpreter check: {time.perf_counter() - t0:.1f} s")
+
+
+def test_kernel_config_rejects_tiles_triton_cannot_build_and_set_returns_the_previous() -> None:
+    from jowa_core.models import fused_ln as f
+
+    with pytest.raises(ValueError, match="bwd_rows must be a power of two"):
+        f.KernelConfig(bwd_rows=3)
+    with pytest.raises(ValueError, match="bwd_programs_per_sm must be >= 1"):
+        f.KernelConfig(bwd_programs_per_sm=0)
+    tuned = f.kernel_config()
+    other = replace(tuned, fwd_rows=8)
+    assert f.set_kernel_config(other) == tuned
+    try:
+        assert f.kernel_config() == other
+    finally:
+        assert f.set_kernel_config(tuned) == other

@@ -123,6 +123,21 @@ def test_short_run_learns_logs_and_updates_target_on_schedule(caches, tmp_path):
     assert_same(params(loaded), params(model))
 
 
+def test_fused_layer_norm_switch_trains_as_the_default_without_dropout(caches, tmp_path):
+    """``fused_layer_norm=True`` (on CPU: the op's torch reference) trains the same weights as the plain
+    LayerNorm path when no dropout draws differ; the default on CPU leaves the switch off."""
+    kw = {"stage1_steps": 3, "stage2_steps": 3, **RUN}
+    plain = train_world_action(tiny(dropout=0.0), caches, tmp_path / "plain", **kw)
+    fused = train_world_action(tiny(dropout=0.0), caches, tmp_path / "fused", fused_layer_norm=True, **kw)
+    assert not plain.transformer.fused_layer_norm and fused.transformer.fused_layer_norm
+    assert_same(params(fused), params(plain), atol=1e-5)
+    # and the switch is not a no-op: with dropout the op draws its own masks, so the weights part
+    dropped = train_world_action(tiny(), caches, tmp_path / "dropped", **kw)
+    dropped_fused = train_world_action(tiny(), caches, tmp_path / "dropped_fused", fused_layer_norm=True, **kw)
+    a, b = params(dropped), params(dropped_fused)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume
 

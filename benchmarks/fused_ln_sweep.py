@@ -1,0 +1,124 @@
+"""The fused dropout + add + LayerNorm op alone, against inductor's kernels for the same pattern, tile by tile.
+
+    python -m benchmarks.fused_ln_sweep [--rows 151552] [--width 768] [--best best.json]
+
+At jowa_150m's training shape (batch 512 x 296 tokens = 151,552 rows of 768; fp32 residual stream, bf16
+branch, dropout 0.1) it times, with CUDA events over ``--reps`` calls after warm-up: inductor's compiled
+``x + dropout(h)`` then ``layer_norm`` (forward, and forward + backward), then ``jowa_core.models.fused_ln``
+forward and backward under every ``KernelConfig`` of the sweep. One JSON line per figure, with the bytes
+each pass must move and the bandwidth that implies; ``--best`` writes the fastest config as JSON, which
+``benchmarks.profile_train --fused-ln-config`` reads. CUDA only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from dataclasses import asdict, replace
+
+import torch
+import torch.nn.functional as F
+
+from jowa_core.models import fused_ln
+from jowa_core.models.fused_ln import KernelConfig
+
+
+def _time_ms(fn, reps: int, dev: torch.device) -> float:
+    for _ in range(3):
+        fn()
+    if dev.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / reps
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=512 * 296)
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--p", type=float, default=0.1)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--best", default=None, help="write the fastest KernelConfig here (JSON)")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (torch reference, eager)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fused_ln_sweep times Triton kernels on a CUDA device; none is available here "
+                         "(--device cpu runs the script on the torch reference, for a smoke check).")  # fmt: skip
+    dev, bf16, N, C, p = torch.device(args.device), torch.bfloat16, args.rows, args.width, args.p
+    torch.manual_seed(0)
+    x = torch.randn(N, C, device=dev, requires_grad=True)
+    h = torch.randn(N, C, device=dev, dtype=bf16, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(C, device=dev)).requires_grad_()
+    b = (0.1 * torch.randn(C, device=dev)).requires_grad_()
+    dxn, dy = torch.randn(N, C, device=dev), torch.randn(N, C, device=dev, dtype=bf16)
+    # bytes per element each pass must move: forward reads x (4) and h (2), writes x_new (4), y (2), mask (1);
+    # backward reads dy (2), dxn (4), x_new (4), mask (1), writes dx (4), dh (2)
+    gb_fwd, gb_bwd = N * C * 13 / 1e9, N * C * 17 / 1e9
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+    def emit(**kv) -> None:
+        print(json.dumps({"device_name": name, "rows": N, "width": C, "p": p, **kv}), flush=True)
+
+    def inductor(x, h, w, b):
+        xn = x + F.dropout(h, p, True)
+        return xn, F.layer_norm(xn, (C,), w, b).to(bf16)
+
+    def fused(x, h, w, b):
+        return fused_ln.dropout_add_layer_norm(x, h, w, b, p, True)
+
+    def backward(fn):
+        xn, y = fn(x, h, w, b)
+        torch.autograd.grad((xn, y), (x, h, w, b), (dxn, dy))  # no .grad accumulation in the timing
+
+    compiled = torch.compile(inductor) if dev.type == "cuda" else inductor
+    with torch.no_grad():
+        f_ms = _time_ms(lambda: compiled(x, h, w, b), args.reps, dev)
+    fb_ms = _time_ms(lambda: backward(compiled), args.reps, dev)
+    emit(impl="inductor", fwd_ms=round(f_ms, 3), bwd_ms=round(fb_ms - f_ms, 3), fwd_tb_s=round(gb_fwd / f_ms, 2),
+         bwd_tb_s=round(gb_bwd / (fb_ms - f_ms), 2))  # fmt: skip
+
+    default = fused_ln.kernel_config()
+    results = []
+    fwd_grid = [replace(default, fwd_rows=r, fwd_warps=wp) for r, wp in itertools.product((1, 2, 4, 8), (2, 4, 8))]
+    bwd_grid = [
+        replace(default, bwd_rows=r, bwd_warps=wp, bwd_programs_per_sm=k)
+        for r, wp, k in itertools.product((1, 2, 4, 8), (4, 8), (2, 4, 8, 16))
+    ]
+    for cfg in fwd_grid + bwd_grid:
+        fused_ln.set_kernel_config(cfg)
+        try:
+            with torch.no_grad():
+                f_ms = _time_ms(lambda: fused(x, h, w, b), args.reps, dev)
+            fb_ms = _time_ms(lambda: backward(fused), args.reps, dev)
+        except Exception as e:  # noqa: BLE001 - a tile that does not compile (registers, shared memory) is a result too
+            emit(impl="fused_ln", config=asdict(cfg), error=f"{type(e).__name__}: {str(e)[:200]}")
+            continue
+        results.append((cfg, f_ms, fb_ms - f_ms))
+        emit(impl="fused_ln", config=asdict(cfg), fwd_ms=round(f_ms, 3), bwd_ms=round(fb_ms - f_ms, 3),
+             fwd_tb_s=round(gb_fwd / f_ms, 2), bwd_tb_s=round(gb_bwd / (fb_ms - f_ms), 2))  # fmt: skip
+    fused_ln.set_kernel_config(default)
+    if not results:
+        raise SystemExit("fused_ln_sweep: no config ran; see the errors above.")
+    fwd_best = min((r for r in results if r[0] in fwd_grid), key=lambda r: r[1])[0]
+    bwd_best = min((r for r in results if r[0] in bwd_grid), key=lambda r: r[2])[0]
+    best = KernelConfig(fwd_best.fwd_rows, fwd_best.fwd_warps, bwd_best.bwd_rows, bwd_best.bwd_warps,
+                        bwd_best.bwd_programs_per_sm)  # fmt: skip
+    emit(impl="fused_ln_best", config=asdict(best))
+    if args.best:
+        with open(args.best, "w") as f:
+            json.dump(asdict(best), f)
+
+
+if __name__ == "__main__":
+    main()
