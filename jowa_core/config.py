@@ -249,6 +249,10 @@ class TrainConfig:
     step, which greedy acting reads once the context is full, gets a TD target too (officially it has only
     the CQL term, and every TD target bootstraps from it directly or through its neighbours). Costs one
     forward pass per step."""
+    changed_token_weight: float = 1.0
+    """Ours (1 in the paper presets): weight, in the next-obs-token cross-entropy, of tokens that differ from the
+    previous step's token at the same position (``losses.world_losses``): small moving objects are a few of
+    the frame's tokens, and argmax imagination drops them when the model is unsure."""
     life_start_share: float = 0.0
     """Ours (0 in the paper presets): expected share of each batch drawn from segments that hold the first
     step of a life (``data.segments.SegmentSampler``); needs data with ALE's lives counter."""
@@ -283,6 +287,7 @@ class TrainConfig:
             self.tokenizer_lr_schedule in ("constant", "cosine"),
             f"tokenizer_lr_schedule must be 'constant' or 'cosine', got {self.tokenizer_lr_schedule!r}.",
         )
+        _check(self.changed_token_weight > 0, f"changed_token_weight must be > 0, got {self.changed_token_weight}.")
         _check(0.0 <= self.life_start_share <= 1.0, f"life_start_share must be in [0, 1], got {self.life_start_share}.")
         warmup = self.tokenizer_warmup_steps
         _check(warmup >= 0, f"tokenizer_warmup_steps must be >= 0, got {warmup}.")

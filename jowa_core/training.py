@@ -365,7 +365,7 @@ def step_loss(
         train_critic=critic, gamma=train_cfg.gamma, cql_weight=train_cfg.cql_weight, td_loss=cfg.td_loss,
         q_penalty=cfg.q_penalty, cql_legal_only=cfg.cql_legal_only, rem_weights=rem, bc_weight=train_cfg.bc_weight,
         td_steps=train_cfg.td_steps, mc_returns=mc if critic and train_cfg.mc_anchor else None,
-        next_target_logits=next_logits, next_mask=next_mask,
+        next_target_logits=next_logits, next_mask=next_mask, changed_token_weight=train_cfg.changed_token_weight,
     )  # fmt: skip
 
 

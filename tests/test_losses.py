@@ -347,6 +347,45 @@ def test_world_losses_equal_brute_force():
     assert got.end.item() == pytest.approx(sum(end_terms) / len(end_terms), rel=1e-5)
 
 
+def test_changed_token_weight_is_a_weighted_mean_over_changed_tokens_by_brute_force():
+    """Tokens equal to the same position's token one step earlier weigh 1, the others w; a segment's first
+    step has nothing to compare with; padded steps drop out; w = 1 is the official mean."""
+    model = tiny_model()
+    tokens, _, rewards, ends, mask = batch(vocab=3)  # 3 symbols: about two thirds of the tokens change
+    out = model(tokens, torch.tensor([0, 1, 2]))
+    B, L = mask.shape
+    w = 4.0
+    num = den = 0.0
+    n_changed = 0
+    for b in range(B):
+        obs = tokens[b].view(L, TPB)[:, :36]
+        for i in range(L * 36 - 1):
+            step, pos = divmod(i + 1, 36)
+            if not mask[b, step]:
+                continue
+            changed = step > 0 and obs[step, pos] != obs[step - 1, pos]
+            n_changed += bool(changed)
+            weight = w if changed else 1.0
+            num += weight * -F.log_softmax(out.obs_logits[b, i], -1)[obs[step, pos]].item()
+            den += weight
+    assert 0 < n_changed < den  # both kinds present
+    got = world_losses(out, tokens, rewards, ends, mask, changed_token_weight=w)
+    assert got.obs.item() == pytest.approx(num / den, rel=1e-5)
+    plain = world_losses(out, tokens, rewards, ends, mask)
+    assert world_losses(out, tokens, rewards, ends, mask, 1.0).obs.item() == plain.obs.item()
+    assert got.reward.item() == plain.reward.item() and got.end.item() == plain.end.item()
+    # every step a copy of the first: nothing changes, so any weight gives the official mean
+    still = tokens.view(B, L, TPB).clone()
+    still[:, 1:, :36] = still[:, :1, :36]
+    still = still.view(B, L * TPB)
+    out2 = model(still, torch.tensor([0, 1, 2]))
+    assert world_losses(out2, still, rewards, ends, mask, w).obs.item() == pytest.approx(
+        world_losses(out2, still, rewards, ends, mask).obs.item(), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="changed_token_weight must be > 0"):
+        world_losses(out, tokens, rewards, ends, mask, changed_token_weight=0.0)
+
+
 def test_world_losses_shape_errors():
     model = tiny_model()
     tokens, _, rewards, ends, mask = batch()
