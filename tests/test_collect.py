@@ -201,3 +201,22 @@ def test_backends_write_identical_files(tmp_path):
     with open_dataset(paths[0]) as a, open_dataset(paths[1]) as b:
         for name in ("observations", "actions", "rewards", "terminals", "truncations", "episode_starts"):
             np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
+
+
+def test_prepare_collects_with_sticky_actions_and_keeps_older_recipes(tmp_path):
+    """``repeat_action_probability`` reaches the emulator (recorded in the file) and the recipe; a spec
+    without sticky actions writes the recipe it wrote before the field existed, so old files are reused."""
+    from dataclasses import replace
+
+    from jowa_core.data.prepare import _matches, _recipe, dataset_spec, prepare_datasets
+
+    spec = dataset_spec(str(tmp_path), ["Pong"], 300, "random", 2, 0, repeat_action_probability=0.25)
+    [path] = prepare_datasets(spec, progress=False)
+    with open_dataset(path) as f:
+        assert json.loads(f.attrs["env_config"])["repeat_action_probability"] == 0.25
+    plain = replace(spec, repeat_action_probability=0.0)
+    assert json.loads(_recipe(plain)) == {"policy": "random", "transitions": 300, "num_envs": 2, "seed": 0,
+                                          "dqn_replay_root": None, "fraction": 0.1}  # fmt: skip
+    assert _matches(path, spec) and not _matches(path, plain)  # a sticky file is not reused without them
+    with pytest.raises(ValueError, match="repeat_action_probability must be in"):
+        replace(spec, repeat_action_probability=1.0)

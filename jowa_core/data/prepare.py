@@ -29,6 +29,8 @@ class DatasetSpec:
     dqn_replay_root: str | None = None
     fraction: float = 0.1
     overwrite: bool = False
+    repeat_action_probability: float = 0.0
+    """Sticky actions while collecting (DQN-Replay was recorded with 0.25); evaluation protocols are separate."""
 
     def __post_init__(self) -> None:
         if not self.games:
@@ -38,6 +40,9 @@ class DatasetSpec:
             raise ValueError(f"transitions must be >= 1 per game, got {self.transitions}.")
         if not 1 <= self.num_envs <= 256:
             raise ValueError(f"num_envs must be in [1, 256], got {self.num_envs}.")
+        if not 0.0 <= self.repeat_action_probability < 1.0:
+            raise ValueError(f"repeat_action_probability must be in [0, 1), got {self.repeat_action_probability} "
+                             "(0.25 collects with sticky actions as DQN-Replay did, 0 without).")  # fmt: skip
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}.")
         if self.dqn_replay_root and not Path(self.dqn_replay_root).is_dir():
@@ -50,13 +55,13 @@ class DatasetSpec:
 
 def dataset_spec(run_dir: str, games: list[str], transitions: int, policy: str, num_envs: int, seed: int,
                  dataset_dir: str = "", dqn_replay_root: str = "", fraction: float = 0.1, overwrite: bool = False,
-                 smoke: bool = False) -> DatasetSpec:
+                 smoke: bool = False, repeat_action_probability: float = 0.0) -> DatasetSpec:
     """Build the spec from notebook parameters; ``smoke`` shrinks it, ``dataset_dir`` '' means ``run_dir/data``."""
     out_dir = Path(dataset_dir) if dataset_dir else Path(run_dir) / "data"
     if smoke:
         transitions, num_envs = min(transitions, SMOKE_TRANSITIONS), min(num_envs, 2)
     return DatasetSpec(tuple(games), int(transitions), str(policy), int(num_envs), int(seed), out_dir,
-                       dqn_replay_root or None, float(fraction), bool(overwrite))
+                       dqn_replay_root or None, float(fraction), bool(overwrite), float(repeat_action_probability))
 
 
 def _recipes_path(spec: DatasetSpec) -> Path:
@@ -78,6 +83,8 @@ def _matches(path: Path, spec: DatasetSpec) -> bool:
 def _recipe(spec: DatasetSpec) -> str:
     d = asdict(spec)
     d.pop("out_dir"), d.pop("overwrite"), d.pop("games")
+    if not d["repeat_action_probability"]:  # files collected before the field existed keep matching
+        d.pop("repeat_action_probability")
     return json.dumps(d, sort_keys=True, default=str)
 
 
@@ -85,6 +92,7 @@ def prepare_datasets(spec: DatasetSpec, progress: bool = True) -> list[Path]:
     """Collect (or import) every game of ``spec``; files made earlier by the same recipe are reused."""
     from jowa_core.data.collect import collect
     from jowa_core.data.dqn_replay import import_dqn_replay
+    from jowa_core.envs import EnvConfig
 
     paths = []
     for game, path in zip(spec.games, spec.paths()):
@@ -94,8 +102,9 @@ def prepare_datasets(spec: DatasetSpec, progress: bool = True) -> list[Path]:
             import_dqn_replay(spec.dqn_replay_root, game, path, fraction=spec.fraction, seed=spec.seed,
                               progress=progress)
         else:
+            p = spec.repeat_action_probability
             collect(game, spec.transitions, path, spec.policy, num_envs=spec.num_envs, seed=spec.seed,
-                    progress=progress)
+                    config=EnvConfig.sticky(p) if p else None, progress=progress)  # fmt: skip
         recipes = _recipes_path(spec)
         known = json.loads(recipes.read_text()) if recipes.exists() else {}
         known[path.name] = _recipe(spec)
