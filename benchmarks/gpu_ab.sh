@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The device A/B of the jowa_150m training step (batch 512) behind the README's "where dropout's cost lies":
-# first the recipe against the hand-written fused dropout + add + LayerNorm op (compile_loss_fused_ln, one
-# process, so one machine), then the step with and without dropout, with aten's random numbers
-# (fallback_random) and with looped reductions, then Nsight Compute on inductor's fused LayerNorm/dropout
-# backward kernels and on the hand-written ones. One process per inductor setting (they are process-wide).
-# ~7 minutes on an H200 (estimated). The fused_ln lines use fused_ln.KernelConfig's tiles, as swept by
-# benchmarks/fused_ln_sweep.py on an H100 in session 13.
+# first the loop's recipe (the fused LayerNorm op) with attention on cuDNN's kernel and on flash
+# (--sdpa-off cudnn), then the recipe without the op against it, the step with and without dropout, with
+# aten's random numbers (fallback_random) and with looped reductions, then Nsight Compute on inductor's
+# fused LayerNorm/dropout backward kernels and on the hand-written ones. One process per inductor or SDPA
+# setting (they are process-wide). About 9 minutes (estimated); the fused_ln lines use
+# fused_ln.KernelConfig's tiles, as swept by benchmarks/fused_ln_sweep.py on an H100 in session 13.
 #   bash benchmarks/gpu_ab.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -20,6 +20,9 @@ pt() {  # pt LIMIT ARGS...: one profile_train process, its JSON lines appended t
         >>"$OUT/ab.jsonl" 2>>"$OUT/ab.err" || echo "failed or timed out: $*" | tee -a "$OUT/ab.err"
     tail -n 1 "$OUT/ab.jsonl" | cut -c1-400
 }
+# first: attention on the flash kernel instead of cuDNN's, with the loop's recipe (the fused LayerNorm op)
+pt 150 --variants compile_loss_fused_ln --profile
+pt 150 --variants compile_loss_fused_ln --profile --sdpa-off cudnn
 pt 220 --variants compile_loss compile_loss_fused_ln --profile
 pt 110 --variants compile_loss_no_dropout --profile
 pt 110 --variants compile_loss --profile --inductor fallback_random=1
