@@ -9,6 +9,7 @@ functions, so anyone can redo it on their own run:
 >>> diagnostics.breakout_no_ball_table("runs/default/data/Breakout.h5")        # per behaviour policy
 >>> diagnostics.tokenizer_ball_check(tokenizer, "runs/default/data/Breakout.h5")
 >>> diagnostics.value_fit(model, "runs/default/data/Breakout.tokens.h5")          # any game
+>>> diagnostics.imagined_value_check(model, "runs/default/data/Breakout.tokens.h5")  # values of imagined frames
 >>> diagnostics.greedy_agreement({"jowa": model, "mtbc": mtbc}, "runs/default/data/Breakout.tokens.h5")
 >>> diagnostics.breakout_stalls(agent, "official")   # does a playing agent launch the ball?
 >>> diagnostics.breakout_q_by_state(model, "runs/default/data/Breakout.h5")   # what it ranks with and without a ball
@@ -51,6 +52,7 @@ __all__ = [
     "breakout_stalls",
     "discounted_returns",
     "greedy_agreement",
+    "imagined_value_check",
     "q_trace",
     "replay_ram",
     "tokenizer_ball_check",
@@ -343,6 +345,86 @@ def value_fit(
         "mean_return": float(g.mean()),
         "std_q": float(qa.std()),
         "std_return": float(g.std()),
+    }
+
+
+@torch.no_grad()
+def imagined_value_check(
+    model: torch.nn.Module,
+    token_cache: str | os.PathLike,
+    *,
+    gamma: float = 0.99,
+    samples: int = 512,
+    seed: int = 0,
+    batch: int = 128,
+) -> dict[str, float | int | str]:
+    """Can the critic value what the world model imagines? For dataset transitions (s, a, r, s') read as the
+    planner reads them (s' the last step of a full window inside the episode), the world model imagines s'
+    from the same context and a by argmax decoding, token by token, as beam search does; then:
+
+    - ``token_match``: share of s''s 36 tokens imagined right; ``changed_token_match``: the same over the
+      tokens that differ from s's (what moved), ``frame_match``: share of frames imagined exactly;
+    - ``next_value_corr`` / ``next_value_mae``: max-over-legal expected Q of the imagined s' against that of
+      the real s';
+    - ``bellman_gap_real`` / ``bellman_gap_imagined``: mean |Q(s, a) - (r + gamma max Q(s'))| with the real r and
+      s' (clipped reward sign, as in training), and with the predicted reward sign and the imagined s'. A
+      horizon-1 planner ranks actions by the imagined target; where its gap is much larger than the real
+      one, planning replaces a fitted Q(s, a) with a worse estimate (README, session 13).
+    """
+    L = int(model.cfg.max_blocks)
+    if L < 2:
+        raise ValueError(f"imagined_value_check needs windows of 2 steps or more; the model's max_blocks is {L}.")
+    w = _windows(token_cache, L, samples, seed, gamma)
+    with open_token_cache(token_cache) as f:
+        rewards = np.sign(f["rewards"][:][w.steps - 1]).astype(np.float32)  # r of the step before s'
+    device = next(model.parameters()).device
+    task = games.task_id(w.game)
+    legal = torch.as_tensor(games.legal_mask(w.game), device=device)
+    tpb = int(model.cfg.tokens_per_block)
+    n_obs = tpb - 1
+    first = (L - 1) * tpb  # position of s''s first token in the window
+    res: dict[str, list[np.ndarray]] = {k: [] for k in ("match", "exact", "vi", "vr", "gr", "gi")}
+    changed_right = changed_all = 0
+    for i in range(0, len(w.steps), batch):
+        real = torch.from_numpy(w.tokens[i : i + batch]).to(device)
+        b = len(real)
+        tid = torch.full((b,), task, device=device)
+        out = model(real, tid)
+        q_prev = model.q_values(out.q_logits[:, :, -2], legal.expand(b, -1))  # (b, 18) at s
+        a = real.view(b, L, tpb)[:, L - 2, -1]  # the data's action at s
+        q_sa = q_prev.gather(1, a[:, None]).squeeze(1)
+        v_real = model.q_values(out.q_logits[:, :, -1], legal.expand(b, -1)).max(-1).values
+        r_hat = out.reward_logits[:, -2].argmax(-1).float() - 1.0  # predicted sign at s, a
+        imag = real.clone()
+        for k in range(n_obs):  # obs logits row (L - 1) * 36 + k - 1 predicts s''s token k
+            logits = model(imag, tid).obs_logits[:, (L - 1) * n_obs + k - 1]
+            imag[:, first + k] = logits.argmax(-1)
+        v_imag = model.q_values(model(imag, tid).q_logits[:, :, -1], legal.expand(b, -1)).max(-1).values
+        s_next, s_now = real.view(b, L, tpb)[:, L - 1, :n_obs], real.view(b, L, tpb)[:, L - 2, :n_obs]
+        s_imag = imag.view(b, L, tpb)[:, L - 1, :n_obs]
+        right = s_imag == s_next
+        moved = s_next != s_now
+        changed_right += int((right & moved).sum())
+        changed_all += int(moved.sum())
+        r = torch.from_numpy(rewards[i : i + batch]).to(device)
+        res["match"].append(right.float().mean(-1).cpu().numpy())
+        res["exact"].append(right.all(-1).float().cpu().numpy())
+        res["vi"].append(v_imag.float().cpu().numpy())
+        res["vr"].append(v_real.float().cpu().numpy())
+        res["gr"].append((q_sa - (r + gamma * v_real)).abs().float().cpu().numpy())
+        res["gi"].append((q_sa - (r_hat + gamma * v_imag)).abs().float().cpu().numpy())
+    cat = {k: np.concatenate(v) for k, v in res.items()}
+    vi, vr = cat["vi"], cat["vr"]
+    return {
+        "game": w.game,
+        "samples": len(w.steps),
+        "token_match": float(cat["match"].mean()),
+        "changed_token_match": changed_right / changed_all if changed_all else float("nan"),
+        "frame_match": float(cat["exact"].mean()),
+        "next_value_corr": float(np.corrcoef(vi, vr)[0, 1]) if vi.std() > 0 and vr.std() > 0 else float("nan"),
+        "next_value_mae": float(np.abs(vi - vr).mean()),
+        "bellman_gap_real": float(cat["gr"].mean()),
+        "bellman_gap_imagined": float(cat["gi"].mean()),
     }
 
 

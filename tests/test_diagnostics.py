@@ -365,3 +365,60 @@ def test_imagined_ball_check_counts_by_depth():
     assert got["real_next"] == pytest.approx(1 / 2)  # after step 0: a ball (step 1); after step 1: none (step 2)
     with pytest.raises(ValueError, match="Breakout"):
         diagnostics.imagined_ball_check(EpisodeRecord("Pong", 0, EnvConfig(), 2, 2, 0.99), _BallTokenizer())
+
+
+class _Peek(torch.nn.Module):
+    """A world model that imagines perfectly or never: a tiny real model whose obs head is replaced by one
+    that peeks at the input's next token (``peek``) or always says token 0, and whose reward head always
+    predicts sign 0. Imagination decodes a token before it is written, so peeking gives the real token only
+    when the decode reads the right row for each position."""
+
+    def __init__(self, peek: bool):
+        super().__init__()
+        from jowa_core.config import WorldActionConfig
+        from jowa_core.models.world_action import WorldActionModel
+
+        torch.manual_seed(0)
+        self.inner = WorldActionModel(WorldActionConfig(
+            num_layers=1, num_heads=2, embed_dim=16, max_blocks=4, obs_vocab_size=32, q_mlp_dim=8, num_q=1,
+            embed_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, q_dropout=0.0,
+        )).eval()  # fmt: skip
+        self.cfg, self.peek = self.inner.cfg, peek
+
+    def q_values(self, *args, **kwargs):
+        return self.inner.q_values(*args, **kwargs)
+
+    def forward(self, tokens, task_ids):
+        import dataclasses
+
+        out = self.inner(tokens, task_ids)
+        T, tpb, V = tokens.shape[1], self.cfg.tokens_per_block, self.cfg.obs_vocab_size
+        pos = torch.arange(T)
+        rows = pos[pos % tpb != tpb - 2]  # the obs head's positions: every one but the last obs token's
+        zeros = torch.zeros(len(tokens), len(rows), dtype=torch.long)
+        nxt = tokens[:, (rows + 1).clamp(max=T - 1)] if self.peek else zeros
+        obs = torch.nn.functional.one_hot(nxt.clamp(max=V - 1), V).float() * 10
+        reward = torch.zeros_like(out.reward_logits)
+        reward[..., 1] = 10.0
+        return dataclasses.replace(out, obs_logits=obs, reward_logits=reward)
+
+
+def test_imagined_value_check_known_answers(tmp_path, write_token_cache):
+    path = write_token_cache(tmp_path / "Breakout.tokens.h5", "Breakout", n_episodes=8, lengths=(5, 20), vocab=32)
+    with h5py.File(path, "r+") as f:
+        f["rewards"][:] = 0.0  # with r = 0 and a predicted sign of 0, a perfect imagination has the real gap
+        tokens, starts = f["tokens"][:], f["episode_starts"][:]
+    perfect = diagnostics.imagined_value_check(_Peek(peek=True), path, samples=40, batch=32)
+    assert perfect["samples"] == 40  # two batches, the second part-filled
+    assert perfect["token_match"] == 1.0 and perfect["frame_match"] == 1.0 and perfect["changed_token_match"] == 1.0
+    assert perfect["next_value_mae"] == 0.0
+    assert perfect["bellman_gap_imagined"] == pytest.approx(perfect["bellman_gap_real"], abs=1e-6)
+    blind = diagnostics.imagined_value_check(_Peek(peek=False), path, samples=40, batch=40)
+    n = len(tokens)
+    start_of = starts[np.searchsorted(starts, np.arange(n), side="right") - 1]
+    eligible = np.arange(n) - start_of >= 3  # steps that end a full 4-step window
+    assert blind["frame_match"] == 0.0
+    assert blind["changed_token_match"] == pytest.approx(blind["token_match"])  # every synthetic token moves
+    assert 0.0 < blind["token_match"] < 0.1 and blind["token_match"] == pytest.approx(
+        (tokens[eligible] == 0).mean(), abs=0.03
+    )  # 40 of the eligible steps, so about the cache's share of zeros
