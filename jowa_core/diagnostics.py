@@ -357,6 +357,7 @@ def imagined_value_check(
     samples: int = 512,
     seed: int = 0,
     batch: int = 128,
+    per_action: bool = False,
 ) -> dict[str, float | int | str]:
     """Can the critic value what the world model imagines? For dataset transitions (s, a, r, s') read as the
     planner reads them (s' the last step of a full window inside the episode), the world model imagines s'
@@ -370,6 +371,11 @@ def imagined_value_check(
       s' (clipped reward sign, as in training), and with the predicted reward sign and the imagined s'. A
       horizon-1 planner ranks actions by the imagined target; where its gap is much larger than the real
       one, planning replaces a fitted Q(s, a) with a worse estimate (README, session 13).
+
+    ``per_action`` also runs the horizon-1 planner at s (imagined reward sign + gamma max Q of s' imagined after
+    each legal action; as many imaginations again per action): ``plan_greedy_agreement`` (its choice equals
+    greedy Q's at s), the median spreads of its scores and of Q(s, .) over the legal actions, and
+    ``imagined_frames_differ`` (share of states where the actions lead to different imagined frames at all).
     """
     L = int(model.cfg.max_blocks)
     if L < 2:
@@ -384,6 +390,9 @@ def imagined_value_check(
     n_obs = tpb - 1
     first = (L - 1) * tpb  # position of s''s first token in the window
     res: dict[str, list[np.ndarray]] = {k: [] for k in ("match", "exact", "vi", "vr", "gr", "gi")}
+    if per_action:
+        res.update({k: [] for k in ("agree", "plan_spread", "q_spread", "differ")})
+    legal_actions = torch.as_tensor(np.flatnonzero(games.legal_mask(w.game)), device=device)
     changed_right = changed_all = 0
     for i in range(0, len(w.steps), batch):
         real = torch.from_numpy(w.tokens[i : i + batch]).to(device)
@@ -395,11 +404,24 @@ def imagined_value_check(
         q_sa = q_prev.gather(1, a[:, None]).squeeze(1)
         v_real = model.q_values(out.q_logits[:, :, -1], legal.expand(b, -1)).max(-1).values
         r_hat = out.reward_logits[:, -2].argmax(-1).float() - 1.0  # predicted sign at s, a
-        imag = real.clone()
-        for k in range(n_obs):  # obs logits row (L - 1) * 36 + k - 1 predicts s''s token k
-            logits = model(imag, tid).obs_logits[:, (L - 1) * n_obs + k - 1]
-            imag[:, first + k] = logits.argmax(-1)
+        imag = _imagine_last_step(model, real, tid)
         v_imag = model.q_values(model(imag, tid).q_logits[:, :, -1], legal.expand(b, -1)).max(-1).values
+        if per_action:  # the horizon-1 planner: every legal action at s, each with its own imagined s'
+            scores, frames = [], []
+            for act in legal_actions:
+                x = real.clone()
+                x[:, first - 1] = act  # the action token of the step before s'
+                r_act = model(x, tid).reward_logits[:, -2].argmax(-1).float() - 1.0
+                im = _imagine_last_step(model, x, tid)
+                frames.append(im[:, first : first + n_obs])
+                v = model.q_values(model(im, tid).q_logits[:, :, -1], legal.expand(b, -1)).max(-1).values
+                scores.append(r_act + gamma * v)
+            plan, q_legal = torch.stack(scores, 1), q_prev[:, legal_actions]
+            res["agree"].append((plan.argmax(1) == q_legal.argmax(1)).float().cpu().numpy())
+            res["plan_spread"].append((plan.max(1).values - plan.min(1).values).float().cpu().numpy())
+            res["q_spread"].append((q_legal.max(1).values - q_legal.min(1).values).float().cpu().numpy())
+            differ = torch.stack([(f != frames[0]).any(-1) for f in frames[1:]], 1).any(1)
+            res["differ"].append(differ.float().cpu().numpy())
         s_next, s_now = real.view(b, L, tpb)[:, L - 1, :n_obs], real.view(b, L, tpb)[:, L - 2, :n_obs]
         s_imag = imag.view(b, L, tpb)[:, L - 1, :n_obs]
         right = s_imag == s_next
@@ -415,6 +437,14 @@ def imagined_value_check(
         res["gi"].append((q_sa - (r_hat + gamma * v_imag)).abs().float().cpu().numpy())
     cat = {k: np.concatenate(v) for k, v in res.items()}
     vi, vr = cat["vi"], cat["vr"]
+    planner = {}
+    if per_action:
+        planner = {
+            "plan_greedy_agreement": float(cat["agree"].mean()),
+            "plan_spread_median": float(np.median(cat["plan_spread"])),
+            "q_spread_median": float(np.median(cat["q_spread"])),
+            "imagined_frames_differ": float(cat["differ"].mean()),
+        }
     return {
         "game": w.game,
         "samples": len(w.steps),
@@ -425,7 +455,19 @@ def imagined_value_check(
         "next_value_mae": float(np.abs(vi - vr).mean()),
         "bellman_gap_real": float(cat["gr"].mean()),
         "bellman_gap_imagined": float(cat["gi"].mean()),
+        **planner,
     }
+
+
+def _imagine_last_step(model: torch.nn.Module, window: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    """The window with its last step's observation tokens replaced by argmax decoding, token by token, from
+    everything before them (beam search's greedy imagination, done with full-window forwards)."""
+    L, tpb = int(model.cfg.max_blocks), int(model.cfg.tokens_per_block)
+    n_obs, first = tpb - 1, (L - 1) * (tpb)
+    imag = window.clone()
+    for k in range(n_obs):  # obs logits row (L - 1) * 36 + k - 1 predicts the last step's token k
+        imag[:, first + k] = model(imag, task_ids).obs_logits[:, (L - 1) * n_obs + k - 1].argmax(-1)
+    return imag
 
 
 @torch.no_grad()

@@ -422,3 +422,35 @@ def test_imagined_value_check_known_answers(tmp_path, write_token_cache):
     assert 0.0 < blind["token_match"] < 0.1 and blind["token_match"] == pytest.approx(
         (tokens[eligible] == 0).mean(), abs=0.03
     )  # 40 of the eligible steps, so about the cache's share of zeros
+
+
+def test_imagined_value_check_horizon_one_planner_against_a_direct_computation(tmp_path, write_token_cache):
+    """With the peeking world model every action imagines the real s', so the horizon-1 planner's score of an
+    action is gamma * max Q at s' read after that action (the reward head says 0): recomputed here with plain
+    forwards of the inner model, without the decoding loop."""
+    path = write_token_cache(tmp_path / "Breakout.tokens.h5", "Breakout", n_episodes=8, lengths=(5, 20), vocab=32)
+    peek = _Peek(peek=True)
+    got = diagnostics.imagined_value_check(peek, path, samples=30, batch=30, gamma=0.9, per_action=True)
+    assert got["imagined_frames_differ"] == 0.0  # the peek ignores the action
+    w = diagnostics._windows(path, 4, 30, 0)
+    x = torch.from_numpy(w.tokens)
+    tid = torch.full((len(x),), games.task_id("Breakout"))
+    legal = torch.as_tensor(games.legal_mask("Breakout"))
+    acts = torch.as_tensor(np.flatnonzero(games.legal_mask("Breakout")))
+    with torch.no_grad():
+        q_s = peek.inner.q_values(peek.inner(x, tid).q_logits[:, :, -2])[:, acts]
+        plan = []
+        for a in acts:
+            xa = x.clone()
+            xa[:, 3 * 37 - 1] = a
+            plan.append(
+                0.9
+                * peek.inner.q_values(peek.inner(xa, tid).q_logits[:, :, -1], legal.expand(len(x), -1)).max(-1).values
+            )
+        plan = torch.stack(plan, 1)
+    assert got["plan_greedy_agreement"] == pytest.approx((plan.argmax(1) == q_s.argmax(1)).float().mean().item())
+    spread = (plan.max(1).values - plan.min(1).values).numpy()
+    assert got["plan_spread_median"] == pytest.approx(float(np.median(spread)), rel=1e-5)
+    assert got["q_spread_median"] == pytest.approx(
+        float(np.median((q_s.max(1).values - q_s.min(1).values).numpy())), rel=1e-5
+    )
