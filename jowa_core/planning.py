@@ -242,6 +242,7 @@ def beam_search(
     trace: bool = False,
     history_steps: Tensor | None = None,
     use_mean: bool = False,
+    anchor_q: bool = False,
 ) -> tuple[Tensor, PlanTrace | None]:
     """Beam search in the world model for a batch of environments (spec 8.4), all beams batched.
 
@@ -261,6 +262,10 @@ def beam_search(
         history_steps: (B,) valid steps per row when rows have different lengths (left-padded);
             default: every row holds k steps.
         use_mean: V = the mean of Q over the legal actions instead of the max (ours; see ``state_value``).
+        anchor_q: rank paths by Q(s, a0) at the root plus the imagined change after the first step,
+            S_d - S_1 (ours; the official score S_d ranks the first action by the value of the frame it leads to,
+            which drops the critic's action gap, CQL's included, when imagined frames barely differ by action:
+            README, session 13). Horizon 1 is then greedy; trace scores are the anchored ones.
     Returns:
         actions (B,) long full-set actions on ``history``'s device, and the trace or None.
     """
@@ -281,6 +286,7 @@ def beam_search(
         acts, nodes = _beam_search_group(
             model, window, task_ids[rows], legal[rows], beam_width, horizon, gamma,
             sample=sample, temperature=temperature, generator=generator, trace=trace, use_mean=use_mean,
+            anchor_q=anchor_q,
         )  # fmt: skip
         actions[rows] = acts
         if trace:
@@ -304,6 +310,7 @@ def _beam_search_group(
     generator: torch.Generator | None,
     trace: bool,
     use_mean: bool,
+    anchor_q: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
     """Beam search for envs whose windows all hold the same number of steps (one batch)."""
     B, T = window.shape
@@ -331,6 +338,8 @@ def _beam_search_group(
     f_row, f_env, f_c = env, env, c
     f_ret = torch.zeros(B, device=dev)
     f_first = torch.full((B,), -1, dtype=torch.long, device=dev)
+    f_shift = torch.zeros(B, device=dev)  # anchor_q: Q(s, a0) - S_1 of each beam's depth-1 ancestor
+    c_root = c
     f_node, offset = env, B
     for d in range(1, horizon + 1):
         N = f_env.shape[0]
@@ -347,6 +356,9 @@ def _beam_search_group(
         c = model.q_values(out.q_logits, legal[c_env])  # (M, 18)
         ret = f_ret[parent] + gamma ** (d - 1) * reward
         score = ret + gamma**d * state_value(c, legal[c_env], use_mean)
+        if anchor_q:
+            shift = c_root[c_env, act].float() - score if d == 1 else f_shift[parent]
+            score = score + shift
         keep = _best_per_group(score, c_env, B, beam_width)  # env-major, score-descending
         first = act if d == 1 else f_first[parent]
         if trace:
@@ -359,6 +371,8 @@ def _beam_search_group(
             })  # fmt: skip
             f_node, offset = offset + keep, offset + act.shape[0]
         cache, f_row, f_env, f_c, f_ret, f_first = out.kv_cache, keep, c_env[keep], c[keep], ret[keep], first[keep]
+        if anchor_q:
+            f_shift = shift[keep]
 
     # The frontier is env-major and score-descending: each env's first beam is its best leaf.
     is_first = torch.ones_like(f_env, dtype=torch.bool)

@@ -254,6 +254,64 @@ def test_one_step_lookahead_beats_greedy_when_reward_is_known():
     assert int(beam_search(model, history, tasks, legal, 2, 1)[0]) == 2  # -1 + .99*4.9 < 1 + .99*4.5
 
 
+def exhaustive_anchored_action(model: TableModel, task: int, obs: int, legal: list[int], horizon: int, gamma: float):
+    """Best first action by Q(s, a0) + S_H - S_1 over all legal sequences (``beam_search(anchor_q=True)``), with
+    S_d = sum_{e<d} gamma^e r_e + gamma^d max_legal Q after d imagined steps."""
+
+    def S(seq):
+        ret = sum(gamma**e * model.reward_fn(task, obs, seq[:e], seq[e]) for e in range(len(seq)))
+        return ret + gamma ** len(seq) * max(model.q_fn(task, obs, tuple(seq))[a] for a in legal)
+
+    q0 = model.q_fn(task, obs, ())
+    best = None
+    for seq in itertools.product(legal, repeat=horizon):
+        score = q0[seq[0]] + S(seq) - S(seq[:1])
+        if best is None or score > best[0]:
+            best = (score, seq[0])
+    return best[1], best[0]
+
+
+@pytest.mark.parametrize("horizon", [1, 2, 3])
+def test_anchored_beam_equals_exhaustive_anchored_search_and_is_greedy_at_horizon_one(horizon):
+    gamma = 0.9
+    legal_sets = [[0, 3, 5], [1, 2, 4, 17], [6, 7], [2, 11, 12]]
+    model = random_table_model(seed=10 + horizon)
+    history = random_history(len(legal_sets), 3, 50, seed=horizon)
+    tasks, legal = torch.tensor([4, 9, 4, 33]), legal_of(*legal_sets)
+    bw = max(max(len(s) ** (horizon - 1), len(s)) for s in legal_sets)  # nothing is ever pruned
+    actions, trace = beam_search(model, history, tasks, legal, bw, horizon, gamma, trace=True, anchor_q=True)
+    for b, legal_b in enumerate(legal_sets):
+        want, score = exhaustive_anchored_action(model, int(tasks[b]), int(history[b, -1]), legal_b, horizon, gamma)
+        assert int(actions[b]) == want
+        assert float(trace.score[trace.best_leaf[b]]) == pytest.approx(score, abs=1e-5)
+    if horizon == 1:
+        assert torch.equal(actions, greedy(model, history, tasks, legal))
+
+
+def test_anchored_beam_keeps_the_critics_choice_when_imagination_is_flat():
+    """Q prefers 1 by a wide margin (the data's action, as CQL leaves it); every imagined next frame looks the same,
+    except for a tiny difference that favours 0. The official score follows the tiny difference; the anchored one
+    keeps 1, and a real imagined reward after the first step still moves it."""
+
+    def q_fn(task, obs, seq):
+        if not seq:
+            return [{0: 1.0, 1: 3.0}.get(a, 0.0) for a in range(A)]
+        return [2.0 + (0.01 if seq[0] == 0 else 0.0)] * A
+
+    flat = TableModel(lambda *args: 0, q_fn)
+    history, tasks, legal = random_history(1, 2, 50, 0), torch.tensor([3]), legal_of([0, 1])
+    assert int(beam_search(flat, history, tasks, legal, 2, 2)[0]) == 0
+    assert int(beam_search(flat, history, tasks, legal, 2, 2, anchor_q=True)[0]) == 1
+
+    def q_close(task, obs, seq):  # Q prefers 1 by 0.5 only; imagined frames all alike
+        return [{0: 1.0, 1: 1.5}.get(a, 0.0) for a in range(A)] if not seq else [2.0] * A
+
+    # a reward one step after action 0 (worth gamma * 1 = 0.99 > 0.5) is what the imagination adds to Q
+    rewarded = TableModel(lambda task, obs, seq, a: 1 if len(seq) == 1 and seq[0] == 0 else 0, q_close)
+    assert int(beam_search(rewarded, history, tasks, legal, 2, 2, anchor_q=True)[0]) == 0
+    assert int(beam_search(TableModel(lambda *args: 0, q_close), history, tasks, legal, 2, 2, anchor_q=True)[0]) == 1
+
+
 def test_trace_records_every_node_with_consistent_scores():
     gamma, horizon, bw = 0.9, 2, 2
     model = random_table_model(7)
