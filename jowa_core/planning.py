@@ -265,7 +265,8 @@ def beam_search(
         anchor_q: rank paths by Q(s, a0) at the root plus the imagined change after the first step,
             S_d - S_1 (ours; the official score S_d ranks the first action by the value of the frame it leads to,
             which drops the critic's action gap, CQL's included, when imagined frames barely differ by action:
-            README, session 13). Horizon 1 is then greedy; trace scores are the anchored ones.
+            README, session 13). Q(s, a0) is read with greedy's whole context (up to ``max_blocks`` steps; the
+            imagination keeps ``max_blocks - horizon``), so horizon 1 is greedy; trace scores are the anchored ones.
     Returns:
         actions (B,) long full-set actions on ``history``'s device, and the trace or None.
     """
@@ -280,13 +281,20 @@ def beam_search(
     B, tpb = history.shape[0], model.cfg.tokens_per_block
     actions = torch.empty(B, dtype=torch.long, device=history.device)
     parts = []
+    q_anchor = None
+    if anchor_q and horizon > 0:  # Q at the root with greedy's whole context, not the planner's shorter one
+        q_anchor = torch.empty(B, legal.shape[-1], device=history.device)
+        for g, rows in _groups(steps, model.cfg.max_blocks):
+            rows = rows.to(history.device)
+            window = history[rows, history.shape[1] - (g * tpb - 1) :]
+            q_anchor[rows] = _root_q(model, window, task_ids[rows], legal[rows], None).float()
     for g, rows in _groups(steps, model.cfg.max_blocks - horizon):
         rows = rows.to(history.device)
         window = history[rows, history.shape[1] - (g * tpb - 1) :]
         acts, nodes = _beam_search_group(
             model, window, task_ids[rows], legal[rows], beam_width, horizon, gamma,
             sample=sample, temperature=temperature, generator=generator, trace=trace, use_mean=use_mean,
-            anchor_q=anchor_q,
+            q_anchor=None if q_anchor is None else q_anchor[rows],
         )  # fmt: skip
         actions[rows] = acts
         if trace:
@@ -310,7 +318,7 @@ def _beam_search_group(
     generator: torch.Generator | None,
     trace: bool,
     use_mean: bool,
-    anchor_q: bool = False,
+    q_anchor: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
     """Beam search for envs whose windows all hold the same number of steps (one batch)."""
     B, T = window.shape
@@ -335,11 +343,10 @@ def _beam_search_group(
     k_env = legal.sum(-1).clamp(max=beam_width)  # (B,) candidates per node: min(#legal, bw)
     K = int(k_env.max())
     # Frontier (one row per beam, env-major): its row in `cache`, env, critic, return, first action, node id.
-    f_row, f_env, f_c = env, env, c
+    f_row, f_env, f_c = env, env, c if q_anchor is None else q_anchor  # the root expands its top actions by it
     f_ret = torch.zeros(B, device=dev)
     f_first = torch.full((B,), -1, dtype=torch.long, device=dev)
     f_shift = torch.zeros(B, device=dev)  # anchor_q: Q(s, a0) - S_1 of each beam's depth-1 ancestor
-    c_root = c
     f_node, offset = env, B
     for d in range(1, horizon + 1):
         N = f_env.shape[0]
@@ -356,8 +363,8 @@ def _beam_search_group(
         c = model.q_values(out.q_logits, legal[c_env])  # (M, 18)
         ret = f_ret[parent] + gamma ** (d - 1) * reward
         score = ret + gamma**d * state_value(c, legal[c_env], use_mean)
-        if anchor_q:
-            shift = c_root[c_env, act].float() - score if d == 1 else f_shift[parent]
+        if q_anchor is not None:
+            shift = q_anchor[c_env, act] - score if d == 1 else f_shift[parent]
             score = score + shift
         keep = _best_per_group(score, c_env, B, beam_width)  # env-major, score-descending
         first = act if d == 1 else f_first[parent]
@@ -371,7 +378,7 @@ def _beam_search_group(
             })  # fmt: skip
             f_node, offset = offset + keep, offset + act.shape[0]
         cache, f_row, f_env, f_c, f_ret, f_first = out.kv_cache, keep, c_env[keep], c[keep], ret[keep], first[keep]
-        if anchor_q:
+        if q_anchor is not None:
             f_shift = shift[keep]
 
     # The frontier is env-major and score-descending: each env's first beam is its best leaf.

@@ -555,3 +555,20 @@ def test_mcts_without_simulations_is_greedy():
     tasks, legal = game_batch(["Pong", "Qbert"])
     history = tiny_history(2, 2, 8)  # 2 steps: both keep the whole window (mcts cuts to 8 - 6)
     assert torch.equal(mcts(model, history, tasks, legal, num_simulations=0), greedy(model, history, tasks, legal))
+
+
+def test_anchored_beam_reads_the_root_q_with_greedys_whole_context():
+    """Horizon 1 anchored is greedy even when the history fills the model's window: the anchor reads all 8
+    steps, while the imagination keeps 7. The official horizon-1 beam ranks by its 7-step imagination."""
+    model = tiny_model(3, max_blocks=8)
+    B = 16
+    history = tiny_history(B, 8, 5)
+    tasks, legal = (
+        torch.randint(0, 60, (B,), generator=torch.Generator().manual_seed(1)),
+        torch.ones(B, A, dtype=torch.bool),
+    )
+    anchored = beam_search(model, history, tasks, legal, 2, 1, anchor_q=True)[0]
+    assert torch.equal(anchored, greedy(model, history, tasks, legal))
+    # the 7-step root Q (what the planner's own window reads) would not give greedy's choice everywhere
+    short = greedy(model, history[:, TINY_TPB:], tasks, legal)
+    assert not torch.equal(short, greedy(model, history, tasks, legal))
