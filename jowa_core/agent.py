@@ -171,6 +171,8 @@ class Agent(BaseAgent):
         gamma: discount of the beam score.
         use_mean: the beam scores imagined states by the mean of Q over legal actions instead of the
             max (ours, ``planning.state_value``: the max favours states where CQL raised the data's action).
+        anchor_q: the beam ranks paths by Q(s, a0), read with the whole context, plus the imagined change after
+            the first step (ours, ``planning.beam_search``; README, session 13).
         epsilon: probability of a uniform legal action instead of the plan (official 0.001).
         shared_epsilon: False (ours, default): one draw per env and call. True: the official rule,
             one draw per ``act`` call shared by all envs, so either every env explores or none
@@ -194,6 +196,7 @@ class Agent(BaseAgent):
         horizon: PerGame = 0,
         gamma: float = 0.99,
         use_mean: bool = False,
+        anchor_q: bool = False,
         epsilon: float = 0.001,
         shared_epsilon: bool = False,
         alias_held_out: bool = False,
@@ -228,7 +231,7 @@ class Agent(BaseAgent):
         self.beam_width = self._setting("beam_width", beam_width, 0, None)
         self.horizon = self._setting("horizon", horizon, 0, cfg.max_blocks - 1)
         self.gamma, self.epsilon, self.shared_epsilon = float(gamma), float(epsilon), bool(shared_epsilon)
-        self.use_mean = bool(use_mean)
+        self.use_mean, self.anchor_q = bool(use_mean), bool(anchor_q)
         self.alias_held_out = bool(alias_held_out)
         self.amp = bool(amp)
         self.name = name
@@ -381,6 +384,7 @@ class Agent(BaseAgent):
             acts, trace = planning.beam_search(
                 self.model, history, self._task[slots], self._legal_t[torch.as_tensor(slots, device=self.device)],
                 beam_width, horizon, self.gamma, trace=want_trace, history_steps=steps, use_mean=self.use_mean,
+                anchor_q=self.anchor_q,
             )  # fmt: skip
         return acts.cpu().numpy().astype(np.int64), trace
 
@@ -403,7 +407,8 @@ class Agent(BaseAgent):
         return {
             **super().describe(),
             "history_steps": plain(self.history_steps), "beam_width": plain(self.beam_width),
-            "horizon": plain(self.horizon), "gamma": self.gamma, "use_mean": self.use_mean, "epsilon": self.epsilon,
+            "horizon": plain(self.horizon), "gamma": self.gamma, "use_mean": self.use_mean,
+            "anchor_q": self.anchor_q, "epsilon": self.epsilon,
             "shared_epsilon": self.shared_epsilon, "alias_held_out": self.alias_held_out,
             "model_config": {k: getattr(self.model.cfg, k) for k in ("num_layers", "embed_dim", "num_q")},
         }  # fmt: skip

@@ -88,6 +88,8 @@ class EpisodeRecord:
     gamma: float
     use_mean: bool = False
     """The planner valued imagined states by mean Q over legal actions (``planning.state_value``)."""
+    anchor_q: bool = False
+    """The planner ranked paths by the root's Q plus the imagined change (``planning.beam_search``)."""
     steps: list[StepRecord] = field(default_factory=list)
     ended: bool = False
     """True when the episode ended (game over or the env's cap), False when ``record_episode`` stopped it."""
@@ -159,7 +161,8 @@ def record_episode(
     s = agent.slot_settings(0)
     task = torch.tensor([s["task_id"]], device=agent.device)
     legal = torch.as_tensor(games.legal_mask(game), device=agent.device)[None]
-    rec = EpisodeRecord(game, seed, cfg, s["beam_width"], s["horizon"], agent.gamma, agent.use_mean)
+    rec = EpisodeRecord(game, seed, cfg, s["beam_width"], s["horizon"], agent.gamma, agent.use_mean,
+                        getattr(agent, "anchor_q", False))  # fmt: skip
     with AtariVecEnv(game, 1, cfg, seed=seed, backend=backend) as env:
         obs = env.reset()
         for t in tqdm(range(max_steps), desc=f"record {game}", disable=not progress):
@@ -200,7 +203,7 @@ def replan(
     legal = torch.as_tensor(games.legal_mask(record.game))[None]
     _, trace = planning.beam_search(
         model, step.history[None], task, legal, max(beam_width, 1), horizon,
-        record.gamma if gamma is None else gamma, trace=True, use_mean=record.use_mean,
+        record.gamma if gamma is None else gamma, trace=True, use_mean=record.use_mean, anchor_q=record.anchor_q,
     )  # fmt: skip
     return _trace_to_cpu(trace)
 
@@ -384,7 +387,8 @@ class DreamSession:
         steps = min(self.context_steps, self.model.cfg.max_blocks - self.horizon)
         window = self.tokens[self.tokens.shape[0] - (steps * TOKENS_PER_BLOCK - 1) :]
         acts, _ = planning.beam_search(self.model, window[None], self.task, self.legal, self.beam_width, self.horizon,
-                                       self.record.gamma, use_mean=self.record.use_mean)  # fmt: skip
+                                       self.record.gamma, use_mean=self.record.use_mean,
+                                       anchor_q=self.record.anchor_q)  # fmt: skip
         return int(acts[0])
 
     @torch.no_grad()

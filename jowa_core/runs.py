@@ -146,6 +146,7 @@ def make_agent(
     name: str | None = None,
     seed: int = 0,
     use_mean: bool = False,
+    anchor_q: bool = False,
 ) -> Agent:
     """A JOWA agent over the run's model.
 
@@ -155,6 +156,8 @@ def make_agent(
         history_steps: context steps; 0 means the official per-game value for official model sizes
             and the model's whole window (``max_blocks``) otherwise.
         epsilon: probability of a random legal action (official 0.001; 0 for inspection).
+        anchor_q: the beam ranks paths by the root's Q(s, a0) plus the imagined change after the first step
+            (``planning.beam_search``).
         use_mean: the beam values imagined states by the mean of Q over legal actions, not the max
             (``planning.state_value``).
 
@@ -175,7 +178,8 @@ def make_agent(
         hist = run.model.cfg.max_blocks
     label = name or ("jowa_greedy" if horizon == 0 else "jowa_beam")
     return Agent(run.tokenizer, run.model, history_steps=hist, beam_width=bw if horizon else 0, horizon=horizon,
-                 epsilon=epsilon, name=label, seed=seed, gamma=run.preset.train.gamma, use_mean=use_mean)  # fmt: skip
+                 epsilon=epsilon, name=label, seed=seed, gamma=run.preset.train.gamma, use_mean=use_mean,
+                 anchor_q=anchor_q)  # fmt: skip
 
 
 def make_mtbc_agent(
@@ -249,6 +253,7 @@ def evaluate_run(
     mtbc_model: Any = None,
     all_constants: bool = False,
     use_mean: bool = False,
+    anchor_q: bool = False,
 ) -> ScoreTable:
     """Evaluate a run with and without planning, beside the controls, under each protocol.
 
@@ -259,7 +264,7 @@ def evaluate_run(
         protocols: ``evaluation.protocol`` names; agents of protocols other than "official" get an
             ``@<protocol>`` suffix (e.g. ``jowa_beam@sticky``).
         agents: a subset of ``AGENT_KINDS``; "mtbc" is skipped when the model has no BC head.
-        beam_width, horizon, history_steps, epsilon, use_mean: as in ``make_agent`` ("beam" uses ``horizon``,
+        beam_width, horizon, history_steps, epsilon, use_mean, anchor_q: as in ``make_agent`` ("beam" uses ``horizon``,
             at least 1; "greedy" horizon 0).
         max_steps: episode cap in agent steps (official 108,000).
         seed, num_envs, progress: as in ``evaluation.evaluate``.
@@ -285,7 +290,8 @@ def evaluate_run(
             jobs.append(make_agent(run, horizon=0, history_steps=history_steps, epsilon=epsilon, seed=seed))
         if "beam" in agents:
             jobs.append(make_agent(run, beam_width=beam_width, horizon=horizon, history_steps=history_steps,
-                                   epsilon=epsilon, seed=seed, use_mean=use_mean))  # fmt: skip
+                                   epsilon=epsilon, seed=seed, use_mean=use_mean,
+                                   anchor_q=anchor_q))  # fmt: skip
         if "mtbc" in agents:
             mtbc_agent = make_mtbc_agent(run, mtbc_model, history_steps=history_steps, epsilon=epsilon, seed=seed)
             jobs += [mtbc_agent] if mtbc_agent is not None else []

@@ -45,7 +45,7 @@ def spy(monkeypatch):
     def wrapped(model, history, task_ids, legal_mask, beam_width, horizon, gamma=0.99, **kw):
         calls.append({"history": history.clone(), "steps": kw["history_steps"].clone(), "task_ids": task_ids.clone(),
                       "legal": legal_mask.clone(), "beam_width": beam_width, "horizon": horizon,
-                      "use_mean": kw["use_mean"]})  # fmt: skip
+                      "use_mean": kw["use_mean"], "anchor_q": kw["anchor_q"]})  # fmt: skip
         return original(model, history, task_ids, legal_mask, beam_width, horizon, gamma, **kw)
 
     monkeypatch.setattr(agent_mod.planning, "beam_search", wrapped)
@@ -145,6 +145,11 @@ def test_mixed_history_lengths_and_per_game_settings(nets, spy):
     mean_agent.bind(["Breakout"])
     mean_agent.act(_frames(rng, 1))
     assert spy[-1]["use_mean"] is True and spy[-1]["horizon"] == 1 and mean_agent.describe()["use_mean"] is True
+    assert spy[-1]["anchor_q"] is False  # the official beam score unless asked
+    anchored = Agent(tok, model, epsilon=0.0, beam_width=2, horizon=1, anchor_q=True)
+    anchored.bind(["Breakout"])
+    anchored.act(_frames(rng, 1))
+    assert spy[-1]["anchor_q"] is True and anchored.describe()["anchor_q"] is True
 
     off = Agent.official(tok, model, "150M")
     off.bind(["Assault", "Seaquest"])
