@@ -26,7 +26,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -392,30 +392,28 @@ def imagined_value_check(
     res: dict[str, list[np.ndarray]] = {k: [] for k in ("match", "exact", "vi", "vr", "gr", "gi")}
     if per_action:
         res.update({k: [] for k in ("agree", "plan_spread", "q_spread", "differ")})
-    legal_actions = torch.as_tensor(np.flatnonzero(games.legal_mask(w.game)), device=device)
+    legal_actions = legal.nonzero().flatten()
     changed_right = changed_all = 0
     for i in range(0, len(w.steps), batch):
         real = torch.from_numpy(w.tokens[i : i + batch]).to(device)
         b = len(real)
         tid = torch.full((b,), task, device=device)
-        out = model(real, tid)
-        q_prev = model.q_values(out.q_logits[:, :, -2], legal.expand(b, -1))  # (b, 18) at s
+        mask = legal.expand(b, -1)
+        imag, out = _imagine_last_step(model, real, tid)  # out: the forward of the real window
+        q_prev = model.q_values(out.q_logits[:, :, -2], mask)  # (b, 18) at s
         a = real.view(b, L, tpb)[:, L - 2, -1]  # the data's action at s
         q_sa = q_prev.gather(1, a[:, None]).squeeze(1)
-        v_real = model.q_values(out.q_logits[:, :, -1], legal.expand(b, -1)).max(-1).values
-        r_hat = out.reward_logits[:, -2].argmax(-1).float() - 1.0  # predicted sign at s, a
-        imag = _imagine_last_step(model, real, tid)
-        v_imag = model.q_values(model(imag, tid).q_logits[:, :, -1], legal.expand(b, -1)).max(-1).values
+        v_real = model.q_values(out.q_logits[:, :, -1], mask).max(-1).values
+        r_hat = _reward_sign(out)
+        v_imag = _last_value(model, imag, tid, mask)
         if per_action:  # the horizon-1 planner: every legal action at s, each with its own imagined s'
             scores, frames = [], []
             for act in legal_actions:
                 x = real.clone()
                 x[:, first - 1] = act  # the action token of the step before s'
-                r_act = model(x, tid).reward_logits[:, -2].argmax(-1).float() - 1.0
-                im = _imagine_last_step(model, x, tid)
+                im, out_x = _imagine_last_step(model, x, tid)
                 frames.append(im[:, first : first + n_obs])
-                v = model.q_values(model(im, tid).q_logits[:, :, -1], legal.expand(b, -1)).max(-1).values
-                scores.append(r_act + gamma * v)
+                scores.append(_reward_sign(out_x) + gamma * _last_value(model, im, tid, mask))
             plan, q_legal = torch.stack(scores, 1), q_prev[:, legal_actions]
             res["agree"].append((plan.argmax(1) == q_legal.argmax(1)).float().cpu().numpy())
             res["plan_spread"].append((plan.max(1).values - plan.min(1).values).float().cpu().numpy())
@@ -459,15 +457,32 @@ def imagined_value_check(
     }
 
 
-def _imagine_last_step(model: torch.nn.Module, window: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+def _imagine_last_step(
+    model: torch.nn.Module, window: torch.Tensor, task_ids: torch.Tensor
+) -> tuple[torch.Tensor, Any]:
     """The window with its last step's observation tokens replaced by argmax decoding, token by token, from
-    everything before them (beam search's greedy imagination, done with full-window forwards)."""
+    everything before them (beam search's greedy imagination, done with full-window forwards), and the forward
+    of the window as given (its first decoding pass), whose heads before the last step the callers read."""
     L, tpb = int(model.cfg.max_blocks), int(model.cfg.tokens_per_block)
-    n_obs, first = tpb - 1, (L - 1) * (tpb)
-    imag = window.clone()
+    n_obs, first = tpb - 1, (L - 1) * tpb
+    imag, given = window.clone(), None
     for k in range(n_obs):  # obs logits row (L - 1) * 36 + k - 1 predicts the last step's token k
-        imag[:, first + k] = model(imag, task_ids).obs_logits[:, (L - 1) * n_obs + k - 1].argmax(-1)
-    return imag
+        out = model(imag, task_ids)
+        given = out if k == 0 else given
+        imag[:, first + k] = out.obs_logits[:, (L - 1) * n_obs + k - 1].argmax(-1)
+    return imag, given
+
+
+def _reward_sign(out: Any) -> torch.Tensor:
+    """The reward sign the model predicts for the step before the window's last one."""
+    return out.reward_logits[:, -2].argmax(-1).float() - 1.0
+
+
+def _last_value(
+    model: torch.nn.Module, window: torch.Tensor, task_ids: torch.Tensor, legal: torch.Tensor
+) -> torch.Tensor:
+    """max over legal actions of the expected Q at the window's last step."""
+    return model.q_values(model(window, task_ids).q_logits[:, :, -1], legal).max(-1).values
 
 
 @torch.no_grad()
