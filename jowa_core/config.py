@@ -82,6 +82,12 @@ class TokenizerConfig:
     """Ours: the reconstruction losses see the decoder output clamped to [-1, 1], as decoding for use does,
     with a straight-through gradient: an output already beyond black or white costs nothing, so the decoder
     spends no capacity on matching -1 exactly on the background (official: the raw output)."""
+    local_encoder: bool = False
+    """Ours: every encoder layer after the stem sees one token's cell only (1x1 convs, a per-position
+    LayerNorm instead of GroupNorm, no attention, downsampling kernels equal to their strides), so a token is a
+    function of its 84/6 = 14-pixel cell and keeps its code while that cell's pixels do. With the default
+    encoder a ball moving elsewhere re-codes about half of Breakout's tokens between steps (issue 9), which the
+    world model must then predict. The decoder is unchanged."""
     dead_code_restart: bool = False
     """Ours: restart codes unused for ``dead_code_window`` steps at the worst-quantised latents."""
     dead_code_window: int = 100
@@ -134,6 +140,11 @@ class TokenizerConfig:
         )
         k = self.dilate_frames
         _check(k == 0 or (k > 0 and k % 2 == 1), f"dilate_frames must be 0 (off) or odd, got {k}.")
+        _check(
+            not self.local_encoder or tuple(self.down_kernels) == tuple(self.down_strides),
+            f"local_encoder needs down_kernels equal to down_strides (cells that do not overlap); got kernels "
+            f"{self.down_kernels} and strides {self.down_strides}.",
+        )
         _check(self.beta >= 0 and self.changed_pixel_weight >= 0, "beta and changed_pixel_weight must be >= 0.")
         _check(self.dead_code_window >= 1, "dead_code_window must be >= 1 step.")
 
@@ -253,6 +264,15 @@ class TrainConfig:
     """Ours (1 in the paper presets): weight, in the next-obs-token cross-entropy, of tokens that differ from the
     previous step's token at the same position (``losses.world_losses``): small moving objects are a few of
     the frame's tokens, and argmax imagination drops them when the model is unsure."""
+    life_loss_terminal: bool = False
+    """Ours (off in the paper presets): a lost life ends the critic's TD targets as a game over does (DQN's
+    training rule, Mnih et al. 2015), so that missing the ball costs the value of the life's remaining play
+    at once instead of a few bootstrapped steps later. The world model still learns the real episode ends.
+    Needs the data's lives counter."""
+    lr_schedule_stage2: str = "constant"
+    """"constant" (official) or "cosine" (ours): stage 2's world and critic learning rates decay along a
+    half cosine to 0 at the last step, so that a short run ends on settled weights rather than wherever the
+    last constant-rate steps left them (``training.stage2_lr_factor``)."""
     life_start_share: float = 0.0
     """Ours (0 in the paper presets): expected share of each batch drawn from segments that hold the first
     step of a life (``data.segments.SegmentSampler``); needs data with ALE's lives counter."""
@@ -286,6 +306,10 @@ class TrainConfig:
         _check(
             self.tokenizer_lr_schedule in ("constant", "cosine"),
             f"tokenizer_lr_schedule must be 'constant' or 'cosine', got {self.tokenizer_lr_schedule!r}.",
+        )
+        _check(
+            self.lr_schedule_stage2 in ("constant", "cosine"),
+            f"lr_schedule_stage2 must be 'constant' or 'cosine', got {self.lr_schedule_stage2!r}.",
         )
         _check(self.changed_token_weight > 0, f"changed_token_weight must be > 0, got {self.changed_token_weight}.")
         _check(0.0 <= self.life_start_share <= 1.0, f"life_start_share must be in [0, 1], got {self.life_start_share}.")

@@ -479,6 +479,7 @@ def joint_loss(
     next_target_logits: torch.Tensor | None = None,
     next_mask: torch.Tensor | None = None,
     changed_token_weight: float = 1.0,
+    critic_ends: torch.Tensor | None = None,
 ) -> LossTerms:
     """L = lambda (CE_obs + CE_rew + CE_end) + L_TD + alpha L_CQL (+ bc_weight L_BC) (paper Eq. 9).
 
@@ -496,6 +497,8 @@ def joint_loss(
         next_target_logits, next_mask: the target head at the step after each segment and whether it is real
             (``TrainConfig.next_step_target``, ``c51_td_loss``).
         changed_token_weight: CE_obs weight of tokens that changed since the previous step (``world_losses``).
+        critic_ends: (B, L) the steps after which the TD targets stop bootstrapping (default ``ends``); ours:
+            ``ends`` or a lost life (``TrainConfig.life_loss_terminal``). The world model still learns ``ends``.
 
     Differences from the official code, all outside its default settings: with REM weights the CQL
     terms use the uniform mixture (official: the dataset term uses the REM mixture); the MSE
@@ -527,11 +530,12 @@ def joint_loss(
         total = total + bc_weight * bc
 
     td = cql = q_data = q_lse = zero
+    td_ends = ends if critic_ends is None else critic_ends
     if train_critic:
         if q_target_logits is None:
             raise ValueError("train_critic=True needs q_target_logits (model.q_target_logits(out.q_hidden)).")
         if td_loss == "c51":
-            td = c51_td_loss(out.q_logits, q_target_logits, actions, rewards, ends, mask, legal_mask, atoms, gamma,
+            td = c51_td_loss(out.q_logits, q_target_logits, actions, rewards, td_ends, mask, legal_mask, atoms, gamma,
                              rem_weights, n_steps=td_steps, mc_returns=mc_returns,
                              next_target_logits=next_target_logits, next_mask=next_mask)  # fmt: skip
             q_exp = expected_q(out.q_logits, atoms)
@@ -543,7 +547,7 @@ def joint_loss(
                     "the next-step target (TrainConfig.next_step_target) is for td_loss='c51'; turn it off."
                 )
             td = mse_td_loss(
-                out.q_logits, q_target_logits, actions, rewards, ends, mask, legal_mask, gamma, rem_weights,
+                out.q_logits, q_target_logits, actions, rewards, td_ends, mask, legal_mask, gamma, rem_weights,
                 n_steps=td_steps,
             )
             q_exp = expected_q(out.q_logits.float(), None)

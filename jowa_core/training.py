@@ -35,6 +35,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -54,6 +55,7 @@ from tqdm.auto import tqdm
 
 from jowa_core import checkpoints
 from jowa_core.config import Preset, TrainConfig, WorldActionConfig, preset
+from jowa_core.data.format import DatasetError
 from jowa_core.data.segments import SegmentSampler, SegmentSource
 from jowa_core.data.token_cache import open_token_cache
 from jowa_core.games import action_masks
@@ -240,6 +242,8 @@ class Batch:
     legal: torch.Tensor
     returns_to_go: torch.Tensor | None = None
     """(B, L) the data's discounted returns-to-go, when the sources compute them (``TrainConfig.mc_anchor``)."""
+    life_ends: torch.Tensor | None = None
+    """(B, L) steps that lost a life with the episode going on (``TrainConfig.life_loss_terminal``)."""
 
 
 def to_batches(
@@ -263,6 +267,7 @@ def to_batches(
             mask=raw["mask_padding"][sl].to(device, non_blocking=True),
             legal=legal_table[task],
             returns_to_go=raw["returns_to_go"][sl].to(device, non_blocking=True) if "returns_to_go" in raw else None,
+            life_ends=raw["life_ends"][sl].to(device, non_blocking=True) if "life_ends" in raw else None,
         ))  # fmt: skip
     return out
 
@@ -315,6 +320,16 @@ def param_groups(
             for n, ps in groups.items() if ps]  # fmt: skip
 
 
+def stage2_lr_factor(step: int, train_cfg: TrainConfig) -> float:
+    """Multiplier of stage 2's learning rates for the optimizer step that starts with ``step`` steps done:
+    1 throughout with the official "constant" schedule; with "cosine", a half cosine from 1 at the stage's
+    first step to 0 after its last. A function of the step alone, so a resumed run repeats it exactly."""
+    if train_cfg.lr_schedule_stage2 == "constant" or step < train_cfg.stage1_steps:
+        return 1.0
+    done = (step - train_cfg.stage1_steps) / max(train_cfg.stage2_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+
+
 def set_stage(model: WorldActionModel, stage: int) -> None:
     """Stage 1 freezes the online Q head (no critic loss yet); stage 2 trains it."""
     model.head_q.requires_grad_(stage == 2)
@@ -341,6 +356,11 @@ def step_loss(
     cfg = model.cfg
     critic = stage == 2
     tokens, rewards, ends, mask, mc = batch.tokens, batch.rewards, batch.ends, batch.mask, batch.returns_to_go
+    critic_ends = None
+    if train_cfg.life_loss_terminal:
+        if batch.life_ends is None:
+            raise ValueError("life_loss_terminal needs batches with life_ends (SegmentSource.fetch gives them).")
+        critic_ends = ends | batch.life_ends
     next_logits = next_mask = None
     if train_cfg.next_step_target:  # the batch holds L + 1 steps: the online window is the first L
         tpb, L = cfg.tokens_per_block, cfg.max_blocks
@@ -348,6 +368,7 @@ def step_loss(
             raise ValueError(f"next_step_target needs segments of {L + 1} steps, got {tokens.shape[1] // tpb}.")
         next_mask = mask[:, L]
         tokens, rewards, ends, mask = tokens[:, : L * tpb], rewards[:, :L], ends[:, :L], mask[:, :L]
+        critic_ends = critic_ends[:, :L] if critic_ends is not None else None
         if critic:
             with torch.no_grad():  # the target head at step L, read from the window of steps 1..L
                 later = forward(batch.tokens[:, tpb:], batch.task_ids)
@@ -366,6 +387,7 @@ def step_loss(
         q_penalty=cfg.q_penalty, cql_legal_only=cfg.cql_legal_only, rem_weights=rem, bc_weight=train_cfg.bc_weight,
         td_steps=train_cfg.td_steps, mc_returns=mc if critic and train_cfg.mc_anchor else None,
         next_target_logits=next_logits, next_mask=next_mask, changed_token_weight=train_cfg.changed_token_weight,
+        critic_ends=critic_ends,
     )  # fmt: skip
 
 
@@ -557,13 +579,18 @@ def train_world_action(
                "token_caches": [str(c) for c in token_caches]}  # fmt: skip
 
     info, dev = init_distributed(device)
+    finished = False
     try:
-        return _train(p, token_caches, Path(run_dir), info, dev, total_steps=total_steps, options=options,
-                      resume=resume, progress=progress, keep_last=keep_last, num_workers=num_workers,
-                      num_threads=num_threads, compile=compile, fused_layer_norm=fused_layer_norm,
-                      stop_at_step=stop_at_step)  # fmt: skip
+        model = _train(p, token_caches, Path(run_dir), info, dev, total_steps=total_steps, options=options,
+                       resume=resume, progress=progress, keep_last=keep_last, num_workers=num_workers,
+                       num_threads=num_threads, compile=compile, fused_layer_norm=fused_layer_norm,
+                       stop_at_step=stop_at_step)  # fmt: skip
+        finished = True
+        return model
     finally:
         if info.owns_group and dist.is_initialized():
+            if finished and info.distributed:  # no rank tears its group down while a peer still talks to it
+                dist.barrier()  # (gloo once aborted a rank at exit without this: "terminate called ...")
             dist.destroy_process_group()
 
 
@@ -605,6 +632,14 @@ def _train(
         torch.set_num_threads(max(1, num_threads))
     sources = make_sources(token_caches, mc, stride=options["stride"], returns_gamma=tc.gamma if tc.mc_anchor else None,
                            segment_length=mc.max_blocks + 1 if tc.next_step_target else None)  # fmt: skip
+    if tc.life_loss_terminal:
+        lacking = [repr(s) for s in sources if s.life_ends is None]
+        if lacking:
+            raise DatasetError(
+                f"life_loss_terminal needs each game's lives counter, but {', '.join(lacking)} has none (files "
+                "collected before lives were recorded, or DQN-Replay imports). Recollect the data with `jowa collect` "
+                "and rebuild the token cache, or set life_loss_terminal to False."
+            )
     if options["data_split"] == "global":
         sampler = SegmentSampler(sources, tc.batch_size, seed=tc.seed, life_start_share=tc.life_start_share)
         dataset: IterableDataset = GlobalBatchSlices(sampler, info.rank, W)
@@ -730,6 +765,7 @@ def _train(
                 for g, fresh in zip(opt.param_groups, groups_for(stage)):  # settings may have changed
                     g["lr"], g["weight_decay"] = fresh["lr"], fresh["weight_decay"]
             state = None  # a later stage switch starts a fresh optimizer, as in an uninterrupted run
+            base_lrs = [g["lr"] for g in opt.param_groups]
 
         raw = next(batches)
         micro = to_batches(raw, tc.grad_accum, dev, legal_table)
@@ -744,6 +780,10 @@ def _train(
                 for name, v in metrics.items():
                     acc[f"loss/{name}"] = acc.get(f"loss/{name}", 0.0) + v.float() / len(micro)
         grad_norm = torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], tc.grad_clip)
+        if stage == 2 and tc.lr_schedule_stage2 != "constant":
+            factor = stage2_lr_factor(step, tc)
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = base * factor
         opt.step()
         sampler.mark_consumed(raw)
         step += 1

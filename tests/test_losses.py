@@ -432,6 +432,26 @@ def test_joint_loss_is_the_named_weighted_sum():
     torch.testing.assert_close(null.total, 0.1 * (w.obs + w.reward + w.end) + td)
 
 
+def test_critic_ends_stop_the_td_targets_and_leave_the_world_loss_alone():
+    """``critic_ends`` (a lost life, ``TrainConfig.life_loss_terminal``): the TD term is the C51 loss with those
+    steps terminal, computed independently; the world model's end loss still reads the real ``ends``."""
+    model = tiny_model()
+    tokens, actions, rewards, ends, mask = batch()
+    out = model(tokens, torch.tensor([0, 1, 2]))
+    target = model.q_target_logits(out.q_hidden)
+    legal = legal_for(3)
+    lost = torch.zeros_like(ends)
+    lost[0, 1] = lost[2, 0] = True
+    kw = {"supervised_weight": 0.1, "train_critic": True, "gamma": 0.99, "cql_weight": 0.1, "td_steps": 2}
+    plain = joint_loss(out, target, tokens, rewards, ends, mask, legal, model.atoms, **kw)
+    life = joint_loss(out, target, tokens, rewards, ends, mask, legal, model.atoms, critic_ends=ends | lost, **kw)
+    td = c51_td_loss(out.q_logits, target, actions, rewards, ends | lost, mask, legal, model.atoms, 0.99, n_steps=2)
+    torch.testing.assert_close(life.td, td)
+    assert not torch.allclose(life.td, plain.td)
+    for name in ("obs", "reward", "end", "cql"):
+        torch.testing.assert_close(getattr(life, name), getattr(plain, name))
+
+
 def test_combo_and_real_rows():
     model = tiny_model()
     tokens, actions, rewards, ends, mask = batch()

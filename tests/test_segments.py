@@ -327,6 +327,28 @@ def test_life_start_segments_match_a_loop():
     assert SegmentSource.from_arrays("Breakout", **no_lives).life_start_segments is None
 
 
+def test_life_ends_mark_the_step_before_a_lost_life_inside_an_episode():
+    rng = np.random.default_rng(9)
+    lengths = rng.integers(1, 30, 25)
+    cols = random_columns(rng, lengths)
+    cols["lives"] = _lives_for(rng, lengths)
+    src = SegmentSource.from_arrays("Breakout", **cols, segment_length=8, stride=3)
+    want = np.zeros(len(cols["actions"]), bool)
+    for a, t in zip(cols["episode_starts"], lengths):  # per episode: step k lost a life when k + 1 shows fewer
+        for k in range(t - 1):
+            want[a + k] = cols["lives"][a + k + 1] < cols["lives"][a + k]
+    assert want.sum() > 10
+    np.testing.assert_array_equal(src.life_ends, want)
+    batch = src.fetch(np.arange(src.num_segments))
+    steps = batch["mask_padding"]
+    flat = np.concatenate([a + s + np.arange(8) for a, s in zip(cols["episode_starts"][src.segments[:, 0]],
+                                                                src.segments[:, 1])]).reshape(-1, 8)  # fmt: skip
+    np.testing.assert_array_equal(batch["life_ends"], np.where(steps, want[np.minimum(flat, len(want) - 1)], False))
+    no_lives = {k: v for k, v in cols.items() if k != "lives"}
+    bare = SegmentSource.from_arrays("Breakout", **no_lives)
+    assert bare.life_ends is None and not bare.fetch(np.arange(4))["life_ends"].any()
+
+
 def test_life_start_share_draws_that_share():
     rng = np.random.default_rng(9)
     lengths = rng.integers(20, 60, 40)

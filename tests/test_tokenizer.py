@@ -15,6 +15,7 @@ from jowa_core.config import ConfigError, TokenizerConfig, preset
 from jowa_core.data.format import DatasetWriter
 from jowa_core.models.tokenizer import (
     LPIPS,
+    AttnBlock,
     Tokenizer,
     TokenizerOutput,
     changed_pixel_mask,
@@ -213,6 +214,29 @@ def test_dilation_changes_the_encoder_input_only():
     r = torch.rand(3, 1, 84, 84)
     for k in (3, 5):
         torch.testing.assert_close(dilate(r, k), F.max_pool2d(r, k, stride=1, padding=k // 2), rtol=0, atol=0)
+
+
+def test_local_encoder_codes_each_cell_from_its_own_pixels():
+    """``local_encoder``: changing pixels inside one 14x14 cell changes that cell's latent and no other (the
+    default encoder's 3x3 convs, GroupNorm and attention spread the change over the grid); overlapping
+    downsampling kernels are refused."""
+    local = _tiny(local_encoder=True, down_kernels=(2,), dilate_frames=3)
+    x = _frames(2, seed=3).float() / 127.5 - 1
+    y = x.clone()
+    y[:, 0, 14 * 2 + 4 : 14 * 2 + 9, 14 * 4 + 3 : 14 * 4 + 10] = 1.0  # inside cell (2, 4), 2+ pixels from its edges
+    with torch.no_grad():
+        changed = (local.encode_latents((x + 1) / 2) != local.encode_latents((y + 1) / 2)).any(1)  # (2, 6, 6)
+        plain = _tiny(dilate_frames=3)
+        spread = (plain.encode_latents((x + 1) / 2) != plain.encode_latents((y + 1) / 2)).any(1)
+    want = torch.zeros(2, 6, 6, dtype=torch.bool)
+    want[:, 2, 4] = True
+    assert torch.equal(changed, want)
+    assert spread.sum() > 2 * 9
+    assert not any(isinstance(m, AttnBlock) for m in local.encoder.modules())
+    assert any(isinstance(m, AttnBlock) for m in local.decoder.modules()) == TINY.mid_attention
+    assert local.content_hash() != _tiny(dilate_frames=3).content_hash()
+    with pytest.raises(ConfigError, match="local_encoder needs down_kernels equal to down_strides"):
+        dataclasses.replace(TINY, local_encoder=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,12 +17,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
 from jowa_core import checkpoints
 from jowa_core.config import Preset, TrainConfig, WorldActionConfig
+from jowa_core.data.format import DatasetError
 from jowa_core.data.segments import SegmentSampler, SegmentSource
 from jowa_core.models.world_action import WorldActionModel
 from jowa_core.training import (
@@ -33,6 +35,7 @@ from jowa_core.training import (
     rng_state,
     set_rng_state,
     set_stage,
+    stage2_lr_factor,
     train_world_action,
 )
 
@@ -136,6 +139,33 @@ def test_fused_layer_norm_switch_trains_as_the_default_without_dropout(caches, t
     dropped_fused = train_world_action(tiny(), caches, tmp_path / "dropped_fused", fused_layer_norm=True, **kw)
     a, b = params(dropped), params(dropped_fused)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cosine_stage2_schedule_decays_both_learning_rates_to_zero_and_resumes_exactly(caches, tmp_path):
+    """``lr_schedule_stage2="cosine"``: stage 1 keeps its rate; the step that starts with k of stage 2's n steps
+    done runs at lr * (1 + cos(pi k / n)) / 2, for the world and the critic groups alike; stopping and resuming
+    inside stage 2 repeats the uninterrupted run."""
+    s1, s2 = 4, 8
+    p = tiny(dropout=0.0, lr_schedule_stage2="cosine", log_every=1)
+    kw = dict(stage1_steps=s1, stage2_steps=s2, **RUN)
+    whole = params(train_world_action(p, caches, tmp_path / "whole", **kw))
+    recs = read_metrics(tmp_path / "whole")
+    assert [r["lr/world_decay"] for r in recs[:s1]] == [3e-3] * s1
+    for r in recs[s1:]:
+        k = r["step"] - 1 - s1  # stage-2 steps done before the logged step
+        expected = 0.5 * (1 + np.cos(np.pi * k / s2))
+        assert r["lr/world_decay"] == pytest.approx(1e-3 * expected)
+        assert r["lr/critic_no_decay"] == pytest.approx(1e-3 * expected)
+    assert recs[-1]["lr/world_decay"] < 0.05 * 1e-3
+    assert stage2_lr_factor(s1 + s2, replace(p.train, stage1_steps=s1, stage2_steps=s2)) == pytest.approx(0.0)
+    assert stage2_lr_factor(0, replace(p.train, lr_schedule_stage2="constant")) == 1.0
+
+    train_world_action(p, caches, tmp_path / "pieces", stop_at_step=s1 + 3, **kw)
+    assert_same(params(train_world_action(p, caches, tmp_path / "pieces", **kw)), whole)
+    constant = params(train_world_action(tiny(dropout=0.0, log_every=1), caches, tmp_path / "constant", **kw))
+    assert any(not torch.equal(constant[k], whole[k]) for k in whole)
+    with pytest.raises(ValueError, match="lr_schedule_stage2 must be 'constant' or 'cosine'"):
+        TrainConfig(lr_schedule_stage2="linear")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +404,32 @@ def test_mc_anchor_reaches_the_loss_through_the_loop(caches, tmp_path):
     assert [r["loss/world"] for r in plain[:2]] == [r["loss/world"] for r in anchored[:2]]  # stage 1: no critic
     assert plain[2]["loss/world"] == pytest.approx(anchored[2]["loss/world"], rel=1e-6)
     assert plain[2]["loss/td"] != pytest.approx(anchored[2]["loss/td"], rel=1e-3)
+
+
+def test_life_loss_terminal_reaches_the_td_loss_and_needs_lives(caches, tmp_path, write_token_cache):
+    """``life_loss_terminal``: with a lives counter in the caches the TD loss changes from the first critic step
+    while the world loss does not; caches without one are refused with the fix named."""
+    with pytest.raises(DatasetError, match="life_loss_terminal needs each game's lives counter"):
+        train_world_action(tiny(life_loss_terminal=True), caches, tmp_path / "bare", stage1_steps=1, stage2_steps=1,
+                           **RUN)  # fmt: skip
+    lived = []
+    for k, game in enumerate(("Pong", "Breakout")):
+        path = write_token_cache(tmp_path / f"{game}.tokens.h5", game, seed=k, vocab=VOCAB)
+        with h5py.File(path, "a") as f:  # 3 lives per episode, one lost every 4 steps
+            starts, n = f["episode_starts"][:], f["actions"].shape[0]
+            t = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+            f["lives"] = np.maximum(3 - t // 4, 1).astype(np.uint8)
+        lived.append(path)
+    runs = {}
+    for life in (False, True):
+        run = tmp_path / f"run_{life}"
+        train_world_action(tiny(dropout=0.0, life_loss_terminal=life, log_every=1), lived, run, stage1_steps=2,
+                           stage2_steps=2, **RUN)  # fmt: skip
+        runs[life] = read_metrics(run)
+    plain, life = runs[False], runs[True]
+    assert [r["loss/world"] for r in plain[:2]] == [r["loss/world"] for r in life[:2]]
+    assert plain[2]["loss/world"] == pytest.approx(life[2]["loss/world"], rel=1e-6)
+    assert plain[2]["loss/td"] != pytest.approx(life[2]["loss/td"], rel=1e-3)
 
 
 def test_next_step_target_reads_the_window_one_step_later(caches, tmp_path):

@@ -179,6 +179,7 @@ class SegmentSource:
             raise ValueError(f"returns_gamma must be in (0, 1], got {returns_gamma}.")
         self.returns_gamma = returns_gamma
         self.life_start_segments: np.ndarray | None = None  # set by _index_life_starts when lives are known
+        self.life_ends: np.ndarray | None = None  # (N,) bool, idem: the last step of a life that is not the episode's
         self._cols: dict[str, Any] | None = None  # per-process state, built on first fetch
         self._files: list[h5py.File] = []
         self._pid = -1
@@ -239,10 +240,15 @@ class SegmentSource:
 
     def _index_life_starts(self, lives: np.ndarray | None) -> None:
         """``life_start_segments``: the rows of ``segments`` whose real steps include the first step of a
-        life (``format.life_starts``); None when the data has no lives counter (only episode starts known)."""
+        life (``format.life_starts``), and ``life_ends``: the steps after which a life is lost and the episode
+        goes on; both None when the data has no lives counter (only episode starts known)."""
         if lives is None:
             return
-        first = np.r_[0, np.cumsum(life_starts(lives, self.bounds[:, 0], self.num_transitions))]
+        starts = life_starts(lives, self.bounds[:, 0], self.num_transitions)
+        self.life_ends = np.zeros(self.num_transitions, bool)
+        self.life_ends[:-1] = starts[1:]
+        self.life_ends[self.bounds[1:, 0] - 1] = False  # the step before an episode start ends the episode
+        first = np.r_[0, np.cumsum(starts)]
         ep, start, stop = self.segments.T
         lo = self._ep_start[ep] + start
         hi = self._ep_start[ep] + np.minimum(stop, self._ep_len[ep])
@@ -344,7 +350,8 @@ class SegmentSource:
         Returns:
             ``obs`` (B, L, 84, 84) uint8 or ``tokens`` (B, L, 36) int64, ``actions`` (B, L) int64,
             ``rewards`` (B, L) float32, ``ends`` (B, L) bool (terminal), ``truncated`` (B, L) bool,
-            ``mask_padding`` (B, L) bool (True on real steps), ``task_id`` (B,) int64, and with
+            ``mask_padding`` (B, L) bool (True on real steps), ``life_ends`` (B, L) bool (the step lost a life and
+            the episode goes on; all False without a lives counter), ``task_id`` (B,) int64, and with
             ``returns_gamma`` ``returns_to_go`` (B, L) float32 (``returns_to_go``; 0 on padding).
         """
         cols = self._open()
@@ -360,6 +367,7 @@ class SegmentSource:
             "ends": cols["terminals"][flat] & mask,
             "truncated": cols["truncations"][flat] & mask,
             "mask_padding": mask,
+            "life_ends": (self.life_ends[flat] & mask) if self.life_ends is not None else np.zeros_like(mask),
             "task_id": np.full(len(seg), self.task_id, np.int64),
         }
         if "returns_to_go" in cols:

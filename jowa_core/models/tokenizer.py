@@ -49,20 +49,36 @@ _TRAINING_ONLY_FIELDS = (
 # Building blocks (taming-transformers layout, as in the official release)
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=2, num_channels=channels, eps=1e-6, affine=True)
+def _norm(channels: int, local: bool = False) -> nn.Module:
+    return PositionNorm(channels) if local else nn.GroupNorm(num_groups=2, num_channels=channels, eps=1e-6, affine=True)
+
+
+class PositionNorm(nn.Module):
+    """LayerNorm over the channels at each position (ours, ``TokenizerConfig.local_encoder``): GroupNorm's
+    statistics span the whole frame, so every token would depend on every pixel."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, 1e-6)
+        return h.permute(0, 3, 1, 2)
 
 
 class ResnetBlock(nn.Module):
-    """GN -> swish -> conv3x3 -> GN -> swish -> dropout -> conv3x3, plus a (1x1 if needed) skip."""
+    """GN -> swish -> conv3x3 -> GN -> swish -> dropout -> conv3x3, plus a (1x1 if needed) skip; with
+    ``local`` the convs are 1x1 and the norms per position."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, local: bool = False) -> None:
         super().__init__()
-        self.norm1 = _norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
+        k = 1 if local else 3
+        self.norm1 = _norm(in_channels, local)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, k, padding=k // 2)
+        self.norm2 = _norm(out_channels, local)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, k, padding=k // 2)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -114,11 +130,11 @@ class Upsample(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int, dropout: float, attention: bool) -> None:
+    def __init__(self, channels: int, dropout: float, attention: bool, local: bool = False) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels) if attention else nn.Identity()
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, local)
+        self.attn_1 = AttnBlock(channels) if attention and not local else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, dropout, local)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -168,6 +184,7 @@ class Encoder(nn.Module):
             self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, s, stride=s)
         res = cfg.resolution // s
         in_mult = (1, *cfg.ch_mult)
+        local = cfg.local_encoder
         self.down = nn.ModuleList()
         for level, mult in enumerate(cfg.ch_mult):
             c_in, c_out = cfg.ch * in_mult[level], cfg.ch * mult
@@ -175,9 +192,9 @@ class Encoder(nn.Module):
             down.block = nn.ModuleList()
             down.attn = nn.ModuleList()
             for _ in range(cfg.num_res_blocks):
-                down.block.append(ResnetBlock(c_in, c_out, cfg.dropout))
+                down.block.append(ResnetBlock(c_in, c_out, cfg.dropout, local))
                 c_in = c_out
-                if res in cfg.attn_resolutions:
+                if res in cfg.attn_resolutions and not local:
                     down.attn.append(AttnBlock(c_out))
             if level < len(cfg.ch_mult) - 1:
                 k, st = cfg.down_kernels[level], cfg.down_strides[level]
@@ -185,9 +202,9 @@ class Encoder(nn.Module):
                 res = (res + 1 - k) // st + 1
             self.down.append(down)
         c = cfg.ch * cfg.ch_mult[-1]
-        self.mid = _Mid(c, cfg.dropout, cfg.mid_attention)
-        self.norm_out = _norm(c)
-        self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
+        self.mid = _Mid(c, cfg.dropout, cfg.mid_attention, local)
+        self.norm_out = _norm(c, local)
+        self.conv_out = nn.Conv2d(c, cfg.z_channels, 1 if local else 3, padding=0 if local else 1)
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.stem_stride
