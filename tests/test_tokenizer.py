@@ -1,4 +1,5 @@
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -235,6 +236,16 @@ def test_local_encoder_codes_each_cell_from_its_own_pixels():
     assert not any(isinstance(m, AttnBlock) for m in local.encoder.modules())
     assert any(isinstance(m, AttnBlock) for m in local.decoder.modules()) == TINY.mid_attention
     assert local.content_hash() != _tiny(dilate_frames=3).content_hash()
+    # the default (False) is left out of the hash, so caches written before the field existed still match
+    plain = _tiny()
+    arch = {k: v for k, v in dataclasses.asdict(plain.cfg).items() if k not in (
+        "dropout", "beta", "perceptual_weight", "perceptual_weights_path", "changed_pixel_weight", "clamped_loss",
+        "dead_code_restart", "dead_code_window", "local_encoder")}  # fmt: skip
+    h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
+    for name, t in sorted(plain.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    assert plain.content_hash() == h.hexdigest()
     with pytest.raises(ConfigError, match="local_encoder needs down_kernels equal to down_strides"):
         dataclasses.replace(TINY, local_encoder=True)
 

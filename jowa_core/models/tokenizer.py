@@ -43,6 +43,9 @@ _TRAINING_ONLY_FIELDS = (
     "dead_code_restart",
     "dead_code_window",
 )
+# Fields added after token caches were first written, hashed only when they differ from these values, so
+# that the caches of earlier tokenizers keep their hash.
+_LATER_FIELDS = {"local_encoder": False}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +423,8 @@ class Tokenizer(nn.Module):
         Token caches store it, so a cache made by other weights is refused.
         """
         h = hashlib.sha256()
-        arch = {k: v for k, v in asdict(self.cfg).items() if k not in _TRAINING_ONLY_FIELDS}
+        arch = {k: v for k, v in asdict(self.cfg).items()
+                if k not in _TRAINING_ONLY_FIELDS and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}  # fmt: skip
         h.update(json.dumps(arch, sort_keys=True).encode())
         for name, t in sorted(self.state_dict().items()):
             t = t.detach().cpu().contiguous()
