@@ -268,7 +268,7 @@ class TrainConfig:
     """Ours (off in the paper presets): a lost life ends the critic's TD targets as a game over does (DQN's
     training rule, Mnih et al. 2015), so that missing the ball costs the value of the life's remaining play
     at once instead of a few bootstrapped steps later. The world model still learns the real episode ends.
-    Needs the data's lives counter."""
+    Needs the data's lives counter; pretraining only (fine-tuning's imagined rows carry no lives)."""
     lr_schedule_stage2: str = "constant"
     """"constant" (official) or "cosine" (ours): stage 2's world and critic learning rates decay along a
     half cosine to 0 at the last step, so that a short run ends on settled weights rather than wherever the
