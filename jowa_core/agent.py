@@ -30,7 +30,7 @@ from jowa_core import games, planning
 from jowa_core.config import OBS_TOKENS, TOKENS_PER_BLOCK
 from jowa_core.runtime import resolve_device
 
-__all__ = ["Agent", "BaseAgent", "ConstantAgent", "MTBCAgent", "PerGame", "RandomAgent"]
+__all__ = ["Agent", "BaseAgent", "ConstantAgent", "MTBCAgent", "PerGame", "PolicyAgent", "RandomAgent"]
 
 PerGame = int | Mapping[str, int]
 """A setting that is the same for every game (int) or given per game name (e.g. the official table)."""
@@ -155,6 +155,88 @@ class ConstantAgent(BaseAgent):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "action": self.action}
+
+
+class PolicyAgent(BaseAgent):
+    """A behaviour policy of ``data.collect`` (e.g. "mixed", the default data's players) run as an agent (ours),
+    so that the behaviour behind a dataset is scored under any protocol, with the same episodes and CIs as the
+    agents: the data's own mean is fixed by the protocol it was collected under.
+
+    Each game gets its own policy object (a ``MixedPolicy`` draws a sub-policy per episode, at ``bind`` and at
+    every ``reset``). Policies that read the console RAM (``needs_ram``) need ``observe_ram`` before each ``act``;
+    ``evaluation.evaluate`` calls it, on the python env backend, for agents whose ``needs_ram`` is True.
+    """
+
+    def __init__(self, policy: str = "mixed", *, seed: int | None = 0, name: str = "behaviour") -> None:
+        super().__init__(seed)
+        from jowa_core.data.collect import POLICY_NAMES
+
+        if not isinstance(policy, str) or policy.lower() not in (*POLICY_NAMES, "mixed_quality", "breakout_tracker"):
+            raise ValueError(f"PolicyAgent policy must be one of {POLICY_NAMES}; got {policy!r}.")
+        self.policy = policy.lower()
+        self.name = name
+        self._policies: dict[str, Any] = {}  # game -> its Policy
+        self._slots: dict[str, np.ndarray] = {}  # game -> its slots, ascending; a policy's env id = position here
+        self._ram: np.ndarray | None = None
+
+    @property
+    def needs_ram(self) -> bool:
+        return any(p.needs_ram for p in self._policies.values())
+
+    def _on_bind(self) -> None:
+        from jowa_core.data.collect import make_policy
+
+        names = np.asarray(self._games)
+        self._policies, self._slots = {}, {}
+        for game in dict.fromkeys(self._games):
+            policy = make_policy(self.policy, game)
+            policy.check_game(game)  # e.g. the RAM tracker plays Breakout only
+            self._policies[game] = policy
+            self._slots[game] = np.flatnonzero(names == game)
+        self._ram = None
+
+    def reset(self, env_indices: Any = None) -> None:
+        if not self._games:
+            return
+        idx = _indices(env_indices, self.num_envs)
+        for game, slots in self._slots.items():
+            ended = np.flatnonzero(np.isin(slots, idx))
+            if len(ended):
+                self._policies[game].start_episodes(ended, self.rng)
+
+    def observe_ram(self, ram: Any, env_indices: Any = None) -> None:
+        """The console RAM (n, 128) uint8 of the slots ``env_indices``, read before the coming ``act``."""
+        self._require_bound()
+        ram = np.asarray(ram, dtype=np.uint8)
+        idx = _indices(env_indices, self.num_envs, len(ram))
+        if self._ram is None:
+            self._ram = np.zeros((self.num_envs, ram.shape[1]), np.uint8)
+        self._ram[idx] = ram
+
+    def act(self, obs: Any, env_indices: Any = None) -> np.ndarray:
+        self._require_bound()
+        obs = _check_obs(obs)
+        idx = _indices(env_indices, self.num_envs, len(obs))
+        if self.needs_ram and self._ram is None:
+            raise RuntimeError(
+                f"{self.name}: the {self.policy!r} policy reads the console RAM; call observe_ram(ram, env_indices) "
+                "before act (evaluation.evaluate does, on the python env backend)."
+            )
+        out = np.empty(len(idx), np.int64)
+        for game, slots in self._slots.items():
+            mine = np.flatnonzero(np.isin(idx, slots))
+            if not len(mine):
+                continue
+            pos = np.searchsorted(slots, idx[mine])
+            frames = np.zeros((len(slots), *obs.shape[1:]), np.uint8)  # the policy's rows are all its game's slots
+            frames[pos] = obs[mine]
+            policy = self._policies[game]
+            ram = self._ram[slots] if policy.needs_ram else None
+            out[mine] = policy.act(frames, ram, games.legal_mask(game), self.rng)[pos]
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "policy": {g: p.describe() for g, p in self._policies.items()}}
 
 
 class Agent(BaseAgent):

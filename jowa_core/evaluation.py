@@ -474,7 +474,7 @@ def evaluate(
     progress: bool = True,
     video_dir: str | os.PathLike | None = None,
     video_format: Literal["mp4", "gif"] = "mp4",
-    backend: Backend = "native",
+    backend: Backend | None = None,
     name: str | None = None,
 ) -> ScoreTable:
     """Roll out ``agent`` for ``episodes`` episodes of each game; returns a ``ScoreTable`` (one agent).
@@ -493,7 +493,8 @@ def evaluate(
             it as the official evaluation does (quirk Q13).
         progress: tqdm bar over finished episodes.
         video_dir: write the first episode of each game as ``<agent>_<Game>.<video_format>`` there.
-        backend: ``AtariVecEnv`` backend.
+        backend: ``AtariVecEnv`` backend; None: "python" for agents that read the RAM (``needs_ram``, which then get
+            ``observe_ram`` before each ``act``), else "native".
         name: the agent's name in the table (default ``agent.name``).
     """
     if not hasattr(agent, "act"):
@@ -515,10 +516,15 @@ def evaluate(
 
     G, S = len(game_list), len(game_list) * n_env
     slot_game = np.repeat(np.arange(G), n_env)  # slot s = g * n_env + j
+    agent.bind([game_list[g] for g in slot_game], seed=seed)
+    reads_ram = bool(getattr(agent, "needs_ram", False))  # e.g. PolicyAgent with the RAM tracker
+    if backend is None:
+        backend = "python" if reads_ram else "native"
+    elif reads_ram and backend != "python":
+        raise ValueError(f"{label} reads the console RAM, which only backend='python' gives; pass that or None.")
     envs = [AtariVecEnv(g, n_env, cfg, seed=seed, backend=backend) for g in game_list]
     noop = [int(np.flatnonzero(games_mod.legal_mask(g))[0]) for g in game_list]  # NOOP, for envs that are done
     idle_actions = np.array([noop[g] for g in slot_game], dtype=np.int64)
-    agent.bind([game_list[g] for g in slot_game], seed=seed)
     returns = np.full((G, episodes), np.nan)
     lengths = np.zeros((G, episodes), np.int64)
     episode_of = np.tile(np.arange(n_env), G)
@@ -540,6 +546,8 @@ def evaluate(
     try:
         while active.any():
             live = np.flatnonzero(active)
+            if reads_ram:
+                agent.observe_ram(np.concatenate([env.ram() for env in envs])[live], live)
             chosen = np.asarray(agent.act(obs[live], live), dtype=np.int64).reshape(-1)
             if chosen.shape != live.shape:
                 raise ValueError(f"agent.act returned {chosen.shape[0]} actions for {len(live)} envs.")

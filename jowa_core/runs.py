@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jowa_core import games as games_mod
-from jowa_core.agent import Agent, MTBCAgent
+from jowa_core.agent import Agent, MTBCAgent, PolicyAgent
 from jowa_core.evaluation import ScoreTable, control_scores, evaluate
 
 __all__ = [
@@ -36,7 +36,8 @@ __all__ = [
     "target_checks",
 ]
 
-AGENT_KINDS = ("greedy", "beam", "mtbc", "random", "constant")
+AGENT_KINDS = ("greedy", "beam", "mtbc", "random", "constant", "behaviour")
+"""What ``evaluate_run`` can score; "behaviour" (ours) reruns the players that collected the data (``PolicyAgent``)."""
 """What ``evaluate_run`` can evaluate: JOWA greedy Q, JOWA beam search, the run's behaviour-cloning
 head (only when the model has one), uniform random, and the best constant action per game."""
 
@@ -241,7 +242,7 @@ def evaluate_run(
     *,
     episodes: int = 16,
     protocols: Sequence[str] = ("official",),
-    agents: Sequence[str] = AGENT_KINDS,
+    agents: Sequence[str] = AGENT_KINDS[:5],
     beam_width: int = 0,
     horizon: int = 2,
     history_steps: int = 0,
@@ -254,6 +255,7 @@ def evaluate_run(
     all_constants: bool = False,
     use_mean: bool = False,
     anchor_q: bool = False,
+    behaviour_policy: str | None = None,
 ) -> ScoreTable:
     """Evaluate a run with and without planning, beside the controls, under each protocol.
 
@@ -263,7 +265,8 @@ def evaluate_run(
         episodes: per game and agent (official 16).
         protocols: ``evaluation.protocol`` names; agents of protocols other than "official" get an
             ``@<protocol>`` suffix (e.g. ``jowa_beam@sticky``).
-        agents: a subset of ``AGENT_KINDS``; "mtbc" is skipped when the model has no BC head.
+        agents: a subset of ``AGENT_KINDS``; "mtbc" is skipped when the model has no BC head; "behaviour" runs the
+            data's behaviour policy (``behaviour_policy``) as an agent under each protocol.
         beam_width, horizon, history_steps, epsilon, use_mean, anchor_q: as in ``make_agent`` ("beam" uses ``horizon``,
             at least 1; "greedy" horizon 0).
         max_steps: episode cap in agent steps (official 108,000).
@@ -271,6 +274,8 @@ def evaluate_run(
         mtbc_model: a separately trained MTBC model (``load_mtbc``) for the "mtbc" agent; default the
             run model's own ``head_bc`` when it has one.
         all_constants: keep every constant action's returns (``constant_<ACTION>``) beside ``constant_best``.
+        behaviour_policy: the "behaviour" agent's ``data.collect`` policy name; None reads it from the run's data
+            files (notebook 01's), which must agree.
     Returns:
         One ``ScoreTable``: jowa_greedy, jowa_beam, mtbc, random and constant_best (the best
         constant action per game, see ``best_constant``), for each protocol.
@@ -282,6 +287,8 @@ def evaluate_run(
         raise ValueError("the 'beam' agent needs horizon >= 1 (horizon 0 is the 'greedy' agent).")
     game_list = [games_mod.canonical_name(g) for g in (games or run.games)]
     kw = {"max_steps": max_steps, "seed": seed, "num_envs": num_envs, "progress": progress}
+    if "behaviour" in agents and behaviour_policy is None:
+        behaviour_policy = data_behaviour_policy(run, game_list)
     tables = []
     for proto in protocols:
         suffix = "" if proto == "official" else f"@{proto}"
@@ -295,6 +302,8 @@ def evaluate_run(
         if "mtbc" in agents:
             mtbc_agent = make_mtbc_agent(run, mtbc_model, history_steps=history_steps, epsilon=epsilon, seed=seed)
             jobs += [mtbc_agent] if mtbc_agent is not None else []
+        if "behaviour" in agents:
+            jobs.append(PolicyAgent(behaviour_policy, seed=seed))
         for agent in jobs:
             tables.append(_rename(evaluate(agent, game_list, episodes, env_config=proto, **kw), suffix))
         if "random" in agents or "constant" in agents:
@@ -311,6 +320,33 @@ def evaluate_run(
     if not tables:
         raise ValueError("nothing to evaluate: agents is empty (or only 'mtbc' without an MTBC model or BC head).")
     return tables[0].merge(*tables[1:])
+
+
+def data_behaviour_policy(run: Run, game_list: Sequence[str]) -> str:
+    """The ``data.collect`` policy name that collected the run's data for these games (notebook 01's files)."""
+    import json
+
+    import h5py
+
+    from jowa_core.data.collect import POLICY_NAMES
+
+    files = _summary(run.run_dir, "01").get("games", {})
+    names = set()
+    for game in game_list:
+        path = files.get(game, {}).get("path")
+        if path is None or not Path(path).is_file():
+            raise FileNotFoundError(
+                f"the 'behaviour' agent reruns the players that collected {game}'s data, but notebook 01's summary in "
+                f"{run.run_dir} names no data file for it; run notebook 01 there, or pass behaviour_policy."
+            )
+        with h5py.File(path, "r") as f:
+            names.add(json.loads(f.attrs.get("behaviour_policy", "{}")).get("name"))
+    if len(names) != 1 or next(iter(names)) not in POLICY_NAMES:
+        raise ValueError(
+            f"the data files of {list(game_list)} were not all collected by one of {POLICY_NAMES} (found {sorted(map(str, names))}"
+            "; DQN-Replay imports have no behaviour to rerun); pass behaviour_policy, or leave 'behaviour' out of agents."
+        )
+    return next(iter(names))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +420,7 @@ def scores_summary(table: ScoreTable) -> dict[str, Any]:
 # The walkthrough's results table: data, controls, MTBC and JOWA side by side
 
 
-AGENT_ORDER = ("random", "constant_best", "mtbc", "jowa_greedy", "jowa_beam")
+AGENT_ORDER = ("random", "constant_best", "behaviour", "mtbc", "jowa_greedy", "jowa_beam")
 
 
 def _protocol_of(agent: str) -> tuple[str, str]:

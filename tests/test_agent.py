@@ -244,3 +244,52 @@ def test_bad_inputs_are_explained(nets):
         Agent(tok, model, horizon=2, beam_width=0).bind(["Pong"])
     with pytest.raises(KeyError, match="no entry for Breakout"):
         Agent(tok, model, history_steps={"Pong": 2}).bind(["Breakout"])
+
+
+# ---------------------------------------------------------------------------------------------
+# PolicyAgent: the data's behaviour policies as agents
+
+
+def test_policy_agent_gives_each_slot_its_policy_rows_and_ram():
+    """``PolicyAgent("tracker")`` acts as ``BreakoutTracker`` on the RAM of each slot, also for a subset of slots
+    (the rows a policy sees are all its game's slots, so per-row state and random draws stay aligned)."""
+    from jowa_core.data.collect import BreakoutTracker
+
+    rng = np.random.default_rng(0)
+    ram = rng.integers(0, 256, (3, 128), dtype=np.uint8)
+    ram[:, BreakoutTracker.BALL_Y] = [0, 50, 60]  # slot 0 has no ball in play: FIRE
+    obs = np.zeros((3, 84, 84), np.uint8)
+    agent = agent_mod.PolicyAgent("tracker", seed=4)
+    agent.bind(["Breakout"] * 3)
+    with pytest.raises(RuntimeError, match="call observe_ram"):
+        agent.act(obs)
+    agent.observe_ram(ram)
+    want = BreakoutTracker(epsilon=0.05).act(obs, ram, games.legal_mask("Breakout"), np.random.default_rng(4))
+    np.testing.assert_array_equal(agent.act(obs), want)
+    assert want[0] == games.action_index("FIRE") and agent.needs_ram
+    agent.bind(["Breakout"] * 3, seed=4)
+    agent.observe_ram(ram[[2, 0]], [2, 0])
+    agent.observe_ram(ram[[1]], [1])
+    np.testing.assert_array_equal(agent.act(obs[[2, 0]], [2, 0]), want[[2, 0]])
+    with pytest.raises(ValueError, match="cannot play"):
+        agent.bind(["Pong"])
+    with pytest.raises(ValueError, match="PolicyAgent policy must be one of"):
+        agent_mod.PolicyAgent("dqn")
+
+
+def test_policy_agent_draws_a_mixed_sub_policy_per_episode():
+    agent = agent_mod.PolicyAgent("mixed", seed=1)
+    agent.bind(["Pong", "Breakout", "Pong", "Breakout"])
+    pong, breakout = agent._policies["Pong"], agent._policies["Breakout"]
+    assert not pong.needs_ram and breakout.needs_ram  # Pong's mixture: random and lazy players
+    assert len(breakout.policies) == 7 and len(agent._slots["Breakout"]) == 2
+    before = [breakout.episode_label(0), breakout.episode_label(1)]
+    draws = []
+    for _ in range(20):  # a reset of slot 3 (Breakout's second slot) redraws that slot's sub-policy only
+        agent.reset([3])
+        assert breakout.episode_label(0) == before[0]
+        draws.append(breakout.episode_label(1))
+    assert len(set(draws)) > 2
+    agent.observe_ram(np.zeros((4, 128), np.uint8))
+    acts = agent.act(np.zeros((4, 84, 84), np.uint8))
+    assert all(games.legal_mask(g)[a] for g, a in zip(agent.games, acts))

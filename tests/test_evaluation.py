@@ -14,7 +14,7 @@ from scipy import stats
 
 from jowa_core import evaluation as ev
 from jowa_core import games
-from jowa_core.agent import BaseAgent, ConstantAgent, RandomAgent
+from jowa_core.agent import BaseAgent, ConstantAgent, PolicyAgent, RandomAgent
 from jowa_core.envs import AtariVecEnv, EnvConfig
 from jowa_core.evaluation import (
     ScoreTable,
@@ -364,3 +364,16 @@ def test_results_frame_markdown_and_targets():
     sticky = target_checks(f, "sticky").set_index(["target", "game"]).passed
     assert not sticky[("jowa_greedy > data mean", "Breakout")]  # 3 < 15
     assert not sticky[("jowa_greedy IQM HNS CI above mtbc's", "IQM HNS")]
+
+
+def test_agents_that_read_the_ram_get_it_on_the_python_backend():
+    """``PolicyAgent("tracker")`` (the data's RAM-reading player) is scored like any agent: evaluate picks the
+    python backend and hands it the RAM before each act; the scripted tracker outscores random play."""
+    kw = {"max_steps": 300, "seed": 2, "progress": False}
+    tracker = ev.evaluate(PolicyAgent("tracker"), "Breakout", 2, **kw)
+    assert tracker.meta["behaviour"]["backend"] == "python"
+    assert tracker.returns == ev.evaluate(PolicyAgent("tracker"), "Breakout", 2, **kw).returns  # reproducible
+    rand = ev.evaluate(RandomAgent(), "Breakout", 2, **kw)
+    assert tracker.mean("Breakout", "behaviour") > rand.mean("Breakout", "random") + 2
+    with pytest.raises(ValueError, match="reads the console RAM"):
+        ev.evaluate(PolicyAgent("tracker"), "Breakout", 1, backend="native", **kw)

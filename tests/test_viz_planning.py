@@ -301,6 +301,33 @@ def test_evaluate_run_adds_the_best_constant_control(run):
         evaluate_run(run, agents=("greedy", "dqn"))
 
 
+def test_evaluate_run_reruns_the_data_behaviour_under_each_protocol(run, tmp_path):
+    """"behaviour": the players that collected notebook 01's files (named in them) scored as an agent per
+    protocol; missing or foreign data files are explained."""
+    import dataclasses
+
+    import h5py
+
+    from jowa_core.data.collect import collect
+    from jowa_core.runs import data_behaviour_policy
+    from jowa_core.walkthrough import write_summary
+
+    with pytest.raises(FileNotFoundError, match="names no data file"):
+        evaluate_run(run, agents=("behaviour",), episodes=1, max_steps=4, progress=False)
+    here = dataclasses.replace(run, run_dir=tmp_path)
+    path = collect(GAME, 64, tmp_path / "Pong.h5", "mixed", num_envs=2, seed=0, progress=False)
+    write_summary(tmp_path, "01", {"games": {GAME: {"path": str(path)}}})
+    assert data_behaviour_policy(here, [GAME]) == "mixed"
+    table = evaluate_run(here, agents=("behaviour",), protocols=("official", "sticky"), episodes=2, max_steps=6,
+                         progress=False)  # fmt: skip
+    assert table.agents == ["behaviour", "behaviour@sticky"]
+    assert table.meta["behaviour"]["agent"]["policy"][GAME]["name"] == "mixed"
+    with h5py.File(path, "a") as f:
+        f.attrs["behaviour_policy"] = '{"name": "dqn_replay"}'
+    with pytest.raises(ValueError, match="were not all collected by one of"):
+        data_behaviour_policy(here, [GAME])
+
+
 # --- run folders and the CLI -------------------------------------------------------------------------------------
 
 
