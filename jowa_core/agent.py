@@ -169,11 +169,13 @@ class PolicyAgent(BaseAgent):
 
     def __init__(self, policy: str = "mixed", *, seed: int | None = 0, name: str = "behaviour") -> None:
         super().__init__(seed)
-        from jowa_core.data.collect import POLICY_NAMES
+        from jowa_core.data.collect import POLICY_NAMES, make_policy
 
-        if not isinstance(policy, str) or policy.lower() not in (*POLICY_NAMES, "mixed_quality", "breakout_tracker"):
-            raise ValueError(f"PolicyAgent policy must be one of {POLICY_NAMES}; got {policy!r}.")
-        self.policy = policy.lower()
+        try:  # make_policy knows the names and their aliases; any game that has them all will do
+            make_policy(str(policy), "Breakout")
+        except ValueError:
+            raise ValueError(f"PolicyAgent policy must be one of {POLICY_NAMES}; got {policy!r}.") from None
+        self.policy = str(policy)
         self.name = name
         self._policies: dict[str, Any] = {}  # game -> its Policy
         self._slots: dict[str, np.ndarray] = {}  # game -> its slots, ascending; a policy's env id = position here
@@ -196,8 +198,6 @@ class PolicyAgent(BaseAgent):
         self._ram = None
 
     def reset(self, env_indices: Any = None) -> None:
-        if not self._games:
-            return
         idx = _indices(env_indices, self.num_envs)
         for game, slots in self._slots.items():
             ended = np.flatnonzero(np.isin(slots, idx))

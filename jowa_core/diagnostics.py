@@ -282,6 +282,12 @@ class _Windows:
     tokens: np.ndarray
     actions: np.ndarray
     returns: np.ndarray
+    rewards_in: np.ndarray
+    """The data's reward of the step before each window's last one (unclipped)."""
+
+    def take(self, rows: np.ndarray) -> _Windows:
+        return _Windows(self.game, *(getattr(self, k)[rows] for k in ("steps", "tokens", "actions", "returns",
+                                                                       "rewards_in")))  # fmt: skip
 
 
 def _windows(token_cache: str | os.PathLike, L: int, samples: int, seed: int, gamma: float = 0.99) -> _Windows:
@@ -291,7 +297,8 @@ def _windows(token_cache: str | os.PathLike, L: int, samples: int, seed: int, ga
         tokens = f["tokens"][:].astype(np.int64)
         actions = f["actions"][:].astype(np.int64)
         starts = f["episode_starts"][:]
-        returns = discounted_returns(f["rewards"][:], starts, gamma)
+        rewards = f["rewards"][:]
+    returns = discounted_returns(rewards, starts, gamma)
     n = len(actions)
     episode_start = starts[_episode_of(starts, n)]
     eligible = np.flatnonzero(np.arange(n) - episode_start >= L - 1)
@@ -300,7 +307,7 @@ def _windows(token_cache: str | os.PathLike, L: int, samples: int, seed: int, ga
     ts = np.sort(np.random.default_rng(seed).choice(eligible, min(samples, len(eligible)), replace=False))
     rows = ts[:, None] + np.arange(1 - L, 1)  # (b, L) step indices ending at t
     seq = np.concatenate([tokens[rows], actions[rows][..., None]], axis=-1).reshape(len(ts), -1)
-    return _Windows(game, ts, seq, actions[ts], returns[ts])
+    return _Windows(game, ts, seq, actions[ts], returns[ts], rewards[ts - 1])
 
 
 def _scores(model: torch.nn.Module, w: _Windows, batch: int) -> np.ndarray:
@@ -381,8 +388,7 @@ def imagined_value_check(
     if L < 2:
         raise ValueError(f"imagined_value_check needs windows of 2 steps or more; the model's max_blocks is {L}.")
     w = _windows(token_cache, L, samples, seed, gamma)
-    with open_token_cache(token_cache) as f:
-        rewards = np.sign(f["rewards"][:][w.steps - 1]).astype(np.float32)  # r of the step before s'
+    rewards = np.sign(w.rewards_in).astype(np.float32)  # clipped r of the step before s'
     device = next(model.parameters()).device
     task = games.task_id(w.game)
     legal = torch.as_tensor(games.legal_mask(w.game), device=device)
@@ -610,7 +616,7 @@ def breakout_q_by_state(
     keep = np.sort(
         np.r_[np.flatnonzero(no_ball[w.steps]), rng.choice(in_play, min(ball_samples, len(in_play)), replace=False)]
     )
-    w = _Windows(w.game, w.steps[keep], w.tokens[keep], w.actions[keep], w.returns[keep])
+    w = w.take(keep)
     scores = _scores(model, w, batch)[:, BREAKOUT_ACTIONS]
     first = scores.argmax(1)
     state = np.where(no_ball[w.steps], "no_ball", "ball")

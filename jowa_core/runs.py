@@ -21,6 +21,7 @@ from jowa_core.evaluation import ScoreTable, control_scores, evaluate
 
 __all__ = [
     "AGENT_KINDS",
+    "DEFAULT_AGENTS",
     "Run",
     "best_constant",
     "evaluate_run",
@@ -36,10 +37,11 @@ __all__ = [
     "target_checks",
 ]
 
-AGENT_KINDS = ("greedy", "beam", "mtbc", "random", "constant", "behaviour")
-"""What ``evaluate_run`` can score; "behaviour" (ours) reruns the players that collected the data (``PolicyAgent``)."""
-"""What ``evaluate_run`` can evaluate: JOWA greedy Q, JOWA beam search, the run's behaviour-cloning
+DEFAULT_AGENTS = ("greedy", "beam", "mtbc", "random", "constant")
+"""What ``evaluate_run`` evaluates by default: JOWA greedy Q, JOWA beam search, the run's behaviour-cloning
 head (only when the model has one), uniform random, and the best constant action per game."""
+AGENT_KINDS = (*DEFAULT_AGENTS, "behaviour")
+"""What ``evaluate_run`` can score; "behaviour" (ours) reruns the players that collected the data (``PolicyAgent``)."""
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,7 @@ def evaluate_run(
     *,
     episodes: int = 16,
     protocols: Sequence[str] = ("official",),
-    agents: Sequence[str] = AGENT_KINDS[:5],
+    agents: Sequence[str] = DEFAULT_AGENTS,
     beam_width: int = 0,
     horizon: int = 2,
     history_steps: int = 0,

@@ -55,8 +55,7 @@ from tqdm.auto import tqdm
 
 from jowa_core import checkpoints
 from jowa_core.config import Preset, TrainConfig, WorldActionConfig, preset
-from jowa_core.data.format import DatasetError
-from jowa_core.data.segments import SegmentSampler, SegmentSource
+from jowa_core.data.segments import SegmentSampler, SegmentSource, require_lives
 from jowa_core.data.token_cache import open_token_cache
 from jowa_core.games import action_masks
 from jowa_core.losses import LossTerms, joint_loss
@@ -633,13 +632,7 @@ def _train(
     sources = make_sources(token_caches, mc, stride=options["stride"], returns_gamma=tc.gamma if tc.mc_anchor else None,
                            segment_length=mc.max_blocks + 1 if tc.next_step_target else None)  # fmt: skip
     if tc.life_loss_terminal:
-        lacking = [repr(s) for s in sources if s.life_ends is None]
-        if lacking:
-            raise DatasetError(
-                f"life_loss_terminal needs each game's lives counter, but {', '.join(lacking)} has none (files "
-                "collected before lives were recorded, or DQN-Replay imports). Recollect the data with `jowa collect` "
-                "and rebuild the token cache, or set life_loss_terminal to False."
-            )
+        require_lives(sources, "life_loss_terminal", "life_loss_terminal to False")
     if options["data_split"] == "global":
         sampler = SegmentSampler(sources, tc.batch_size, seed=tc.seed, life_start_share=tc.life_start_share)
         dataset: IterableDataset = GlobalBatchSlices(sampler, info.rank, W)
@@ -780,10 +773,9 @@ def _train(
                 for name, v in metrics.items():
                     acc[f"loss/{name}"] = acc.get(f"loss/{name}", 0.0) + v.float() / len(micro)
         grad_norm = torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], tc.grad_clip)
-        if stage == 2 and tc.lr_schedule_stage2 != "constant":
-            factor = stage2_lr_factor(step, tc)
-            for g, base in zip(opt.param_groups, base_lrs):
-                g["lr"] = base * factor
+        factor = stage2_lr_factor(step, tc)  # 1 except in stage 2 with the cosine schedule
+        for g, base in zip(opt.param_groups, base_lrs):
+            g["lr"] = base * factor
         opt.step()
         sampler.mark_consumed(raw)
         step += 1

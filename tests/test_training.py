@@ -391,19 +391,25 @@ def test_mtbc_baseline_gets_the_same_budget_and_trains_only_its_bc_head(caches, 
         assert r["loss/total"] == pytest.approx(r["loss/bc"]) and r["loss/td"] == 0.0 and r["loss/obs"] > 0
 
 
+def _assert_moves_only_the_td_loss(caches, tmp_path, option: str) -> None:
+    """Two runs, the boolean TrainConfig ``option`` off and on, same seed and data: stage 1 (no critic) logs the
+    same world loss, and the first critic step the same world loss but another TD loss."""
+    runs = {}
+    for on in (False, True):
+        run = tmp_path / f"run_{on}"
+        train_world_action(tiny(dropout=0.0, log_every=1, **{option: on}), caches, run, stage1_steps=2,
+                           stage2_steps=2, **RUN)  # fmt: skip
+        runs[on] = read_metrics(run)
+    plain, changed = runs[False], runs[True]
+    assert [r["loss/world"] for r in plain[:2]] == [r["loss/world"] for r in changed[:2]]  # stage 1: no critic
+    assert plain[2]["loss/world"] == pytest.approx(changed[2]["loss/world"], rel=1e-6)
+    assert plain[2]["loss/td"] != pytest.approx(changed[2]["loss/td"], rel=1e-3)
+
+
 def test_mc_anchor_reaches_the_loss_through_the_loop(caches, tmp_path):
     """With ``mc_anchor`` the sampler carries each step's return-to-go and the C51 loss uses it: the same
     seed and data give another TD loss, and the world loss of the first critic step is untouched."""
-    runs = {}
-    for anchor in (False, True):
-        run = tmp_path / f"run_{anchor}"
-        train_world_action(tiny(dropout=0.0, mc_anchor=anchor, log_every=1), caches, run, stage1_steps=2,
-                           stage2_steps=2, **RUN)  # fmt: skip
-        runs[anchor] = read_metrics(run)
-    plain, anchored = runs[False], runs[True]
-    assert [r["loss/world"] for r in plain[:2]] == [r["loss/world"] for r in anchored[:2]]  # stage 1: no critic
-    assert plain[2]["loss/world"] == pytest.approx(anchored[2]["loss/world"], rel=1e-6)
-    assert plain[2]["loss/td"] != pytest.approx(anchored[2]["loss/td"], rel=1e-3)
+    _assert_moves_only_the_td_loss(caches, tmp_path, "mc_anchor")
 
 
 def test_life_loss_terminal_reaches_the_td_loss_and_needs_lives(caches, tmp_path, write_token_cache):
@@ -420,16 +426,7 @@ def test_life_loss_terminal_reaches_the_td_loss_and_needs_lives(caches, tmp_path
             t = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
             f["lives"] = np.maximum(3 - t // 4, 1).astype(np.uint8)
         lived.append(path)
-    runs = {}
-    for life in (False, True):
-        run = tmp_path / f"run_{life}"
-        train_world_action(tiny(dropout=0.0, life_loss_terminal=life, log_every=1), lived, run, stage1_steps=2,
-                           stage2_steps=2, **RUN)  # fmt: skip
-        runs[life] = read_metrics(run)
-    plain, life = runs[False], runs[True]
-    assert [r["loss/world"] for r in plain[:2]] == [r["loss/world"] for r in life[:2]]
-    assert plain[2]["loss/world"] == pytest.approx(life[2]["loss/world"], rel=1e-6)
-    assert plain[2]["loss/td"] != pytest.approx(life[2]["loss/td"], rel=1e-3)
+    _assert_moves_only_the_td_loss(lived, tmp_path, "life_loss_terminal")
 
 
 def test_next_step_target_reads_the_window_one_step_later(caches, tmp_path):

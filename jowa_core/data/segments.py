@@ -390,6 +390,17 @@ class SegmentSource:
         )
 
 
+def require_lives(sources: Sequence[SegmentSource], setting: str, off: str) -> None:
+    """Refuse ``setting`` (e.g. ``life_start_share=0.3``) unless every source knows its lives counter."""
+    lacking = [repr(s) for s in sources if s.life_ends is None]
+    if lacking:
+        raise DatasetError(
+            f"{setting} needs each game's lives counter, but {', '.join(lacking)} has none (files collected before "
+            "lives were recorded, or DQN-Replay imports). Recollect the data with `jowa collect` and rebuild the "
+            f"token cache, or set {off}."
+        )
+
+
 class SegmentSampler(IterableDataset):
     """An endless, reproducible stream of batches over several games (torch ``IterableDataset``).
 
@@ -435,13 +446,7 @@ class SegmentSampler(IterableDataset):
         if not 0.0 <= life_start_share <= 1.0:
             raise ValueError(f"life_start_share must be in [0, 1], got {life_start_share}.")
         if life_start_share > 0:
-            lacking = [repr(s) for s in self.sources if s.life_start_segments is None]
-            if lacking:
-                raise DatasetError(
-                    f"life_start_share={life_start_share} needs each game's lives counter, but {', '.join(lacking)} "
-                    "has none (files collected before lives were recorded, or DQN-Replay imports). Recollect the "
-                    "data with `jowa collect` and rebuild the token cache, or set life_start_share to 0."
-                )
+            require_lives(self.sources, f"life_start_share={life_start_share}", "life_start_share to 0")
         self.life_start_share = float(life_start_share)
         if not self.sources:
             raise ValueError("SegmentSampler needs at least one SegmentSource.")

@@ -56,18 +56,15 @@ def _norm(channels: int, local: bool = False) -> nn.Module:
     return PositionNorm(channels) if local else nn.GroupNorm(num_groups=2, num_channels=channels, eps=1e-6, affine=True)
 
 
-class PositionNorm(nn.Module):
-    """LayerNorm over the channels at each position (ours, ``TokenizerConfig.local_encoder``): GroupNorm's
-    statistics span the whole frame, so every token would depend on every pixel."""
+class PositionNorm(nn.LayerNorm):
+    """LayerNorm over the channels at each position of (B, C, H, W) (ours, ``TokenizerConfig.local_encoder``):
+    GroupNorm's statistics span the whole frame, so every token would depend on every pixel."""
 
     def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
+        super().__init__(channels, eps=1e-6)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, 1e-6)
-        return h.permute(0, 3, 1, 2)
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class ResnetBlock(nn.Module):
@@ -207,7 +204,8 @@ class Encoder(nn.Module):
         c = cfg.ch * cfg.ch_mult[-1]
         self.mid = _Mid(c, cfg.dropout, cfg.mid_attention, local)
         self.norm_out = _norm(c, local)
-        self.conv_out = nn.Conv2d(c, cfg.z_channels, 1 if local else 3, padding=0 if local else 1)
+        k = 1 if local else 3
+        self.conv_out = nn.Conv2d(c, cfg.z_channels, k, padding=k // 2)
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.stem_stride
