@@ -251,6 +251,10 @@ class TrainConfig:
     td_steps: int = 1
     """n of the TD target, inside a segment (official 1). Ours: > 1 carries delayed rewards back faster in
     short runs, e.g. Breakout's FIRE after a lost life (``losses.n_step_targets``)."""
+    td_max_over_n: bool = False
+    """Ours (off in every preset): each TD row takes the highest of its k-step targets, k = 1..``td_steps``, each
+    a lower bound of the optimal value (He et al. 2017), so that a noisy player's next actions do not drag
+    the target down as a fixed n does (``losses.best_n_step_targets``). Needs ``td_steps`` > 1."""
     mc_anchor: bool = False
     """Ours (off in the paper presets): anchor the C51 critic on the data's discounted returns-to-go, a floor
     under each bootstrap value and the target of a segment's last step (``losses.c51_td_loss``)."""
@@ -303,6 +307,8 @@ class TrainConfig:
         _check(0.0 < self.gamma <= 1.0, f"gamma must be in (0, 1], got {self.gamma}.")
         _check(self.td_steps == 1 or 1 < self.td_steps < self.segment_length,
                f"td_steps must be >= 1 and shorter than segment_length {self.segment_length}, got {self.td_steps}.")
+        _check(not self.td_max_over_n or self.td_steps > 1,
+               "td_max_over_n picks the best of the 1..td_steps-step targets; set td_steps > 1 or turn it off.")
         _check(
             self.tokenizer_lr_schedule in ("constant", "cosine"),
             f"tokenizer_lr_schedule must be 'constant' or 'cosine', got {self.tokenizer_lr_schedule!r}.",

@@ -751,7 +751,7 @@ def _loss(model: WorldActionModel, batch: Batch, n_real: int, cfg: FinetuneConfi
         model.atoms, supervised_weight=cfg.supervised_weight, train_critic=True, gamma=tc.gamma,
         cql_weight=tc.cql_weight, td_loss=model.cfg.td_loss, q_penalty=model.cfg.q_penalty,
         cql_legal_only=model.cfg.cql_legal_only, rem_weights=rem, num_real_rows=n_real, td_steps=tc.td_steps,
-        changed_token_weight=tc.changed_token_weight,
+        changed_token_weight=tc.changed_token_weight, td_max_over_n=tc.td_max_over_n,
     )  # fmt: skip
 
 

@@ -183,6 +183,32 @@ def n_step_targets(rewards: torch.Tensor, rows: TDRows, gamma: float, n: int) ->
     return NStepTargets(ret, disc, boot, term, nonterminal)
 
 
+def best_n_step_targets(
+    rewards: torch.Tensor, rows: TDRows, gamma: float, n: int, values: torch.Tensor
+) -> NStepTargets:
+    """Per row, the k-step target (k = 1..n) whose value is highest (ours, ``TrainConfig.td_max_over_n``).
+
+    With Q* as the bootstrap, every k-step return of any behaviour followed by max_a Q* is a lower bound
+    of Q*(s_t, a_t), so their max is the tightest (He et al. 2017, optimality tightening). Data from
+    players of mixed quality gains from it: a fixed n counts the noisy player's next n actions as if
+    they were the agent's, one step ignores the good player's rewards until they are bootstrapped back.
+    ``values`` (B, L') is the bootstrap value at each step (the target head's max expected Q); a
+    terminal k-step target's value is its return. Ties go to the smaller k.
+    """
+    cands = [n_step_targets(rewards, rows, gamma, k) for k in range(1, n + 1)]
+    last = values.shape[1] - 1
+    score = torch.stack([
+        c.returns + torch.where(c.terminal, 0.0, c.discount * values.gather(1, c.boot_index.clamp(max=last)))
+        for c in cands
+    ])  # fmt: skip
+    best = score.argmax(0, keepdim=True)  # (1, B, L): first max, i.e. the smallest k
+
+    def pick(name: str) -> torch.Tensor:
+        return torch.stack([getattr(c, name) for c in cands]).gather(0, best).squeeze(0)
+
+    return NStepTargets(*(pick(f.name) for f in dataclasses.fields(NStepTargets)))
+
+
 def c51_project(
     next_probs: torch.Tensor,
     rewards: torch.Tensor,
@@ -254,6 +280,7 @@ def c51_td_loss(
     mc_returns: torch.Tensor | None = None,
     next_target_logits: torch.Tensor | None = None,
     next_mask: torch.Tensor | None = None,
+    max_over_n: bool = False,
 ) -> torch.Tensor:
     """1-step distributional TD loss (spec 6.2): mean over TD rows of -sum_i m_i log(P_i + 1e-8).
 
@@ -274,6 +301,9 @@ def c51_td_loss(
     the target head at the step after the segment, read from the window one step later, and whether that
     step is real. The segment's last step then has a TD target too, and n-step rows reach one step further;
     ``mc_returns`` then holds L + 1 steps.
+
+    ``max_over_n`` (ours, ``TrainConfig.td_max_over_n``): each row takes the k-step target, k = 1..``n_steps``,
+    whose expected value is highest (``best_n_step_targets``).
 
     Args:
         q_logits, q_target_logits: (num_q, B, L, 18, Z) online / target logits.
@@ -302,7 +332,10 @@ def c51_td_loss(
         a_star = t_q.argmax(-1)  # (B, L')
         p_star = t_probs.gather(2, a_star.view(*a_star.shape, 1, 1).expand(-1, -1, 1, Z)).squeeze(2)  # (B, L', Z)
         n_t = p_star.shape[1]  # L, or L + 1 with the next step
-        tgt = n_step_targets(rewards, rows, gamma, n_steps)
+        if max_over_n:
+            tgt = best_n_step_targets(rewards, rows, gamma, n_steps, t_q.max(-1).values)
+        else:
+            tgt = n_step_targets(rewards, rows, gamma, n_steps)
         nxt = tgt.boot_index.clamp(max=n_t - 1)
         p_next = p_star.gather(1, nxt.unsqueeze(-1).expand(-1, -1, Z))  # (B, L', Z) at the bootstrap step
         m_boot = c51_project(p_next, tgt.returns, torch.zeros_like(rewards), tgt.discount, atoms)
@@ -343,6 +376,7 @@ def mse_td_loss(
     gamma: float,
     weights: torch.Tensor | None = None,
     n_steps: int = 1,
+    max_over_n: bool = False,
 ) -> torch.Tensor:
     """Ablation ``td_loss: mse`` (spec 6.4): 0.5 * mean over TD rows of (Q(s,a) - y)^2 with
     y = r + gamma max_{legal a'} Q_target(s', a') (y = r on terminal rows).
@@ -357,7 +391,10 @@ def mse_td_loss(
     with torch.no_grad():
         t_q = expected_q(q_target_values.detach().float(), None, weights)
         v = t_q.masked_fill(~legal_mask.bool().unsqueeze(1), float("-inf")).max(-1).values  # (B, L)
-        tgt = n_step_targets(rewards, rows, gamma, n_steps)
+        if max_over_n:
+            tgt = best_n_step_targets(rewards, rows, gamma, n_steps, v)
+        else:
+            tgt = n_step_targets(rewards, rows, gamma, n_steps)
         v_next = v.gather(1, tgt.boot_index.clamp(max=v.shape[1] - 1))
         y_boot = tgt.returns + tgt.discount * v_next
         y_term = tgt.returns
@@ -480,6 +517,7 @@ def joint_loss(
     next_mask: torch.Tensor | None = None,
     changed_token_weight: float = 1.0,
     critic_ends: torch.Tensor | None = None,
+    td_max_over_n: bool = False,
 ) -> LossTerms:
     """L = lambda (CE_obs + CE_rew + CE_end) + L_TD + alpha L_CQL (+ bc_weight L_BC) (paper Eq. 9).
 
@@ -499,6 +537,7 @@ def joint_loss(
         changed_token_weight: CE_obs weight of tokens that changed since the previous step (``world_losses``).
         critic_ends: (B, L) the steps after which the TD targets stop bootstrapping (default ``ends``); ours:
             ``ends`` or a lost life (``TrainConfig.life_loss_terminal``). The world model still learns ``ends``.
+        td_max_over_n: each TD row takes its best k-step target, k = 1..``td_steps`` (``best_n_step_targets``).
 
     Differences from the official code, all outside its default settings: with REM weights the CQL
     terms use the uniform mixture (official: the dataset term uses the REM mixture); the MSE
@@ -537,7 +576,8 @@ def joint_loss(
         if td_loss == "c51":
             td = c51_td_loss(out.q_logits, q_target_logits, actions, rewards, td_ends, mask, legal_mask, atoms, gamma,
                              rem_weights, n_steps=td_steps, mc_returns=mc_returns,
-                             next_target_logits=next_target_logits, next_mask=next_mask)  # fmt: skip
+                             next_target_logits=next_target_logits, next_mask=next_mask,
+                             max_over_n=td_max_over_n)  # fmt: skip
             q_exp = expected_q(out.q_logits, atoms)
         elif td_loss == "mse":
             if mc_returns is not None:
@@ -548,7 +588,7 @@ def joint_loss(
                 )
             td = mse_td_loss(
                 out.q_logits, q_target_logits, actions, rewards, td_ends, mask, legal_mask, gamma, rem_weights,
-                n_steps=td_steps,
+                n_steps=td_steps, max_over_n=td_max_over_n,
             )
             q_exp = expected_q(out.q_logits.float(), None)
         else:

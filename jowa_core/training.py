@@ -386,7 +386,7 @@ def step_loss(
         q_penalty=cfg.q_penalty, cql_legal_only=cfg.cql_legal_only, rem_weights=rem, bc_weight=train_cfg.bc_weight,
         td_steps=train_cfg.td_steps, mc_returns=mc if critic and train_cfg.mc_anchor else None,
         next_target_logits=next_logits, next_mask=next_mask, changed_token_weight=train_cfg.changed_token_weight,
-        critic_ends=critic_ends,
+        critic_ends=critic_ends, td_max_over_n=train_cfg.td_max_over_n,
     )  # fmt: skip
 
 

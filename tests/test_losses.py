@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jowa_core.config import WorldActionConfig
+from jowa_core.config import ConfigError, TrainConfig, WorldActionConfig
 from jowa_core.losses import (
     c51_project,
     c51_td_loss,
@@ -229,6 +229,58 @@ def test_c51_n_step_loss_equals_brute_force():
                 target = ref_project(mixture(qt[:, b, boot, best_a]).tolist(), G, False, disc, ATOMS.tolist())
             terms.append(-sum(m * math.log(pi + 1e-8) for m, pi in zip(target, p.tolist())))
     assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_c51_max_over_n_takes_each_rows_best_k_step_target_by_brute_force(seed):
+    q, qt, actions, rewards, ends, mask, legal = random_td_case(seed, L=7)
+    got = c51_td_loss(q, qt, actions, rewards, ends, mask, legal, ATOMS, 0.9, n_steps=4, max_over_n=True)
+    terms, ks = [], set()
+    for b in range(q.shape[1]):
+        v_at = {}  # V at each step: the target mixture's best legal expected Q, and its argmax
+        for s in range(q.shape[2]):
+            vals = {a: float(mixture(qt[:, b, s, a]) @ ATOMS.double()) for a in range(18) if legal[b, a]}
+            best_a = max(vals, key=vals.get)
+            v_at[s] = (vals[best_a], best_a)
+        cands = {}
+        for k in range(1, 5):
+            for t, G, disc, boot in ref_n_step_rows(mask[b].tolist(), [bool(e) for e in ends[b]], rewards[b].tolist(), 0.9, k):
+                score = G if boot is None else G + disc * v_at[boot][0]
+                if t not in cands or score > cands[t][0] + 1e-9:
+                    cands[t] = (score, G, disc, boot, k)
+        for t, (_, G, disc, boot, k) in sorted(cands.items()):
+            ks.add(k)
+            p = mixture(q[:, b, t, actions[b, t]])
+            if boot is None:
+                target = ref_project([1.0] + [0.0] * 50, G, True, 0.9, ATOMS.tolist())
+            else:
+                target = ref_project(mixture(qt[:, b, boot, v_at[boot][1]]).tolist(), G, False, disc, ATOMS.tolist())
+            terms.append(-sum(m * math.log(pi + 1e-8) for m, pi in zip(target, p.tolist())))
+    assert len(ks) > 1  # the case mixes horizons, so a fixed n would not pass
+    assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    fixed = c51_td_loss(q, qt, actions, rewards, ends, mask, legal, ATOMS, 0.9, n_steps=4)
+    assert got.item() != pytest.approx(fixed.item(), rel=1e-4)
+
+
+def test_mse_max_over_n_target_is_the_best_k_step_target():
+    q, qt, actions, rewards, ends, mask, legal = random_td_case(8, L=6, scalar=True)
+    got = mse_td_loss(q, qt, actions, rewards, ends, mask, legal, 0.9, n_steps=3, max_over_n=True)
+    terms = []
+    for b in range(q.shape[1]):
+        v = {s: max(float(qt[:, b, s, a].mean()) for a in range(18) if legal[b, a]) for s in range(6)}
+        best = {}
+        for k in range(1, 4):
+            for t, G, disc, boot in ref_n_step_rows(mask[b].tolist(), [bool(e) for e in ends[b]], rewards[b].tolist(), 0.9, k):
+                y = G if boot is None else G + disc * v[boot]
+                best[t] = max(best.get(t, -float("inf")), y)
+        for t, y in best.items():
+            terms.append(0.5 * (float(q[:, b, t, actions[b, t]].mean()) - y) ** 2)
+    assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_td_max_over_n_needs_more_than_one_step():
+    with pytest.raises(ConfigError, match="td_steps > 1"):
+        TrainConfig(td_max_over_n=True, td_steps=1)
 
 
 def test_c51_td_loss_gradient_reaches_only_the_online_logits():

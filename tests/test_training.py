@@ -391,13 +391,13 @@ def test_mtbc_baseline_gets_the_same_budget_and_trains_only_its_bc_head(caches, 
         assert r["loss/total"] == pytest.approx(r["loss/bc"]) and r["loss/td"] == 0.0 and r["loss/obs"] > 0
 
 
-def _assert_moves_only_the_td_loss(caches, tmp_path, option: str) -> None:
+def _assert_moves_only_the_td_loss(caches, tmp_path, option: str, **train) -> None:
     """Two runs, the boolean TrainConfig ``option`` off and on, same seed and data: stage 1 (no critic) logs the
     same world loss, and the first critic step the same world loss but another TD loss."""
     runs = {}
     for on in (False, True):
         run = tmp_path / f"run_{on}"
-        train_world_action(tiny(dropout=0.0, log_every=1, **{option: on}), caches, run, stage1_steps=2,
+        train_world_action(tiny(dropout=0.0, log_every=1, **{option: on}, **train), caches, run, stage1_steps=2,
                            stage2_steps=2, **RUN)  # fmt: skip
         runs[on] = read_metrics(run)
     plain, changed = runs[False], runs[True]
@@ -410,6 +410,10 @@ def test_mc_anchor_reaches_the_loss_through_the_loop(caches, tmp_path):
     """With ``mc_anchor`` the sampler carries each step's return-to-go and the C51 loss uses it: the same
     seed and data give another TD loss, and the world loss of the first critic step is untouched."""
     _assert_moves_only_the_td_loss(caches, tmp_path, "mc_anchor")
+
+
+def test_td_max_over_n_reaches_the_loss_through_the_loop(caches, tmp_path):
+    _assert_moves_only_the_td_loss(caches, tmp_path, "td_max_over_n", td_steps=3)
 
 
 def test_life_loss_terminal_reaches_the_td_loss_and_needs_lives(caches, tmp_path, write_token_cache):
