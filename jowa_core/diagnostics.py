@@ -13,6 +13,7 @@ functions, so anyone can redo it on their own run:
 >>> diagnostics.greedy_agreement({"jowa": model, "mtbc": mtbc}, "runs/default/data/Breakout.tokens.h5")
 >>> diagnostics.breakout_stalls(agent, "official")   # does a playing agent launch the ball?
 >>> diagnostics.breakout_q_by_state(model, "runs/default/data/Breakout.h5")   # what it ranks with and without a ball
+>>> diagnostics.breakout_tracker_agreement({"jowa": model}, "runs/default/data/Breakout.h5")  # toward the ball?
 >>> diagnostics.q_trace(agent, "Breakout", past_action="NOOP")   # its Q as it plays; the state or its own actions?
 
 ``replay_ram`` needs a deterministic protocol (no sticky actions, no no-op starts), which makes an
@@ -160,6 +161,19 @@ def _step_policies(f, starts: np.ndarray, n: int) -> tuple[list[str], np.ndarray
     if "episode_policy_names" not in f.attrs:
         return [], None
     return json.loads(str(f.attrs["episode_policy_names"])), f["episode_policy"][:][_episode_of(starts, n)]
+
+
+def _cache_of(path: Path, token_cache: str | os.PathLike | None, actions: np.ndarray) -> Path:
+    """The token cache to read beside ``path`` (default: its own), refused unless it was encoded from it."""
+    cache = Path(token_cache) if token_cache is not None else token_cache_path(path)
+    with open_token_cache(cache) as g:
+        same = g["actions"].shape == actions.shape and np.array_equal(g["actions"][:], actions)
+    if not same:
+        raise ValueError(
+            f"{cache} was not encoded from {path} (their actions differ); pass the token cache built from this "
+            "dataset (build_token_cache(dataset, tokenizer))."
+        )
+    return cache
 
 
 def _no_ball_steps(path: Path, n: int) -> np.ndarray:
@@ -596,19 +610,12 @@ def breakout_q_by_state(
     if ball_samples < 0:
         raise ValueError(f"ball_samples must be >= 0, got {ball_samples}.")
     path = Path(dataset)
-    cache = Path(token_cache) if token_cache is not None else token_cache_path(path)
     with open_dataset(path) as f:
         _require_breakout(f, path)
         actions = f["actions"][:].astype(np.int64)
         starts = f["episode_starts"][:]
         names, policy = _step_policies(f, starts, len(actions))
-    with open_token_cache(cache) as g:
-        same = g["actions"].shape == actions.shape and np.array_equal(g["actions"][:], actions)
-    if not same:
-        raise ValueError(
-            f"{cache} was not encoded from {path} (their actions differ); pass the token cache built from this "
-            "dataset (build_token_cache(dataset, tokenizer))."
-        )
+    cache = _cache_of(path, token_cache, actions)
     w = _windows(cache, int(model.cfg.max_blocks), len(actions), seed, gamma)
     no_ball = _no_ball_steps(path, len(actions))
     rng = np.random.default_rng(seed)
@@ -634,6 +641,61 @@ def breakout_q_by_state(
                 row[f"first_{games.FULL_ACTION_SET[a]}"] = float((first[m] == j).mean()) if m.any() else float("nan")
             rows.append(row)
     return pd.DataFrame(rows).set_index(["state", "policy"])
+
+
+@torch.no_grad()
+def breakout_tracker_agreement(
+    models: dict[str, torch.nn.Module],
+    dataset: str | os.PathLike,
+    token_cache: str | os.PathLike | None = None,
+    *,
+    samples: int = 8000,
+    far: int = 15,
+    seed: int = 0,
+    batch: int = 200,
+) -> pd.DataFrame:
+    """How often each agent picks what the noiseless RAM tracker would, in the data's Breakout frames.
+
+    The tracker without noise is the data's best player; its action at each dataset step comes from the RAM
+    by replay (``BreakoutTracker(epsilon=0)``). Each model is read as the agent reads it (greedy Q, or MTBC's
+    ``head_bc``, at the last step of a full window; ``samples`` windows drawn with ``seed``). Rows: "moving"
+    (ball in play and the tracker moves the paddle), "far" (ball in play more than ``far`` pixels from the
+    tracker's aim, where the direction is plain), "no_ball" (the tracker presses FIRE). Columns: the windows,
+    each model's agreement, "data" (the data's own actions) and "majority" (the share of the tracker's
+    commonest action there: what always choosing it would score).
+    """
+    if not models:
+        raise ValueError("breakout_tracker_agreement needs at least one model.")
+    path = Path(dataset)
+    with open_dataset(path) as f:
+        _require_breakout(f, path)
+        actions = f["actions"][:].astype(np.int64)
+    cache = _cache_of(path, token_cache, actions)
+    w = _windows(cache, min(int(m.cfg.max_blocks) for m in models.values()), samples, seed)
+    replay = replay_ram(path)
+    ram = np.zeros((len(actions), replay.ram.shape[1]), np.uint8)
+    ram[replay.index] = replay.ram
+    ram = ram[w.steps]
+    legal = games.legal_mask(w.game)
+    tracker = BreakoutTracker(epsilon=0.0)
+    ideal = tracker.act(None, ram, np.broadcast_to(legal, (len(ram), legal.size)), np.random.default_rng(0))
+    ball_x, ball_y, paddle_x = (ram[:, k].astype(np.int64) for k in (tracker.BALL_X, tracker.BALL_Y, tracker.PADDLE_X))
+    in_play = ball_y != 0
+    moving = in_play & np.isin(ideal, [games.FULL_ACTION_SET.index(a) for a in ("LEFT", "RIGHT")])
+    plain = in_play & (np.abs(ball_x + tracker.AIM - paddle_x) > far)
+    picks = {"data": w.actions}
+    for name, m in models.items():
+        sc = _scores(m, w, batch)
+        sc[:, ~legal] = -np.inf
+        picks[name] = sc.argmax(-1)
+    rows = []
+    for state, sel in (("moving", moving), ("far", plain), ("no_ball", ~in_play)):
+        row: dict[str, float | int | str] = {"state": state, "windows": int(sel.sum())}
+        for name in [*models, "data"]:
+            row[name] = float((picks[name][sel] == ideal[sel]).mean()) if sel.any() else float("nan")
+        row["majority"] = float(np.bincount(ideal[sel]).max() / sel.sum()) if sel.any() else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("state")
 
 
 def breakout_stalls(

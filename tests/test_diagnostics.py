@@ -278,6 +278,34 @@ def test_breakout_q_by_state_against_the_no_ball_table(tmp_path):
         diagnostics.breakout_q_by_state(copy, path, build_token_cache(other, _ZeroTokenizer(), progress=False))
 
 
+def test_breakout_tracker_agreement_on_the_noiseless_trackers_own_data(tracker_file, tmp_path):
+    """On data from the noiseless tracker every action is the tracker's, so a model that copies the data agrees
+    everywhere, one that always picks RIGHT agrees on the data's RIGHT share, and with a 1-step window (every
+    step read) the row counts are the data's action counts: FIRE exactly when no ball is in play."""
+    from jowa_core.data.token_cache import build_token_cache
+
+    path = shutil.copy(tracker_file, tmp_path / "Breakout.h5")
+    build_token_cache(path, _ZeroTokenizer(), progress=False)
+    models = {"copy": _Chooser("copy"), "right": _Chooser("right")}
+    for m in models.values():
+        m.cfg.max_blocks = 1
+    table = diagnostics.breakout_tracker_agreement(models, path, samples=10_000)
+    with h5py.File(path) as f:
+        actions = f["actions"][:]
+    left = games.FULL_ACTION_SET.index("LEFT")
+    moving = np.isin(actions, [left, RIGHT])
+    assert table.loc["no_ball", "windows"] == (actions == FIRE).sum() > 0
+    assert table.loc["moving", "windows"] == moving.sum() > 0
+    assert 0 < table.loc["far", "windows"] <= table.loc["moving", "windows"]  # 15 pixels off: past the dead zone
+    assert (table["copy"] == 1.0).all() and (table["data"] == 1.0).all()
+    assert table.loc["moving", "right"] == pytest.approx((actions[moving] == RIGHT).mean())
+    assert table.loc["no_ball", "right"] == 0.0 and table.loc["no_ball", "majority"] == 1.0
+    share = (actions[moving] == RIGHT).mean()
+    assert table.loc["moving", "majority"] == pytest.approx(max(share, 1 - share))
+    with pytest.raises(ValueError, match="at least one model"):
+        diagnostics.breakout_tracker_agreement({}, path)
+
+
 def test_q_trace_reads_the_agents_context_and_its_counterfactual():
     """Q columns equal a direct forward on the agent's decision context; forced actions are executed; with
     past_action every past action token (and nothing else) is replaced before the forward."""
