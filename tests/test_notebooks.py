@@ -53,6 +53,9 @@ def test_pipeline_smoke_run(smoke_run):
     assert results["targets"] > 0 and 0 <= results["targets_passed"] <= results["targets"]
     assert set(results["no_ball_share"]) == {"jowa_greedy", "mtbc"}
     assert all(0.0 <= share <= 1.0 for share in results["no_ball_share"].values())
+    agreement = results["tracker_agreement"]
+    assert set(agreement) == {"moving", "far", "no_ball"} and agreement["no_ball"]["majority"] == 1.0
+    assert all(set(row) == {"windows", "jowa_greedy", "mtbc", "data", "majority"} for row in agreement.values())
 
 
 @pytest.mark.slow
