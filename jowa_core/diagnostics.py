@@ -666,6 +666,8 @@ def breakout_tracker_agreement(
     """
     if not models:
         raise ValueError("breakout_tracker_agreement needs at least one model.")
+    if samples < 1 or far < 0:
+        raise ValueError(f"breakout_tracker_agreement needs samples >= 1 and far >= 0, got {samples} and {far}.")
     path = Path(dataset)
     with open_dataset(path) as f:
         _require_breakout(f, path)

@@ -304,6 +304,8 @@ def test_breakout_tracker_agreement_on_the_noiseless_trackers_own_data(tracker_f
     assert table.loc["moving", "majority"] == pytest.approx(max(share, 1 - share))
     with pytest.raises(ValueError, match="at least one model"):
         diagnostics.breakout_tracker_agreement({}, path)
+    with pytest.raises(ValueError, match="far >= 0"):
+        diagnostics.breakout_tracker_agreement(models, path, far=-1)
 
 
 def test_q_trace_reads_the_agents_context_and_its_counterfactual():
