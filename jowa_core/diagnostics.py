@@ -176,12 +176,17 @@ def _cache_of(path: Path, token_cache: str | os.PathLike | None, actions: np.nda
     return cache
 
 
+def _ram_by_step(path: Path, n: int) -> np.ndarray:
+    """(n, 128) the RAM before each of the file's n transitions (``replay_ram`` of every episode)."""
+    replay = replay_ram(path)
+    ram = np.zeros((n, replay.ram.shape[1]), np.uint8)
+    ram[replay.index] = replay.ram
+    return ram
+
+
 def _no_ball_steps(path: Path, n: int) -> np.ndarray:
     """(n,) True where a transition starts with no ball in play (RAM[101] = 0, by ``replay_ram``)."""
-    replay = replay_ram(path)
-    no_ball = np.zeros(n, bool)
-    no_ball[replay.index] = replay.ram[:, BreakoutTracker.BALL_Y] == 0
-    return no_ball
+    return _ram_by_step(path, n)[:, BreakoutTracker.BALL_Y] == 0
 
 
 def breakout_no_ball_table(dataset: str | os.PathLike, gamma: float = 0.99) -> pd.DataFrame:
@@ -335,6 +340,17 @@ def _scores(model: torch.nn.Module, w: _Windows, batch: int) -> np.ndarray:
         s = out.bc_logits[:, -1] if out.bc_logits is not None else model.q_values(out.q_logits[:, :, -1])
         out_rows.append(s.float().cpu().numpy())
     return np.concatenate(out_rows)
+
+
+def _greedy_picks(models: dict[str, torch.nn.Module], w: _Windows, legal: np.ndarray, batch: int
+                  ) -> dict[str, np.ndarray]:  # fmt: skip
+    """Each model's first choice among the legal actions at each window's last step (``_scores``)."""
+    picks = {}
+    for name, m in models.items():
+        sc = _scores(m, w, batch)
+        sc[:, ~legal] = -np.inf
+        picks[name] = sc.argmax(-1)
+    return picks
 
 
 @torch.no_grad()
@@ -522,12 +538,7 @@ def greedy_agreement(
         raise ValueError("greedy_agreement needs at least one model.")
     L = min(int(m.cfg.max_blocks) for m in models.values())
     w = _windows(token_cache, L, samples, seed)
-    legal = games.legal_mask(w.game)
-    picks = {"data": w.actions}
-    for name, m in models.items():
-        sc = _scores(m, w, batch)
-        sc[:, ~legal] = -np.inf
-        picks[name] = sc.argmax(-1)
+    picks = {"data": w.actions, **_greedy_picks(models, w, games.legal_mask(w.game), batch)}
     names = list(picks)
     return pd.DataFrame(
         [[float((picks[a] == picks[b]).mean()) for b in names] for a in names], index=names, columns=names
@@ -674,10 +685,7 @@ def breakout_tracker_agreement(
         actions = f["actions"][:].astype(np.int64)
     cache = _cache_of(path, token_cache, actions)
     w = _windows(cache, min(int(m.cfg.max_blocks) for m in models.values()), samples, seed)
-    replay = replay_ram(path)
-    ram = np.zeros((len(actions), replay.ram.shape[1]), np.uint8)
-    ram[replay.index] = replay.ram
-    ram = ram[w.steps]
+    ram = _ram_by_step(path, len(actions))[w.steps]
     legal = games.legal_mask(w.game)
     tracker = BreakoutTracker(epsilon=0.0)
     ideal = tracker.act(None, ram, np.broadcast_to(legal, (len(ram), legal.size)), np.random.default_rng(0))
@@ -685,11 +693,7 @@ def breakout_tracker_agreement(
     in_play = ball_y != 0
     moving = in_play & np.isin(ideal, [games.FULL_ACTION_SET.index(a) for a in ("LEFT", "RIGHT")])
     plain = in_play & (np.abs(ball_x + tracker.AIM - paddle_x) > far)
-    picks = {"data": w.actions}
-    for name, m in models.items():
-        sc = _scores(m, w, batch)
-        sc[:, ~legal] = -np.inf
-        picks[name] = sc.argmax(-1)
+    picks = {"data": w.actions, **_greedy_picks(models, w, legal, batch)}
     rows = []
     for state, sel in (("moving", moving), ("far", plain), ("no_ball", ~in_play)):
         row: dict[str, float | int | str] = {"state": state, "windows": int(sel.sum())}

@@ -148,15 +148,8 @@ class NStepTargets:
     nonterminal: torch.Tensor
 
 
-def n_step_targets(rewards: torch.Tensor, rows: TDRows, gamma: float, n: int) -> NStepTargets:
-    """n-step returns inside a segment (ours; the official loss is n = 1).
-
-    Row t sums gamma^k r_{t+k} over its next real steps until it has n rewards, its episode ends, or the
-    segment has no step after the one reached, and bootstraps from the step after the last reward
-    (discount gamma^m for m rewards); a row whose window holds a terminal step is terminal (no
-    bootstrap). Episode ends come from ``rows.terminal``. With n = 1 this is exactly the official
-    pairing of ``td_rows``.
-    """
+def _n_step_prefixes(rewards: torch.Tensor, rows: TDRows, gamma: float, n: int) -> list[NStepTargets]:
+    """``n_step_targets`` for k = 1..n in one pass: entry k - 1 is the k-step target."""
     if n < 1:
         raise ValueError(f"td_steps must be >= 1, got {n}.")
     L = rewards.shape[1]
@@ -169,6 +162,7 @@ def n_step_targets(rewards: torch.Tensor, rows: TDRows, gamma: float, n: int) ->
     term = end.clone()
     alive = rows.nonterminal & ~term  # rows that may take one more reward
     cur = nxt
+    out = [NStepTargets(ret, disc, boot, term, rows.nonterminal)]  # k = 1: the official rows, as they are
     for _ in range(n - 1):
         at = cur.clamp(max=L - 1)
         r_k, e_k, n_k = r.gather(1, at), end.gather(1, at), nxt.gather(1, at)
@@ -179,8 +173,20 @@ def n_step_targets(rewards: torch.Tensor, rows: TDRows, gamma: float, n: int) ->
         term = term | (take & e_k)
         alive = take & ~e_k
         cur = n_k
-    nonterminal = rows.nonterminal if n == 1 else rows.nonterminal & ~term  # n = 1: the official rows, as they are
-    return NStepTargets(ret, disc, boot, term, nonterminal)
+        out.append(NStepTargets(ret, disc, boot, term, rows.nonterminal & ~term))
+    return out
+
+
+def n_step_targets(rewards: torch.Tensor, rows: TDRows, gamma: float, n: int) -> NStepTargets:
+    """n-step returns inside a segment (ours; the official loss is n = 1).
+
+    Row t sums gamma^k r_{t+k} over its next real steps until it has n rewards, its episode ends, or the
+    segment has no step after the one reached, and bootstraps from the step after the last reward
+    (discount gamma^m for m rewards); a row whose window holds a terminal step is terminal (no
+    bootstrap). Episode ends come from ``rows.terminal``. With n = 1 this is exactly the official
+    pairing of ``td_rows``.
+    """
+    return _n_step_prefixes(rewards, rows, gamma, n)[-1]
 
 
 def best_n_step_targets(
@@ -195,7 +201,7 @@ def best_n_step_targets(
     ``values`` (B, L') is the bootstrap value at each step (the target head's max expected Q); a
     terminal k-step target's value is its return. Ties go to the smaller k.
     """
-    cands = [n_step_targets(rewards, rows, gamma, k) for k in range(1, n + 1)]
+    cands = _n_step_prefixes(rewards, rows, gamma, n)
     last = values.shape[1] - 1
     score = torch.stack([
         c.returns + torch.where(c.terminal, 0.0, c.discount * values.gather(1, c.boot_index.clamp(max=last)))
