@@ -14,7 +14,9 @@ Suites:
   fused AdamW and, unless ``--no-compile``, ``torch.compile``.
 - ``planner``: decisions/s of greedy and beam search (2x2, 4x2) at 1 and 16 environments, MCTS at 16,
   ours and the per-node reference (``--reference``, on by default on CPU), with the ratio and whether
-  both chose the same actions. bf16 autocast on CUDA, as the agent acts.
+  both chose the same actions. bf16 autocast on CUDA, as the agent acts. Beam search also runs with the
+  history layout that its default did not pick (``..._copied_history`` or ``..._shared_history``; the
+  default is ``planning.shares_history``), the A/B behind it.
 - ``tokenizer``: tiny (and on CUDA the official) tokenizer's training and encoding frames/s, and
   token-cache building frames/s end to end.
 - ``data``: segments/s from a token cache (sampler alone, and a DataLoader with N workers) and
@@ -102,7 +104,7 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
 def planner_suite(presets: list[str], device: torch.device, args: argparse.Namespace) -> Iterator[Figure]:
     from benchmarks.planner_throughput import random_inputs, reference_beam_search, timed
     from jowa_core.models.world_action import WorldActionModel
-    from jowa_core.planning import beam_search, mcts
+    from jowa_core.planning import beam_search, mcts, shares_history
 
     cuda = device.type == "cuda"
     reference = args.reference if args.reference is not None else not cuda
@@ -129,7 +131,16 @@ def planner_suite(presets: list[str], device: torch.device, args: argparse.Names
                 ours()  # warm-up
                 t_ours, a_ours = timed(ours, seconds, 200)
                 tag = {"envs": n_env, "method": method, "cuda_graphs": cuda and model.use_cuda_graphs}
-                yield _figure(f"planner_{method}_envs{n_env}", n_env / t_ours, "decisions/s", name, **tag)
+                shared = horizon > 0 and shares_history(model, n_env, device)
+                yield _figure(f"planner_{method}_envs{n_env}", n_env / t_ours, "decisions/s", name,
+                              shared_history=shared, **tag)  # fmt: skip
+                if horizon > 0:  # the A/B behind the default: the other history layout
+                    other = synced(lambda inputs=inputs, s=not shared: beam_search(*inputs, share_prefix=s)[0])
+                    other()
+                    t_other, a_other = timed(other, seconds, 200)
+                    yield _figure(f"planner_{method}_envs{n_env}_{'copied' if shared else 'shared'}_history",
+                                  n_env / t_other, "decisions/s", name, shared_history=not shared,
+                                  actions_match=bool(torch.equal(a_ours, a_other)), **tag)  # fmt: skip
                 if reference:
                     ref = synced(lambda inputs=inputs: reference_beam_search(*inputs)[0])
                     t_ref, a_ref = timed(ref, seconds, 50)
@@ -222,7 +233,8 @@ SUITE_FNS = {"train": train_suite, "planner": planner_suite, "tokenizer": tokeni
 
 def markdown_table(figures: list[Figure]) -> str:
     """The README's Performance table: one row per figure, the settings that matter in 'details'."""
-    keep = ("envs", "batch_size", "workers", "compile", "fused_ln", "cuda_graphs", "amp", "actions_match", "skipped")
+    keep = ("envs", "batch_size", "workers", "compile", "fused_ln", "cuda_graphs", "shared_history", "amp")
+    keep += ("actions_match", "skipped")
     lines = ["| figure | preset | value | unit | details |", "| --- | --- | ---: | --- | --- |"]
     for f in figures:
         details = ", ".join(f"{k}={f[k]}" for k in keep if k in f)

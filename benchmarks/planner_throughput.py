@@ -7,7 +7,10 @@ For each preset (a randomly initialised ``WorldActionModel`` in eval mode), numb
 prints one JSON object per figure: ``jowa_core.planning`` (ours) and ``reference_beam_search``
 below (straightforward per environment, per node: clone the cache, step one node at a time, Python
 node objects, as the official agent's structure), their ratio, and whether both chose the same
-actions. One torch thread. Target: ours >= 10x the reference at 16 environments on CPU.
+actions. One torch thread. Target: ours >= 10x the reference at 16 environments on CPU. Beam search is
+also timed with the history layout its default did not pick (``planning.shares_history``): beams reading
+each environment's history from one shared cache, or each from a copy; ``..._shared_history_speedup``
+is copied over shared time.
 
 ``reference_beam_search`` is also the independent reference of ``tests/test_planning.py``.
 """
@@ -24,7 +27,7 @@ import torch
 from jowa_core import games
 from jowa_core.config import preset
 from jowa_core.models.world_action import KVCache, WorldActionModel
-from jowa_core.planning import beam_search
+from jowa_core.planning import beam_search, shares_history
 
 
 @dataclass
@@ -125,6 +128,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="time budget per figure (at least one call)")
     p.add_argument("--max-iters", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-other-layout", action="store_true", help="skip timing ours with the other history layout")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     methods = [("greedy", 1, 0), ("beam_bw2_h2", 2, 2), ("beam_bw4_h2", 4, 2)]
@@ -141,7 +145,20 @@ def main() -> None:
                     lambda inputs=inputs: reference_beam_search(*inputs)[0], args.seconds, args.max_iters
                 )
                 tag = {"preset": name, "envs": n_env, "method": method, **common}
-                for who, t in (("ours", t_ours), ("per_node_reference", t_ref)):
+                timings = [("ours", t_ours), ("per_node_reference", t_ref)]
+                if horizon > 0 and not args.no_other_layout:
+                    shared = shares_history(model, n_env, "cpu")
+                    t_other, a_other = timed(
+                        lambda inputs=inputs, s=not shared: beam_search(*inputs, share_prefix=s)[0],
+                        args.seconds, args.max_iters,
+                    )  # fmt: skip
+                    timings.append((f"ours_{'copied' if shared else 'shared'}_history", t_other))
+                    print(json.dumps({
+                        "name": f"{method}_shared_history_speedup",
+                        "value": round((t_other / t_ours) if shared else (t_ours / t_other), 2), "unit": "x",
+                        "ours_shares": shared, "actions_match": bool(torch.equal(a_ours, a_other)), **tag,
+                    }))  # fmt: skip
+                for who, t in timings:
                     print(
                         json.dumps(
                             {"name": f"{method}_{who}", "value": round(n_env / t, 3), "unit": "decisions/s", **tag}

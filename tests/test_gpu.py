@@ -162,6 +162,29 @@ def test_planner_on_gpu_chooses_as_on_cpu(device: torch.device) -> None:
     assert torch.equal(a_gpu.cpu()[clear], a_cpu[clear])
 
 
+def test_shared_history_planning_on_gpu_equals_copied(device: torch.device) -> None:
+    """``share_prefix`` is off by default on CUDA (the graphed decode needs copies) but must plan alike."""
+    torch.manual_seed(4)
+    model = WorldActionModel(CFG).to(device).eval()
+    g = torch.Generator().manual_seed(4)
+    n, tpb = 8, CFG.tokens_per_block
+    history = torch.randint(0, CFG.obs_vocab_size, (n, 6 * tpb - 1), generator=g)
+    history[:, tpb - 1 :: tpb] = torch.randint(0, 4, (n, 5), generator=g)
+    task = torch.full((n,), games.task_id("Breakout"))
+    legal = torch.as_tensor(games.action_masks())[task]
+    inputs = (model, history.to(device), task.to(device), legal.to(device), 2, 2)
+    model.use_cuda_graphs = False
+    _, copied = beam_search(*inputs, trace=True, share_prefix=False)
+    _, shared = beam_search(*inputs, trace=True, share_prefix=True)
+    assert copied is not None and shared is not None
+    assert torch.equal(shared.obs_tokens, copied.obs_tokens)
+    finite = torch.isfinite(copied.q)
+    torch.testing.assert_close(shared.q[finite], copied.q[finite], rtol=1e-4, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        acts, _ = beam_search(*inputs, share_prefix=True)
+    assert bool(legal.to(device)[torch.arange(n, device=device), acts].all())
+
+
 @pytest.mark.parametrize("amp", [False, True])
 def test_graphed_step_equals_eager_step(device: torch.device, amp: bool) -> None:
     """The CUDA-graph decode (captured once, replayed at several cache lengths and batches) returns the

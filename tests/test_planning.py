@@ -15,7 +15,15 @@ from torch import nn
 from jowa_core import games
 from jowa_core.config import WorldActionConfig
 from jowa_core.models.world_action import KVCache, StepOutput, WorldActionModel
-from jowa_core.planning import PlanTrace, beam_search, decode_trace_frames, greedy, mcts, state_value
+from jowa_core.planning import (
+    PlanTrace,
+    beam_search,
+    decode_trace_frames,
+    greedy,
+    mcts,
+    shares_history,
+    state_value,
+)
 
 TPB, A = 37, 18
 IMAGINED = 100  # the table model stores imagined actions as 100 + a, history actions as a
@@ -445,6 +453,30 @@ def test_batched_planner_matches_per_node_reference_with_the_official_37_token_l
     ref, ref_scores = reference_beam_search(model, history, tasks, legal, 2, 2, history_steps=steps)
     assert torch.equal(ours, ref)
     torch.testing.assert_close(trace.score[trace.best_leaf], torch.tensor(ref_scores), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("anchor_q", [False, True])
+def test_shared_history_cache_plans_like_a_copy_per_beam(anchor_q):
+    """On CPU beams read their env's history from one shared cache (``KVCache.branch``); the search must
+    be the same as with a copy per beam: every node, action and kept flag, and scores to rounding."""
+    model = tiny_model(4)
+    tasks, legal = game_batch(["Pong", "Breakout", "MsPacman", "Qbert"])
+    rows = [tiny_history(1, s, seed=60 + i)[0] for i, s in enumerate([8, 3, 6, 6])]
+    history, steps = left_padded(rows)
+    for bw, horizon in [(2, 2), (4, 2), (3, 3)]:
+        kw = {"trace": True, "history_steps": steps, "anchor_q": anchor_q}
+        a_shared, shared = beam_search(model, history, tasks, legal, bw, horizon, share_prefix=True, **kw)
+        a_copied, copied = beam_search(model, history, tasks, legal, bw, horizon, share_prefix=False, **kw)
+        assert torch.equal(a_shared, a_copied)
+        for key in ("env", "depth", "parent", "action", "kept", "obs_tokens", "reward", "best_leaf"):
+            assert torch.equal(getattr(shared, key), getattr(copied, key)), key
+        torch.testing.assert_close(shared.score, copied.score, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(shared.q, copied.q, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="share_prefix needs a WorldActionModel"):
+        beam_search(random_table_model(0), tiny_history(1, 2, 0), tasks[:1], legal[:1], 2, 2, share_prefix=True)
+    # the default shares where it measured faster: wide enough groups of a WorldActionModel off CUDA
+    assert not shares_history(model, 7, "cpu") and shares_history(model, 8, "cpu")  # width 32: 8 x 32 = 256
+    assert not shares_history(model, 64, "cuda") and not shares_history(random_table_model(0), 64, "cpu")
 
 
 def test_greedy_is_masked_argmax_of_the_last_q():

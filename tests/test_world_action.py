@@ -184,6 +184,89 @@ def test_cache_crop_rolls_back():
         torch.testing.assert_close(got, model(tokens, tasks).hidden[:, 40:], atol=1e-5, rtol=1e-5)
 
 
+# --- KV cache branches that share a prefix ---------------------------------------------------------
+
+
+def _branch_and_copy(model, tokens, tasks, rows, prefix_len):
+    """A branch of a prefix cache and, beside it, plain caches holding a copy of each row's prefix."""
+    prefix = model.empty_cache(tokens.shape[0], max_tokens=prefix_len)
+    model(tokens[:, :prefix_len], tasks, prefix)
+    plain = model.empty_cache(tokens.shape[0])
+    model(tokens[:, :prefix_len], tasks, plain)
+    return KVCache.branch(prefix, rows, model.cfg.max_tokens - prefix_len), plain.index_select(rows), prefix
+
+
+@pytest.mark.parametrize("rows", [[2, 0, 2, 1, 2, 0], [0, 0, 1, 1, 2, 2], [1, 1, 0, 0, 2, 2]])
+@pytest.mark.parametrize("chunks", [[1] * 12, [5, 37, 1], [36, 1]])
+def test_shared_prefix_branch_equals_a_copy_per_row(chunks, rows):
+    """Rows that continue the same prefix row read its keys once (``shared_prefix_attention``); what they
+    compute must equal rows that each hold a copy, for single tokens and for causal chunks, with uneven and
+    unsorted rows per prefix row, beam search's regular layout, and equal counts out of order."""
+    model = make_model()
+    tokens, tasks = random_tokens(model.cfg, 3, 40 + sum(chunks)), torch.tensor([4, 9, 14])
+    rows = torch.tensor(rows)
+    own = random_tokens(model.cfg, 6, 40 + sum(chunks), seed=5)  # each branch row continues differently
+    with torch.no_grad():
+        branch, copy, prefix = _branch_and_copy(model, tokens, tasks, rows, 40)
+        before = [t[:, :, :40].clone() for t in prefix.keys + prefix.values]
+        s = 40
+        for c in chunks:
+            a = model(own[:, s : s + c], tasks[rows], branch)
+            b = model(own[:, s : s + c], tasks[rows], copy)
+            for name in ("hidden", "obs_logits", "reward_logits", "end_logits", "q_logits"):
+                torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5)
+            s += c
+    assert branch.length == copy.length == s and branch.max_tokens == model.cfg.max_tokens
+    assert branch.keys[0].shape[2] == model.cfg.max_tokens - 40  # the branch stores only its own tokens
+    for t, ref in zip(prefix.keys + prefix.values, before):
+        assert torch.equal(t[:, :, :40], ref)  # the prefix is read, never written
+
+
+def test_shared_prefix_branch_selects_repeats_clones_and_steps_like_a_plain_cache():
+    model = make_model()
+    B, tasks = 2, torch.tensor([5, 6])
+    history = random_tokens(model.cfg, B, TPB + 36)
+    with torch.no_grad():
+        branch, copy, prefix = _branch_and_copy(model, history, tasks, torch.tensor([0, 1]), TPB + 36)
+        for f in (lambda c: c.repeat_interleave(3), lambda c: c.index_select(torch.tensor([1, 1, 0]))):
+            a, b = f(branch), f(copy)
+            assert a.prefix is prefix and a.length == b.length
+            n = a.batch_size
+            acts = torch.arange(n) % 18
+            ra, rb = model.step(a, acts, tasks[a.prefix_rows]), model.step(b, acts, tasks[a.prefix_rows])
+            assert torch.equal(ra.obs_tokens, rb.obs_tokens)
+            torch.testing.assert_close(ra.q_logits, rb.q_logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ra.reward_logits, rb.reward_logits, atol=1e-5, rtol=1e-5)
+            # a second depth branches from the imagined step: only its 37 tokens are copied
+            a2, b2 = a.index_select(torch.tensor([n - 1, 0])), b.index_select(torch.tensor([n - 1, 0]))
+            assert torch.equal(a2.prefix_rows, a.prefix_rows[[n - 1, 0]])
+            clone = a2.clone()
+            both = KVCache.cat([a2, clone])
+            x = model(torch.tensor([[3]] * 4), tasks[both.prefix_rows], both).hidden
+            y = model(torch.tensor([[3]] * 4), tasks[both.prefix_rows], KVCache.cat([b2, b2.clone()])).hidden
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefix_misuse_raises_clear_errors():
+    model = make_model()
+    tokens, tasks = random_tokens(model.cfg, 2, 40), torch.tensor([1, 2])
+    with torch.no_grad():
+        branch, copy, prefix = _branch_and_copy(model, tokens, tasks, torch.tensor([1, 0, 1]), 30)
+        with pytest.raises(ValueError, match="rows must be 1-D indices"):
+            KVCache.branch(prefix, torch.tensor([2]), 10)
+        with pytest.raises(ValueError, match="plain KVCache"):
+            KVCache.branch(branch, torch.tensor([0]), 10)
+        with pytest.raises(ValueError, match="crop length"):
+            branch.crop(29)
+        other = KVCache.branch(prefix, torch.tensor([0, 0, 1]), model.cfg.max_tokens - 30)
+        with pytest.raises(ValueError, match="same length, max_tokens, layers and prefix"):
+            KVCache.cat([branch, copy])
+        KVCache.cat([branch, other])  # same prefix: fine
+        train = make_model(attn_pdrop=0.1).train()
+        with pytest.raises(ValueError, match="eval mode"):
+            train(tokens[[1, 0, 1], 30:31], tasks[[1, 0, 1]], KVCache.branch(prefix, torch.tensor([1, 0, 1]), 5))
+
+
 def test_step_equals_greedy_decoding_with_full_forwards():
     model = make_model()
     cfg = model.cfg

@@ -39,17 +39,41 @@ class KVCache:
     and values of a forward at ``[length, length + T)`` and advances ``length`` by T; the cache is
     updated in place. ``clone``, ``index_select``, ``repeat_interleave`` and ``cat`` return new
     caches (copies of the first ``length`` positions) so that beams can branch without aliasing.
+
+    Shared prefix (``branch``): a cache may hold only the positions after a ``prefix`` cache's first
+    P tokens, row i continuing the prefix's row ``prefix_rows[i]``. Beams of one environment then read
+    their common history from one copy instead of one copy per beam: branching copies only the
+    imagined tokens, and single-token attention streams the history once per environment (the
+    memory traffic that bounds CPU beam search). ``length`` and ``max_tokens`` stay absolute; the
+    prefix's first P positions must not be overwritten while its branches are in use.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int = 0) -> None:
+    def __init__(
+        self,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        length: int = 0,
+        *,
+        prefix: KVCache | None = None,
+        prefix_rows: torch.Tensor | None = None,
+    ) -> None:
         if len(keys) != len(values) or not keys:
             raise ValueError("KVCache needs one key and one value tensor per layer (at least one layer).")
         shape = keys[0].shape
         if any(t.shape != shape for t in keys + values) or len(shape) != 4:
             raise ValueError(f"every cache tensor must be (B, heads, max_tokens, head_dim) = {tuple(shape)}.")
-        if not 0 <= length <= shape[2]:
-            raise ValueError(f"cache length {length} outside [0, max_tokens={shape[2]}].")
+        p = 0
+        if prefix is not None:
+            if prefix.prefix is not None or prefix.num_layers != len(keys):
+                raise ValueError("a shared prefix must be a plain KVCache (no prefix of its own) with as many layers.")
+            if prefix_rows is None or prefix_rows.shape != (shape[0],):
+                raise ValueError(f"prefix_rows must be (B,) = ({shape[0]},): the prefix row each row continues.")
+            p = prefix.length
+        if not p <= length <= p + shape[2]:
+            raise ValueError(f"cache length {length} outside [{p}, {p + shape[2]}] (prefix {p} + max_tokens).")
         self.keys, self.values, self.length = keys, values, length
+        self.prefix, self.prefix_rows, self.prefix_length = prefix, prefix_rows, p
+        self._slots: tuple[torch.Tensor, torch.Tensor, int, bool] | None = None
 
     @classmethod
     def empty(
@@ -68,13 +92,28 @@ class KVCache:
 
         return cls([new() for _ in range(num_layers)], [new() for _ in range(num_layers)], 0)
 
+    @classmethod
+    def branch(cls, prefix: KVCache, rows: torch.Tensor, max_new_tokens: int) -> KVCache:
+        """A cache whose row i continues ``prefix``'s row ``rows[i]`` after its current length, with room
+        for ``max_new_tokens`` more, reading (not copying) the prefix's keys and values."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=prefix.keys[0].device)
+        if rows.ndim != 1 or (len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < prefix.batch_size):
+            raise ValueError(f"rows must be 1-D indices into the prefix's {prefix.batch_size} rows.")
+        _, h, _, hd = prefix.keys[0].shape
+
+        def new() -> torch.Tensor:
+            return prefix.keys[0].new_zeros(len(rows), h, max_new_tokens, hd)
+
+        layers = range(prefix.num_layers)
+        return cls([new() for _ in layers], [new() for _ in layers], prefix.length, prefix=prefix, prefix_rows=rows)
+
     @property
     def batch_size(self) -> int:
         return self.keys[0].shape[0]
 
     @property
     def max_tokens(self) -> int:
-        return self.keys[0].shape[2]
+        return self.prefix_length + self.keys[0].shape[2]
 
     @property
     def num_layers(self) -> int:
@@ -84,8 +123,9 @@ class KVCache:
         return self.length
 
     def _map(self, fn) -> KVCache:
-        """New cache whose first ``length`` positions are ``fn`` of ours; later positions are never read."""
-        n = self.length
+        """New cache whose first ``length`` positions are ``fn`` of ours; later positions are never read.
+        ``fn`` maps along dim 0, so it also maps a shared prefix's row indices."""
+        n = self.length - self.prefix_length
         keys, values = [], []
         for src_list, dst_list in ((self.keys, keys), (self.values, values)):
             for t in src_list:
@@ -93,7 +133,8 @@ class KVCache:
                 out = t.new_empty((part.shape[0], *t.shape[1:]))  # zero-filling cost ~10% of planning
                 out[:, :, :n] = part
                 dst_list.append(out)
-        return KVCache(keys, values, n)
+        rows = None if self.prefix is None else fn(self.prefix_rows)
+        return KVCache(keys, values, self.length, prefix=self.prefix, prefix_rows=rows)
 
     def clone(self) -> KVCache:
         return self._map(lambda t: t)
@@ -113,35 +154,89 @@ class KVCache:
 
     @staticmethod
     def cat(caches: list[KVCache]) -> KVCache:
-        """Concatenate caches of equal length and layout along the batch."""
-        if not caches or len({(c.length, c.max_tokens, c.num_layers) for c in caches}) != 1:
+        """Concatenate caches of equal length and layout (and the same shared prefix, if any) along the batch."""
+        if not caches or len({(c.length, c.max_tokens, c.num_layers, id(c.prefix)) for c in caches}) != 1:
             raise ValueError(
-                "KVCache.cat needs a non-empty list of caches with the same length, max_tokens and layers."
+                "KVCache.cat needs a non-empty list of caches with the same length, max_tokens, layers and prefix."
             )
         first = caches[0]
         keys = [torch.cat([c.keys[i] for c in caches]) for i in range(first.num_layers)]
         values = [torch.cat([c.values[i] for c in caches]) for i in range(first.num_layers)]
-        return KVCache(keys, values, first.length)
+        rows = None if first.prefix is None else torch.cat([c.prefix_rows for c in caches])
+        return KVCache(keys, values, first.length, prefix=first.prefix, prefix_rows=rows)
 
     def crop(self, length: int) -> None:
         """Forget everything after ``length`` tokens (in place), e.g. to roll back an imagined step."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"crop length {length} outside [0, {self.length}].")
+        if not self.prefix_length <= length <= self.length:
+            raise ValueError(f"crop length {length} outside [{self.prefix_length}, {self.length}].")
         self.length = length
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, heads, T, head_dim) at ``[length, length + T)``; return keys/values up to there.
+        """Store (B, heads, T, head_dim) at ``[length, length + T)``; return keys/values up to there
+        (after the prefix, for a branch).
 
         ``length`` is not advanced here: every layer writes at the same offset and the model calls
         ``advance`` once after the last layer.
         """
-        n, t = self.length, k.shape[2]
+        n, t = self.length - self.prefix_length, k.shape[2]
         self.keys[layer][:, :, n : n + t] = k
         self.values[layer][:, :, n : n + t] = v
         return self.keys[layer][:, :, : n + t], self.values[layer][:, :, : n + t]
 
     def advance(self, t: int) -> None:
         self.length += t
+
+    def prefix_slots(self) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+        """(prefix_rows, slot, R, regular): row i is the ``slot[i]``-th of the rows continuing its prefix
+        row, R the most rows any prefix row has, ``regular`` when the rows are prefix-row-major with R
+        each (beam search's layout: no padding needed). Computed once per cache: its rows never change."""
+        if self._slots is None:
+            env = self.prefix_rows
+            order = torch.sort(env, stable=True).indices
+            counts = torch.bincount(env, minlength=self.prefix.batch_size)
+            first = torch.cumsum(counts, 0) - counts
+            slot = torch.empty_like(env)
+            slot[order] = torch.arange(len(env), device=env.device) - first[env[order]]
+            R = int(counts.max()) if len(env) else 0
+            row = torch.arange(len(env), device=env.device)
+            regular = len(env) == R * len(counts) and bool((env == row // R).all())
+            self._slots = (env, slot, R, regular)
+        return self._slots
+
+
+def shared_prefix_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int
+) -> torch.Tensor:
+    """Causal attention of q (B, h, T, hd) over a branch's prefix and its own keys/values k, v (B, h, S, hd),
+    S including the T new positions. The prefix part runs as one product per prefix row over that row's
+    queries (padded to R rows), so each prefix key is read once per prefix row, not once per branch row."""
+    _, h, T, hd = q.shape
+    env, slot, R, regular = cache.prefix_slots()
+    P, S = cache.prefix_length, k.shape[2]
+    pk = cache.prefix.keys[layer][:, :, :P].to(q.dtype)  # (E, h, P, hd)
+    pv = cache.prefix.values[layer][:, :, :P].to(q.dtype)
+    E = pk.shape[0]
+
+    def to_prefix_rows(x: torch.Tensor) -> torch.Tensor:  # (B, h, T, n) -> (E, h, R*T, n), zero padding
+        if not regular:
+            out = x.new_zeros(E, R, h, T, x.shape[-1])
+            out[env, slot] = x
+            x = out
+        return x.view(E, R, h, T, x.shape[-1]).transpose(1, 2).reshape(E, h, R * T, x.shape[-1])
+
+    def to_rows(x: torch.Tensor) -> torch.Tensor:  # (E, h, R*T, n) -> (B, h, T, n)
+        x = x.view(E, h, R, T, x.shape[-1]).transpose(1, 2)
+        return x.reshape(E * R, h, T, x.shape[-1]) if regular else x[env, slot]
+
+    q = q * hd**-0.5
+    s_prefix = to_rows(to_prefix_rows(q) @ pk.transpose(-1, -2))  # (B, h, T, P)
+    s_own = q @ k.transpose(-1, -2)  # (B, h, T, S)
+    if T > 1:  # query i sits at own position S - T + i
+        kpos, qpos = torch.arange(S, device=q.device), torch.arange(S - T, S, device=q.device)
+        s_own = s_own.masked_fill(kpos.unsqueeze(0) > qpos.unsqueeze(1), float("-inf"))
+    w = torch.cat([s_prefix, s_own], -1).softmax(-1, dtype=torch.float32).to(q.dtype)
+    w_prefix, w_own = w.split([P, S], -1)
+    return to_rows(to_prefix_rows(w_prefix) @ pv) + w_own @ v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,11 +266,15 @@ class SelfAttention(nn.Module):
         k = self.key(x).view(B, T, h, C // h).transpose(1, 2)
         v = self.value(x).view(B, T, h, C // h).transpose(1, 2)
         start = 0
+        dropout_p = self.attn_pdrop if self.training else 0.0
         if cache is not None:
             start = cache.length
-            k, v = cache.write(layer, k, v)  # (B, h, start + T, hd)
+            k, v = cache.write(layer, k, v)  # (B, h, start + T, hd), after the prefix for a branch
             k, v = k.to(q.dtype), v.to(q.dtype)
-        dropout_p = self.attn_pdrop if self.training else 0.0
+            if cache.prefix is not None:
+                if dropout_p:
+                    raise ValueError("a cache with a shared prefix is for inference: put the model in eval mode.")
+                return self.proj(shared_prefix_attention(q, k, v, cache, layer).transpose(1, 2).reshape(B, T, C))
         if start == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif T == 1:  # one new token sees every cached one
@@ -728,6 +827,8 @@ class WorldActionModel(nn.Module):
         None where graphs do not apply (CPU, switched off, inside another capture, cache full)."""
         dev = cache.keys[0].device
         if not (self.use_cuda_graphs and dev.type == "cuda") or torch.cuda.is_current_stream_capturing():
+            return None
+        if cache.prefix is not None:  # the captured decode attends over one full-size cache per row
             return None
         amp = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         key = (cache.batch_size, cache.max_tokens, cache.keys[0].dtype, amp, dev, self.pos_emb.weight.data_ptr())
