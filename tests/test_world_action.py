@@ -262,6 +262,21 @@ def test_shared_prefix_misuse_raises_clear_errors():
         with pytest.raises(ValueError, match="same length, max_tokens, layers and prefix"):
             KVCache.cat([branch, copy])
         KVCache.cat([branch, other])  # same prefix: fine
+        # the prefix grows after branching: the branch and its copies keep reading its first 30 tokens
+        grown = model.empty_cache(2)
+        model(tokens[:, :30], tasks, grown)
+        early = KVCache.branch(grown, torch.tensor([1, 0]), 10)
+        model(tokens[:, 30:33], tasks, grown)
+        again = early.index_select(torch.tensor([1, 0, 1]))
+        assert again.prefix_length == 30 and KVCache.cat([again, again.clone()]).prefix_length == 30
+        got = model(tokens[[0, 1, 0], 30:31], tasks[[0, 1, 0]], again).hidden
+        torch.testing.assert_close(
+            got, model(tokens[[0, 1, 0], :31], tasks[[0, 1, 0]]).hidden[:, 30:], atol=1e-5, rtol=1e-5
+        )
+        model(tokens[[1, 0], 30:33], tasks[[1, 0]], early)
+        late = KVCache.branch(grown, torch.tensor([0]), 7)  # length 33 and max_tokens 40, as early's now
+        with pytest.raises(ValueError, match="same length, max_tokens, layers and prefix"):
+            KVCache.cat([early, late])
         train = make_model(attn_pdrop=0.1).train()
         with pytest.raises(ValueError, match="eval mode"):
             train(tokens[[1, 0, 1], 30:31], tasks[[1, 0, 1]], KVCache.branch(prefix, torch.tensor([1, 0, 1]), 5))

@@ -44,8 +44,9 @@ class KVCache:
     P tokens, row i continuing the prefix's row ``prefix_rows[i]``. Beams of one environment then read
     their common history from one copy instead of one copy per beam: branching copies only the
     imagined tokens, and single-token attention streams the history once per environment (the
-    memory traffic that bounds CPU beam search). ``length`` and ``max_tokens`` stay absolute; the
-    prefix's first P positions must not be overwritten while its branches are in use.
+    memory traffic that bounds CPU beam search). ``length`` and ``max_tokens`` stay absolute. P is the
+    prefix's length at ``branch`` time and stays with the branch and its copies; the prefix's first P
+    positions must not be overwritten while its branches are in use.
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class KVCache:
         *,
         prefix: KVCache | None = None,
         prefix_rows: torch.Tensor | None = None,
+        prefix_length: int | None = None,
     ) -> None:
         if len(keys) != len(values) or not keys:
             raise ValueError("KVCache needs one key and one value tensor per layer (at least one layer).")
@@ -68,7 +70,9 @@ class KVCache:
                 raise ValueError("a shared prefix must be a plain KVCache (no prefix of its own) with as many layers.")
             if prefix_rows is None or prefix_rows.shape != (shape[0],):
                 raise ValueError(f"prefix_rows must be (B,) = ({shape[0]},): the prefix row each row continues.")
-            p = prefix.length
+            p = prefix.length if prefix_length is None else prefix_length
+            if not 0 <= p <= prefix.max_tokens:
+                raise ValueError(f"prefix_length {p} outside the prefix's [0, {prefix.max_tokens}].")
         if not p <= length <= p + shape[2]:
             raise ValueError(f"cache length {length} outside [{p}, {p + shape[2]}] (prefix {p} + max_tokens).")
         self.keys, self.values, self.length = keys, values, length
@@ -134,7 +138,9 @@ class KVCache:
                 out[:, :, :n] = part
                 dst_list.append(out)
         rows = None if self.prefix is None else fn(self.prefix_rows)
-        return KVCache(keys, values, self.length, prefix=self.prefix, prefix_rows=rows)
+        return KVCache(
+            keys, values, self.length, prefix=self.prefix, prefix_rows=rows, prefix_length=self.prefix_length
+        )
 
     def clone(self) -> KVCache:
         return self._map(lambda t: t)
@@ -155,7 +161,10 @@ class KVCache:
     @staticmethod
     def cat(caches: list[KVCache]) -> KVCache:
         """Concatenate caches of equal length and layout (and the same shared prefix, if any) along the batch."""
-        if not caches or len({(c.length, c.max_tokens, c.num_layers, id(c.prefix)) for c in caches}) != 1:
+        if (
+            not caches
+            or len({(c.length, c.max_tokens, c.num_layers, id(c.prefix), c.prefix_length) for c in caches}) != 1
+        ):
             raise ValueError(
                 "KVCache.cat needs a non-empty list of caches with the same length, max_tokens, layers and prefix."
             )
@@ -163,7 +172,9 @@ class KVCache:
         keys = [torch.cat([c.keys[i] for c in caches]) for i in range(first.num_layers)]
         values = [torch.cat([c.values[i] for c in caches]) for i in range(first.num_layers)]
         rows = None if first.prefix is None else torch.cat([c.prefix_rows for c in caches])
-        return KVCache(keys, values, first.length, prefix=first.prefix, prefix_rows=rows)
+        return KVCache(
+            keys, values, first.length, prefix=first.prefix, prefix_rows=rows, prefix_length=first.prefix_length
+        )
 
     def crop(self, length: int) -> None:
         """Forget everything after ``length`` tokens (in place), e.g. to roll back an imagined step."""
@@ -199,7 +210,7 @@ class KVCache:
             slot[order] = torch.arange(len(env), device=env.device) - first[env[order]]
             R = int(counts.max()) if len(env) else 0
             row = torch.arange(len(env), device=env.device)
-            regular = len(env) == R * len(counts) and bool((env == row // R).all())
+            regular = R > 0 and len(env) == R * len(counts) and bool((env == row // R).all())
             self._slots = (env, slot, R, regular)
         return self._slots
 
