@@ -81,10 +81,10 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
             train_world_action(p, caches, Path(tmp) / "run", stage1_steps=0, stage2_steps=2 * steps,
                                batch_size=batch, log_every=steps, save_every=10**9, device=device, resume=False,
                                progress=False, num_threads=args.threads, keep_last=1, compile=compile_,
-                               fused_layer_norm=fused)  # fmt: skip
+                               fused_layer_norm=fused, fused_qkv=args.fused_qkv)  # fmt: skip
             rec = read_metrics(Path(tmp) / "run")[-1]  # the second interval: warm-up and compilation excluded
         tag = {"batch_size": batch, "steps_timed": steps, "compile": compile_, "fused_ln": fused,
-               "amp": "bf16" if cuda else "fp32"}  # fmt: skip
+               "fused_qkv": args.fused_qkv, "amp": "bf16" if cuda else "fp32"}  # fmt: skip
         yield _figure("train_stage2_tokens_per_s", rec["tokens_per_s"], "tokens/s", name, **tag)
         yield _figure("train_stage2_samples_per_s", rec["samples_per_s"], "segments/s", name, **tag)
         if cuda:
@@ -233,7 +233,8 @@ SUITE_FNS = {"train": train_suite, "planner": planner_suite, "tokenizer": tokeni
 
 def markdown_table(figures: list[Figure]) -> str:
     """The README's Performance table: one row per figure, the settings that matter in 'details'."""
-    keep = ("envs", "batch_size", "workers", "compile", "fused_ln", "cuda_graphs", "shared_history", "amp")
+    keep = ("envs", "batch_size", "workers", "compile", "fused_ln", "fused_qkv", "cuda_graphs", "shared_history")
+    keep += ("amp",)
     keep += ("actions_match", "skipped")
     lines = ["| figure | preset | value | unit | details |", "| --- | --- | ---: | --- | --- |"]
     for f in figures:
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the library's split)")
     ap.add_argument("--no-compile", action="store_true", help="train: eager on CUDA too")
     ap.add_argument("--no-fused-ln", action="store_true", help="train: inductor's LayerNorm kernels on CUDA too")
+    ap.add_argument("--fused-qkv", action="store_true", help="train: one product for queries, keys and values")
     ap.add_argument(
         "--reference",
         action=argparse.BooleanOptionalAction,

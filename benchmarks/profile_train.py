@@ -13,7 +13,9 @@ not a training recipe, AdamW on bf16 weights loses small updates, but a bound on
 elementwise passes would give); ``*_no_dropout`` (the same model with every dropout at 0: what dropout costs;
 on an H200, 36 ms of jowa_150m's 255 ms step, session 11); ``compile_loss_fused_ln`` (``compile_loss`` with
 ``model.use_fused_layer_norm(True)``: each residual add, its dropout and the next LayerNorm in one hand-written
-Triton op, ``jowa_core.models.fused_ln``, instead of inductor's kernels). ``--inductor KEY=VALUE`` sets inductor
+Triton op, ``jowa_core.models.fused_ln``, instead of inductor's kernels); ``compile_loss_fused_ln_qkv`` (that with
+``model.use_fused_qkv(True)``: one product for each layer's queries, keys and values, so the backward computes
+the input's gradient in one product instead of three summed). ``--inductor KEY=VALUE`` sets inductor
 options for the whole process (``fallback_random=1``, ``triton.persistent_reductions=0``).
 Reports ms per step (CUDA events around ``--steps`` steps after as many warm-up steps), tokens/s,
 MFU (the suite's FLOP count) and peak memory; ``--profile`` adds, from ``torch.profiler`` over three
@@ -44,7 +46,7 @@ from jowa_core.training import Batch, make_sources, param_groups, set_stage, ste
 
 VARIANTS = (
     "eager", "compile_forward", "compile_loss", "compile_loss_pure_bf16", "eager_no_dropout", "compile_loss_no_dropout",
-    "compile_loss_fused_ln",
+    "compile_loss_fused_ln", "compile_loss_fused_ln_qkv",
 )  # fmt: skip
 
 
@@ -108,7 +110,8 @@ def run_variant(
     torch.manual_seed(0)
     no_dropout = variant.endswith("_no_dropout")
     cfg = replace(p.model, embed_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, q_dropout=0.0) if no_dropout else p.model
-    model = WorldActionModel(cfg).to(dev).train().use_fused_layer_norm(variant.endswith("_fused_ln"))
+    model = WorldActionModel(cfg).to(dev).train().use_fused_layer_norm("_fused_ln" in variant)
+    model.use_fused_qkv(variant.endswith("_qkv"))
     if variant == "compile_loss_pure_bf16":
         model.to(torch.bfloat16)
     set_stage(model, 2)

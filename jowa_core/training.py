@@ -515,6 +515,7 @@ def train_world_action(
     num_threads: int | None = None,
     compile: bool = False,
     fused_layer_norm: bool | None = None,
+    fused_qkv: bool = False,
     stride: int = 4,
     data_split: str = "per_rank",
     clip_rewards: bool = True,
@@ -547,6 +548,8 @@ def train_world_action(
         fused_layer_norm: each residual add, its dropout and the next LayerNorm as one Triton op
             (``WorldActionModel.use_fused_layer_norm``); None: on for CUDA when triton imports (jowa_150m's
             step 258.5 -> 236.3 ms on an H100, README "Performance"), off on CPU, where it has no kernels.
+        fused_qkv: one matrix product for each layer's queries, keys and values
+            (``WorldActionModel.use_fused_qkv``); off by default, not yet timed on a GPU.
         stride: distance between segment starts (4 for pretraining).
         data_split: "per_rank" (each rank draws its own batches) or "global" (each rank slices the
             same global batch, so results do not depend on the world size; ``GlobalBatchSlices``).
@@ -583,7 +586,7 @@ def train_world_action(
         model = _train(p, token_caches, Path(run_dir), info, dev, total_steps=total_steps, options=options,
                        resume=resume, progress=progress, keep_last=keep_last, num_workers=num_workers,
                        num_threads=num_threads, compile=compile, fused_layer_norm=fused_layer_norm,
-                       stop_at_step=stop_at_step)  # fmt: skip
+                       fused_qkv=fused_qkv, stop_at_step=stop_at_step)  # fmt: skip
         finished = True
         return model
     finally:
@@ -609,6 +612,7 @@ def _train(
     num_threads: int | None,
     compile: bool,
     fused_layer_norm: bool | None,
+    fused_qkv: bool,
     stop_at_step: int | None,
 ) -> WorldActionModel:
     tc, mc = p.train, p.model
@@ -682,7 +686,7 @@ def _train(
         seed_everything(_rank_seed(tc.seed, info.rank))
     if fused_layer_norm is None:
         fused_layer_norm = dev.type == "cuda" and fused_ln.triton_available()
-    model.to(dev).train().use_fused_layer_norm(fused_layer_norm)
+    model.to(dev).train().use_fused_layer_norm(fused_layer_norm).use_fused_qkv(fused_qkv)
     if step >= total_steps or (stop_at_step is not None and step >= stop_at_step):
         return model.eval()
 

@@ -290,8 +290,10 @@ def test_fused_layer_norm_triton_matches_the_reference(device: torch.device, p: 
         torch.testing.assert_close(a, e, **({} if a.dtype == bf16 else {"rtol": 1e-3, "atol": 1e-3}))
 
 
-def test_fused_layer_norm_model_matches_the_default_compiled(device: torch.device) -> None:
-    """jowa_150m's width (768, 12 heads; 2 layers to stay quick), bf16 autocast: the switch on and off give
+@pytest.mark.parametrize("switch", ["use_fused_layer_norm", "use_fused_qkv"])
+def test_fused_switch_model_matches_the_default_compiled(device: torch.device, switch: str) -> None:
+    """jowa_150m's width (768, 12 heads; 2 layers to stay quick), bf16 autocast: each switch (the fused
+    LayerNorm op, the fused query/key/value product) on and off give
     the same outputs in eval mode under torch.compile (relative error < 1e-2: bf16 roundings in other
     places), and, in train mode with every dropout at 0, gradients as close to fp32's as the default's."""
     cfg = replace(preset("jowa_150m").model, num_layers=2, embed_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0,
@@ -302,7 +304,7 @@ def test_fused_layer_norm_model_matches_the_default_compiled(device: torch.devic
     compiled = torch.compile(model)
     outs = []
     for fused in (False, True):  # the switch is guarded on: flipping it recompiles
-        model.use_fused_layer_norm(fused)
+        getattr(model, switch)(fused)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             outs.append(compiled(batch.tokens, batch.task_ids))
     for name in ("hidden", "obs_logits", "reward_logits", "end_logits", "q_logits"):
@@ -314,7 +316,7 @@ def test_fused_layer_norm_model_matches_the_default_compiled(device: torch.devic
     model.train()
     grads = {}
     for fused, amp in ((False, False), (False, True), (True, True)):
-        model.use_fused_layer_norm(fused).zero_grad()
+        getattr(model, switch)(fused).zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             out = model(batch.tokens, batch.task_ids)
             loss = out.obs_logits.float().logsumexp(-1).mean() + out.q_logits.float().mean()
@@ -331,4 +333,4 @@ def test_fused_layer_norm_model_matches_the_default_compiled(device: torch.devic
     print({n: (round(a, 5), round(b, 5)) for n, (a, b) in err.items()})
     bad = {n: e for n, e in err.items() if e[0] > 1.5 * e[1] + 1e-3}
     assert not bad, bad
-    model.use_fused_layer_norm(False)
+    getattr(model, switch)(False)

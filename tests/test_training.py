@@ -141,6 +141,19 @@ def test_fused_layer_norm_switch_trains_as_the_default_without_dropout(caches, t
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_fused_qkv_switch_trains_as_the_default(caches, tmp_path):
+    """``fused_qkv=True`` (one product for queries, keys and values) trains the same weights as three products,
+    dropout included (it draws nothing itself), up to Adam's amplification of the backward's summation order;
+    the default leaves it off."""
+    kw = {"stage1_steps": 3, "stage2_steps": 3, **RUN}
+    plain = train_world_action(tiny(), caches, tmp_path / "plain", **kw)
+    fused = train_world_action(tiny(), caches, tmp_path / "fused", fused_qkv=True, **kw)
+    assert not any(b.attn.fused_qkv for b in plain.transformer.blocks)
+    assert all(b.attn.fused_qkv for b in fused.transformer.blocks)
+    assert params(fused).keys() == params(plain).keys()
+    assert_same(params(fused), params(plain), atol=1e-4)
+
+
 def test_cosine_stage2_schedule_decays_both_learning_rates_to_zero_and_resumes_exactly(caches, tmp_path):
     """``lr_schedule_stage2="cosine"``: stage 1 keeps its rate; the step that starts with k of stage 2's n steps
     done runs at lr * (1 + cos(pi k / n)) / 2, for the world and the critic groups alike; stopping and resuming

@@ -282,6 +282,33 @@ def test_shared_prefix_misuse_raises_clear_errors():
             train(tokens[[1, 0, 1], 30:31], tasks[[1, 0, 1]], KVCache.branch(prefix, torch.tensor([1, 0, 1]), 5))
 
 
+def test_fused_qkv_projection_is_the_same_function_with_the_same_gradients():
+    """``use_fused_qkv``: one product over the concatenated query, key and value weights. Same outputs for a
+    window and for cached decoding, the same parameter gradients, the same state dict."""
+    model = make_model()
+    tokens, tasks = random_tokens(model.cfg, 3, 2 * TPB + 10), torch.tensor([4, 9, 14])
+    runs = []
+    for fused in (False, True):
+        model.use_fused_qkv(fused).zero_grad()
+        out = model(tokens, tasks)
+        (out.obs_logits.logsumexp(-1).mean() + out.q_logits.mean()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            cache = model.empty_cache(3)
+            model(tokens[:, : TPB + 36], tasks, cache)
+            step = model.step(cache, torch.tensor([1, 2, 3]), tasks)
+        runs.append((out, grads, step))
+    (a, ga, sa), (b, gb, sb) = runs
+    for name in ("hidden", "obs_logits", "reward_logits", "q_logits"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-6, rtol=1e-5)
+    assert ga.keys() == gb.keys() and any(".attn.query." in n for n in ga)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], atol=1e-6, rtol=1e-5)
+    assert torch.equal(sb.obs_tokens, sa.obs_tokens)
+    torch.testing.assert_close(sb.q_logits, sa.q_logits, atol=1e-6, rtol=1e-5)
+    assert not any(".qkv" in k for k in model.state_dict())
+
+
 def test_step_equals_greedy_decoding_with_full_forwards():
     model = make_model()
     cfg = model.cfg

@@ -266,16 +266,32 @@ class SelfAttention(nn.Module):
         self.attn_pdrop = cfg.attn_pdrop
         self.resid_drop = nn.Dropout(cfg.resid_pdrop)
 
+    fused_qkv: bool = False
+    """Project queries, keys and values with one matrix product over the three weights concatenated (set by
+    ``WorldActionModel.use_fused_qkv``): the same function and parameters, one read of the input, and in
+    the backward one product for the input's gradient instead of three summed."""
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         return self.resid_drop(self.attend(x, cache, layer))
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values (B, h, T, hd) of x (B, T, C)."""
+        B, T, C = x.shape
+        h = self.num_heads
+        if self.fused_qkv:
+            w = torch.cat((self.query.weight, self.key.weight, self.value.weight))
+            b = torch.cat((self.query.bias, self.key.bias, self.value.bias))
+            q, k, v = F.linear(x, w, b).view(B, T, 3, h, C // h).permute(2, 0, 3, 1, 4)
+            return q, k, v
+        q = self.query(x).view(B, T, h, C // h).transpose(1, 2)
+        k = self.key(x).view(B, T, h, C // h).transpose(1, 2)
+        v = self.value(x).view(B, T, h, C // h).transpose(1, 2)
+        return q, k, v
 
     def attend(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         """``forward`` without the residual dropout (the fused LayerNorm path applies it)."""
         B, T, C = x.shape
-        h = self.num_heads
-        q = self.query(x).view(B, T, h, C // h).transpose(1, 2)  # (B, h, T, hd)
-        k = self.key(x).view(B, T, h, C // h).transpose(1, 2)
-        v = self.value(x).view(B, T, h, C // h).transpose(1, 2)
+        q, k, v = self._qkv(x)  # (B, h, T, hd)
         start = 0
         dropout_p = self.attn_pdrop if self.training else 0.0
         if cache is not None:
@@ -778,6 +794,14 @@ class WorldActionModel(nn.Module):
         ``t_obs``: ``_task_obs_embedding(task_ids)``, looked up once per step."""
         x = self.embedder.embedding_tables[1](tok) + self.pos_emb.weight[kv_cache.length]
         return self.transformer(x if t_obs is None else x + t_obs, kv_cache)
+
+    def use_fused_qkv(self, enabled: bool = True) -> WorldActionModel:
+        """Project each layer's queries, keys and values with one matrix product (``SelfAttention.fused_qkv``).
+        An implementation choice like ``use_fused_layer_norm``: parameters and checkpoints are unchanged, the
+        function is the same to rounding. Off by default; not yet timed on a GPU (README Performance)."""
+        for block in self.transformer.blocks:
+            block.attn.fused_qkv = enabled
+        return self
 
     def use_fused_layer_norm(self, enabled: bool = True) -> WorldActionModel:
         """Run the window forward (no KV cache: training, full-sequence evaluation) with each residual
