@@ -184,9 +184,11 @@ def _groups(steps: Tensor, max_steps: int) -> list[tuple[int, Tensor]]:
 
 
 def _root_q(model: nn.Module, tokens: Tensor, task_ids: Tensor, legal: Tensor, cache: KVCache | None) -> Tensor:
-    """Masked expected Q (B, 18) at the last observation of ``tokens`` (spec 8.2)."""
-    out = model(tokens, task_ids, cache)
-    return model.q_values(out.q_logits[:, :, -1], legal)
+    """Masked expected Q (B, 18) at the last observation of ``tokens`` (spec 8.2); through ``forward_q``
+    where the model has it (no world heads)."""
+    forward_q = getattr(model, "forward_q", None)
+    q_logits = forward_q(tokens, task_ids, cache) if forward_q is not None else model(tokens, task_ids, cache).q_logits
+    return model.q_values(q_logits[:, :, -1], legal)
 
 
 def state_value(q: Tensor, legal: Tensor, use_mean: bool = False) -> Tensor:

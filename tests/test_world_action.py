@@ -104,6 +104,26 @@ def test_heads_read_the_official_positions(start, T):
     assert out.start == start and cache.length == start + T
 
 
+@pytest.mark.parametrize("start,T", [(0, 3 * TPB - 1), (0, 5), (36, 1), (40, 70)])
+def test_forward_q_is_forwards_q_logits_bit_for_bit(start, T):
+    """Acting reads Q through ``forward_q`` (no world heads): the same logits and the same cache as ``forward``."""
+    model = make_model()
+    tokens, tasks = random_tokens(model.cfg, 2, start + T), torch.tensor([1, 2])
+    with torch.no_grad():
+        a, b = model.empty_cache(2), model.empty_cache(2)
+        if start:
+            model(tokens[:, :start], tasks, a)
+            model(tokens[:, :start], tasks, b)
+        ref = model(tokens[:, start:], tasks, a).q_logits
+        got = model.forward_q(tokens[:, start:], tasks, b)
+    assert got.shape == ref.shape and torch.equal(got, ref)
+    assert a.length == b.length == start + T
+    for x, y in zip(a.keys + a.values, b.keys + b.values):
+        assert torch.equal(x[:, :, : a.length], y[:, :, : b.length])
+    with pytest.raises(ValueError, match="exceed the model's window"):
+        model.forward_q(random_tokens(model.cfg, 1, model.cfg.max_tokens + 1), torch.tensor([1]))
+
+
 def test_full_segment_output_shapes():
     model = make_model()
     L = model.cfg.max_blocks
