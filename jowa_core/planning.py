@@ -6,9 +6,10 @@ Pure functions over the ``WorldActionModel`` API (``forward`` with a KV cache, `
 Batching. The official code plans one environment at a time with per-node Python objects and cache
 copies. Here every environment and every beam of a depth is one row of the batch: a depth costs one
 ``model.step`` (1 + 36 single-token forwards) whatever the number of environments and beams, and the
-KV cache of the surviving beams is carried forward with one ``index_select`` per depth. On CPU the
-beams branch from their environment's history without copying it (``KVCache.branch``): each depth
-copies only the imagined tokens, and attention reads each history once per environment.
+KV cache of the surviving beams is carried forward with one ``index_select`` per depth. On CPU, for
+groups of envs wide enough (``shares_history``), the beams branch from their environment's history
+without copying it (``KVCache.branch``): each depth copies only the imagined tokens, and attention
+reads each history once per environment.
 
 Histories of different lengths. Positions are absolute (the official feeds each environment's own
 window starting at position 0, and heads are picked by absolute position), so rows whose windows
@@ -109,9 +110,13 @@ def decode_trace_frames(trace: PlanTrace, tokenizer: nn.Module, nodes: Tensor | 
 
 def shares_history(model: nn.Module, num_envs: int, device: torch.device) -> bool:
     """``beam_search``'s default for ``share_prefix`` on a group of ``num_envs`` envs (see
-    ``SHARE_PREFIX_MIN_WIDTH``): a ``WorldActionModel`` off CUDA, wide enough."""
-    wide = num_envs * model.cfg.embed_dim >= SHARE_PREFIX_MIN_WIDTH
-    return isinstance(model, WorldActionModel) and torch.device(device).type != "cuda" and wide
+    ``SHARE_PREFIX_MIN_WIDTH``): a ``WorldActionModel`` off CUDA, wide enough, and not drawing attention
+    dropout (a model in train mode plans with copies, as before)."""
+    if not isinstance(model, WorldActionModel) or torch.device(device).type == "cuda":
+        return False
+    if model.training and model.cfg.attn_pdrop > 0:
+        return False
+    return num_envs * model.cfg.embed_dim >= SHARE_PREFIX_MIN_WIDTH
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,10 +189,13 @@ def _groups(steps: Tensor, max_steps: int) -> list[tuple[int, Tensor]]:
 
 
 def _root_q(model: nn.Module, tokens: Tensor, task_ids: Tensor, legal: Tensor, cache: KVCache | None) -> Tensor:
-    """Masked expected Q (B, 18) at the last observation of ``tokens`` (spec 8.2); through ``forward_q``
-    where the model has it (no world heads)."""
-    forward_q = getattr(model, "forward_q", None)
-    q_logits = forward_q(tokens, task_ids, cache) if forward_q is not None else model(tokens, task_ids, cache).q_logits
+    """Masked expected Q (B, 18) at the last observation of ``tokens`` (spec 8.2); through ``forward_q`` (no
+    world heads) for a plain ``WorldActionModel``, through ``forward`` for anything else (a compiled or
+    wrapped model keeps its own forward)."""
+    if isinstance(model, WorldActionModel):
+        q_logits = model.forward_q(tokens, task_ids, cache)
+    else:
+        q_logits = model(tokens, task_ids, cache).q_logits
     return model.q_values(q_logits[:, :, -1], legal)
 
 

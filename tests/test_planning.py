@@ -477,6 +477,12 @@ def test_shared_history_cache_plans_like_a_copy_per_beam(anchor_q):
     # the default shares where it measured faster: wide enough groups of a WorldActionModel off CUDA
     assert not shares_history(model, 7, "cpu") and shares_history(model, 8, "cpu")  # width 32: 8 x 32 = 256
     assert not shares_history(model, 64, "cuda") and not shares_history(random_table_model(0), 64, "cpu")
+    # a model in train mode with attention dropout plans with copies by default (shared attention draws none)
+    dropping = tiny_model(4, attn_pdrop=0.1).train()
+    assert not shares_history(dropping, 64, "cpu")
+    history16 = tiny_history(16, 3, 9)
+    tasks16, legal16 = game_batch(["Pong"] * 16)
+    assert bool(legal16[torch.arange(16), beam_search(dropping, history16, tasks16, legal16, 2, 2)[0]].all())
 
 
 def test_greedy_is_masked_argmax_of_the_last_q():

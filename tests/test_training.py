@@ -150,6 +150,10 @@ def test_fused_qkv_switch_trains_as_the_default(caches, tmp_path):
     fused = train_world_action(tiny(), caches, tmp_path / "fused", fused_qkv=True, **kw)
     assert not any(b.attn.fused_qkv for b in plain.transformer.blocks)
     assert all(b.attn.fused_qkv for b in fused.transformer.blocks)
+    seen = []  # and the switch is used: the fused path never calls the query projection module
+    fused.transformer.blocks[0].attn.query.register_forward_hook(lambda *_: seen.append(1))
+    fused(torch.zeros(1, 5, dtype=torch.long), torch.tensor([0]))
+    assert not seen
     assert params(fused).keys() == params(plain).keys()
     assert_same(params(fused), params(plain), atol=1e-4)
 

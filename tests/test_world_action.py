@@ -297,6 +297,23 @@ def test_shared_prefix_misuse_raises_clear_errors():
         late = KVCache.branch(grown, torch.tensor([0]), 7)  # length 33 and max_tokens 40, as early's now
         with pytest.raises(ValueError, match="same length, max_tokens, layers and prefix"):
             KVCache.cat([early, late])
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+            KVCache.branch(prefix, torch.tensor([0]), -1)
+        with pytest.raises(ValueError, match="heads, head size, dtype and device"):
+            KVCache([t[:, :1] for t in branch.keys], [t[:, :1] for t in branch.values], 30, prefix=prefix,
+                    prefix_rows=torch.tensor([1, 0, 1]))  # fmt: skip
+        rows = torch.tensor([1, 0, 1])
+        mine = KVCache.branch(prefix, rows, 5)
+        rows[0] = 0  # the caller's tensor is not the branch's
+        assert mine.prefix_rows.tolist() == [1, 0, 1]
+        # a prefix cropped after branching may have been rewritten: its branches refuse to attend
+        cropped = model.empty_cache(2, max_tokens=30)
+        model(tokens[:, :30], tasks, cropped)
+        stale = KVCache.branch(cropped, torch.tensor([0, 1]), 5)
+        cropped.crop(20)
+        model(tokens[:, 20:30], tasks, cropped)
+        with pytest.raises(ValueError, match="cropped after branching"):
+            model(tokens[:, 30:31], tasks, stale)
         train = make_model(attn_pdrop=0.1).train()
         with pytest.raises(ValueError, match="eval mode"):
             train(tokens[[1, 0, 1], 30:31], tasks[[1, 0, 1]], KVCache.branch(prefix, torch.tensor([1, 0, 1]), 5))
@@ -309,6 +326,8 @@ def test_fused_qkv_projection_is_the_same_function_with_the_same_gradients():
     tokens, tasks = random_tokens(model.cfg, 3, 2 * TPB + 10), torch.tensor([4, 9, 14])
     runs = []
     for fused in (False, True):
+        seen = []
+        hook = model.transformer.blocks[0].attn.query.register_forward_hook(lambda *_, seen=seen: seen.append(1))
         model.use_fused_qkv(fused).zero_grad()
         out = model(tokens, tasks)
         (out.obs_logits.logsumexp(-1).mean() + out.q_logits.mean()).backward()
@@ -317,8 +336,11 @@ def test_fused_qkv_projection_is_the_same_function_with_the_same_gradients():
             cache = model.empty_cache(3)
             model(tokens[:, : TPB + 36], tasks, cache)
             step = model.step(cache, torch.tensor([1, 2, 3]), tasks)
-        runs.append((out, grads, step))
-    (a, ga, sa), (b, gb, sb) = runs
+        hook.remove()
+        calls = len(seen)
+        runs.append((out, grads, step, calls))
+    (a, ga, sa, ca), (b, gb, sb, cb) = runs
+    assert ca > 0 and cb == 0  # the fused path does not call the query projection module
     for name in ("hidden", "obs_logits", "reward_logits", "q_logits"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-6, rtol=1e-5)
     assert ga.keys() == gb.keys() and any(".attn.query." in n for n in ga)

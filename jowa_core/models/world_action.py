@@ -38,7 +38,8 @@ class KVCache:
     All rows share one length (the number of tokens already seen). The model writes the new keys
     and values of a forward at ``[length, length + T)`` and advances ``length`` by T; the cache is
     updated in place. ``clone``, ``index_select``, ``repeat_interleave`` and ``cat`` return new
-    caches (copies of the first ``length`` positions) so that beams can branch without aliasing.
+    caches (copies of the first ``length`` positions) so that beams can branch without aliasing (except
+    for a branch's shared prefix, below, which they share on purpose).
 
     Shared prefix (``branch``): a cache may hold only the positions after a ``prefix`` cache's first
     P tokens, row i continuing the prefix's row ``prefix_rows[i]``. Beams of one environment then read
@@ -46,7 +47,8 @@ class KVCache:
     imagined tokens, and single-token attention streams the history once per environment (the
     memory traffic that bounds CPU beam search). ``length`` and ``max_tokens`` stay absolute. P is the
     prefix's length at ``branch`` time and stays with the branch and its copies; the prefix's first P
-    positions must not be overwritten while its branches are in use.
+    positions must not be overwritten while its branches are in use (attention refuses a branch whose
+    prefix was cropped since, the only way to rewrite them).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class KVCache:
         prefix: KVCache | None = None,
         prefix_rows: torch.Tensor | None = None,
         prefix_length: int | None = None,
+        prefix_version: int | None = None,
     ) -> None:
         if len(keys) != len(values) or not keys:
             raise ValueError("KVCache needs one key and one value tensor per layer (at least one layer).")
@@ -68,8 +71,14 @@ class KVCache:
         if prefix is not None:
             if prefix.prefix is not None or prefix.num_layers != len(keys):
                 raise ValueError("a shared prefix must be a plain KVCache (no prefix of its own) with as many layers.")
-            if prefix_rows is None or prefix_rows.shape != (shape[0],):
-                raise ValueError(f"prefix_rows must be (B,) = ({shape[0]},): the prefix row each row continues.")
+            if prefix_rows is None or prefix_rows.shape != (shape[0],) or prefix_rows.dtype != torch.long:
+                raise ValueError(f"prefix_rows must be long (B,) = ({shape[0]},): the prefix row each row continues.")
+            pk = prefix.keys[0]
+            if (pk.shape[1], pk.shape[3], pk.dtype, pk.device) != (shape[1], shape[3], keys[0].dtype, keys[0].device):
+                raise ValueError(
+                    f"a branch needs its prefix's heads, head size, dtype and device: prefix {tuple(pk.shape)} "
+                    f"{pk.dtype} {pk.device}, branch {tuple(shape)} {keys[0].dtype} {keys[0].device}."
+                )
             p = prefix.length if prefix_length is None else prefix_length
             if not 0 <= p <= prefix.max_tokens:
                 raise ValueError(f"prefix_length {p} outside the prefix's [0, {prefix.max_tokens}].")
@@ -77,6 +86,8 @@ class KVCache:
             raise ValueError(f"cache length {length} outside [{p}, {p + shape[2]}] (prefix {p} + max_tokens).")
         self.keys, self.values, self.length = keys, values, length
         self.prefix, self.prefix_rows, self.prefix_length = prefix, prefix_rows, p
+        self.crops = 0  # bumped by ``crop``: a branch remembers its prefix's count and refuses a change
+        self.prefix_version = (prefix.crops if prefix_version is None else prefix_version) if prefix else 0
         self._slots: tuple[torch.Tensor, torch.Tensor, int, bool] | None = None
 
     @classmethod
@@ -100,7 +111,9 @@ class KVCache:
     def branch(cls, prefix: KVCache, rows: torch.Tensor, max_new_tokens: int) -> KVCache:
         """A cache whose row i continues ``prefix``'s row ``rows[i]`` after its current length, with room
         for ``max_new_tokens`` more, reading (not copying) the prefix's keys and values."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=prefix.keys[0].device)
+        rows = torch.as_tensor(rows, dtype=torch.long, device=prefix.keys[0].device).clone()  # ours: slots are memoised
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
         if rows.ndim != 1 or (len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < prefix.batch_size):
             raise ValueError(f"rows must be 1-D indices into the prefix's {prefix.batch_size} rows.")
         _, h, _, hd = prefix.keys[0].shape
@@ -139,8 +152,9 @@ class KVCache:
                 dst_list.append(out)
         rows = None if self.prefix is None else fn(self.prefix_rows)
         return KVCache(
-            keys, values, self.length, prefix=self.prefix, prefix_rows=rows, prefix_length=self.prefix_length
-        )
+            keys, values, self.length, prefix=self.prefix, prefix_rows=rows, prefix_length=self.prefix_length,
+            prefix_version=self.prefix_version,
+        )  # fmt: skip
 
     def clone(self) -> KVCache:
         return self._map(lambda t: t)
@@ -173,14 +187,16 @@ class KVCache:
         values = [torch.cat([c.values[i] for c in caches]) for i in range(first.num_layers)]
         rows = None if first.prefix is None else torch.cat([c.prefix_rows for c in caches])
         return KVCache(
-            keys, values, first.length, prefix=first.prefix, prefix_rows=rows, prefix_length=first.prefix_length
-        )
+            keys, values, first.length, prefix=first.prefix, prefix_rows=rows, prefix_length=first.prefix_length,
+            prefix_version=first.prefix_version,
+        )  # fmt: skip
 
     def crop(self, length: int) -> None:
         """Forget everything after ``length`` tokens (in place), e.g. to roll back an imagined step."""
         if not self.prefix_length <= length <= self.length:
             raise ValueError(f"crop length {length} outside [{self.prefix_length}, {self.length}].")
         self.length = length
+        self.crops += 1
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, heads, T, head_dim) at ``[length, length + T)``; return keys/values up to there
@@ -222,6 +238,11 @@ def shared_prefix_attention(
     S including the T new positions. The prefix part runs as one product per prefix row over that row's
     queries (padded to R rows), so each prefix key is read once per prefix row, not once per branch row."""
     _, h, T, hd = q.shape
+    if cache.prefix.crops != cache.prefix_version or cache.prefix.length < cache.prefix_length:
+        raise ValueError(
+            "this branch's shared prefix was cropped after branching, so its first tokens may have been rewritten; "
+            "branch again from the prefix as it is now."
+        )
     env, slot, R, regular = cache.prefix_slots()
     P, S = cache.prefix_length, k.shape[2]
     pk = cache.prefix.keys[layer][:, :, :P].to(q.dtype)  # (E, h, P, hd)
@@ -811,9 +832,10 @@ class WorldActionModel(nn.Module):
         return self.transformer(x if t_obs is None else x + t_obs, kv_cache)
 
     def use_fused_qkv(self, enabled: bool = True) -> WorldActionModel:
-        """Project each layer's queries, keys and values with one matrix product (``SelfAttention.fused_qkv``).
-        An implementation choice like ``use_fused_layer_norm``: parameters and checkpoints are unchanged, the
-        function is the same to rounding. Off by default; not yet timed on a GPU (README Performance)."""
+        """Project each layer's queries, keys and values with one matrix product (``SelfAttention.fused_qkv``;
+        the captured CUDA-graph decode keeps three). An implementation choice like ``use_fused_layer_norm``:
+        parameters and checkpoints are unchanged, the function is the same to rounding. Off by default; not
+        yet timed on a GPU (README Performance)."""
         for block in self.transformer.blocks:
             block.attn.fused_qkv = enabled
         return self
