@@ -238,7 +238,7 @@ def shared_prefix_attention(
     S including the T new positions. The prefix part runs as one product per prefix row over that row's
     queries (padded to R rows), so each prefix key is read once per prefix row, not once per branch row."""
     _, h, T, hd = q.shape
-    if cache.prefix.crops != cache.prefix_version or cache.prefix.length < cache.prefix_length:
+    if cache.prefix.crops != cache.prefix_version:  # crop is the only way to shorten or rewrite it
         raise ValueError(
             "this branch's shared prefix was cropped after branching, so its first tokens may have been rewritten; "
             "branch again from the prefix as it is now."
