@@ -314,6 +314,19 @@ def test_shared_prefix_misuse_raises_clear_errors():
         model(tokens[:, 20:30], tasks, cropped)
         with pytest.raises(ValueError, match="cropped after branching"):
             model(tokens[:, 30:31], tasks, stale)
+        # a prefix cropped before branching is fine, even to nothing (an empty KVCache is falsy: len() == 0)
+        cropped.crop(0)
+        model(tokens[:, :30], tasks, cropped)
+        fresh = KVCache.branch(cropped, torch.tensor([0, 1]), 5)
+        torch.testing.assert_close(
+            model(tokens[:, 30:31], tasks, fresh).hidden,
+            model(tokens[:, :31], tasks).hidden[:, 30:],
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        empty = model.empty_cache(2, max_tokens=30)
+        empty.crop(0)
+        assert KVCache.branch(empty, torch.tensor([0, 1]), 5).prefix_version == empty.crops == 1
         train = make_model(attn_pdrop=0.1).train()
         with pytest.raises(ValueError, match="eval mode"):
             train(tokens[[1, 0, 1], 30:31], tasks[[1, 0, 1]], KVCache.branch(prefix, torch.tensor([1, 0, 1]), 5))

@@ -87,7 +87,7 @@ class KVCache:
         self.keys, self.values, self.length = keys, values, length
         self.prefix, self.prefix_rows, self.prefix_length = prefix, prefix_rows, p
         self.crops = 0  # bumped by ``crop``: a branch remembers its prefix's count and refuses a change
-        self.prefix_version = (prefix.crops if prefix_version is None else prefix_version) if prefix else 0
+        self.prefix_version = 0 if prefix is None else prefix.crops if prefix_version is None else prefix_version
         self._slots: tuple[torch.Tensor, torch.Tensor, int, bool] | None = None
 
     @classmethod
