@@ -61,11 +61,11 @@ def _figure(name: str, value: float, unit: str, preset_name: str | None, **extra
 
 def train_suite(presets: list[str], device: torch.device, args: argparse.Namespace) -> Iterator[Figure]:
     from benchmarks.train_throughput import bf16_peak, counted_flops_per_sample, write_cache
-    from jowa_core.training import read_metrics, train_world_action
+    from jowa_core.training import fused_switches, read_metrics, train_world_action
 
     cuda = device.type == "cuda"
     compile_ = cuda and not args.no_compile
-    fused = cuda and not args.no_fused_ln  # the loop's default on CUDA (jowa_core.models.fused_ln)
+    fused, fused_qkv = fused_switches(device, False if args.no_fused_ln else None, args.fused_qkv)
     for name in presets:
         p = preset(name)
         p = replace(p, train=replace(p.train, life_start_share=0.0))  # the synthetic caches have no lives
@@ -81,10 +81,10 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
             train_world_action(p, caches, Path(tmp) / "run", stage1_steps=0, stage2_steps=2 * steps,
                                batch_size=batch, log_every=steps, save_every=10**9, device=device, resume=False,
                                progress=False, num_threads=args.threads, keep_last=1, compile=compile_,
-                               fused_layer_norm=fused, fused_qkv=args.fused_qkv)  # fmt: skip
+                               fused_layer_norm=fused, fused_qkv=fused_qkv)  # fmt: skip
             rec = read_metrics(Path(tmp) / "run")[-1]  # the second interval: warm-up and compilation excluded
         tag = {"batch_size": batch, "steps_timed": steps, "compile": compile_, "fused_ln": fused,
-               "fused_qkv": args.fused_qkv, "amp": "bf16" if cuda else "fp32"}  # fmt: skip
+               "fused_qkv": fused_qkv, "amp": "bf16" if cuda else "fp32"}  # fmt: skip
         yield _figure("train_stage2_tokens_per_s", rec["tokens_per_s"], "tokens/s", name, **tag)
         yield _figure("train_stage2_samples_per_s", rec["samples_per_s"], "segments/s", name, **tag)
         if cuda:
@@ -261,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the library's split)")
     ap.add_argument("--no-compile", action="store_true", help="train: eager on CUDA too")
     ap.add_argument("--no-fused-ln", action="store_true", help="train: inductor's LayerNorm kernels on CUDA too")
-    ap.add_argument("--fused-qkv", action="store_true", help="train: one product for queries, keys and values")
+    ap.add_argument(
+        "--fused-qkv",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train: one product for queries, keys and values (default: on CUDA only)",
+    )
     ap.add_argument(
         "--reference",
         action=argparse.BooleanOptionalAction,

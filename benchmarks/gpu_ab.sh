@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The device A/B of the jowa_150m training step (batch 512) behind the README's "where dropout's cost lies":
-# first the fused query/key/value product (step and loop), then the loop's recipe (the fused LayerNorm op)
-# with attention on cuDNN's kernel and on flash
+# the loop's recipe (the fused LayerNorm op) with attention on cuDNN's kernel and on flash
 # (--sdpa-off cudnn), then the recipe without the op against it, the step with and without dropout, with
 # aten's random numbers (fallback_random) and with looped reductions, then Nsight Compute on inductor's
 # fused LayerNorm/dropout backward kernels and on the hand-written ones. One process per inductor or SDPA
@@ -21,15 +20,7 @@ pt() {  # pt LIMIT ARGS...: one profile_train process, its JSON lines appended t
         >>"$OUT/ab.jsonl" 2>>"$OUT/ab.err" || echo "failed or timed out: $*" | tee -a "$OUT/ab.err"
     tail -n 1 "$OUT/ab.jsonl" | cut -c1-400
 }
-# first (session 16, not yet run): the recipe against one product for queries, keys and values, in the
-# step and in the training loop (the loop is what the 40 % MFU target is measured on)
-pt 220 --variants compile_loss_fused_ln compile_loss_fused_ln_qkv --profile
-for qkv in "" --fused-qkv; do
-    timeout 200 python3 -m benchmarks --device cuda --suite train --preset jowa_150m --steps 10 --batch-size 512 \
-        $qkv --jsonl "$OUT/loop${qkv:+_qkv}.jsonl" >/dev/null 2>>"$OUT/ab.err" || echo "loop $qkv failed or timed out"
-    grep -h train_stage2_mfu "$OUT/loop${qkv:+_qkv}.jsonl" | cut -c1-300
-done
-# then: attention on the flash kernel instead of cuDNN's, with the loop's recipe (the fused LayerNorm op)
+# attention on the flash kernel instead of cuDNN's, with the loop's recipe (the fused LayerNorm op)
 pt 150 --variants compile_loss_fused_ln --profile
 pt 150 --variants compile_loss_fused_ln --profile --sdpa-off cudnn
 pt 220 --variants compile_loss compile_loss_fused_ln --profile

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The training-loop A/B behind issue 8's 40 % MFU target (jowa_150m stage 2, batch 512, bf16, forward and loss
-# compiled): the default (fused LayerNorm op) and the fused query/key/value product, alternated twice so that a
-# drift of the machine shows, inductor's LayerNorm kernels once, the GPU tests, then (if time is left) the step
-# alone with its kernels for both products. About 8 minutes on one H100/H200; inductor's cache makes repeats cheap.
+# compiled): the fused LayerNorm op with three query/key/value products and with one (the default since
+# session 17), alternated twice so that a drift of the machine shows, inductor's LayerNorm kernels once, the GPU
+# tests, then (if time is left) the step alone with its kernels for both products. About 7 minutes on one H200
+# (433 s in session 17); inductor's cache makes the repeats cheap.
 #   bash benchmarks/gpu_loop_ab.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -18,11 +19,11 @@ loop() {  # loop LIMIT ARGS...: one training-loop run, its figures appended to l
     echo "loop ${*:-(default)}: $((SECONDS - t0)) s, MFU $(grep train_stage2_mfu "$OUT/loop.jsonl" | tail -n 1 |
         grep -o '"value": [0-9.]*' | cut -d' ' -f2)"
 }
-loop 170
+loop 170 --no-fused-qkv
 loop 170 --fused-qkv
-loop 110
+loop 110 --no-fused-qkv
 loop 110 --fused-qkv
-loop 130 --no-fused-ln
+loop 130 --no-fused-ln --no-fused-qkv
 timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -n 8
 left=$((530 - SECONDS))
 if [ "$left" -gt 120 ]; then

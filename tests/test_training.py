@@ -141,10 +141,25 @@ def test_fused_layer_norm_switch_trains_as_the_default_without_dropout(caches, t
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_fused_switches_default_on_for_cuda_only(monkeypatch):
+    """None means: on for CUDA (the fused LayerNorm op only when triton imports), off on CPU; a given value wins."""
+    from jowa_core.models import fused_ln
+    from jowa_core.training import fused_switches
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(fused_ln, "triton_available", lambda: True)
+    assert fused_switches(cuda, None, None) == (True, True)
+    assert fused_switches(cpu, None, None) == (False, False)
+    assert fused_switches(cuda, False, False) == (False, False)
+    assert fused_switches(cpu, True, True) == (True, True)
+    monkeypatch.setattr(fused_ln, "triton_available", lambda: False)
+    assert fused_switches(cuda, None, None) == (False, True)
+
+
 def test_fused_qkv_switch_trains_as_the_default(caches, tmp_path):
     """``fused_qkv=True`` (one product for queries, keys and values) trains the same weights as three products,
     dropout included (it draws nothing itself), up to Adam's amplification of the backward's summation order;
-    the default leaves it off."""
+    the default leaves it off on CPU."""
     kw = {"stage1_steps": 3, "stage2_steps": 3, **RUN}
     plain = train_world_action(tiny(), caches, tmp_path / "plain", **kw)
     fused = train_world_action(tiny(), caches, tmp_path / "fused", fused_qkv=True, **kw)

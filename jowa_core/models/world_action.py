@@ -834,8 +834,9 @@ class WorldActionModel(nn.Module):
     def use_fused_qkv(self, enabled: bool = True) -> WorldActionModel:
         """Project each layer's queries, keys and values with one matrix product (``SelfAttention.fused_qkv``;
         the captured CUDA-graph decode keeps three). An implementation choice like ``use_fused_layer_norm``:
-        parameters and checkpoints are unchanged, the function is the same to rounding. Off by default; not
-        yet timed on a GPU (README Performance)."""
+        parameters and checkpoints are unchanged, the function is the same to rounding. Off by default;
+        ``train_world_action`` turns it on for CUDA, where jowa_150m's training loop runs about 1 % faster
+        (README Performance)."""
         for block in self.transformer.blocks:
             block.attn.fused_qkv = enabled
         return self
