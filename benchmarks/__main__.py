@@ -84,7 +84,9 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
                                fused_layer_norm=fused, fused_qkv=fused_qkv)  # fmt: skip
             rec = read_metrics(Path(tmp) / "run")[-1]  # the second interval: warm-up and compilation excluded
         tag = {"batch_size": batch, "steps_timed": steps, "compile": compile_, "fused_ln": fused,
-               "fused_qkv": fused_qkv, "amp": "bf16" if cuda else "fp32"}  # fmt: skip
+               "fused_qkv": fused_qkv, "amp": "bf16" if cuda else "fp32",
+               **({"inductor": args.inductor} if args.inductor else {}),
+               **({"sdpa_off": args.sdpa_off} if args.sdpa_off else {})}  # fmt: skip
         yield _figure("train_stage2_tokens_per_s", rec["tokens_per_s"], "tokens/s", name, **tag)
         yield _figure("train_stage2_samples_per_s", rec["samples_per_s"], "segments/s", name, **tag)
         if cuda:
@@ -233,8 +235,8 @@ SUITE_FNS = {"train": train_suite, "planner": planner_suite, "tokenizer": tokeni
 
 def markdown_table(figures: list[Figure]) -> str:
     """The README's Performance table: one row per figure, the settings that matter in 'details'."""
-    keep = ("envs", "batch_size", "workers", "compile", "fused_ln", "fused_qkv", "cuda_graphs", "shared_history",
-            "amp", "actions_match", "skipped")  # fmt: skip
+    keep = ("envs", "batch_size", "workers", "compile", "fused_ln", "fused_qkv", "inductor", "sdpa_off", "cuda_graphs",
+            "shared_history", "amp", "actions_match", "skipped")  # fmt: skip
     lines = ["| figure | preset | value | unit | details |", "| --- | --- | ---: | --- | --- |"]
     for f in figures:
         details = ", ".join(f"{k}={f[k]}" for k in keep if k in f)
@@ -274,9 +276,18 @@ def main(argv: list[str] | None = None) -> int:
         help="planner: also time the per-node reference (default: on CPU only)",
     )
     ap.add_argument("--no-cuda-graphs", action="store_true", help="planner: eager decoding on CUDA too")
+    ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="torch._inductor.config settings for the whole process, e.g. max_autotune_gemm=1")  # fmt: skip
+    ap.add_argument("--sdpa-off", nargs="*", default=[], metavar="BACKEND",
+                    help="SDPA backends to turn off for the whole process, e.g. cudnn")  # fmt: skip
     ap.add_argument("--jsonl", type=Path, default=None, help="also append every figure to this file")
     ap.add_argument("--markdown", type=Path, default=None, help="write the markdown table here at the end")
     args = ap.parse_args(argv)
+    if args.inductor or args.sdpa_off:  # the loop-level A/B of benchmarks.profile_train's step-level switches
+        from benchmarks.profile_train import apply_inductor_settings, disable_sdpa_backends
+
+        apply_inductor_settings(args.inductor)
+        disable_sdpa_backends(args.sdpa_off)
     device = resolve_device(args.device)
     presets = args.preset or (list(PRESETS) if device.type == "cuda" else ["tiny", "jowa_40m"])
     if args.threads:

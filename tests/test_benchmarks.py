@@ -115,3 +115,28 @@ def test_train_suite_runs_the_tiny_preset_on_cpu(capsys):
     names = {f["name"] for f in figs}
     assert {"train_stage2_tokens_per_s", "train_stage2_samples_per_s"} <= names
     assert all(f["fused_ln"] is False and f["compile"] is False for f in figs if f["name"].startswith("train_"))
+    assert all(f["fused_qkv"] is False and "inductor" not in f for f in figs if f["name"].startswith("train_"))
+
+
+def test_train_suite_applies_and_records_process_wide_settings(capsys):
+    """``--inductor`` and ``--sdpa-off`` (the loop-level A/B of profile_train's switches) take effect for the
+    process and are written beside every training figure; ``--fused-qkv`` overrides the device default."""
+    import json
+
+    import torch
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.aggressive_fusion, torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        argv = ["--suite", "train", "--preset", "tiny", "--steps", "1", "--fused-qkv"]
+        assert main([*argv, "--inductor", "aggressive_fusion=1", "--sdpa-off", "cudnn"]) in (None, 0)
+        assert inductor_config.aggressive_fusion is True and not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        inductor_config.aggressive_fusion = before[0]
+        torch.backends.cuda.enable_cudnn_sdp(before[1])
+    figs = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    train = [f for f in figs if f["name"].startswith("train_")]
+    assert train and all(f["inductor"] == ["aggressive_fusion=1"] and f["sdpa_off"] == ["cudnn"] for f in train)
+    assert all(f["fused_qkv"] is True for f in train)
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main(["--suite", "train", "--preset", "tiny", "--steps", "1", "--inductor", "no_such_setting=1"])
