@@ -13,6 +13,10 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
+# clocks and power every 5 s, to tell a throttled machine from a slow recipe (session 17's H100 ran the session-13
+# recipe at 37.8 % MFU where session 13's gave 39.1 %)
+nvidia-smi dmon -s pc -d 5 >"$OUT/dmon.txt" 2>&1 &
+dmon=$!
 fits() {  # fits SECONDS: whether a step that may take that long still ends by 480 s
     [ $((SECONDS + $1)) -le 480 ] || { echo "skipped (${SECONDS} s gone): ${*:2}"; return 1; }
 }
@@ -49,4 +53,7 @@ if fits 120 "ncu"; then
     grep -E "dropout_add_layer_norm|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Achieved Occupancy" \
         "$OUT/ncu_fused_ln.txt" | head -40
 fi
+kill "$dmon" 2>/dev/null
+awk '$1 ~ /^[0-9]+$/ { n++; w += $2; sm += $NF }  # columns: gpu pwr gtemp mtemp mclk pclk
+    END { if (n) printf "dmon: %d samples, mean power %.0f W, mean SM clock %.0f MHz\n", n, w / n, sm / n }' "$OUT/dmon.txt"
 echo "total $SECONDS s"

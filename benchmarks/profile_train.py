@@ -187,11 +187,11 @@ def run_variant(
                 top[e.name[:90]] += e.device_time
                 busy += e.device_time
         sort = "cuda_time_total" if cuda else "cpu_time_total"
-        print(f"== {variant}\n" + prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70),
+        print(f"== {variant}\n" + prof.key_averages().table(sort_by=sort, row_limit=50, max_name_column_width=70),
               file=sys.stderr)  # fmt: skip
         out["gpu_busy_share"] = round(busy / wall_us, 3) if cuda else None
         out["ms_by_kind"] = {k: round(v / 3e3, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
-        out["top_kernels_ms"] = {k: round(v / 3e3, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:18]}
+        out["top_kernels_ms"] = {k: round(v / 3e3, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:40]}
     return out
 
 
