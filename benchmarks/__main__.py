@@ -86,7 +86,8 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
         tag = {"batch_size": batch, "steps_timed": steps, "compile": compile_, "fused_ln": fused,
                "fused_qkv": fused_qkv, "amp": "bf16" if cuda else "fp32",
                **({"inductor": args.inductor} if args.inductor else {}),
-               **({"sdpa_off": args.sdpa_off} if args.sdpa_off else {})}  # fmt: skip
+               **({"sdpa_off": args.sdpa_off} if args.sdpa_off else {}),
+               **({"fused_ln_config": args.fused_ln_config} if args.fused_ln_config else {})}  # fmt: skip
         yield _figure("train_stage2_tokens_per_s", rec["tokens_per_s"], "tokens/s", name, **tag)
         yield _figure("train_stage2_samples_per_s", rec["samples_per_s"], "segments/s", name, **tag)
         if cuda:
@@ -280,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch._inductor.config settings for the whole process, e.g. max_autotune_gemm=1")  # fmt: skip
     ap.add_argument("--sdpa-off", nargs="*", default=[], metavar="BACKEND",
                     help="SDPA backends to turn off for the whole process, e.g. cudnn")  # fmt: skip
+    ap.add_argument("--fused-ln-config", default=None, metavar="JSON",
+                    help="train: a fused_ln.KernelConfig (fields as benchmarks.fused_ln_sweep --best writes)")  # fmt: skip
     ap.add_argument("--jsonl", type=Path, default=None, help="also append every figure to this file")
     ap.add_argument("--markdown", type=Path, default=None, help="write the markdown table here at the end")
     args = ap.parse_args(argv)
@@ -288,6 +291,13 @@ def main(argv: list[str] | None = None) -> int:
 
         apply_inductor_settings(args.inductor)
         disable_sdpa_backends(args.sdpa_off)
+    if args.fused_ln_config:
+        from jowa_core.models import fused_ln
+
+        try:
+            fused_ln.set_kernel_config(fused_ln.KernelConfig.from_json(args.fused_ln_config))
+        except (OSError, ValueError, TypeError) as e:
+            ap.error(f"--fused-ln-config: {e}")
     device = resolve_device(args.device)
     presets = args.preset or (list(PRESETS) if device.type == "cuda" else ["tiny", "jowa_40m"])
     if args.threads:

@@ -5,9 +5,10 @@
 At jowa_150m's training shape (batch 512 x 296 tokens = 151,552 rows of 768; fp32 residual stream, bf16
 branch, dropout 0.1) it times, with CUDA events over ``--reps`` calls after warm-up: inductor's compiled
 ``x + dropout(h)`` then ``layer_norm`` (forward, and forward + backward), then ``jowa_core.models.fused_ln``
-forward and backward under every ``KernelConfig`` of the sweep. One JSON line per figure, with the bytes
-each pass must move and the bandwidth that implies; ``--best`` writes the fastest config as JSON, which
-``benchmarks.profile_train --fused-ln-config`` reads. CUDA only.
+forward and backward under every ``KernelConfig`` of the sweep (the forward's tiles with and without
+``packed_rng``). One JSON line per figure, with the bytes each pass must move and the bandwidth that
+implies; ``--best`` writes the fastest config as JSON, which ``benchmarks.profile_train --fused-ln-config``
+and ``python -m benchmarks --fused-ln-config`` read. CUDA only.
 """
 
 from __future__ import annotations
@@ -90,7 +91,10 @@ def main(argv: list[str] | None = None) -> None:
 
     default = fused_ln.kernel_config()
     results = []
-    fwd_grid = [replace(default, fwd_rows=r, fwd_warps=wp) for r, wp in itertools.product((1, 2, 4, 8), (2, 4, 8))]
+    fwd_grid = [  # each tile with the dropout mask drawn one Philox call per element and per 8 elements
+        replace(default, fwd_rows=r, fwd_warps=wp, packed_rng=pk)
+        for pk, r, wp in itertools.product((False, True), (1, 2, 4, 8), (2, 4, 8))
+    ]
     bwd_grid = [
         replace(default, bwd_rows=r, bwd_warps=wp, bwd_programs_per_sm=k)
         for r, wp, k in itertools.product((1, 2, 4, 8), (4, 8), (2, 4, 8, 16))
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     fwd_best = min((r for r in results if r[0] in fwd_grid), key=lambda r: r[1])[0]
     bwd_best = min((r for r in results if r[0] in bwd_grid), key=lambda r: r[2])[0]
     best = KernelConfig(fwd_best.fwd_rows, fwd_best.fwd_warps, bwd_best.bwd_rows, bwd_best.bwd_warps,
-                        bwd_best.bwd_programs_per_sm)  # fmt: skip
+                        bwd_best.bwd_programs_per_sm, fwd_best.packed_rng)  # fmt: skip
     emit(impl="fused_ln_best", config=asdict(best))
     if args.best:
         with open(args.best, "w") as f:

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The next device session's A/B for issue 8's one open target: jowa_150m stage-2 training at 40 % MFU on an H100
 # (38.3 % there in session 17, 40.5 % on an H200). The training loop first, since the target is measured on it:
-# the default recipe (fused LayerNorm op, one QKV product), attention on the flash kernel instead of cuDNN's
-# (--sdpa-off cudnn), inductor's matrix-product templates, which can take GELU into fc1's epilogue
-# (max_autotune_gemm: long to compile), and the default again to show the machine's drift. Then, while time is
-# left, the step alone with its kernels for the same switches, and Nsight Compute on the fused LayerNorm kernels.
+# the default recipe (fused LayerNorm op, one QKV product); the op drawing its dropout mask with one Philox call
+# per 8 elements (KernelConfig.packed_rng); attention on the flash kernel instead of cuDNN's (--sdpa-off cudnn);
+# the default again to show the machine's drift; then, with the time left, inductor's matrix-product templates,
+# which can take GELU into fc1's epilogue (max_autotune_gemm: long to compile). Then, while time is left, the
+# step alone with its kernels, and Nsight Compute on the fused LayerNorm kernels.
 # Starts nothing new after 480 s, so the whole script fits one 600 s call.
 #   bash benchmarks/gpu_ab.sh
 set -u
@@ -37,11 +38,17 @@ pt() {  # pt LIMIT ARGS...: one profile_train process (the step alone), its JSON
         --steps 10 "$@" >>"$OUT/step.jsonl" 2>>"$OUT/step.err" || echo "profile_train $*: failed or timed out"
     tail -n 1 "$OUT/step.jsonl" | cut -c1-300
 }
+echo '{"packed_rng": true}' >"$OUT/packed_rng.json"
 loop 150
+loop 90 --fused-ln-config "$OUT/packed_rng.json"
 loop 120 --sdpa-off cudnn
-loop 300 --inductor max_autotune_gemm=1
 loop 90
-pt 120 --variants compile_loss_fused_ln_qkv --profile --sdpa-off cudnn
+if [ $((480 - SECONDS)) -ge 150 ]; then
+    loop $((480 - SECONDS)) --inductor max_autotune_gemm=1
+else
+    echo "skipped (${SECONDS} s gone): loop --inductor max_autotune_gemm=1"
+fi
+pt 120 --variants compile_loss_fused_ln_qkv --profile --fused-ln-config "$OUT/packed_rng.json"
 pt 120 --variants compile_loss_fused_ln_qkv compile_loss_no_dropout --profile
 # a step launches the forward kernel 25 times before the first backward one: 28 launches take both
 if fits 120 "ncu"; then

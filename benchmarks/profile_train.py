@@ -223,8 +223,7 @@ def main() -> None:
     if args.fused_ln_config:
         from jowa_core.models import fused_ln
 
-        with open(args.fused_ln_config) as f:
-            fused_cfg = fused_ln.KernelConfig(**json.load(f))
+        fused_cfg = fused_ln.KernelConfig.from_json(args.fused_ln_config)
         fused_ln.set_kernel_config(fused_cfg)
     dev = resolve_device(args.device)
     p = preset(args.preset)

@@ -96,11 +96,12 @@ def test_fused_ln_sweep_reports_every_tile_and_writes_a_loadable_best(tmp_path, 
     before = kernel_config()
     sweep(["--device", "cpu", "--rows", "16", "--width", "8", "--reps", "1", "--best", str(tmp_path / "best.json")])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert [x["impl"] for x in lines] == ["inductor"] + ["fused_ln"] * 44 + ["fused_ln_best"]
+    assert [x["impl"] for x in lines] == ["inductor"] + ["fused_ln"] * 56 + ["fused_ln_best"]
     tiles = [x for x in lines if x["impl"] == "fused_ln"]
     # backward = (forward + backward) - forward: at this size on a busy CPU the difference can be noise
     assert all(x["fwd_ms"] > 0 and isinstance(x["bwd_ms"], float) and "error" not in x for x in tiles)
-    assert len({json.dumps(x["config"], sort_keys=True) for x in tiles}) == 43  # the default is in both grids
+    assert len({json.dumps(x["config"], sort_keys=True) for x in tiles}) == 55  # the default is in both grids
+    assert sum(x["config"]["packed_rng"] for x in tiles) == 12  # the forward's 12 tiles, packed
     best = KernelConfig(**json.loads((tmp_path / "best.json").read_text()))
     assert best == KernelConfig(**lines[-1]["config"])
     assert kernel_config() == before  # the sweep puts the process's tiles back
@@ -118,25 +119,37 @@ def test_train_suite_runs_the_tiny_preset_on_cpu(capsys):
     assert all(f["fused_qkv"] is False and "inductor" not in f for f in figs if f["name"].startswith("train_"))
 
 
-def test_train_suite_applies_and_records_process_wide_settings(capsys):
-    """``--inductor`` and ``--sdpa-off`` (the loop-level A/B of profile_train's switches) take effect for the
-    process and are written beside every training figure; ``--fused-qkv`` overrides the device default."""
+def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path):
+    """``--inductor``, ``--sdpa-off`` and ``--fused-ln-config`` (the loop-level A/B of profile_train's switches)
+    take effect for the process and are written beside every training figure; ``--fused-qkv`` overrides the
+    device default."""
     import json
 
     import torch
     import torch._inductor.config as inductor_config
 
-    before = inductor_config.aggressive_fusion, torch.backends.cuda.cudnn_sdp_enabled()
+    from jowa_core.models import fused_ln
+
+    cfg = tmp_path / "packed.json"
+    cfg.write_text('{"packed_rng": true}')
+    before = inductor_config.aggressive_fusion, torch.backends.cuda.cudnn_sdp_enabled(), fused_ln.kernel_config()
     try:
-        argv = ["--suite", "train", "--preset", "tiny", "--steps", "1", "--fused-qkv"]
+        argv = ["--suite", "train", "--preset", "tiny", "--steps", "1", "--fused-qkv", "--fused-ln-config", str(cfg)]
         assert main([*argv, "--inductor", "aggressive_fusion=1", "--sdpa-off", "cudnn"]) in (None, 0)
         assert inductor_config.aggressive_fusion is True and not torch.backends.cuda.cudnn_sdp_enabled()
+        assert fused_ln.kernel_config() == fused_ln.KernelConfig(packed_rng=True)
     finally:
         inductor_config.aggressive_fusion = before[0]
         torch.backends.cuda.enable_cudnn_sdp(before[1])
+        fused_ln.set_kernel_config(before[2])
     figs = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     train = [f for f in figs if f["name"].startswith("train_")]
     assert train and all(f["inductor"] == ["aggressive_fusion=1"] and f["sdpa_off"] == ["cudnn"] for f in train)
-    assert all(f["fused_qkv"] is True for f in train)
+    assert all(f["fused_qkv"] is True and f["fused_ln_config"] == str(cfg) for f in train)
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(["--suite", "train", "--preset", "tiny", "--steps", "1", "--inductor", "no_such_setting=1"])
+    cfg.write_text('{"packed": true}')
+    with pytest.raises(SystemExit):
+        main(["--suite", "train", "--preset", "tiny", "--steps", "1", "--fused-ln-config", str(cfg)])
+    assert "unknown KernelConfig fields ['packed']" in capsys.readouterr().err
+    assert fused_ln.kernel_config() == before[2]

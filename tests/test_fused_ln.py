@@ -243,7 +243,10 @@ INTERPRETER_CHECK = textwrap.dedent(
     # C = 48: BLOCK_C 64 with masked columns; N = 37 leaves a part-filled block. C = 768: jowa_150m's width.
     # Tiles: the defaults (1-2 rows a program, as tuned on an H100) and 8 rows with 2 programs per "SM"
     # (2 on CPU), so that the backward's programs stride over several blocks.
-    cases = [(f.KernelConfig(), 37, 48), (f.KernelConfig(), 9, 768), (f.KernelConfig(8, 2, 8, 4, 1), 37, 48)]
+    # packed_rng: the mask from 8 flags per Philox call.
+    packed = f.KernelConfig(packed_rng=True)
+    cases = [(f.KernelConfig(), 37, 48), (f.KernelConfig(), 9, 768), (f.KernelConfig(8, 2, 8, 4, 1), 37, 48),
+             (packed, 37, 48), (packed, 9, 768)]
     for cfg, N, C in cases:
         f.set_kernel_config(cfg)
         for h_dtype in (torch.float32, torch.bfloat16):
@@ -274,6 +277,20 @@ INTERPRETER_CHECK = textwrap.dedent(
                         for name, a, e in zip(("dx", "dh", "dw", "db"), got, want):
                             if with_x or name != "dx":
                                 close(a, e, f"{name} {tag} dxn={g_in is not None}")
+    # the packed mask's statistics at jowa_150m's width and dropout (49,152 draws: sd of the kept share 0.0014)
+    f.set_kernel_config(packed)
+    N, C, p = 64, 768, 0.1
+    h, w, b = torch.randn(N, C), torch.ones(C), torch.zeros(C)
+    masks = [f._triton_forward(None, h, w, b, torch.tensor([s]), p, 1e-5, torch.float32)[4].float() for s in (7, 7, 8)]
+    m = masks[0]
+    assert torch.equal(masks[0], masks[1]), "the same seed must draw the same mask"
+    assert abs((masks[0] != masks[2]).float().mean().item() - 2 * p * (1 - p)) < 0.01, "seeds must draw apart"
+    assert abs(m.mean().item() - (1 - p)) < 0.006, m.mean().item()
+    for j in range(8):  # each of a Philox call's 8 uniforms (columns j, j + 8, ...) on its own
+        assert abs(m[:, j::8].mean().item() - (1 - p)) < 0.02, (j, m[:, j::8].mean().item())
+    pairs = (m[:, 1:] == m[:, :-1]).float().mean().item()  # neighbours share Philox words: independent?
+    assert abs(pairs - (p * p + (1 - p) ** 2)) < 0.01, pairs
+    assert len({tuple(r.tolist()) for r in m.bool()}) == N, "rows must not repeat"
     print("interpreter check passed")
     """
 )

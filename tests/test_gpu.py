@@ -250,11 +250,20 @@ def test_graph_replays_after_the_capturing_autocast_context_closed(device: torch
     model.use_cuda_graphs = True
 
 
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_fused_layer_norm_triton_matches_the_reference(device: torch.device, p: float) -> None:
+@pytest.mark.parametrize(("p", "packed_rng"), [(0.0, False), (0.1, False), (0.1, True)])
+def test_fused_layer_norm_triton_matches_the_reference(device: torch.device, p: float, packed_rng: bool) -> None:
     """The Triton kernels against the torch reference at jowa_150m's width: fp32 stream x, bf16 branch h,
-    bf16 y (the autocast dtype); with dropout, the reference is given the kernel's own mask."""
+    bf16 y (the autocast dtype); with dropout, the reference is given the kernel's own mask, drawn one
+    Philox call per element or per 8 (``KernelConfig.packed_rng``)."""
     assert fused_ln.triton_available(), "torch's CUDA wheels bring triton; the op would fall back to torch"
+    previous = fused_ln.set_kernel_config(replace(fused_ln.kernel_config(), packed_rng=packed_rng))
+    try:
+        _check_fused_layer_norm_kernels(device, p)
+    finally:
+        fused_ln.set_kernel_config(previous)
+
+
+def _check_fused_layer_norm_kernels(device: torch.device, p: float) -> None:
     torch.manual_seed(6)
     N, C, bf16 = 4099, 768, torch.bfloat16  # 4099 rows: the last program's block is part-filled
     x, h = torch.randn(N, C, device=device), torch.randn(N, C, device=device, dtype=bf16)
@@ -265,6 +274,8 @@ def test_fused_layer_norm_triton_matches_the_reference(device: torch.device, p: 
     m = mask if p > 0 else None
     if p > 0:  # 3.1 M draws: the keep fraction's standard deviation is 1.7e-4
         assert abs(mask.float().mean().item() - (1 - p)) < 1e-3
+        kept = mask.float()  # neighbours (which share Philox words when packed) as if independent
+        assert abs((kept[:, 1:] == kept[:, :-1]).float().mean().item() - (p * p + (1 - p) ** 2)) < 2e-3
     ref = fused_ln._reference_forward(x, h, w, b, m, p, 1e-5, bf16)
     torch.testing.assert_close(xn, ref[0], rtol=1e-6, atol=1e-6)  # the same fp32 add
     torch.testing.assert_close(y, ref[1])  # bf16 defaults: one rounding apart at most

@@ -21,6 +21,7 @@ kernel, reads one byte instead of re-running Philox.
 
 import contextlib
 import functools
+import json
 from dataclasses import dataclass
 
 import torch
@@ -99,13 +100,19 @@ class KernelConfig:
     SM (it is persistent: each program strides over row tiles and keeps one partial dweight/dbias row).
     The defaults are the fastest of ``benchmarks/fused_ln_sweep.py`` at jowa_150m's shape on an H100
     (session 13: forward 0.62 ms, backward 0.73 ms per 151,552 x 768 call; the first guess, 4 rows of 8
-    warps and 8 programs per SM, took 0.73 and 0.85 ms)."""
+    warps and 8 programs per SM, took 0.73 and 0.85 ms).
+
+    ``packed_rng``: the forward draws its dropout mask with one Philox call per 8 elements (its four 32-bit
+    words, each split into two 16-bit uniforms; p rounded to a multiple of 1/65536) instead of one per
+    element. The forward took 0.62 ms per call on both an H100 and an H200, though the H200's memory is 1.4x
+    faster, so Philox's integer work, not bandwidth, may bound it there. Off until a GPU has timed it."""
 
     fwd_rows: int = 2
     fwd_warps: int = 4
     bwd_rows: int = 1
     bwd_warps: int = 4
     bwd_programs_per_sm: int = 16
+    packed_rng: bool = False
 
     def __post_init__(self) -> None:
         for name in ("fwd_rows", "fwd_warps", "bwd_rows", "bwd_warps"):
@@ -114,6 +121,17 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= 1 (Triton tiles), got {v}.")
         if self.bwd_programs_per_sm < 1:
             raise ValueError(f"KernelConfig.bwd_programs_per_sm must be >= 1, got {self.bwd_programs_per_sm}.")
+
+    @classmethod
+    def from_json(cls, path: str) -> "KernelConfig":
+        """A config as ``benchmarks/fused_ln_sweep.py --best`` writes it; missing fields keep the defaults."""
+        with open(path) as f:
+            fields = json.load(f)
+        unknown = set(fields) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown KernelConfig fields {sorted(unknown)}; known: "
+                             f"{', '.join(cls.__dataclass_fields__)}.")  # fmt: skip
+        return cls(**fields)
 
 
 _CONFIG = [KernelConfig()]  # process-wide, like torch.backends flags; set_kernel_config changes it
@@ -142,8 +160,9 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def dropout_add_layer_norm_fwd(X, H, W, B, XN, Y, MEAN, RSTD, MASK, SEED, N, C, p, scale, eps,
-            HAS_X: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    def dropout_add_layer_norm_fwd(X, H, W, B, XN, Y, MEAN, RSTD, MASK, SEED, N, C, p, p16, scale, eps,
+            HAS_X: tl.constexpr, DROPOUT: tl.constexpr, PACKED_RNG: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+            BLOCK_C: tl.constexpr):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_C)
         cmask = cols < C
@@ -151,7 +170,13 @@ def _kernels():
         offs = rows[:, None] * C + cols[None, :]  # int32: the wrapper checks N * C < 2**31
         d = tl.load(H + offs, mask=m, other=0.0).to(tl.float32)
         if DROPOUT:
-            keep = tl.rand(tl.load(SEED), offs) >= p
+            if PACKED_RNG:  # 8 flags per Philox call: 4 words of 32 bits, 2 uniforms of 16 bits each
+                pk = rows[:, None] * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8)[None, :]  # never repeats
+                r0, r1, r2, r3 = tl.randint4x(tl.load(SEED), pk)
+                words = tl.interleave(tl.interleave(r0, r1), tl.interleave(r2, r3)).to(tl.int32, bitcast=True)
+                keep = tl.interleave(words & 0xFFFF, (words >> 16) & 0xFFFF) >= p16  # >> sign-extends: mask
+            else:
+                keep = tl.rand(tl.load(SEED), offs) >= p
             tl.store(MASK + offs, keep.to(tl.uint8), mask=m)
             d = tl.where(keep, d * scale, 0.0)
         if HAS_X:
@@ -225,6 +250,7 @@ def _triton_forward(
         raise ValueError(f"dropout_add_layer_norm: {N} x {C} elements exceed the kernels' int32 offsets.")
     cfg, block_c = kernel_config(), _block_c(C)
     rows, warps = cfg.fwd_rows, cfg.fwd_warps
+    packed = cfg.packed_rng and block_c >= 8  # 8 columns per Philox call
     x_new = torch.empty_like(h, dtype=h.dtype if x is None else x.dtype)
     y = torch.empty_like(h, dtype=out_dtype)
     mean = torch.empty(N, device=h.device, dtype=torch.float32)
@@ -236,8 +262,9 @@ def _triton_forward(
             # tensors stand in for pointers that a constexpr branch never reads (an empty one may be null)
             x_new if x is None else x, h, weight, bias, x_new, y, mean, rstd,
             mean if seed is None else mask, mean if seed is None else seed,
-            N, C, p, 1.0 / (1.0 - p), eps,
-            HAS_X=x is not None, DROPOUT=seed is not None, BLOCK_ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+            N, C, p, round(p * 65536), 1.0 / (1.0 - p), eps,
+            HAS_X=x is not None, DROPOUT=seed is not None, PACKED_RNG=packed, BLOCK_ROWS=rows, BLOCK_C=block_c,
+            num_warps=warps,
         )  # fmt: skip
     return x_new, y, mean, rstd, mask
 
