@@ -78,6 +78,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until the device has run all the work queued on it. A throughput read without it counts the
+    steps the host has queued, not the ones the GPU has run: CUDA lets the host run ahead by up to its
+    launch queue, and the training loop's figures read about 5 % high that way until session 17."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".partial") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.

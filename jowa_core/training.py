@@ -67,6 +67,7 @@ from jowa_core.runtime import (
     resolve_device,
     run_pair,
     seed_everything,
+    synchronize,
     truncate_jsonl,
 )
 
@@ -558,8 +559,8 @@ def train_world_action(
             (``WorldActionModel.use_fused_layer_norm``); None: on for CUDA when triton imports (jowa_150m's
             step 258.5 -> 236.3 ms on an H100, README "Performance"), off on CPU, where it has no kernels.
         fused_qkv: one matrix product for each layer's queries, keys and values
-            (``WorldActionModel.use_fused_qkv``); None: on for CUDA (jowa_150m's loop 40.1 -> 40.5 % MFU on an
-            H200, 37.8 -> 38.3 % on an H100), off on CPU, where it is not reliably faster.
+            (``WorldActionModel.use_fused_qkv``); None: on for CUDA (jowa_150m's loop 1.0 % faster on an H200,
+            1.3 % on an H100, README Performance), off on CPU, where it is not reliably faster.
         stride: distance between segment starts (4 for pretraining).
         data_split: "per_rank" (each rank draws its own batches) or "global" (each rank slices the
             same global batch, so results do not depend on the world size; ``GlobalBatchSlices``).
@@ -804,6 +805,7 @@ def _train(
                 dist.all_reduce(values, op=dist.ReduceOp.SUM)
                 values /= W
             if info.is_main:
+                synchronize(dev)  # the interval ends when the GPU has run its steps, not when they were queued
                 samples_per_s = n_acc * tc.batch_size / max(time.perf_counter() - t_log, 1e-9)
                 rec = log_record(step, stage, dict(zip(names, values.tolist())), opt, samples_per_s, mc)
                 with open(metrics_path, "a") as fh:

@@ -42,7 +42,7 @@ from jowa_core.models.tokenizer import (
     restart_dead_codes,
     tokenizer_loss,
 )
-from jowa_core.runtime import atomic_path, resolve_device, truncate_jsonl
+from jowa_core.runtime import atomic_path, resolve_device, synchronize, truncate_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -323,6 +323,7 @@ def train_tokenizer(
 
         if should_log(step):
             usage, perplexity = codebook_stats_from_counts(log_counts)
+            synchronize(dev)  # the interval ends when the GPU has run its steps, not when they were queued
             dt = time.perf_counter() - t_log
             rec = {"step": step, "frames_per_s": n_acc * batch_size / max(dt, 1e-9), "lr": step_lr}
             rec.update({k: float(v) / n_acc for k, v in acc.items()})

@@ -417,6 +417,27 @@ def test_short_training_run_reduces_the_loss(tmp_path):
     assert load_tokenizer(tmp_path / "run" / "tokenizer").content_hash() == tok.content_hash()
 
 
+def test_frames_per_s_is_read_after_the_device_ran_the_interval(tmp_path, monkeypatch):
+    """frames_per_s: synchronize, then read the clock (as the world-action loop: a CUDA host runs ahead)."""
+    import time
+    import types
+
+    from jowa_core import training_tokenizer as tt
+
+    events: list[str] = []
+    clock = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    clock.perf_counter = lambda: events.append("clock") or time.perf_counter()
+    real_sync = tt.synchronize
+    monkeypatch.setattr(tt, "time", clock)
+    monkeypatch.setattr(tt, "synchronize", lambda dev: events.append("sync") or real_sync(dev))
+    path = _dot_dataset(tmp_path / "Breakout.h5", episodes=2, t=40)
+    train_tokenizer([path], TINY, steps=4, batch_size=4, run_dir=tmp_path / "run", device="cpu", progress=False,
+                    log_every=2, save_every=100, eval_frames=0)  # fmt: skip
+    syncs = [i for i, e in enumerate(events) if e == "sync"]
+    assert len(syncs) == 2 and all(events[i + 1] == "clock" for i in syncs), events
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [2, 4]
+
+
 def test_lr_schedules():
     assert [tokenizer_lr(s, 10, 1e-3) for s in (0, 9)] == [1e-3, 1e-3]  # official: constant
     warm = [tokenizer_lr(s, 100, 2e-3, "cosine", warmup_steps=4) for s in range(100)]
