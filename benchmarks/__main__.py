@@ -236,8 +236,8 @@ SUITE_FNS = {"train": train_suite, "planner": planner_suite, "tokenizer": tokeni
 
 def markdown_table(figures: list[Figure]) -> str:
     """The README's Performance table: one row per figure, the settings that matter in 'details'."""
-    keep = ("envs", "batch_size", "workers", "compile", "fused_ln", "fused_qkv", "inductor", "sdpa_off", "cuda_graphs",
-            "shared_history", "amp", "actions_match", "skipped")  # fmt: skip
+    keep = ("envs", "batch_size", "workers", "compile", "fused_ln", "fused_qkv", "inductor", "sdpa_off",
+            "fused_ln_config", "cuda_graphs", "shared_history", "amp", "actions_match", "skipped")  # fmt: skip
     lines = ["| figure | preset | value | unit | details |", "| --- | --- | ---: | --- | --- |"]
     for f in figures:
         details = ", ".join(f"{k}={f[k]}" for k in keep if k in f)

@@ -3,7 +3,8 @@
 # (38.3 % there in session 17, 40.5 % on an H200). The training loop first, since the target is measured on it:
 # the default recipe (fused LayerNorm op, one QKV product); the op drawing its dropout mask with one Philox call
 # per 8 elements (KernelConfig.packed_rng); attention on the flash kernel instead of cuDNN's (--sdpa-off cudnn);
-# the default again to show the machine's drift; then, with the time left, inductor's matrix-product templates,
+# the default again to show the machine's drift; the fused_ln CUDA tests (the packed mask's first GPU check);
+# then, with the time left, inductor's matrix-product templates,
 # which can take GELU into fc1's epilogue (max_autotune_gemm: long to compile). Then, while time is left, the
 # step alone with its kernels, and Nsight Compute on the fused LayerNorm kernels.
 # Starts nothing new after 480 s, so the whole script fits one 600 s call.
@@ -43,6 +44,9 @@ loop 150
 loop 90 --fused-ln-config "$OUT/packed_rng.json"
 loop 120 --sdpa-off cudnn
 loop 90
+# the packed mask against the reference on CUDA (the interpreter tests ran on CPU only)
+fits 90 "the fused_ln CUDA tests" && timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    -k fused_layer_norm_triton 2>&1 | tail -n 3
 if [ $((480 - SECONDS)) -ge 150 ]; then
     loop $((480 - SECONDS)) --inductor max_autotune_gemm=1
 else

@@ -223,7 +223,10 @@ def main() -> None:
     if args.fused_ln_config:
         from jowa_core.models import fused_ln
 
-        fused_cfg = fused_ln.KernelConfig.from_json(args.fused_ln_config)
+        try:
+            fused_cfg = fused_ln.KernelConfig.from_json(args.fused_ln_config)
+        except (OSError, ValueError, TypeError) as e:
+            ap.error(f"--fused-ln-config: {e}")
         fused_ln.set_kernel_config(fused_cfg)
     dev = resolve_device(args.device)
     p = preset(args.preset)
