@@ -5,11 +5,13 @@
 # 1. the default recipe (fused LayerNorm op, one QKV product): the first loop figure with the clock read after
 #    a device sync;
 # 2. the op drawing its dropout mask with one Philox call per 8 elements (KernelConfig.packed_rng);
-# 3. attention on the flash kernel instead of cuDNN's (--sdpa-off cudnn);
-# 4. the default again, to show the machine's drift;
-# then the fused_ln CUDA tests (the packed mask's first GPU check); with the time left, inductor's
-# matrix-product templates, which can take GELU into fc1's epilogue (max_autotune_gemm: long to compile); then,
-# while time is left, the step alone with its kernels, and Nsight Compute on the fused LayerNorm kernels.
+# 3. inductor's matrix-product templates, which can take fc1's GELU into the product's epilogue and the GELU
+#    backward into the input-gradient product's (max_autotune_gemm: the largest possible gain, about 20 ms of
+#    GELU passes a step, and a compile of minutes, so it gets what the other loops leave, up to 260 s);
+# 4. attention on the flash kernel instead of cuDNN's (--sdpa-off cudnn);
+# 5. the default again, to show the machine's drift;
+# then the fused_ln CUDA tests (the packed mask's first GPU check) and, while time is left, the step alone with
+# its kernels and Nsight Compute on the fused LayerNorm kernels.
 # Starts nothing new after 480 s, so the whole script fits one 600 s call.
 #   bash benchmarks/gpu_ab.sh
 set -u
@@ -45,16 +47,20 @@ pt() {  # pt LIMIT ARGS...: one profile_train process (the step alone), its JSON
 echo '{"packed_rng": true}' >"$OUT/packed_rng.json"
 loop 150
 loop 90 --fused-ln-config "$OUT/packed_rng.json"
-loop 120 --sdpa-off cudnn
-loop 90
-# the packed mask against the reference on CUDA (the interpreter tests ran on CPU only)
-fits 90 "the fused_ln CUDA tests" && timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-    -k fused_layer_norm_triton 2>&1 | tail -n 3
-if [ $((480 - SECONDS)) -ge 150 ]; then
-    loop $((480 - SECONDS)) --inductor max_autotune_gemm=1
+# the largest possible gain and the longest compile: whatever the 135 s for the two loops after it leave
+autotune=$((345 - SECONDS))
+[ "$autotune" -gt 260 ] && autotune=260
+if [ "$autotune" -ge 120 ]; then
+    loop "$autotune" --inductor max_autotune_gemm=1
 else
     echo "skipped (${SECONDS} s gone): loop --inductor max_autotune_gemm=1"
 fi
+# no compile caches: a cached graph may hold the cuDNN attention op that the first compile chose
+TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 loop 90 --sdpa-off cudnn
+loop 45
+# the packed mask against the reference on CUDA (the interpreter tests ran on CPU only)
+fits 60 "the fused_ln CUDA tests" && timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    -k fused_layer_norm_triton 2>&1 | tail -n 3
 pt 120 --variants compile_loss_fused_ln_qkv --profile --fused-ln-config "$OUT/packed_rng.json"
 pt 120 --variants compile_loss_fused_ln_qkv compile_loss_no_dropout --profile
 # a step launches the forward kernel 25 times before the first backward one: 28 launches take both
