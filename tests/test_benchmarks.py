@@ -1,5 +1,6 @@
 """The benchmark suite's output: figure records and the README table (the timings themselves are not tested)."""
 
+import importlib.util
 import math
 
 import pytest
@@ -153,3 +154,23 @@ def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path)
         main(["--suite", "train", "--preset", "tiny", "--steps", "1", "--fused-ln-config", str(cfg)])
     assert "unknown KernelConfig fields ['packed']" in capsys.readouterr().err
     assert fused_ln.kernel_config() == before[2]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton)")
+def test_fused_ln_isa_counts_the_forward_kernels_machine_code(capsys):
+    """Compiled for sm_90 on the CPU: the packed mask needs fewer instructions and integer multiplies per thread
+    (an eighth of the Philox calls), and the issue time follows from the count."""
+    import json
+
+    from benchmarks.fused_ln_isa import CLOCK_HZ, SCHEDULERS, SMS
+    from benchmarks.fused_ln_isa import main as isa
+
+    isa(["--rows", "4096", "--width", "768"])
+    plain, packed = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert (plain["config"]["packed_rng"], packed["config"]["packed_rng"]) == (False, True)
+    assert packed["sass_per_thread"] < 0.75 * plain["sass_per_thread"]
+    assert packed["integer_multiplies"] < 0.5 * plain["integer_multiplies"]
+    cfg = plain["config"]
+    warp_instr = math.ceil(4096 / cfg["fwd_rows"]) * cfg["fwd_warps"] * plain["sass_per_thread"]
+    assert plain["issue_ms"] == pytest.approx(warp_instr / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3, abs=1e-3)
+    assert plain["bandwidth_ms_h200"] == pytest.approx(4096 * 768 * 13 / 1e9 / 4.3, abs=1e-3)

@@ -1,0 +1,98 @@
+"""The fused_ln forward kernel's machine code for Hopper, counted without a GPU.
+
+    python -m benchmarks.fused_ln_isa [--rows 151552] [--width 768]
+
+Triton compiles ``jowa_core.models.fused_ln``'s forward kernel for sm_90 on the CPU, and ``nvdisasm`` (shipped
+with triton) lists its SASS. The forward kernel has no loop, so each thread runs its listing once. So the
+count gives the time the SMs need to issue a call (programs x warps x instructions, over 132 SMs x 4 schedulers
+at 1.98 GHz, one warp-instruction per scheduler and clock). That is set beside the time the call's bytes take at
+a copy's bandwidth on an H100 (3.0 TB/s) and an H200 (4.3 TB/s). A kernel whose issue time exceeds its
+bandwidth time is bound by its instructions: the case for ``KernelConfig.packed_rng``, whose Philox work is an
+eighth of the per-element one. An estimate, not a timing: memory stalls and dual issue are left out. One JSON
+line per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.98e9  # H100 SXM and H200: the same SM count and boost clock
+COPY_TB_S = {"h100": 3.0, "h200": 4.3}  # device-to-device copies measured on the lent machines
+BYTES_PER_ELEMENT = 13  # reads x (fp32) and h (bf16); writes x_new (fp32), y (bf16) and the mask (uint8)
+SIGNATURE = {"X": "*fp32", "H": "*bf16", "W": "*fp32", "B": "*fp32", "XN": "*fp32", "Y": "*bf16", "MEAN": "*fp32",
+             "RSTD": "*fp32", "MASK": "*u8", "SEED": "*i64", "N": "i32", "C": "i32", "p": "fp32", "p16": "i32",
+             "scale": "fp32", "eps": "fp32"}  # fmt: skip
+_SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def sass_counts(cubin: bytes, nvdisasm: Path) -> dict[str, int]:
+    """Instructions of one kernel's listing by opcode (NOPs, the padding after EXIT, left out)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    counts: dict[str, int] = {}
+    for m in _SASS_LINE.finditer(text):
+        op = m.group(1)
+        if not op.startswith("NOP"):
+            counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def compile_forward(cfg, width: int) -> bytes:
+    """The forward kernel's cubin for sm_90, as ``_triton_forward`` would launch it (residual and dropout on)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from jowa_core.models import fused_ln
+
+    fwd, _ = fused_ln._kernels()
+    block_c = triton.next_power_of_2(width)
+    consts = {"HAS_X": True, "DROPOUT": True, "PACKED_RNG": cfg.packed_rng and block_c >= 8,
+              "BLOCK_ROWS": cfg.fwd_rows, "BLOCK_C": block_c}  # fmt: skip
+    names = [*SIGNATURE, *consts]
+    src = ASTSource(fwd, {**SIGNATURE, **dict.fromkeys(consts, "constexpr")},
+                    constexprs={(names.index(k),): v for k, v in consts.items()})  # fmt: skip
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.fwd_warps})
+    return kernel.asm["cubin"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=151_552, help="rows per call (jowa_150m: 512 x 296 tokens)")
+    ap.add_argument("--width", type=int, default=768)
+    args = ap.parse_args(argv)
+    import triton
+
+    from jowa_core.models import fused_ln
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if not nvdisasm.exists():
+        raise SystemExit(f"fused_ln_isa: {nvdisasm} is missing; it ships with triton's NVIDIA backend.")
+    default = fused_ln.kernel_config()
+    for packed in (False, True):
+        cfg = replace(default, packed_rng=packed)
+        counts = sass_counts(compile_forward(cfg, args.width), nvdisasm)
+        per_thread = sum(counts.values())
+        warp_instr = math.ceil(args.rows / cfg.fwd_rows) * cfg.fwd_warps * per_thread
+        gigabytes = args.rows * args.width * BYTES_PER_ELEMENT / 1e9
+        print(json.dumps({
+            "config": asdict(cfg), "rows": args.rows, "width": args.width, "triton": triton.__version__,
+            "sass_per_thread": per_thread,
+            "integer_multiplies": sum(n for op, n in counts.items() if op.startswith(("IMAD", "IMUL"))),
+            "shared_memory_ops": sum(n for op, n in counts.items() if op.startswith(("LDS", "STS"))),
+            "issue_ms": round(warp_instr / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3, 3),
+            **{f"bandwidth_ms_{k}": round(gigabytes / tb_s, 3) for k, tb_s in COPY_TB_S.items()},
+        }), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
