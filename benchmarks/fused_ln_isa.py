@@ -9,7 +9,8 @@ at 1.98 GHz, one warp-instruction per scheduler and clock). That is set beside t
 a copy's bandwidth on an H100 (3.0 TB/s) and an H200 (4.3 TB/s). A kernel whose issue time exceeds its
 bandwidth time is bound by its instructions: the case for ``KernelConfig.packed_rng``, whose Philox work is an
 eighth of the per-element one. An estimate, not a timing: memory stalls and dual issue are left out. One JSON
-line per configuration.
+line per configuration: per-element Philox, packed, and packed with the mask left to the backward
+(``recompute_mask``, one byte less to write).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.98e9  # H100 SXM and H200: the same SM count and boost clock
 COPY_TB_S = {"h100": 3.0, "h200": 4.3}  # device-to-device copies measured on the lent machines
-BYTES_PER_ELEMENT = 13  # reads x (fp32) and h (bf16); writes x_new (fp32), y (bf16) and the mask (uint8)
+BYTES_PER_ELEMENT = 13  # reads x (fp32) and h (bf16); writes x_new (fp32), y (bf16) and the mask (uint8, 1)
 SIGNATURE = {"X": "*fp32", "H": "*bf16", "W": "*fp32", "B": "*fp32", "XN": "*fp32", "Y": "*bf16", "MEAN": "*fp32",
              "RSTD": "*fp32", "MASK": "*u8", "SEED": "*i64", "N": "i32", "C": "i32", "p": "fp32", "p16": "i32",
              "scale": "fp32", "eps": "fp32"}  # fmt: skip
@@ -56,7 +57,8 @@ def compile_forward(cfg, width: int) -> bytes:
 
     fwd, _ = fused_ln._kernels()
     block_c = triton.next_power_of_2(width)
-    consts = {"HAS_X": True, "DROPOUT": True, "PACKED_RNG": cfg.packed_rng and block_c >= 8,
+    packed = cfg.packed_rng and block_c >= 8
+    consts = {"HAS_X": True, "DROPOUT": True, "PACKED_RNG": packed, "STORE_MASK": not (packed and cfg.recompute_mask),
               "BLOCK_ROWS": cfg.fwd_rows, "BLOCK_C": block_c}  # fmt: skip
     names = [*SIGNATURE, *consts]
     src = ASTSource(fwd, {**SIGNATURE, **dict.fromkeys(consts, "constexpr")},
@@ -78,12 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     if not nvdisasm.exists():
         raise SystemExit(f"fused_ln_isa: {nvdisasm} is missing; it ships with triton's NVIDIA backend.")
     default = fused_ln.kernel_config()
-    for packed in (False, True):
-        cfg = replace(default, packed_rng=packed)
+    for packed, recompute in ((False, False), (True, False), (True, True)):
+        cfg = replace(default, packed_rng=packed, recompute_mask=recompute)
         counts = sass_counts(compile_forward(cfg, args.width), nvdisasm)
         per_thread = sum(counts.values())
         warp_instr = math.ceil(args.rows / cfg.fwd_rows) * cfg.fwd_warps * per_thread
-        gigabytes = args.rows * args.width * BYTES_PER_ELEMENT / 1e9
+        gigabytes = args.rows * args.width * (BYTES_PER_ELEMENT - recompute) / 1e9  # no mask written
         print(json.dumps({
             "config": asdict(cfg), "rows": args.rows, "width": args.width, "triton": triton.__version__,
             "sass_per_thread": per_thread,

@@ -166,8 +166,10 @@ def test_fused_ln_isa_counts_the_forward_kernels_machine_code(capsys):
     from benchmarks.fused_ln_isa import main as isa
 
     isa(["--rows", "4096", "--width", "768"])
-    plain, packed = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    plain, packed, recomputed = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert (plain["config"]["packed_rng"], packed["config"]["packed_rng"]) == (False, True)
+    assert recomputed["config"]["recompute_mask"] and recomputed["sass_per_thread"] < packed["sass_per_thread"]
+    assert recomputed["bandwidth_ms_h200"] == pytest.approx(4096 * 768 * 12 / 1e9 / 4.3, abs=1e-3)
     assert packed["sass_per_thread"] < 0.75 * plain["sass_per_thread"]
     assert packed["integer_multiplies"] < 0.5 * plain["integer_multiplies"]
     cfg = plain["config"]

@@ -291,6 +291,20 @@ INTERPRETER_CHECK = textwrap.dedent(
     pairs = (m[:, 1:] == m[:, :-1]).float().mean().item()  # neighbours share Philox words: independent?
     assert abs(pairs - (p * p + (1 - p) ** 2)) < 0.01, pairs
     assert len({tuple(r.tolist()) for r in m.bool()}) == N, "rows must not repeat"
+    # recompute_mask: the forward stores no mask, and the backward's redraw is the stored one, bit for bit
+    for N, C, rows in ((37, 48, 1), (9, 768, 4)):
+        x, h, w, b = torch.randn(N, C), torch.randn(N, C), 1 + 0.3 * torch.randn(C), 0.3 * torch.randn(C)
+        dy, dxn, seed = torch.randn(N, C), torch.randn(N, C), torch.tensor([4321])
+        f.set_kernel_config(f.KernelConfig(packed_rng=True, bwd_rows=rows))
+        stored = f._triton_forward(x, h, w, b, seed, 0.3, 1e-5, torch.float32)
+        want = f._triton_backward(dy, dxn, *stored[0:1], w, *stored[2:4], stored[4], 0.3, torch.float32)
+        f.set_kernel_config(f.KernelConfig(packed_rng=True, recompute_mask=True, bwd_rows=rows))
+        redrawn = f._triton_forward(x, h, w, b, seed, 0.3, 1e-5, torch.float32)
+        assert redrawn[4].numel() == 0 and all(torch.equal(a, e) for a, e in zip(redrawn[:4], stored[:4]))
+        got = f._triton_backward(dy, dxn, *redrawn[0:1], w, *redrawn[2:4], None, 0.3, torch.float32, seed=seed)
+        assert all(torch.equal(a, e) for a, e in zip(got, want)), (N, C)
+        assert not torch.equal(got[1], f._triton_backward(dy, dxn, *redrawn[0:1], w, *redrawn[2:4], None, 0.3,
+                                                          torch.float32, seed=torch.tensor([1]))[1])  # fmt: skip
     print("interpreter check passed")
     """
 )
@@ -314,6 +328,8 @@ def test_kernel_config_rejects_tiles_triton_cannot_build_and_set_returns_the_pre
 
     with pytest.raises(ValueError, match="bwd_rows must be a power of two"):
         f.KernelConfig(bwd_rows=3)
+    with pytest.raises(ValueError, match="recompute_mask needs packed_rng=True"):
+        f.KernelConfig(recompute_mask=True)
     with pytest.raises(ValueError, match="bwd_programs_per_sm must be >= 1"):
         f.KernelConfig(bwd_programs_per_sm=0)
     tuned = f.kernel_config()

@@ -263,6 +263,32 @@ def test_fused_layer_norm_triton_matches_the_reference(device: torch.device, p: 
         fused_ln.set_kernel_config(previous)
 
 
+def test_fused_layer_norm_recomputed_mask_trains_as_the_stored_one(device: torch.device) -> None:
+    """``recompute_mask``: through the public op and autograd, under the same torch seed, the same outputs and
+    gradients bit for bit as the packed mask stored by the forward, and no mask kept between the passes."""
+    N, C, bf16 = 4099, 768, torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(8)
+    x, h = torch.randn(N, C, device=device, generator=g), torch.randn(N, C, device=device, generator=g).to(bf16)
+    w, b = 1 + 0.3 * torch.randn(C, device=device, generator=g), 0.3 * torch.randn(C, device=device, generator=g)
+    dxn, dy = torch.randn(N, C, device=device, generator=g), torch.randn(N, C, device=device, generator=g).to(bf16)
+    previous = fused_ln.kernel_config()
+    results = []
+    try:
+        for recompute in (False, True):
+            fused_ln.set_kernel_config(replace(previous, packed_rng=True, recompute_mask=recompute))
+            seed = torch.tensor([77], device=device)
+            assert fused_ln._fused_forward(x, h, w, b, seed, 0.1, 1e-5, bf16)[4].numel() == (0 if recompute else N * C)
+            leaves = [t.clone().requires_grad_() for t in (x, h, w, b)]
+            torch.manual_seed(9)
+            x_new, y = fused_ln.dropout_add_layer_norm(*leaves, 0.1, True)
+            grads = torch.autograd.grad((x_new, y), leaves, (dxn, dy))
+            results.append((x_new, y, *grads))
+    finally:
+        fused_ln.set_kernel_config(previous)
+    for a, e in zip(*results):
+        assert torch.equal(a, e)
+
+
 def _check_fused_layer_norm_kernels(device: torch.device, p: float) -> None:
     torch.manual_seed(6)
     N, C, bf16 = 4099, 768, torch.bfloat16  # 4099 rows: the last program's block is part-filled

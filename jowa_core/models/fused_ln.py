@@ -105,7 +105,11 @@ class KernelConfig:
     ``packed_rng``: the forward draws its dropout mask with one Philox call per 8 elements (its four 32-bit
     words, each split into two 16-bit uniforms; p rounded to a multiple of 1/65536) instead of one per
     element. The forward took 0.62 ms per call on both an H100 and an H200, though the H200's memory is 1.4x
-    faster, so Philox's integer work, not bandwidth, may bound it there. Off until a GPU has timed it."""
+    faster, so Philox's integer work, not bandwidth, may bound it there. Off until a GPU has timed it.
+
+    ``recompute_mask`` (needs ``packed_rng``): the backward draws the packed mask again from the seed instead
+    of reading the one the forward stored, so no mask is written, read or kept: 1 of the forward's 13 bytes
+    per element, 1 of the backward's 17, and about 3 GB of jowa_150m's activations at batch 512."""
 
     fwd_rows: int = 2
     fwd_warps: int = 4
@@ -113,6 +117,7 @@ class KernelConfig:
     bwd_warps: int = 4
     bwd_programs_per_sm: int = 16
     packed_rng: bool = False
+    recompute_mask: bool = False
 
     def __post_init__(self) -> None:
         for name in ("fwd_rows", "fwd_warps", "bwd_rows", "bwd_warps"):
@@ -121,6 +126,9 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= 1 (Triton tiles), got {v}.")
         if self.bwd_programs_per_sm < 1:
             raise ValueError(f"KernelConfig.bwd_programs_per_sm must be >= 1, got {self.bwd_programs_per_sm}.")
+        if self.recompute_mask and not self.packed_rng:
+            raise ValueError("KernelConfig.recompute_mask needs packed_rng=True (the backward redraws the packed "
+                             "mask; per-element Philox there would cost what it saves).")  # fmt: skip
 
     @classmethod
     def from_json(cls, path: str) -> "KernelConfig":
@@ -161,8 +169,8 @@ def _kernels():
 
     @triton.jit
     def dropout_add_layer_norm_fwd(X, H, W, B, XN, Y, MEAN, RSTD, MASK, SEED, N, C, p, p16, scale, eps,
-            HAS_X: tl.constexpr, DROPOUT: tl.constexpr, PACKED_RNG: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-            BLOCK_C: tl.constexpr):  # fmt: skip
+            HAS_X: tl.constexpr, DROPOUT: tl.constexpr, PACKED_RNG: tl.constexpr, STORE_MASK: tl.constexpr,
+            BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_C)
         cmask = cols < C
@@ -177,7 +185,8 @@ def _kernels():
                 keep = tl.interleave(words & 0xFFFF, (words >> 16) & 0xFFFF) >= p16  # >> sign-extends: mask
             else:
                 keep = tl.rand(tl.load(SEED), offs) >= p
-            tl.store(MASK + offs, keep.to(tl.uint8), mask=m)
+            if STORE_MASK:
+                tl.store(MASK + offs, keep.to(tl.uint8), mask=m)
             d = tl.where(keep, d * scale, 0.0)
         if HAS_X:
             d += tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
@@ -195,8 +204,8 @@ def _kernels():
         tl.store(RSTD + rows, rstd, mask=rows < N)
 
     @triton.jit
-    def dropout_add_layer_norm_bwd(DY, DXN, XN, W, MEAN, RSTD, MASK, DX, DH, DW, DB, N, C, scale,
-            HAS_DXN: tl.constexpr, HAS_DX: tl.constexpr, DROPOUT: tl.constexpr,
+    def dropout_add_layer_norm_bwd(DY, DXN, XN, W, MEAN, RSTD, MASK, SEED, DX, DH, DW, DB, N, C, p16, scale,
+            HAS_DXN: tl.constexpr, HAS_DX: tl.constexpr, DROPOUT: tl.constexpr, RECOMPUTE_MASK: tl.constexpr,
             BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
         # each program strides over row blocks and keeps its own partial dweight/dbias (one row of DW/DB)
         pid = tl.program_id(0)
@@ -226,7 +235,14 @@ def _kernels():
             if HAS_DX:
                 tl.store(DX + offs, g.to(DX.dtype.element_ty), mask=m)
             if DROPOUT:
-                g = tl.where(tl.load(MASK + offs, mask=m, other=0) != 0, g * scale, 0.0)
+                if RECOMPUTE_MASK:  # the forward's packed draw, repeated (the interpreter has no nested jit calls)
+                    pk = rows[:, None] * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8)[None, :]
+                    r0, r1, r2, r3 = tl.randint4x(tl.load(SEED), pk)
+                    words = tl.interleave(tl.interleave(r0, r1), tl.interleave(r2, r3)).to(tl.int32, bitcast=True)
+                    keep = tl.interleave(words & 0xFFFF, (words >> 16) & 0xFFFF) >= p16
+                else:
+                    keep = tl.load(MASK + offs, mask=m, other=0) != 0
+                g = tl.where(keep, g * scale, 0.0)
             tl.store(DH + offs, g.to(DH.dtype.element_ty), mask=m)
         tl.store(DW + pid * C + cols, tl.sum(dw, axis=0), mask=cmask)
         tl.store(DB + pid * C + cols, tl.sum(db, axis=0), mask=cmask)
@@ -243,7 +259,8 @@ def _triton_forward(
     x: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor, seed: Tensor | None, p: float, eps: float,
     out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(x_new, y, mean, rstd, mask) for 2-D (N, C) inputs; mask is empty without dropout."""
+    """(x_new, y, mean, rstd, mask) for 2-D (N, C) inputs; mask is empty without dropout and when the
+    backward recomputes it (``KernelConfig.recompute_mask``)."""
     x, h = None if x is None else x.contiguous(), h.contiguous()  # the kernels assume row-major rows
     N, C = h.shape
     if N * C >= 2**31:
@@ -251,29 +268,33 @@ def _triton_forward(
     cfg, block_c = kernel_config(), _block_c(C)
     rows, warps = cfg.fwd_rows, cfg.fwd_warps
     packed = cfg.packed_rng and block_c >= 8  # 8 columns per Philox call
+    store = seed is not None and not (packed and cfg.recompute_mask)
     x_new = torch.empty_like(h, dtype=h.dtype if x is None else x.dtype)
     y = torch.empty_like(h, dtype=out_dtype)
     mean = torch.empty(N, device=h.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    mask = torch.empty((N, C) if seed is not None else (0,), device=h.device, dtype=torch.uint8)
+    mask = torch.empty((N, C) if store else (0,), device=h.device, dtype=torch.uint8)
     fwd, _ = _kernels()
     with _on_device(h):
         fwd[(_cdiv(N, rows),)](
             # tensors stand in for pointers that a constexpr branch never reads (an empty one may be null)
             x_new if x is None else x, h, weight, bias, x_new, y, mean, rstd,
-            mean if seed is None else mask, mean if seed is None else seed,
+            mask if store else mean, mean if seed is None else seed,
             N, C, p, round(p * 65536), 1.0 / (1.0 - p), eps,
-            HAS_X=x is not None, DROPOUT=seed is not None, PACKED_RNG=packed, BLOCK_ROWS=rows, BLOCK_C=block_c,
-            num_warps=warps,
+            HAS_X=x is not None, DROPOUT=seed is not None, PACKED_RNG=packed, STORE_MASK=store, BLOCK_ROWS=rows,
+            BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
     return x_new, y, mean, rstd, mask
 
 
 def _triton_backward(
     dy: Tensor, dxn: Tensor | None, x_new: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, mask: Tensor | None,
-    p: float, h_dtype: torch.dtype, need_dx: bool = True,
+    p: float, h_dtype: torch.dtype, need_dx: bool = True, seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(dx, dh, dweight, dbias) as ``_reference_backward``; dx is empty when ``need_dx`` is False."""
+    """(dx, dh, dweight, dbias) as ``_reference_backward``; dx is empty when ``need_dx`` is False. Dropout
+    reads ``mask``, or with ``seed`` instead redraws the forward's packed mask (``recompute_mask``)."""
+    if mask is not None and seed is not None:
+        raise ValueError("_triton_backward: give the stored mask or the seed to redraw it, not both.")
     dy, dxn, x_new = dy.contiguous(), None if dxn is None else dxn.contiguous(), x_new.contiguous()
     N, C = x_new.shape
     cfg, block_c = kernel_config(), _block_c(C)
@@ -289,10 +310,10 @@ def _triton_backward(
     with _on_device(x_new):
         bwd[(grid,)](
             dy, dy if dxn is None else dxn, x_new, weight, mean, rstd, dy if mask is None else mask,
-            dx if need_dx else dh, dh, dw, db,
-            N, C, 1.0 / (1.0 - p),
-            HAS_DXN=dxn is not None, HAS_DX=need_dx, DROPOUT=mask is not None,
-            BLOCK_ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+            mean if seed is None else seed, dx if need_dx else dh, dh, dw, db,
+            N, C, round(p * 65536), 1.0 / (1.0 - p),
+            HAS_DXN=dxn is not None, HAS_DX=need_dx, DROPOUT=mask is not None or seed is not None,
+            RECOMPUTE_MASK=seed is not None, BLOCK_ROWS=rows, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
     return dx, dh, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
 
@@ -319,46 +340,57 @@ def _fused_forward(
     return x_new, y, mean, rstd, h.new_empty(0, dtype=torch.uint8) if mask is None else mask
 
 
+def _recomputes_mask(h: Tensor) -> bool:
+    """Whether the forward on h leaves the mask to the backward (Triton's packed draw only)."""
+    cfg = kernel_config()
+    return cfg.recompute_mask and cfg.packed_rng and _use_triton(h) and _block_c(h.shape[-1]) >= 8
+
+
 @_fused_forward.register_fake
 def _(x, h, weight, bias, seed, p, eps, out_dtype):
     N, C = h.shape
     res_dtype = h.dtype if x is None else x.dtype
     stat = h.new_empty(N, dtype=_compute_dtype(res_dtype))
-    mask = h.new_empty((N, C) if seed is not None else (0,), dtype=torch.uint8)
+    mask = h.new_empty((N, C) if seed is not None and not _recomputes_mask(h) else (0,), dtype=torch.uint8)
     return torch.empty_like(h, dtype=res_dtype), torch.empty_like(h, dtype=out_dtype), stat, stat.clone(), mask
 
 
 @torch.library.custom_op("jowa::dropout_add_layer_norm_backward", mutates_args=())
 def _fused_backward(
     dy: Tensor, dxn: Tensor | None, x_new: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, mask: Tensor,
-    p: float, h_dtype: torch.dtype, need_dx: bool,
+    p: float, h_dtype: torch.dtype, need_dx: bool, seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(dx, dh, dweight, dbias); dx is empty when ``need_dx`` is False (x was None)."""
-    m = mask if p > 0 else None
+    """(dx, dh, dweight, dbias); dx is empty when ``need_dx`` is False (x was None). With dropout, an empty
+    ``mask`` means the forward left it to be redrawn from ``seed``. ``seed`` comes last, with a default, so
+    that backward graphs compiled and cached before it existed still call this op correctly."""
+    redraw = p > 0 and mask.numel() == 0
+    m = mask if p > 0 and not redraw else None
     if _use_triton(x_new):
-        return _triton_backward(dy, dxn, x_new, weight, mean, rstd, m, p, h_dtype, need_dx)
+        return _triton_backward(dy, dxn, x_new, weight, mean, rstd, m, p, h_dtype, need_dx, seed if redraw else None)
+    if redraw:  # only the Triton forward leaves the mask out
+        raise RuntimeError("dropout_add_layer_norm: a redrawn mask needs the Triton kernels on CUDA.")
     dx, dh, dw, db = _reference_backward(dy, dxn, x_new, weight, mean, rstd, m, p, h_dtype)
     return dx if need_dx else dx.new_empty(0), dh, dw, db
 
 
 @_fused_backward.register_fake
-def _(dy, dxn, x_new, weight, mean, rstd, mask, p, h_dtype, need_dx):
+def _(dy, dxn, x_new, weight, mean, rstd, mask, p, h_dtype, need_dx, seed=None):
     dx = torch.empty_like(x_new) if need_dx else x_new.new_empty(0)
     return dx, torch.empty_like(x_new, dtype=h_dtype), torch.empty_like(weight), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, h, weight, _bias, _seed, p, _eps, _out_dtype = inputs
+    x, h, weight, _bias, seed, p, _eps, _out_dtype = inputs
     x_new, _y, mean, rstd, mask = output
-    ctx.save_for_backward(x_new, weight, mean, rstd, mask)
+    ctx.save_for_backward(x_new, weight, mean, rstd, mask, seed)
     ctx.p, ctx.h_dtype, ctx.has_x = p, h.dtype, x is not None
     ctx.set_materialize_grads(False)  # the last layer's x_new is unused: no zeros tensor for its gradient
 
 
 def _backward(ctx, dxn, dy, _dmean, _drstd, _dmask):
-    x_new, weight, mean, rstd, mask = ctx.saved_tensors
+    x_new, weight, mean, rstd, mask, seed = ctx.saved_tensors
     dy = torch.zeros_like(x_new) if dy is None else dy
-    dx, dh, dw, db = _fused_backward(dy, dxn, x_new, weight, mean, rstd, mask, ctx.p, ctx.h_dtype, ctx.has_x)
+    dx, dh, dw, db = _fused_backward(dy, dxn, x_new, weight, mean, rstd, mask, ctx.p, ctx.h_dtype, ctx.has_x, seed)
     return dx if ctx.has_x else None, dh, dw, db, None, None, None, None
 
 
