@@ -363,7 +363,7 @@ def _fused_backward(
     """(dx, dh, dweight, dbias); dx is empty when ``need_dx`` is False (x was None). With dropout, an empty
     ``mask`` means the forward left it to be redrawn from ``seed``. ``seed`` comes last, with a default, so
     that backward graphs compiled and cached before it existed still call this op correctly."""
-    redraw = p > 0 and mask.numel() == 0
+    redraw = p > 0 and seed is not None and mask.numel() != x_new.numel()  # the forward stored none
     m = mask if p > 0 and not redraw else None
     if _use_triton(x_new):
         return _triton_backward(dy, dxn, x_new, weight, mean, rstd, m, p, h_dtype, need_dx, seed if redraw else None)
