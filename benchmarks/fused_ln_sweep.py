@@ -26,7 +26,7 @@ from jowa_core.models import fused_ln
 from jowa_core.models.fused_ln import KernelConfig
 
 
-def _time_ms(fn, reps: int, dev: torch.device) -> float:
+def time_ms(fn, reps: int, dev: torch.device) -> float:
     for _ in range(3):
         fn()
     if dev.type != "cuda":
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
 
     compiled = torch.compile(inductor) if dev.type == "cuda" else inductor
     with torch.no_grad():
-        f_ms = _time_ms(lambda: compiled(x, h, w, b), args.reps, dev)
-    fb_ms = _time_ms(lambda: backward(compiled), args.reps, dev)
+        f_ms = time_ms(lambda: compiled(x, h, w, b), args.reps, dev)
+    fb_ms = time_ms(lambda: backward(compiled), args.reps, dev)
     emit(impl="inductor", fwd_ms=round(f_ms, 3), bwd_ms=round(fb_ms - f_ms, 3), fwd_tb_s=round(gb_fwd / f_ms, 2),
          bwd_tb_s=round(gb_bwd / (fb_ms - f_ms), 2))  # fmt: skip
 
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         fused_ln.set_kernel_config(cfg)
         try:
             with torch.no_grad():
-                f_ms = _time_ms(lambda: fused(x, h, w, b), args.reps, dev)
-            fb_ms = _time_ms(lambda: backward(fused), args.reps, dev)
+                f_ms = time_ms(lambda: fused(x, h, w, b), args.reps, dev)
+            fb_ms = time_ms(lambda: backward(fused), args.reps, dev)
         except Exception as e:  # noqa: BLE001 - a tile that does not compile (registers, shared memory) is a result too
             emit(impl="fused_ln", config=asdict(cfg), error=f"{type(e).__name__}: {str(e)[:200]}")
             continue

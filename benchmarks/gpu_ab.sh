@@ -8,7 +8,8 @@
 #    leaving the mask to the backward to redraw (recompute_mask: 3 GB less memory, 2 bytes less per element);
 # 3. inductor's matrix-product templates, which can take fc1's GELU into the product's epilogue and the GELU
 #    backward into the input-gradient product's (max_autotune_gemm: the largest possible gain, about 20 ms of
-#    GELU passes a step, and a compile of minutes, so it gets what the other loops leave, up to 260 s);
+#    GELU passes a step, and a compile of minutes): first on the MLP alone (benchmarks/mlp_autotune.py), then,
+#    if it wins there, in the loop with what the other loops leave, up to 260 s;
 # 4. attention on the flash kernel instead of cuDNN's (--sdpa-off cudnn);
 # 5. the default again, to show the machine's drift;
 # then the fused_ln CUDA tests (the packed mask's first GPU check) and, while time is left, the step alone with
@@ -51,13 +52,22 @@ echo '{"packed_rng": true, "recompute_mask": true}' >"$cfg/recompute_mask.json"
 loop 150
 loop 90 --fused-ln-config "$cfg/packed_rng.json"
 loop 60 --fused-ln-config "$cfg/recompute_mask.json"
-# the largest possible gain and the longest compile: whatever the 135 s for the two loops after it leave
+# the largest possible gain and the longest compile: first the MLP alone (a compile of seconds), then, if
+# max-autotune wins there by 2 % or more, the loop with whatever the 135 s for the two loops after it leave
+if fits 150 "mlp_autotune"; then
+    timeout 150 python3 -m benchmarks.mlp_autotune --device cuda --profile >"$OUT/mlp.jsonl" 2>>"$OUT/loop.err" ||
+        echo "mlp_autotune: failed or timed out"
+    cut -c1-200 "$OUT/mlp.jsonl"
+fi
+gain=$(python3 -c "import json, sys
+ms = {r['variant']: r['ms_fwd_bwd'] for r in map(json.loads, open(sys.argv[1]))}
+print(int(ms['compile'] / ms['max_autotune'] >= 1.02))" "$OUT/mlp.jsonl" 2>/dev/null || echo 0)
 autotune=$((345 - SECONDS))
 [ "$autotune" -gt 260 ] && autotune=260
-if [ "$autotune" -ge 120 ]; then
+if [ "$gain" = 1 ] && [ "$autotune" -ge 120 ]; then
     loop "$autotune" --inductor max_autotune_gemm=1
 else
-    echo "skipped (${SECONDS} s gone): loop --inductor max_autotune_gemm=1"
+    echo "skipped (${SECONDS} s gone, MLP gain ${gain}): loop --inductor max_autotune_gemm=1"
 fi
 # no compile caches: a cached graph may hold the cuDNN attention op that the first compile chose
 TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 loop 90 --sdpa-off cudnn

@@ -176,3 +176,17 @@ def test_fused_ln_isa_counts_the_forward_kernels_machine_code(capsys):
     warp_instr = math.ceil(4096 / cfg["fwd_rows"]) * cfg["fwd_warps"] * plain["sass_per_thread"]
     assert plain["issue_ms"] == pytest.approx(warp_instr / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3, abs=1e-3)
     assert plain["bandwidth_ms_h200"] == pytest.approx(4096 * 768 * 13 / 1e9 / 4.3, abs=1e-3)
+
+
+def test_mlp_autotune_times_variants_that_compute_the_same_gradients(capsys):
+    """The CPU smoke run: eager and inductor's default compile of the MLP, timed, with gradients that agree (the
+    A/B is only worth its timing if both variants compute the same thing)."""
+    import json
+
+    from benchmarks.mlp_autotune import main as mlp
+
+    mlp(["--rows", "16", "--width", "32", "--reps", "1", "--device", "cpu"])
+    eager, compiled = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert (eager["variant"], compiled["variant"]) == ("eager", "compile")
+    assert eager["grad_rel_diff_vs_first"] == 0.0 and compiled["grad_rel_diff_vs_first"] < 1e-5
+    assert eager["ms_fwd_bwd"] > 0 and compiled["ms_fwd_bwd"] > 0
