@@ -10,7 +10,8 @@
 #    backward into the input-gradient product's (max_autotune_gemm: the largest possible gain, about 20 ms of
 #    GELU passes a step, and a compile of minutes): first on the MLP alone (benchmarks/mlp_autotune.py), then,
 #    if it wins there, in the loop with what the other loops leave, up to 260 s;
-# 4. attention on the flash kernel instead of cuDNN's (--sdpa-off cudnn);
+# 4. attention on the flash kernel instead of cuDNN's (--sdpa-off cudnn): first each SDPA backend alone at the
+#    training shape (benchmarks/attention_backends.py), then the loop if flash wins there;
 # 5. the default again, to show the machine's drift;
 # then the fused_ln CUDA tests (the packed mask's first GPU check) and, while time is left, the step alone with
 # its kernels and Nsight Compute on the fused LayerNorm kernels.
@@ -55,13 +56,17 @@ loop 60 --fused-ln-config "$cfg/recompute_mask.json"
 # the largest possible gain and the longest compile: first the MLP alone (a compile of seconds), then, if
 # max-autotune wins there by 2 % or more, the loop with whatever the 135 s for the two loops after it leave
 if fits 150 "mlp_autotune"; then
-    timeout 150 python3 -m benchmarks.mlp_autotune --device cuda --profile >"$OUT/mlp.jsonl" 2>>"$OUT/loop.err" ||
+    timeout 150 python3 -m benchmarks.mlp_autotune --device cuda --profile >>"$OUT/micro.jsonl" 2>>"$OUT/loop.err" ||
         echo "mlp_autotune: failed or timed out"
-    cut -c1-200 "$OUT/mlp.jsonl"
+    grep '"variant"' "$OUT/micro.jsonl" | cut -c1-200
 fi
-gain=$(python3 -c "import json, sys
-ms = {r['variant']: r['ms_fwd_bwd'] for r in map(json.loads, open(sys.argv[1]))}
-print(int(ms['compile'] / ms['max_autotune'] >= 1.02))" "$OUT/mlp.jsonl" 2>/dev/null || echo 0)
+faster() {  # faster KEY A B: 1 when micro.jsonl's line KEY=B runs at least 2 % faster than KEY=A (dropout on)
+    python3 -c "import json, sys
+key, a, b = sys.argv[2:]
+ms = {r[key]: r['ms_fwd_bwd'] for r in map(json.loads, open(sys.argv[1])) if key in r and 'ms_fwd_bwd' in r and r.get('dropout', 1)}
+print(int(ms[a] / ms[b] >= 1.02))" "$OUT/micro.jsonl" "$@" 2>/dev/null || echo 0
+}
+gain=$(faster variant compile max_autotune)
 autotune=$((345 - SECONDS))
 [ "$autotune" -gt 260 ] && autotune=260
 if [ "$gain" = 1 ] && [ "$autotune" -ge 120 ]; then
@@ -69,8 +74,18 @@ if [ "$gain" = 1 ] && [ "$autotune" -ge 120 ]; then
 else
     echo "skipped (${SECONDS} s gone, MLP gain ${gain}): loop --inductor max_autotune_gemm=1"
 fi
-# no compile caches: a cached graph may hold the cuDNN attention op that the first compile chose
-TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 loop 90 --sdpa-off cudnn
+# attention alone on each SDPA backend (eager, seconds); the loop on flash only if flash wins there by 2 %, and
+# without compile caches: a cached graph may hold the cuDNN attention op that the first compile chose
+if fits 60 "attention_backends"; then
+    timeout 60 python3 -m benchmarks.attention_backends --device cuda >>"$OUT/micro.jsonl" 2>>"$OUT/loop.err" ||
+        echo "attention_backends: failed or timed out"
+    grep '"backend"' "$OUT/micro.jsonl" | cut -c1-160
+fi
+if [ "$(faster backend cudnn flash)" = 1 ]; then
+    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 loop 90 --sdpa-off cudnn
+else
+    echo "skipped: loop --sdpa-off cudnn (flash attention not 2 % faster alone)"
+fi
 loop 45
 # the packed mask against the reference on CUDA (the interpreter tests ran on CPU only)
 fits 60 "the fused_ln CUDA tests" && timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \

@@ -190,3 +190,17 @@ def test_mlp_autotune_times_variants_that_compute_the_same_gradients(capsys):
     assert (eager["variant"], compiled["variant"]) == ("eager", "compile")
     assert eager["grad_rel_diff_vs_first"] == 0.0 and compiled["grad_rel_diff_vs_first"] < 1e-5
     assert eager["ms_fwd_bwd"] > 0 and compiled["ms_fwd_bwd"] > 0
+
+
+def test_attention_backends_times_each_backend_that_takes_the_shape(capsys):
+    """The CPU smoke run: cuDNN and memory-efficient attention are skipped with the reason, flash (no dropout)
+    agrees with math, and math runs with and without dropout."""
+    import json
+
+    from benchmarks.attention_backends import main as attention
+
+    attention(["--batch", "2", "--heads", "2", "--tokens", "37", "--head-size", "16", "--reps", "1", "--device", "cpu"])
+    recs = {(r["backend"], r["dropout"]): r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert len(recs) == 8 and all("skipped" in recs[("cudnn", p)] for p in (0.0, 0.1))
+    assert recs[("flash", 0.0)]["max_abs_diff_vs_math"] < 1e-5 and recs[("math", 0.0)]["max_abs_diff_vs_math"] == 0.0
+    assert recs[("math", 0.1)]["ms_fwd_bwd"] > 0 and "max_abs_diff_vs_math" not in recs[("math", 0.1)]

@@ -1,0 +1,79 @@
+"""Causal attention at the training shape on each SDPA backend, forward and backward, with and without dropout.
+
+    python -m benchmarks.attention_backends [--batch 512] [--reps 20]
+
+jowa_150m's training attention: batch 512, 12 heads, 296 tokens, head size 64, bf16, causal, dropout 0.1 on the
+probabilities (as the official model has it). Attention is about 35 ms of its step on an H200, and the step
+runs on cuDNN's kernel, SDPA's first choice. This times each backend that takes the shape (cuDNN, flash,
+memory-efficient, math) under ``torch.nn.attention.sdpa_kernel``, eagerly: a minute where the training
+loop's A/B (``python -m benchmarks --sdpa-off cudnn``) needs a fresh compile. Without dropout each backend's
+output is checked against the math backend's (dropout draws differ by backend). One JSON line per backend and
+dropout. On a CPU, flash and math on a small shape (a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks.fused_ln_sweep import time_ms
+from jowa_core.runtime import resolve_device
+
+BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "mem_efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--tokens", type=int, default=296)
+    ap.add_argument("--head-size", type=int, default=64)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    dev = resolve_device(args.device)
+    cuda = dev.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    g = torch.Generator(device=dev).manual_seed(0)
+    shape = (args.batch, args.heads, args.tokens, args.head_size)
+    q, k, v = (torch.randn(shape, device=dev, dtype=dtype, generator=g).requires_grad_() for _ in range(3))
+    dy = torch.randn(shape, device=dev, dtype=dtype, generator=g)
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    info = {"device_name": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
+            "shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+    with warnings.catch_warnings():  # each refusing backend warns why; its JSON line says it once
+        warnings.filterwarnings("ignore", message=".*(not used because|do not support non-zero dropout).*")
+        for backend, sdpa in BACKENDS.items():
+            for p in (args.dropout, 0.0):
+                rec = {"backend": backend, "dropout": p, **info}
+                rec.update(_time_backend(sdpa, p, (q, k, v), dy, reference, args.reps, dev))
+                print(json.dumps(rec), flush=True)
+
+
+def _time_backend(sdpa: SDPBackend, p: float, qkv, dy, reference, reps: int, dev: torch.device) -> dict:
+    """ms per forward + backward on one backend, or why it was skipped; without dropout, the error vs math."""
+
+    def step() -> torch.Tensor:
+        with sdpa_kernel(sdpa):
+            y = F.scaled_dot_product_attention(*qkv, dropout_p=p, is_causal=True)
+        torch.autograd.grad(y, qkv, dy)
+        return y
+
+    try:
+        y = step()
+    except RuntimeError as e:  # the backend does not take this shape, dtype or device
+        return {"skipped": str(e).splitlines()[0][:160]}
+    out = {"max_abs_diff_vs_math": float((y.detach().float() - reference).abs().max())} if p == 0.0 else {}
+    return {**out, "ms_fwd_bwd": round(time_ms(step, reps, dev), 3)}
+
+
+if __name__ == "__main__":
+    main()
