@@ -4,17 +4,17 @@
 # before session 17 read high). The training loop first, since the target is measured on it:
 # 1. the default recipe (fused LayerNorm op, one QKV product): the first loop figure with the clock read after
 #    a device sync;
-# 2. the op drawing its dropout mask with one Philox call per 8 elements (KernelConfig.packed_rng), then also
-#    leaving the mask to the backward to redraw (recompute_mask: 3 GB less memory, 2 bytes less per element);
+# 2. the op drawing its dropout mask with one Philox call per 8 elements (KernelConfig.packed_rng), and the
+#    fused_ln CUDA tests (the packed and recomputed masks' first GPU check);
 # 3. inductor's matrix-product templates, which can take fc1's GELU into the product's epilogue and the GELU
 #    backward into the input-gradient product's (max_autotune_gemm: the largest possible gain, about 20 ms of
 #    GELU passes a step, and a compile of minutes): first on the MLP alone (benchmarks/mlp_autotune.py), then,
-#    if it wins there, in the loop with what the other loops leave, up to 260 s;
-# 4. attention on the flash kernel instead of cuDNN's (--sdpa-off cudnn): first each SDPA backend alone at the
+#    if it wins there, in the loop with up to 300 s;
+# 4. the mask left to the backward to redraw (recompute_mask: 3 GB less memory, 2 bytes less per element);
+# 5. attention on the flash kernel instead of cuDNN's (--sdpa-off cudnn): first each SDPA backend alone at the
 #    training shape (benchmarks/attention_backends.py), then the loop if flash wins there;
-# 5. the default again, to show the machine's drift;
-# then the fused_ln CUDA tests (the packed mask's first GPU check) and, while time is left, the step alone with
-# its kernels and Nsight Compute on the fused LayerNorm kernels.
+# 6. the default again, to show the machine's drift;
+# then, while time is left, the step alone with its kernels and Nsight Compute on the fused LayerNorm kernels.
 # Starts nothing new after 480 s, so the whole script fits one 600 s call.
 #   bash benchmarks/gpu_ab.sh
 set -u
@@ -50,30 +50,34 @@ pt() {  # pt LIMIT ARGS...: one profile_train process (the step alone), its JSON
 cfg=$(mktemp -d)  # kernel configs outside $OUT, which brings back 8 files at most
 echo '{"packed_rng": true}' >"$cfg/packed_rng.json"
 echo '{"packed_rng": true, "recompute_mask": true}' >"$cfg/recompute_mask.json"
+faster() {  # faster KEY A B: 1 when micro.jsonl's line KEY=B runs at least 2 % faster than KEY=A (dropout on)
+    python3 -c "import json, sys
+key, a, b = sys.argv[2:]
+rows = [r for r in map(json.loads, open(sys.argv[1])) if key in r and 'ms_fwd_bwd' in r and r.get('dropout', 1)]
+ms = {r[key]: r['ms_fwd_bwd'] for r in rows}
+print(int(ms[a] / ms[b] >= 1.02))" "$OUT/micro.jsonl" "$@" 2>/dev/null || echo 0
+}
 loop 150
 loop 90 --fused-ln-config "$cfg/packed_rng.json"
-loop 60 --fused-ln-config "$cfg/recompute_mask.json"
+# the packed and recomputed masks against the reference on CUDA (the interpreter tests ran on CPU only)
+fits 60 "the fused_ln CUDA tests" && timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    -k "fused_layer_norm_triton or recomputed_mask" 2>&1 | tail -n 3
 # the largest possible gain and the longest compile: first the MLP alone (a compile of seconds), then, if
-# max-autotune wins there by 2 % or more, the loop with whatever the 135 s for the two loops after it leave
+# max-autotune wins there by 2 % or more, the loop with up to 300 s, before the smaller A/Bs below
 if fits 150 "mlp_autotune"; then
     timeout 150 python3 -m benchmarks.mlp_autotune --device cuda --profile >>"$OUT/micro.jsonl" 2>>"$OUT/loop.err" ||
         echo "mlp_autotune: failed or timed out"
     grep '"variant"' "$OUT/micro.jsonl" | cut -c1-200
 fi
-faster() {  # faster KEY A B: 1 when micro.jsonl's line KEY=B runs at least 2 % faster than KEY=A (dropout on)
-    python3 -c "import json, sys
-key, a, b = sys.argv[2:]
-ms = {r[key]: r['ms_fwd_bwd'] for r in map(json.loads, open(sys.argv[1])) if key in r and 'ms_fwd_bwd' in r and r.get('dropout', 1)}
-print(int(ms[a] / ms[b] >= 1.02))" "$OUT/micro.jsonl" "$@" 2>/dev/null || echo 0
-}
 gain=$(faster variant compile max_autotune)
-autotune=$((345 - SECONDS))
-[ "$autotune" -gt 260 ] && autotune=260
+autotune=$((450 - SECONDS))
+[ "$autotune" -gt 300 ] && autotune=300
 if [ "$gain" = 1 ] && [ "$autotune" -ge 120 ]; then
     loop "$autotune" --inductor max_autotune_gemm=1
 else
     echo "skipped (${SECONDS} s gone, MLP gain ${gain}): loop --inductor max_autotune_gemm=1"
 fi
+loop 60 --fused-ln-config "$cfg/recompute_mask.json"
 # attention alone on each SDPA backend (eager, seconds); the loop on flash only if flash wins there by 2 %, and
 # without compile caches: a cached graph may hold the cuDNN attention op that the first compile chose
 if fits 60 "attention_backends"; then
@@ -84,12 +88,9 @@ fi
 if [ "$(faster backend cudnn flash)" = 1 ]; then
     TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 loop 90 --sdpa-off cudnn
 else
-    echo "skipped: loop --sdpa-off cudnn (flash attention not 2 % faster alone)"
+    echo "skipped: loop --sdpa-off cudnn (flash attention not 2 % faster alone, or no time)"
 fi
 loop 45
-# the packed mask against the reference on CUDA (the interpreter tests ran on CPU only)
-fits 60 "the fused_ln CUDA tests" && timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-    -k fused_layer_norm_triton 2>&1 | tail -n 3
 pt 120 --variants compile_loss_fused_ln_qkv --profile --fused-ln-config "$cfg/packed_rng.json"
 pt 120 --variants compile_loss_fused_ln_qkv compile_loss_no_dropout --profile
 # a step launches the forward kernel 25 times before the first backward one: 28 launches take both
