@@ -16,6 +16,7 @@ it runs eager and the default compile on a few rows (a smoke run).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from collections import defaultdict
 
@@ -62,13 +63,14 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     x = torch.randn(args.rows, d, device=dev, dtype=dtype, requires_grad=True)  # the LayerNorm's output
     g = torch.randn(args.rows, d, device=dev, dtype=dtype)
-    params = [x, *mlp.parameters()]
     name = torch.cuda.get_device_name(dev) if cuda else "cpu"
     reference = None
     for variant in variants:
-        fn = mlp if MODES[variant] is None else torch.compile(mlp, mode=MODES[variant])
+        module = copy.deepcopy(mlp)  # its own code cache entry per compile mode, the same weights
+        fn = module if MODES[variant] is None else torch.compile(module, mode=MODES[variant])
+        params = [x, *module.parameters()]
 
-        def step(fn=fn) -> list[torch.Tensor]:
+        def step(fn=fn, params=params) -> list[torch.Tensor]:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
                 out = fn(x)
             return torch.autograd.grad(out, params, g)
