@@ -330,6 +330,10 @@ def test_kernel_config_rejects_tiles_triton_cannot_build_and_set_returns_the_pre
         f.KernelConfig(bwd_rows=3)
     with pytest.raises(ValueError, match="recompute_mask needs packed_rng=True"):
         f.KernelConfig(recompute_mask=True)
+    with pytest.raises(TypeError, match="packed_rng must be true or false, got 'yes'"):
+        f.KernelConfig(packed_rng="yes")
+    with pytest.raises(TypeError, match="fwd_rows must be an integer, got 2.0"):
+        f.KernelConfig(fwd_rows=2.0)
     with pytest.raises(ValueError, match="bwd_programs_per_sm must be >= 1"):
         f.KernelConfig(bwd_programs_per_sm=0)
     tuned = f.kernel_config()

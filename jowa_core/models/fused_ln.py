@@ -120,6 +120,12 @@ class KernelConfig:
     recompute_mask: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("packed_rng", "recompute_mask"):  # a JSON config could hold "yes" or 1 (from_json)
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"KernelConfig.{name} must be true or false, got {getattr(self, name)!r}.")
+        for name in ("fwd_rows", "fwd_warps", "bwd_rows", "bwd_warps", "bwd_programs_per_sm"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise TypeError(f"KernelConfig.{name} must be an integer, got {getattr(self, name)!r}.")
         for name in ("fwd_rows", "fwd_warps", "bwd_rows", "bwd_warps"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
