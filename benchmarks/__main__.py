@@ -286,18 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jsonl", type=Path, default=None, help="also append every figure to this file")
     ap.add_argument("--markdown", type=Path, default=None, help="write the markdown table here at the end")
     args = ap.parse_args(argv)
-    if args.inductor or args.sdpa_off:  # the loop-level A/B of benchmarks.profile_train's step-level switches
-        from benchmarks.profile_train import apply_inductor_settings, disable_sdpa_backends
+    if args.inductor or args.sdpa_off or args.fused_ln_config:  # the loop-level A/B of profile_train's switches
+        from benchmarks.profile_train import apply_fused_ln_config, apply_inductor_settings, disable_sdpa_backends
 
         apply_inductor_settings(args.inductor)
         disable_sdpa_backends(args.sdpa_off)
-    if args.fused_ln_config:
-        from jowa_core.models import fused_ln
-
-        try:
-            fused_ln.set_kernel_config(fused_ln.KernelConfig.from_json(args.fused_ln_config))
-        except (OSError, ValueError, TypeError) as e:
-            ap.error(f"--fused-ln-config: {e}")
+        if args.fused_ln_config:
+            apply_fused_ln_config(args.fused_ln_config, ap)
     device = resolve_device(args.device)
     presets = args.preset or (list(PRESETS) if device.type == "cuda" else ["tiny", "jowa_40m"])
     if args.threads:

@@ -40,6 +40,7 @@ from benchmarks.train_throughput import counted_flops_per_sample
 from jowa_core.config import preset
 from jowa_core.data.segments import SegmentSampler
 from jowa_core.games import action_masks
+from jowa_core.models import fused_ln
 from jowa_core.models.world_action import WorldActionModel
 from jowa_core.runtime import resolve_device
 from jowa_core.training import Batch, make_sources, param_groups, set_stage, step_loss, to_batches
@@ -102,6 +103,17 @@ def disable_sdpa_backends(names: list[str]) -> list[str]:
             raise SystemExit(f"--sdpa-off {name!r}: choose from {', '.join(SDPA_BACKENDS)}.")
         getattr(torch.backends.cuda, f"enable_{name}_sdp")(False)
     return list(names)
+
+
+def apply_fused_ln_config(path: str, ap: argparse.ArgumentParser) -> fused_ln.KernelConfig:
+    """``--fused-ln-config``: the process's fused_ln tiles and switches from a JSON ``KernelConfig`` (as
+    ``benchmarks.fused_ln_sweep --best`` writes it); a file it cannot read is a usage error of ``ap``."""
+    try:
+        cfg = fused_ln.KernelConfig.from_json(path)
+    except (OSError, ValueError, TypeError) as e:
+        ap.error(f"--fused-ln-config: {e}")
+    fused_ln.set_kernel_config(cfg)
+    return cfg
 
 
 def run_variant(
@@ -219,15 +231,7 @@ def main() -> None:
     args = ap.parse_args()
     apply_inductor_settings(args.inductor)
     disable_sdpa_backends(args.sdpa_off)
-    fused_cfg = None
-    if args.fused_ln_config:
-        from jowa_core.models import fused_ln
-
-        try:
-            fused_cfg = fused_ln.KernelConfig.from_json(args.fused_ln_config)
-        except (OSError, ValueError, TypeError) as e:
-            ap.error(f"--fused-ln-config: {e}")
-        fused_ln.set_kernel_config(fused_cfg)
+    fused_cfg = apply_fused_ln_config(args.fused_ln_config, ap) if args.fused_ln_config else None
     dev = resolve_device(args.device)
     p = preset(args.preset)
     B = args.batch_size or (p.train.batch_size if dev.type == "cuda" else 8)
