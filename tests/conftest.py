@@ -75,6 +75,27 @@ def cli_error(capsys):
     return run
 
 
+@pytest.fixture
+def clock_events(monkeypatch):
+    """``record(module, **wrapped)``: the list of events a training loop in ``module`` leaves, in order:
+    "clock" for each of its ``time.perf_counter`` reads, "sync" for each ``synchronize`` call, and each name
+    in ``wrapped`` (a function of the module) for each call of it; every call still does its work."""
+    import time
+    import types
+
+    def record(module, **wrapped: str) -> list[str]:
+        events: list[str] = []
+        clock = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+        clock.perf_counter = lambda: events.append("clock") or time.perf_counter()
+        monkeypatch.setattr(module, "time", clock)
+        for fn, event in {"synchronize": "sync", **wrapped}.items():
+            real = getattr(module, fn)
+            monkeypatch.setattr(module, fn, lambda *a, _r=real, _e=event, **k: events.append(_e) or _r(*a, **k))
+        return events
+
+    return record
+
+
 class SmokeRun:
     """One smoke run folder: ``ensure(names)`` runs (or resumes up to) the named notebooks, all six by
     default; ``run_dir`` is known before anything ran (the browser tests open Lab on it meanwhile)."""

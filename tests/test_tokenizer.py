@@ -417,19 +417,11 @@ def test_short_training_run_reduces_the_loss(tmp_path):
     assert load_tokenizer(tmp_path / "run" / "tokenizer").content_hash() == tok.content_hash()
 
 
-def test_frames_per_s_is_read_after_the_device_ran_the_interval(tmp_path, monkeypatch):
+def test_frames_per_s_is_read_after_the_device_ran_the_interval(tmp_path, clock_events):
     """frames_per_s: synchronize, then read the clock (as the world-action loop: a CUDA host runs ahead)."""
-    import time
-    import types
-
     from jowa_core import training_tokenizer as tt
 
-    events: list[str] = []
-    clock = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
-    clock.perf_counter = lambda: events.append("clock") or time.perf_counter()
-    real_sync = tt.synchronize
-    monkeypatch.setattr(tt, "time", clock)
-    monkeypatch.setattr(tt, "synchronize", lambda dev: events.append("sync") or real_sync(dev))
+    events = clock_events(tt)
     path = _dot_dataset(tmp_path / "Breakout.h5", episodes=2, t=40)
     train_tokenizer([path], TINY, steps=4, batch_size=4, run_dir=tmp_path / "run", device="cpu", progress=False,
                     log_every=2, save_every=100, eval_frames=0)  # fmt: skip

@@ -510,20 +510,12 @@ def test_next_step_target_reads_the_window_one_step_later(caches, tmp_path):
     assert [r["stage"] for r in recs] == [1, 2, 2] and all(np.isfinite(r["loss/td"]) and r["loss/td"] > 0 for r in recs[1:])
 
 
-def test_throughput_is_read_after_the_device_ran_the_interval(caches, tmp_path, monkeypatch):
+def test_throughput_is_read_after_the_device_ran_the_interval(caches, tmp_path, clock_events):
     """samples_per_s: synchronize, then read the clock, then log. Read before the sync, a CUDA run counts the
     steps the host queued, not the ones the GPU ran (the loop's MFU read about 5 % high until session 17)."""
-    import types
-
     from jowa_core import training
 
-    events: list[str] = []
-    clock = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
-    clock.perf_counter = lambda: events.append("clock") or time.perf_counter()
-    real_sync, real_log = training.synchronize, training.log_record
-    monkeypatch.setattr(training, "time", clock)
-    monkeypatch.setattr(training, "synchronize", lambda dev: events.append("sync") or real_sync(dev))
-    monkeypatch.setattr(training, "log_record", lambda *a, **k: events.append("log") or real_log(*a, **k))
+    events = clock_events(training, log_record="log")
     train_world_action(tiny(), caches, tmp_path / "run", stage1_steps=4, stage2_steps=4, **RUN)
     logs = [i for i, e in enumerate(events) if e == "log"]
     assert len(logs) == 2, events
