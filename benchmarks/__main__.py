@@ -81,10 +81,11 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
             train_world_action(p, caches, Path(tmp) / "run", stage1_steps=0, stage2_steps=2 * steps,
                                batch_size=batch, log_every=steps, save_every=10**9, device=device, resume=False,
                                progress=False, num_threads=args.threads, keep_last=1, compile=compile_,
-                               fused_layer_norm=fused, fused_qkv=fused_qkv)  # fmt: skip
+                               fused_layer_norm=fused, fused_qkv=fused_qkv,
+                               fused_bias_gelu=args.fused_bias_gelu)  # fmt: skip
             rec = read_metrics(Path(tmp) / "run")[-1]  # the second interval: warm-up and compilation excluded
         tag = {"batch_size": batch, "steps_timed": steps, "compile": compile_, "fused_ln": fused,
-               "fused_qkv": fused_qkv, "amp": "bf16" if cuda else "fp32",
+               "fused_qkv": fused_qkv, "fused_bias_gelu": args.fused_bias_gelu, "amp": "bf16" if cuda else "fp32",
                **({"inductor": args.inductor} if args.inductor else {}),
                **({"sdpa_off": args.sdpa_off} if args.sdpa_off else {}),
                **({"fused_ln_config": args.fused_ln_config} if args.fused_ln_config else {})}  # fmt: skip
@@ -236,7 +237,7 @@ SUITE_FNS = {"train": train_suite, "planner": planner_suite, "tokenizer": tokeni
 
 def markdown_table(figures: list[Figure]) -> str:
     """The README's Performance table: one row per figure, the settings that matter in 'details'."""
-    keep = ("envs", "batch_size", "workers", "compile", "fused_ln", "fused_qkv", "inductor", "sdpa_off",
+    keep = ("envs", "batch_size", "workers", "compile", "fused_ln", "fused_qkv", "fused_bias_gelu", "inductor", "sdpa_off",
             "fused_ln_config", "cuda_graphs", "shared_history", "amp", "actions_match", "skipped")  # fmt: skip
     lines = ["| figure | preset | value | unit | details |", "| --- | --- | ---: | --- | --- |"]
     for f in figures:
@@ -270,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="train: one product for queries, keys and values (default: on CUDA only)",
     )
+    ap.add_argument("--fused-bias-gelu", action="store_true",
+                    help="train: each MLP's first bias add and GELU as one op (fused_gelu; off by default)")  # fmt: skip
     ap.add_argument(
         "--reference",
         action=argparse.BooleanOptionalAction,

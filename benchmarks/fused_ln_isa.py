@@ -33,12 +33,17 @@ SIGNATURE = {"X": "*fp32", "H": "*bf16", "W": "*fp32", "B": "*fp32", "XN": "*fp3
 _SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
-def sass_counts(cubin: bytes, nvdisasm: Path) -> dict[str, int]:
-    """Instructions of one kernel's listing by opcode (NOPs, the padding after EXIT, left out)."""
+def disassemble(cubin: bytes, nvdisasm: Path) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass_counts(cubin: bytes, nvdisasm: Path, text: str | None = None) -> dict[str, int]:
+    """Instructions of one kernel's listing (or of ``text``, a part of it) by opcode (NOPs, the padding after
+    EXIT, left out)."""
+    text = disassemble(cubin, nvdisasm) if text is None else text
     counts: dict[str, int] = {}
     for m in _SASS_LINE.finditer(text):
         op = m.group(1)

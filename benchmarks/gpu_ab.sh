@@ -4,18 +4,19 @@
 # before session 17 read high). The training loop first, since the target is measured on it:
 # 1. the default recipe (fused LayerNorm op, one QKV product): the first loop figure with the clock read after
 #    a device sync;
-# 2. the op drawing its dropout mask with one Philox call per 8 elements (KernelConfig.packed_rng), and the
-#    fused_ln CUDA tests (the packed and recomputed masks' first GPU check);
-# 3. inductor's matrix-product templates, which can take fc1's GELU into the product's epilogue and the GELU
-#    backward into the input-gradient product's (max_autotune_gemm: the largest possible gain, about 20 ms of
-#    GELU passes a step, and a compile of minutes): first on the MLP alone (benchmarks/mlp_autotune.py), then,
-#    if it wins there, in the loop with up to 300 s;
+# 2. the fused bias + GELU op (--fused-bias-gelu, jowa_core.models.fused_gelu: about 21 and 25 instructions per
+#    element where inductor's GELU kernels take 37 and 48, and no third pass for the bias gradient), then the
+#    CUDA tests of the kernels that have not run on a GPU yet (fused_gelu, fused_ln's packed and recomputed masks);
+# 3. the fused LayerNorm op drawing its dropout mask with one Philox call per 8 elements (packed_rng);
 # 4. the mask left to the backward to redraw (recompute_mask: 3 GB less memory, 2 bytes less per element);
-# 5. attention on the flash kernel instead of cuDNN's (--sdpa-off cudnn): first each SDPA backend alone at the
+# 5. every arm that beat the default by 1 % or more, together (of 3 and 4 the later one, recompute_mask, which
+#    implies packed_rng);
+# 6. attention on the flash kernel instead of cuDNN's (--sdpa-off cudnn): first each SDPA backend alone at the
 #    training shape (benchmarks/attention_backends.py), then the loop if flash wins there;
-# 6. the default again, to show the machine's drift;
-# then, while time is left, the step alone with its kernels and Nsight Compute on the fused LayerNorm kernels.
-# Starts nothing new after 480 s, so the whole script fits one 600 s call.
+# 7. the default again, to show the machine's drift;
+# then, while time is left, the step alone with its kernels, with and without the bias + GELU op.
+# (Session 17's plan also had inductor's max-autotune matrix products for the MLP, benchmarks/mlp_autotune.py; a
+# compile of minutes, it waits for a later call.) Starts nothing new after 480 s, so it fits one 600 s call.
 #   bash benchmarks/gpu_ab.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -57,27 +58,30 @@ rows = [r for r in map(json.loads, open(sys.argv[1])) if key in r and 'ms_fwd_bw
 ms = {r[key]: r['ms_fwd_bwd'] for r in rows}
 print(int(ms[a] / ms[b] >= 1.02))" "$OUT/micro.jsonl" "$@" 2>/dev/null || echo 0
 }
+mfus() { grep -c train_stage2_mfu "$OUT/loop.jsonl" 2>/dev/null || echo 0; }
+last_mfu() { grep train_stage2_mfu "$OUT/loop.jsonl" | tail -n 1 | grep -o '"value": [0-9.]*' | cut -d' ' -f2; }
+stack=()
+arm() {  # arm LIMIT ARGS...: a loop run with ARGS, whose ARGS join the stacked run if it beats the default by 1 %
+    local n
+    n=$(mfus)
+    loop "$@"
+    [ "$(mfus)" -gt "$n" ] && [ -n "${base:-}" ] &&
+        python3 -c "import sys; sys.exit(float(sys.argv[1]) < 1.01 * float(sys.argv[2]))" "$(last_mfu)" "$base" &&
+        stack+=("${@:2}") && echo "  joins the stack: ${*:2}"
+}
 loop 150
-loop 90 --fused-ln-config "$cfg/packed_rng.json"
-# the packed and recomputed masks against the reference on CUDA (the interpreter tests ran on CPU only)
-fits 60 "the fused_ln CUDA tests" && timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-    -k "fused_layer_norm_triton or recomputed_mask" 2>&1 | tail -n 3
-# the largest possible gain and the longest compile: first the MLP alone (a compile of seconds), then, if
-# max-autotune wins there by 2 % or more, the loop with up to 300 s, before the smaller A/Bs below
-if fits 150 "mlp_autotune"; then
-    timeout 150 python3 -m benchmarks.mlp_autotune --device cuda --profile >>"$OUT/micro.jsonl" 2>>"$OUT/loop.err" ||
-        echo "mlp_autotune: failed or timed out"
-    grep '"variant"' "$OUT/micro.jsonl" | cut -c1-200
-fi
-gain=$(faster variant compile max_autotune)
-autotune=$((450 - SECONDS))
-[ "$autotune" -gt 300 ] && autotune=300
-if [ "$gain" = 1 ] && [ "$autotune" -ge 120 ]; then
-    loop "$autotune" --inductor max_autotune_gemm=1
+base=$(last_mfu)
+arm 90 --fused-bias-gelu
+# the kernels' first GPU check against their references (the interpreter tests ran on CPU only)
+fits 90 "the CUDA tests of fused_gelu and fused_ln" && timeout 90 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_gpu.py -k "bias_gelu or fused_layer_norm_triton or recomputed_mask" 2>&1 | tail -n 3
+arm 90 --fused-ln-config "$cfg/packed_rng.json"
+arm 60 --fused-ln-config "$cfg/recompute_mask.json"
+if [ "${#stack[@]}" -gt 2 ]; then  # more than one arm won
+    loop 60 "${stack[@]}"
 else
-    echo "skipped (${SECONDS} s gone, MLP gain ${gain}): loop --inductor max_autotune_gemm=1"
+    echo "skipped: the stacked run (winners: ${stack[*]:-none})"
 fi
-loop 60 --fused-ln-config "$cfg/recompute_mask.json"
 # attention alone on each SDPA backend (eager, seconds); the loop on flash only if flash wins there by 2 %, and
 # without compile caches: a cached graph may hold the cuDNN attention op that the first compile chose
 if fits 60 "attention_backends"; then
@@ -86,23 +90,12 @@ if fits 60 "attention_backends"; then
     grep '"backend"' "$OUT/micro.jsonl" | cut -c1-160
 fi
 if [ "$(faster backend cudnn flash)" = 1 ]; then
-    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 loop 90 --sdpa-off cudnn
+    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 loop 90 --sdpa-off cudnn "${stack[@]}"
 else
     echo "skipped: loop --sdpa-off cudnn (flash attention not 2 % faster alone, or no time)"
 fi
 loop 45
-pt 120 --variants compile_loss_fused_ln_qkv --profile --fused-ln-config "$cfg/packed_rng.json"
-pt 120 --variants compile_loss_fused_ln_qkv compile_loss_no_dropout --profile
-# a step launches the forward kernel 25 times before the first backward one: 28 launches take both
-if fits 120 "ncu"; then
-    timeout 120 ncu --nvtx --nvtx-include "timed_steps/" --kernel-name "regex:dropout_add_layer_norm_(fwd|bwd)" \
-        --launch-count 28 --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
-        --section ComputeWorkloadAnalysis --section WarpStateStats \
-        python3 -m benchmarks.profile_train --preset jowa_150m --batch-size 512 --steps 1 \
-        --variants compile_loss_fused_ln_qkv >"$OUT/ncu_fused_ln.txt" 2>&1 || echo "ncu failed or timed out"
-    grep -E "dropout_add_layer_norm|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Achieved Occupancy" \
-        "$OUT/ncu_fused_ln.txt" | head -40
-fi
+pt 150 --variants compile_loss_fused_ln_qkv compile_loss_fused_ln_qkv_gelu --profile
 kill "$dmon" 2>/dev/null
 awk '$1 ~ /^[0-9]+$/ { n++; w += $2; sm += $NF }  # columns: gpu pwr gtemp mtemp mclk pclk
     END { if (n) printf "dmon: %d samples, mean power %.0f W, mean SM clock %.0f MHz\n", n, w / n, sm / n }' "$OUT/dmon.txt"

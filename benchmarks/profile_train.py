@@ -15,7 +15,9 @@ on an H200, 36 ms of jowa_150m's 255 ms step, session 11); ``compile_loss_fused_
 ``model.use_fused_layer_norm(True)``: each residual add, its dropout and the next LayerNorm in one hand-written
 Triton op, ``jowa_core.models.fused_ln``, instead of inductor's kernels); ``compile_loss_fused_ln_qkv`` (that with
 ``model.use_fused_qkv(True)``: one product for each layer's queries, keys and values, so the backward computes
-the input's gradient in one product instead of three summed). ``--inductor KEY=VALUE`` sets inductor
+the input's gradient in one product instead of three summed); ``compile_loss_fused_ln_qkv_gelu`` (that with
+``model.use_fused_bias_gelu(True)``: each MLP's first bias add and GELU in one op, ``jowa_core.models.fused_gelu``,
+whose backward also sums the bias gradient). ``--inductor KEY=VALUE`` sets inductor
 options for the whole process (``fallback_random=1``, ``triton.persistent_reductions=0``).
 Reports ms per step (CUDA events around ``--steps`` steps after as many warm-up steps), tokens/s,
 MFU (the suite's FLOP count) and peak memory; ``--profile`` adds, from ``torch.profiler`` over three
@@ -47,7 +49,7 @@ from jowa_core.training import Batch, make_sources, param_groups, set_stage, ste
 
 VARIANTS = (
     "eager", "compile_forward", "compile_loss", "compile_loss_pure_bf16", "eager_no_dropout", "compile_loss_no_dropout",
-    "compile_loss_fused_ln", "compile_loss_fused_ln_qkv",
+    "compile_loss_fused_ln", "compile_loss_fused_ln_qkv", "compile_loss_fused_ln_qkv_gelu",
 )  # fmt: skip
 
 
@@ -61,6 +63,8 @@ def kernel_kind(name: str) -> str:
         return "optimizer"
     if "dropout_add_layer_norm" in n:  # jowa_core.models.fused_ln's hand-written Triton kernels
         return "fused dropout/add/LayerNorm (fused_ln)"
+    if "bias_gelu" in n:  # jowa_core.models.fused_gelu's
+        return "fused bias/GELU (fused_gelu)"
     if "triton" in n:
         return "triton (fused elementwise/reductions)"
     if "softmax" in n or "nll" in n or "cross_entropy" in n:
@@ -123,7 +127,7 @@ def run_variant(
     no_dropout = variant.endswith("_no_dropout")
     cfg = replace(p.model, embed_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, q_dropout=0.0) if no_dropout else p.model
     model = WorldActionModel(cfg).to(dev).train().use_fused_layer_norm("_fused_ln" in variant)
-    model.use_fused_qkv(variant.endswith("_qkv"))
+    model.use_fused_qkv("_qkv" in variant).use_fused_bias_gelu(variant.endswith("_gelu"))
     if variant == "compile_loss_pure_bf16":
         model.to(torch.bfloat16)
     set_stage(model, 2)

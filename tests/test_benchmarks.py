@@ -6,6 +6,7 @@ import math
 import pytest
 
 from benchmarks.__main__ import SUITES, _figure, main, markdown_table
+from jowa_core.models.world_action import WorldActionModel
 
 
 def test_figure_records_and_markdown_table():
@@ -118,12 +119,13 @@ def test_train_suite_runs_the_tiny_preset_on_cpu(capsys):
     assert {"train_stage2_tokens_per_s", "train_stage2_samples_per_s"} <= names
     assert all(f["fused_ln"] is False and f["compile"] is False for f in figs if f["name"].startswith("train_"))
     assert all(f["fused_qkv"] is False and "inductor" not in f for f in figs if f["name"].startswith("train_"))
+    assert all(f["fused_bias_gelu"] is False for f in figs if f["name"].startswith("train_"))
 
 
 def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path):
     """``--inductor``, ``--sdpa-off`` and ``--fused-ln-config`` (the loop-level A/B of profile_train's switches)
     take effect for the process and are written beside every training figure; ``--fused-qkv`` overrides the
-    device default."""
+    device default, and ``--fused-bias-gelu`` reaches the loop."""
     import json
 
     import torch
@@ -136,7 +138,12 @@ def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path)
     before = inductor_config.aggressive_fusion, torch.backends.cuda.cudnn_sdp_enabled(), fused_ln.kernel_config()
     try:
         argv = ["--suite", "train", "--preset", "tiny", "--steps", "1", "--fused-qkv", "--fused-ln-config", str(cfg)]
-        assert main([*argv, "--inductor", "aggressive_fusion=1", "--sdpa-off", "cudnn"]) in (None, 0)
+        seen = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(WorldActionModel, "use_fused_bias_gelu", lambda m, on=True: seen.append(on) or m)
+            argv += ["--fused-bias-gelu", "--inductor", "aggressive_fusion=1", "--sdpa-off", "cudnn"]
+            assert main(argv) in (None, 0)
+        assert seen == [True]
         assert inductor_config.aggressive_fusion is True and not torch.backends.cuda.cudnn_sdp_enabled()
         assert fused_ln.kernel_config() == fused_ln.KernelConfig(packed_rng=True)
     finally:
@@ -147,6 +154,7 @@ def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path)
     train = [f for f in figs if f["name"].startswith("train_")]
     assert train and all(f["inductor"] == ["aggressive_fusion=1"] and f["sdpa_off"] == ["cudnn"] for f in train)
     assert all(f["fused_qkv"] is True and f["fused_ln_config"] == str(cfg) for f in train)
+    assert all(f["fused_bias_gelu"] is True for f in train)
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(["--suite", "train", "--preset", "tiny", "--steps", "1", "--inductor", "no_such_setting=1"])
     cfg.write_text('{"packed": true}')
@@ -176,6 +184,29 @@ def test_fused_ln_isa_counts_the_forward_kernels_machine_code(capsys):
     warp_instr = math.ceil(4096 / cfg["fwd_rows"]) * cfg["fwd_warps"] * plain["sass_per_thread"]
     assert plain["issue_ms"] == pytest.approx(warp_instr / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3, abs=1e-3)
     assert plain["bandwidth_ms_h200"] == pytest.approx(4096 * 768 * 13 / 1e9 / 4.3, abs=1e-3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton)")
+def test_bias_gelu_isa_counts_both_kernels_against_inductors(capsys):
+    """Compiled for sm_90 on the CPU: fused_gelu's kernels need fewer instructions per element than the inductor
+    kernels they replace (its erf and reciprocal are cheaper), and each figure's issue time and bytes follow
+    from the counts and the shape."""
+    import json
+
+    from benchmarks.bias_gelu_isa import CLOCK_HZ, SCHEDULERS, SMS
+    from benchmarks.bias_gelu_isa import main as isa
+
+    isa(["--rows", "4096", "--width", "3072", "--layers", "12"])
+    ind_fwd, ind_bwd, fwd, bwd = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert fwd["sass_per_element"] < 0.8 * ind_fwd["sass_per_element"]
+    assert bwd["sass_per_element"] < 0.8 * ind_bwd["sass_per_element"]
+    n = 4096 * 3072 * 12
+    assert ind_fwd["bandwidth_ms_h100"] == fwd["bandwidth_ms_h100"] == pytest.approx(n * 4 / 1e9 / 3.0, abs=1e-3)
+    assert bwd["bandwidth_ms_h200"] == pytest.approx(n * 6 / 1e9 / 4.3, abs=1e-3)
+    warp_instr = n / 1024 * 4 * ind_fwd["sass_per_thread"]  # 1,024-element blocks of 4 warps
+    assert ind_fwd["issue_ms"] == pytest.approx(warp_instr / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3, abs=1e-3)
+    assert fwd["issue_ms"] == pytest.approx(fwd["sass_per_element"] * n / 32 / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3,
+                                            rel=1e-2)  # fmt: skip
 
 
 def test_mlp_autotune_times_variants_that_compute_the_same_gradients(capsys):

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from jowa_core import games
 from jowa_core.config import WorldActionConfig, preset
-from jowa_core.models import fused_ln
+from jowa_core.models import fused_gelu, fused_ln
 from jowa_core.models.world_action import WorldActionModel
 from jowa_core.planning import beam_search
 from jowa_core.training import Batch, loss_and_metrics, param_groups, set_stage, step_loss
@@ -289,6 +289,27 @@ def test_fused_layer_norm_recomputed_mask_trains_as_the_stored_one(device: torch
         assert torch.equal(a, e)
 
 
+def test_bias_gelu_triton_matches_the_reference(device: torch.device) -> None:
+    """The Triton kernels against the torch reference (exact erf) at jowa_150m's hidden width, bf16 h as under
+    autocast: y and dh one bf16 rounding apart at most, the bias gradient's fp32 column sums to 1e-4 relative;
+    and the public op under autograd as ``F.gelu(h + b)``."""
+    assert fused_gelu._use_triton(torch.zeros(1, device=device, dtype=torch.bfloat16))
+    torch.manual_seed(11)
+    N, C, bf16 = 4099, 3072, torch.bfloat16  # 4099 rows: the last row block is part-filled
+    h, b = (2 * torch.randn(N, C, device=device)).to(bf16), torch.randn(C, device=device)
+    dy = torch.randn(N, C, device=device).to(bf16)
+    torch.testing.assert_close(fused_gelu._triton_forward(h, b), fused_gelu._reference_forward(h, b))
+    dh, db = fused_gelu._triton_backward(dy, h, b)
+    rdh, rdb = fused_gelu._reference_backward(dy, h, b)
+    torch.testing.assert_close(dh, rdh)
+    torch.testing.assert_close(db, rdb, rtol=1e-4, atol=1e-3)
+    leaves = [h.clone().requires_grad_(), b.clone().requires_grad_()]
+    got = torch.autograd.grad(fused_gelu.bias_gelu(*leaves), leaves, dy)
+    want = torch.autograd.grad(F.gelu(leaves[0].float() + leaves[1]).to(bf16), leaves, dy)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-3)  # both sum in fp32, in other orders
+
+
 def _check_fused_layer_norm_kernels(device: torch.device, p: float) -> None:
     torch.manual_seed(6)
     N, C, bf16 = 4099, 768, torch.bfloat16  # 4099 rows: the last program's block is part-filled
@@ -327,10 +348,10 @@ def _check_fused_layer_norm_kernels(device: torch.device, p: float) -> None:
         torch.testing.assert_close(a, e, **({} if a.dtype == bf16 else {"rtol": 1e-3, "atol": 1e-3}))
 
 
-@pytest.mark.parametrize("switch", ["use_fused_layer_norm", "use_fused_qkv"])
+@pytest.mark.parametrize("switch", ["use_fused_layer_norm", "use_fused_qkv", "use_fused_bias_gelu"])
 def test_fused_switch_model_matches_the_default_compiled(device: torch.device, switch: str) -> None:
     """jowa_150m's width (768, 12 heads; 2 layers to stay quick), bf16 autocast: each switch (the fused
-    LayerNorm op, the fused query/key/value product) on and off give
+    LayerNorm op, the fused query/key/value product, the fused bias + GELU op) on and off give
     the same outputs in eval mode under torch.compile (relative error < 1e-2: bf16 roundings in other
     places), and, in train mode with every dropout at 0, gradients as close to fp32's as the default's."""
     cfg = replace(preset("jowa_150m").model, num_layers=2, embed_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0,

@@ -173,6 +173,17 @@ def test_fused_qkv_switch_trains_as_the_default(caches, tmp_path):
     assert_same(params(fused), params(plain), atol=1e-4)
 
 
+def test_fused_bias_gelu_switch_trains_as_the_default(caches, tmp_path):
+    """``fused_bias_gelu=True`` (on CPU: the op's torch reference) trains the same weights as ``nn.GELU`` after a
+    biased product, dropout included (the op draws nothing); off by default."""
+    kw = {"stage1_steps": 2, "stage2_steps": 2, **RUN}
+    plain = train_world_action(tiny(), caches, tmp_path / "plain", **kw)
+    fused = train_world_action(tiny(), caches, tmp_path / "fused", fused_bias_gelu=True, **kw)
+    assert not any(b.fused_bias_gelu for b in plain.transformer.blocks)
+    assert all(b.fused_bias_gelu for b in fused.transformer.blocks)
+    assert_same(params(fused), params(plain), atol=1e-4)
+
+
 def test_cosine_stage2_schedule_decays_both_learning_rates_to_zero_and_resumes_exactly(caches, tmp_path):
     """``lr_schedule_stage2="cosine"``: stage 1 keeps its rate; the step that starts with k of stage 2's n steps
     done runs at lr * (1 + cos(pi k / n)) / 2, for the world and the critic groups alike; stopping and resuming

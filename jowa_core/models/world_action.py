@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jowa_core.config import WorldActionConfig
+from jowa_core.models.fused_gelu import bias_gelu
 from jowa_core.models.fused_ln import dropout_add_layer_norm
 
 # ---------------------------------------------------------------------------------------------
@@ -359,9 +360,21 @@ class Block(nn.Module):
         self.attn = SelfAttention(cfg)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(cfg.resid_pdrop))
 
+    fused_bias_gelu: bool = False
+    """Add the MLP's first bias inside one bias + GELU op whose backward also sums that bias's gradient
+    (``fused_gelu.bias_gelu``; set by ``WorldActionModel.use_fused_bias_gelu``): the same function and
+    parameters, the product itself without its bias."""
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), cache, layer)
-        return x + self.mlp(self.ln2(x))
+        return x + self.mlp[3](self.mlp_branch(self.ln2(x)))
+
+    def mlp_branch(self, y: torch.Tensor) -> torch.Tensor:
+        """``self.mlp`` without its residual dropout (the fused LayerNorm path applies it)."""
+        linear1, gelu, linear2, _drop = self.mlp
+        if self.fused_bias_gelu:
+            return linear2(bias_gelu(F.linear(y, linear1.weight), linear1.bias))
+        return linear2(gelu(linear1(y)))
 
     def fused_forward(
         self, x: torch.Tensor, y: torch.Tensor, next_ln: nn.LayerNorm, out_dtype: torch.dtype | None
@@ -372,8 +385,7 @@ class Block(nn.Module):
             x, self.attn.attend(y), self.ln2.weight, self.ln2.bias, self.attn.resid_drop.p, self.training,
             self.ln2.eps, out_dtype,
         )  # fmt: skip
-        linear1, gelu, linear2, drop = self.mlp
-        m = linear2(gelu(linear1(y)))
+        m, drop = self.mlp_branch(y), self.mlp[3]
         return dropout_add_layer_norm(x, m, next_ln.weight, next_ln.bias, drop.p, self.training, next_ln.eps, out_dtype)
 
 
@@ -839,6 +851,15 @@ class WorldActionModel(nn.Module):
         (README Performance)."""
         for block in self.transformer.blocks:
             block.attn.fused_qkv = enabled
+        return self
+
+    def use_fused_bias_gelu(self, enabled: bool = True) -> WorldActionModel:
+        """Run each MLP's first bias add and GELU as one op with a fused backward (``Block.fused_bias_gelu``;
+        the captured CUDA-graph decode keeps ``nn.GELU``). An implementation choice like ``use_fused_qkv``:
+        parameters and checkpoints are unchanged, the function is the same to rounding. Off by default and
+        in training until a GPU has timed it (README Performance)."""
+        for block in self.transformer.blocks:
+            block.fused_bias_gelu = enabled
         return self
 
     def use_fused_layer_norm(self, enabled: bool = True) -> WorldActionModel:
