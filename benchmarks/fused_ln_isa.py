@@ -28,7 +28,7 @@ SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.98e9  # H100 SXM and H200: the same SM cou
 COPY_TB_S = {"h100": 3.0, "h200": 4.3}  # device-to-device copies measured on the lent machines
 BYTES_PER_ELEMENT = 13  # reads x (fp32) and h (bf16); writes x_new (fp32), y (bf16) and the mask (uint8, 1)
 SIGNATURE = {"X": "*fp32", "H": "*bf16", "W": "*fp32", "B": "*fp32", "XN": "*fp32", "Y": "*bf16", "MEAN": "*fp32",
-             "RSTD": "*fp32", "MASK": "*u8", "SEED": "*i64", "N": "i32", "C": "i32", "p": "fp32", "p16": "i32",
+             "RSTD": "*fp32", "MASK": "*u8", "SEED": "*i64", "HB": "*fp32", "N": "i32", "C": "i32", "p": "fp32", "p16": "i32",
              "scale": "fp32", "eps": "fp32"}  # fmt: skip
 _SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
@@ -64,7 +64,7 @@ def compile_forward(cfg, width: int) -> bytes:
     block_c = triton.next_power_of_2(width)
     packed = cfg.packed_rng and block_c >= 8
     consts = {"HAS_X": True, "DROPOUT": True, "PACKED_RNG": packed, "STORE_MASK": not (packed and cfg.recompute_mask),
-              "BLOCK_ROWS": cfg.fwd_rows, "BLOCK_C": block_c}  # fmt: skip
+              "HAS_HB": False, "BLOCK_ROWS": cfg.fwd_rows, "BLOCK_C": block_c}  # fmt: skip
     names = [*SIGNATURE, *consts]
     src = ASTSource(fwd, {**SIGNATURE, **dict.fromkeys(consts, "constexpr")},
                     constexprs={(names.index(k),): v for k, v in consts.items()})  # fmt: skip

@@ -4,9 +4,12 @@
 # before session 17 read high). The training loop first, since the target is measured on it:
 # 1. the default recipe (fused LayerNorm op, one QKV product): the first loop figure with the clock read after
 #    a device sync;
-# 2. the fused bias + GELU op (--fused-bias-gelu, jowa_core.models.fused_gelu: about 21 and 25 instructions per
-#    element where inductor's GELU kernels take 37 and 48, and no third pass for the bias gradient), then the
-#    CUDA tests of the kernels that have not run on a GPU yet (fused_gelu, fused_ln's packed and recomputed masks);
+# 2. the biases summed inside the fused ops' backwards: the fused bias + GELU op (--fused-bias-gelu,
+#    jowa_core.models.fused_gelu: about 21 and 25 instructions per element where inductor's GELU kernels take 37
+#    and 48, and no third pass for fc1's bias gradient) and the branch biases in the fused LayerNorm op
+#    (--fused-branch-bias: no pass for the output projection's and fc2's bias gradients), together; then the
+#    CUDA tests of the kernels that have not run on a GPU yet (fused_gelu, fused_ln's packed and recomputed
+#    masks and its h_bias);
 # 3. the fused LayerNorm op drawing its dropout mask with one Philox call per 8 elements (packed_rng);
 # 4. the mask left to the backward to redraw (recompute_mask: 3 GB less memory, 2 bytes less per element);
 # 5. every arm that beat the default by 1 % or more, together (of 3 and 4 the later one, recompute_mask, which
@@ -14,7 +17,7 @@
 # 6. attention on the flash kernel instead of cuDNN's (--sdpa-off cudnn): first each SDPA backend alone at the
 #    training shape (benchmarks/attention_backends.py), then the loop if flash wins there;
 # 7. the default again, to show the machine's drift;
-# then, while time is left, the step alone with its kernels, with and without the bias + GELU op.
+# then, while time is left, the step alone with its kernels: the default, with the bias + GELU op, and with both.
 # (Session 17's plan also had inductor's max-autotune matrix products for the MLP, benchmarks/mlp_autotune.py; a
 # compile of minutes, it waits for a later call.) Starts nothing new after 480 s, so it fits one 600 s call.
 #   bash benchmarks/gpu_ab.sh
@@ -71,10 +74,10 @@ arm() {  # arm LIMIT ARGS...: a loop run with ARGS, whose ARGS join the stacked 
 }
 loop 150
 base=$(last_mfu)
-arm 90 --fused-bias-gelu
+arm 90 --fused-bias-gelu --fused-branch-bias
 # the kernels' first GPU check against their references (the interpreter tests ran on CPU only)
 fits 90 "the CUDA tests of fused_gelu and fused_ln" && timeout 90 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_gpu.py -k "bias_gelu or fused_layer_norm_triton or recomputed_mask" 2>&1 | tail -n 3
+    tests/test_gpu.py -k "bias_gelu or branch_bias or fused_layer_norm_triton or recomputed_mask" 2>&1 | tail -n 3
 arm 90 --fused-ln-config "$cfg/packed_rng.json"
 arm 60 --fused-ln-config "$cfg/recompute_mask.json"
 if [ "${#stack[@]}" -gt 2 ]; then  # more than one arm won
@@ -95,7 +98,7 @@ else
     echo "skipped: loop --sdpa-off cudnn (flash attention not 2 % faster alone, or no time)"
 fi
 loop 45
-pt 150 --variants compile_loss_fused_ln_qkv compile_loss_fused_ln_qkv_gelu --profile
+pt 150 --variants compile_loss_fused_ln_qkv compile_loss_fused_ln_qkv_gelu compile_loss_fused_ln_qkv_gelu_bias --profile
 kill "$dmon" 2>/dev/null
 awk '$1 ~ /^[0-9]+$/ { n++; w += $2; sm += $NF }  # columns: gpu pwr gtemp mtemp mclk pclk
     END { if (n) printf "dmon: %d samples, mean power %.0f W, mean SM clock %.0f MHz\n", n, w / n, sm / n }' "$OUT/dmon.txt"

@@ -17,7 +17,9 @@ Triton op, ``jowa_core.models.fused_ln``, instead of inductor's kernels); ``comp
 ``model.use_fused_qkv(True)``: one product for each layer's queries, keys and values, so the backward computes
 the input's gradient in one product instead of three summed); ``compile_loss_fused_ln_qkv_gelu`` (that with
 ``model.use_fused_bias_gelu(True)``: each MLP's first bias add and GELU in one op, ``jowa_core.models.fused_gelu``,
-whose backward also sums the bias gradient). ``--inductor KEY=VALUE`` sets inductor
+whose backward also sums the bias gradient); ``compile_loss_fused_ln_qkv_gelu_bias`` (that with
+``model.use_fused_branch_bias(True)``: the attention's output bias and the MLP's second bias added inside the fused
+LayerNorm op, whose backward sums their gradients). ``--inductor KEY=VALUE`` sets inductor
 options for the whole process (``fallback_random=1``, ``triton.persistent_reductions=0``).
 Reports ms per step (CUDA events around ``--steps`` steps after as many warm-up steps), tokens/s,
 MFU (the suite's FLOP count) and peak memory; ``--profile`` adds, from ``torch.profiler`` over three
@@ -50,6 +52,7 @@ from jowa_core.training import Batch, make_sources, param_groups, set_stage, ste
 VARIANTS = (
     "eager", "compile_forward", "compile_loss", "compile_loss_pure_bf16", "eager_no_dropout", "compile_loss_no_dropout",
     "compile_loss_fused_ln", "compile_loss_fused_ln_qkv", "compile_loss_fused_ln_qkv_gelu",
+    "compile_loss_fused_ln_qkv_gelu_bias",
 )  # fmt: skip
 
 
@@ -127,7 +130,8 @@ def run_variant(
     no_dropout = variant.endswith("_no_dropout")
     cfg = replace(p.model, embed_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, q_dropout=0.0) if no_dropout else p.model
     model = WorldActionModel(cfg).to(dev).train().use_fused_layer_norm("_fused_ln" in variant)
-    model.use_fused_qkv("_qkv" in variant).use_fused_bias_gelu(variant.endswith("_gelu"))
+    model.use_fused_qkv("_qkv" in variant).use_fused_bias_gelu("_gelu" in variant)
+    model.use_fused_branch_bias(variant.endswith("_bias"))
     if variant == "compile_loss_pure_bf16":
         model.to(torch.bfloat16)
     set_stage(model, 2)

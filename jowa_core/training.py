@@ -527,6 +527,7 @@ def train_world_action(
     fused_layer_norm: bool | None = None,
     fused_qkv: bool | None = None,
     fused_bias_gelu: bool = False,
+    fused_branch_bias: bool = False,
     stride: int = 4,
     data_split: str = "per_rank",
     clip_rewards: bool = True,
@@ -564,6 +565,8 @@ def train_world_action(
             1.3 % on an H100, README Performance), off on CPU, where it is not reliably faster.
         fused_bias_gelu: each MLP's first bias add and GELU as one op with a fused backward
             (``WorldActionModel.use_fused_bias_gelu``); off until a GPU has timed it.
+        fused_branch_bias: with the fused LayerNorm op, each residual branch's last bias added inside it, its
+            gradient summed in the op's backward (``WorldActionModel.use_fused_branch_bias``); off until timed.
         stride: distance between segment starts (4 for pretraining).
         data_split: "per_rank" (each rank draws its own batches) or "global" (each rank slices the
             same global batch, so results do not depend on the world size; ``GlobalBatchSlices``).
@@ -600,7 +603,8 @@ def train_world_action(
         model = _train(p, token_caches, Path(run_dir), info, dev, total_steps=total_steps, options=options,
                        resume=resume, progress=progress, keep_last=keep_last, num_workers=num_workers,
                        num_threads=num_threads, compile=compile, fused_layer_norm=fused_layer_norm,
-                       fused_qkv=fused_qkv, fused_bias_gelu=fused_bias_gelu, stop_at_step=stop_at_step)  # fmt: skip
+                       fused_qkv=fused_qkv, fused_bias_gelu=fused_bias_gelu,
+                       fused_branch_bias=fused_branch_bias, stop_at_step=stop_at_step)  # fmt: skip
         finished = True
         return model
     finally:
@@ -628,6 +632,7 @@ def _train(
     fused_layer_norm: bool | None,
     fused_qkv: bool | None,
     fused_bias_gelu: bool,
+    fused_branch_bias: bool,
     stop_at_step: int | None,
 ) -> WorldActionModel:
     tc, mc = p.train, p.model
@@ -701,7 +706,7 @@ def _train(
         seed_everything(_rank_seed(tc.seed, info.rank))
     fused_layer_norm, fused_qkv = fused_switches(dev, fused_layer_norm, fused_qkv)
     model.to(dev).train().use_fused_layer_norm(fused_layer_norm).use_fused_qkv(fused_qkv)
-    model.use_fused_bias_gelu(fused_bias_gelu)
+    model.use_fused_bias_gelu(fused_bias_gelu).use_fused_branch_bias(fused_branch_bias)
     if step >= total_steps or (stop_at_step is not None and step >= stop_at_step):
         return model.eval()
 

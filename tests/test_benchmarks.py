@@ -119,7 +119,7 @@ def test_train_suite_runs_the_tiny_preset_on_cpu(capsys):
     assert {"train_stage2_tokens_per_s", "train_stage2_samples_per_s"} <= names
     assert all(f["fused_ln"] is False and f["compile"] is False for f in figs if f["name"].startswith("train_"))
     assert all(f["fused_qkv"] is False and "inductor" not in f for f in figs if f["name"].startswith("train_"))
-    assert all(f["fused_bias_gelu"] is False for f in figs if f["name"].startswith("train_"))
+    assert all(f["fused_bias_gelu"] is False is f["fused_branch_bias"] for f in figs if f["name"].startswith("train_"))
 
 
 def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path):
@@ -141,7 +141,7 @@ def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path)
         seen = []
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(WorldActionModel, "use_fused_bias_gelu", lambda m, on=True: seen.append(on) or m)
-            argv += ["--fused-bias-gelu", "--inductor", "aggressive_fusion=1", "--sdpa-off", "cudnn"]
+            argv += ["--fused-bias-gelu", "--fused-branch-bias", "--inductor", "aggressive_fusion=1", "--sdpa-off", "cudnn"]
             assert main(argv) in (None, 0)
         assert seen == [True]
         assert inductor_config.aggressive_fusion is True and not torch.backends.cuda.cudnn_sdp_enabled()
@@ -154,7 +154,7 @@ def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path)
     train = [f for f in figs if f["name"].startswith("train_")]
     assert train and all(f["inductor"] == ["aggressive_fusion=1"] and f["sdpa_off"] == ["cudnn"] for f in train)
     assert all(f["fused_qkv"] is True and f["fused_ln_config"] == str(cfg) for f in train)
-    assert all(f["fused_bias_gelu"] is True for f in train)
+    assert all(f["fused_bias_gelu"] is True and f["fused_branch_bias"] is True for f in train)
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(["--suite", "train", "--preset", "tiny", "--steps", "1", "--inductor", "no_such_setting=1"])
     cfg.write_text('{"packed": true}')

@@ -99,6 +99,39 @@ def test_dropout_keeps_one_minus_p_scaled_and_gradients_follow_the_mask() -> Non
     assert (got[1][~keep] == 0).all()
 
 
+@pytest.mark.parametrize("with_x", [True, False])
+def test_h_bias_is_added_before_the_dropout_and_its_gradient_is_dhs_column_sums(with_x: bool) -> None:
+    """``h_bias``: x + dropout(h + h_bias) with the mask the op drew (fp32 reference), gradients for every input
+    and the bias as autograd gives them; in float64 also against numerical gradients."""
+    p, N, C = 0.3, 40, 24
+    x, h, w, b = _inputs(N, C)
+    hb = (0.5 * torch.randn(C, generator=torch.Generator().manual_seed(2))).requires_grad_()
+    xs = x if with_x else None
+    torch.manual_seed(0)
+    seed = torch.randint(2**62, (1,))
+    x_new, y, _, _, mask = _fused_forward(xs, h, w, b, seed, p, 1e-5, torch.float32, hb)
+    keep = mask.bool()
+    ref_x = (h + hb) * keep / (1 - p) + (x if with_x else 0)
+    ref_y = F.layer_norm(ref_x, (C,), w, b)
+    torch.testing.assert_close(x_new, ref_x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+    leaves = [x, h, w, b, hb] if with_x else [h, w, b, hb]
+    got = torch.autograd.grad(_loss(x_new, y), leaves)
+    want = torch.autograd.grad(_loss(ref_x, ref_y), leaves)
+    for name, a, e in zip("xhwbc" if with_x else "hwbc", got, want):
+        assert a.dtype == e.dtype, name
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4, msg=name)
+    torch.testing.assert_close(got[-1], got[-4].sum(0))  # dh_bias = dh's column sums
+    x64, h64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, h, w, b))
+    hb64 = hb.detach().double().requires_grad_()
+
+    def op(*t):
+        xx = t[0] if with_x else None
+        return tuple(_fused_forward(xx, *t[-4:-1], seed, p, 1e-5, torch.float64, t[-1])[:2])
+
+    assert torch.autograd.gradcheck(op, (x64, h64, w64, b64, hb64) if with_x else (h64, w64, b64, hb64))
+
+
 def test_dropout_mask_follows_torch_manual_seed() -> None:
     x, h, w, b = _inputs(64, 32)
     torch.manual_seed(5)
@@ -114,6 +147,8 @@ def test_bad_arguments_are_refused() -> None:
         dropout_add_layer_norm(x, h, w, b, 1.0, True)
     with pytest.raises(ValueError, match="same shape"):
         dropout_add_layer_norm(x[:2], h, w, b, 0.1, True)
+    with pytest.raises(ValueError, match=r"h_bias \(15,\) must be \(16,\)"):
+        dropout_add_layer_norm(x, h, w, b, 0.1, True, h_bias=b[:15])
 
 
 def test_op_inside_torch_compile_gives_the_eager_result() -> None:
@@ -183,6 +218,36 @@ def test_switch_gives_the_same_outputs_in_eval_and_gradients_without_dropout() -
     assert g_on.keys() == g_off.keys() and any("ln_f" in k for k in g_on)
     for name in g_off:
         torch.testing.assert_close(g_on[name], g_off[name], **TOL, msg=name)
+
+
+def test_branch_bias_switch_is_the_same_function_with_the_same_gradients() -> None:
+    """``use_fused_branch_bias`` with the fused LayerNorm op: the same outputs and parameter gradients (the op's
+    fp32 reference adds the bias after the product instead of inside it), the same state dict; the two biases
+    now reach the op (its ``h_bias``), not their products."""
+    model, tokens, tasks = _model_and_batch()
+    model.use_fused_layer_norm(True)
+    keys = set(model.state_dict())
+    runs = []
+    for folded in (False, True):
+        out, grads = _out_and_grads(model.use_fused_branch_bias(folded), tokens, tasks, True)
+        runs.append((out, grads))
+    (a, ga), (b, gb) = runs
+    assert set(model.state_dict()) == keys and all(blk.fused_branch_bias for blk in model.transformer.blocks)
+    for name in ("hidden", "obs_logits", "q_logits"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), **TOL, msg=name)
+    assert ga.keys() == gb.keys() and all(any(n.endswith(k) for n in ga) for k in (".attn.proj.bias", ".mlp.2.bias"))
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], **TOL, msg=n)
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:
+        import jowa_core.models.world_action as wa
+
+        real = wa.dropout_add_layer_norm
+        mp.setattr(wa, "dropout_add_layer_norm", lambda *args, **kw: seen.append(kw.get("h_bias")) or real(*args, **kw))
+        model(tokens, tasks)
+    blocks = model.transformer.blocks
+    want = [t for blk in blocks for t in (blk.attn.proj.bias, blk.mlp[2].bias)]
+    assert len(seen) == 1 + len(want) and seen[0] is None and all(s is w for s, w in zip(seen[1:], want))
 
 
 def test_switch_under_autocast_keeps_the_default_dtypes() -> None:
@@ -277,6 +342,31 @@ INTERPRETER_CHECK = textwrap.dedent(
                         for name, a, e in zip(("dx", "dh", "dw", "db"), got, want):
                             if with_x or name != "dx":
                                 close(a, e, f"{name} {tag} dxn={g_in is not None}")
+    # h_bias: added to h before the dropout; the backward sums dh's columns for its gradient (need_dhb)
+    redraw = f.KernelConfig(packed_rng=True, recompute_mask=True)
+    for cfg, N, C in ((f.KernelConfig(), 37, 48), (f.KernelConfig(8, 2, 8, 4, 1), 37, 48), (redraw, 9, 768)):
+        f.set_kernel_config(cfg)
+        x, h, w, b = torch.randn(N, C), torch.randn(N, C).to(torch.bfloat16), 1 + 0.3 * torch.randn(C), torch.randn(C)
+        hb, dy, dxn = torch.randn(C), torch.randn(N, C).to(torch.bfloat16), torch.randn(N, C)
+        for p in (0.0, 0.3):
+            seed = torch.tensor([99]) if p > 0 else None
+            xn, y, mean, rstd, mask = f._triton_forward(x, h, w, b, seed, p, 1e-5, torch.bfloat16, hb)
+            tag = f"h_bias N={N} C={C} p={p} {cfg}"
+            m, s = (mask, None) if mask.numel() else (None, seed)  # the redrawn mask: the seed instead
+            if s is not None:  # the reference needs the mask: the same draw, stored (packed_rng alone)
+                f.set_kernel_config(f.KernelConfig(packed_rng=True))
+                m = f._triton_forward(x, h, w, b, seed, p, 1e-5, torch.bfloat16, hb)[4]
+                f.set_kernel_config(cfg)
+            close(xn, f._reference_forward(x, h, w, b, m, p, 1e-5, torch.bfloat16, hb)[0], f"x_new {tag}")
+            got = f._triton_backward(dy, dxn, xn, w, mean, rstd, None if s is not None else m, p, torch.bfloat16,
+                                     True, seed=s, need_dhb=True)  # fmt: skip
+            want = f._reference_backward(dy, dxn, xn, w, mean, rstd, m, p, torch.bfloat16)
+            for name, a, e in zip(("dx", "dh", "dw", "db", "dh_bias"), got, want):
+                close(a, e, f"{name} {tag}")
+            assert got[4].dtype == torch.float32 and got[4].shape == (C,), tag
+            no = f._triton_backward(dy, dxn, xn, w, mean, rstd, None if s is not None else m, p, torch.bfloat16,
+                                    True, seed=s)  # fmt: skip
+            assert no[4].numel() == 0 and all(torch.equal(a, e) for a, e in zip(no[:4], got[:4])), tag
     # the packed mask's statistics at jowa_150m's width and dropout (49,152 draws: sd of the kept share 0.0014)
     f.set_kernel_config(packed)
     N, C, p = 64, 768, 0.1

@@ -333,7 +333,8 @@ def _check_fused_layer_norm_kernels(device: torch.device, p: float) -> None:
         want = fused_ln._reference_backward(dy, g, xn, w, mean, rstd, m, p, bf16)
         torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)  # dx, fp32, sums in another order
         torch.testing.assert_close(got[1], want[1])  # dh, bf16
-        for a, e in zip(got[2:], want[2:]):  # dweight, dbias: sums over 4099 rows in another order
+        assert got[4].numel() == 0  # no h_bias
+        for a, e in zip(got[2:4], want[2:4]):  # dweight, dbias: sums over 4099 rows in another order
             torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-3)
     # the public op dispatches to Triton and, without dropout, is add + LayerNorm with autograd
     assert fused_ln._use_triton(h)
@@ -348,16 +349,19 @@ def _check_fused_layer_norm_kernels(device: torch.device, p: float) -> None:
         torch.testing.assert_close(a, e, **({} if a.dtype == bf16 else {"rtol": 1e-3, "atol": 1e-3}))
 
 
-@pytest.mark.parametrize("switch", ["use_fused_layer_norm", "use_fused_qkv", "use_fused_bias_gelu"])
+@pytest.mark.parametrize(
+    "switch", ["use_fused_layer_norm", "use_fused_qkv", "use_fused_bias_gelu", "use_fused_branch_bias"]
+)
 def test_fused_switch_model_matches_the_default_compiled(device: torch.device, switch: str) -> None:
     """jowa_150m's width (768, 12 heads; 2 layers to stay quick), bf16 autocast: each switch (the fused
-    LayerNorm op, the fused query/key/value product, the fused bias + GELU op) on and off give
+    LayerNorm op, the fused query/key/value product, the fused bias + GELU op, the branch biases in the fused
+    LayerNorm op, which is on for that one) on and off give
     the same outputs in eval mode under torch.compile (relative error < 1e-2: bf16 roundings in other
     places), and, in train mode with every dropout at 0, gradients as close to fp32's as the default's."""
     cfg = replace(preset("jowa_150m").model, num_layers=2, embed_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0,
                   q_dropout=0.0)  # fmt: skip
     torch.manual_seed(7)
-    model = WorldActionModel(cfg).to(device).eval()
+    model = WorldActionModel(cfg).to(device).eval().use_fused_layer_norm(switch == "use_fused_branch_bias")
     batch = _batch(cfg, 8, device, seed=7)
     compiled = torch.compile(model)
     outs = []

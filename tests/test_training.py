@@ -184,6 +184,17 @@ def test_fused_bias_gelu_switch_trains_as_the_default(caches, tmp_path):
     assert_same(params(fused), params(plain), atol=1e-4)
 
 
+def test_fused_branch_bias_switch_trains_as_the_fused_layer_norm_alone(caches, tmp_path):
+    """``fused_branch_bias=True`` with the fused LayerNorm op (on CPU: its torch reference) trains the same weights
+    as the op alone, dropout included (the same masks: the op draws them from the same seeds); off by default."""
+    kw = {"stage1_steps": 2, "stage2_steps": 2, "fused_layer_norm": True, **RUN}
+    plain = train_world_action(tiny(), caches, tmp_path / "plain", **kw)
+    fused = train_world_action(tiny(), caches, tmp_path / "fused", fused_branch_bias=True, **kw)
+    assert not any(b.fused_branch_bias for b in plain.transformer.blocks)
+    assert all(b.fused_branch_bias for b in fused.transformer.blocks)
+    assert_same(params(fused), params(plain), atol=1e-4)
+
+
 def test_cosine_stage2_schedule_decays_both_learning_rates_to_zero_and_resumes_exactly(caches, tmp_path):
     """``lr_schedule_stage2="cosine"``: stage 1 keeps its rate; the step that starts with k of stage 2's n steps
     done runs at lr * (1 + cos(pi k / n)) / 2, for the world and the critic groups alike; stopping and resuming

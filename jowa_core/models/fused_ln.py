@@ -45,13 +45,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _reference_forward(
     x: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor, mask: Tensor | None, p: float, eps: float,
-    out_dtype: torch.dtype,
+    out_dtype: torch.dtype, h_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(x_new, y, mean, rstd) for 2-D (N, C) inputs and a given keep mask (None: no dropout)."""
+    """(x_new, y, mean, rstd) for 2-D (N, C) inputs and a given keep mask (None: no dropout); ``h_bias`` (C,)
+    is added to h before the dropout."""
     res_dtype = h.dtype if x is None else x.dtype
     cd = _compute_dtype(res_dtype)
     with torch.autocast(h.device.type, enabled=False):
-        d = h.to(cd, copy=True) if mask is None else h.to(cd) * mask.to(cd) * (1.0 / (1.0 - p))
+        d = h.to(cd, copy=True) if h_bias is None else h.to(cd) + h_bias.to(cd)
+        d = d if mask is None else d * mask.to(cd) * (1.0 / (1.0 - p))
         x_new = (d if x is None else x.to(cd) + d).to(res_dtype)
         C = x_new.shape[-1]
         y, mean, rstd = torch.native_layer_norm(x_new.to(cd), [C], weight.to(cd), bias.to(cd), eps)
@@ -61,8 +63,9 @@ def _reference_forward(
 def _reference_backward(
     dy: Tensor, dxn: Tensor | None, x_new: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, mask: Tensor | None,
     p: float, h_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(dx, dh, dweight, dbias): d(x_new) total = dxn + LN-backward(dy); dx = that; dh = that * mask / (1 - p)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dx, dh, dweight, dbias, dh_bias): d(x_new) total = dxn + LN-backward(dy); dx = that; dh = that * mask /
+    (1 - p); dh_bias, the gradient of a bias added to h, is dh's column sums (in the compute dtype, fp32 or fp64)."""
     cd = mean.dtype
     with torch.autocast(dy.device.type, enabled=False):
         C = x_new.shape[-1]
@@ -73,7 +76,7 @@ def _reference_backward(
         if dxn is not None:
             g = g + dxn.to(cd)
         dh = g * (1.0 if mask is None else mask.to(cd) * (1.0 / (1.0 - p)))
-    return g.to(x_new.dtype), dh.to(h_dtype), dw.to(weight.dtype), db.to(weight.dtype)
+    return g.to(x_new.dtype), dh.to(h_dtype), dw.to(weight.dtype), db.to(weight.dtype), dh.sum(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,15 +177,17 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def dropout_add_layer_norm_fwd(X, H, W, B, XN, Y, MEAN, RSTD, MASK, SEED, N, C, p, p16, scale, eps,
+    def dropout_add_layer_norm_fwd(X, H, W, B, XN, Y, MEAN, RSTD, MASK, SEED, HB, N, C, p, p16, scale, eps,
             HAS_X: tl.constexpr, DROPOUT: tl.constexpr, PACKED_RNG: tl.constexpr, STORE_MASK: tl.constexpr,
-            BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+            HAS_HB: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_C)
         cmask = cols < C
         m = (rows < N)[:, None] & cmask[None, :]
         offs = rows[:, None] * C + cols[None, :]  # int32: the wrapper checks N * C < 2**31
         d = tl.load(H + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_HB:
+            d += tl.load(HB + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if DROPOUT:
             if PACKED_RNG:  # 8 flags per Philox call: 4 words of 32 bits, 2 uniforms of 16 bits each
                 pk = rows[:, None] * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8)[None, :]  # never repeats
@@ -210,9 +215,9 @@ def _kernels():
         tl.store(RSTD + rows, rstd, mask=rows < N)
 
     @triton.jit
-    def dropout_add_layer_norm_bwd(DY, DXN, XN, W, MEAN, RSTD, MASK, SEED, DX, DH, DW, DB, N, C, p16, scale,
+    def dropout_add_layer_norm_bwd(DY, DXN, XN, W, MEAN, RSTD, MASK, SEED, DX, DH, DW, DB, DHB, N, C, p16, scale,
             HAS_DXN: tl.constexpr, HAS_DX: tl.constexpr, DROPOUT: tl.constexpr, RECOMPUTE_MASK: tl.constexpr,
-            BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+            HAS_HB: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
         # each program strides over row blocks and keeps its own partial dweight/dbias (one row of DW/DB)
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
@@ -221,6 +226,7 @@ def _kernels():
         # 2-D accumulators: elementwise adds in the loop, one reduction over rows at the end
         dw = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
         db = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
+        dhb = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)  # h's bias: dh's column sums (HAS_HB)
         for start in range(pid * BLOCK_ROWS, N, tl.num_programs(0) * BLOCK_ROWS):
             rows = start + tl.arange(0, BLOCK_ROWS)
             m = (rows < N)[:, None] & cmask[None, :]
@@ -250,8 +256,12 @@ def _kernels():
                     keep = tl.load(MASK + offs, mask=m, other=0) != 0
                 g = tl.where(keep, g * scale, 0.0)
             tl.store(DH + offs, g.to(DH.dtype.element_ty), mask=m)
+            if HAS_HB:
+                dhb += g  # 0 outside the tile (masked loads)
         tl.store(DW + pid * C + cols, tl.sum(dw, axis=0), mask=cmask)
         tl.store(DB + pid * C + cols, tl.sum(db, axis=0), mask=cmask)
+        if HAS_HB:
+            tl.store(DHB + pid * C + cols, tl.sum(dhb, axis=0), mask=cmask)
 
     return dropout_add_layer_norm_fwd, dropout_add_layer_norm_bwd  # names as profilers show them
 
@@ -263,7 +273,7 @@ def _on_device(t: Tensor):
 
 def _triton_forward(
     x: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor, seed: Tensor | None, p: float, eps: float,
-    out_dtype: torch.dtype,
+    out_dtype: torch.dtype, h_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(x_new, y, mean, rstd, mask) for 2-D (N, C) inputs; mask is empty without dropout and when the
     backward recomputes it (``KernelConfig.recompute_mask``)."""
@@ -285,20 +295,21 @@ def _triton_forward(
         fwd[(_cdiv(N, rows),)](
             # tensors stand in for pointers that a constexpr branch never reads (an empty one may be null)
             x_new if x is None else x, h, weight, bias, x_new, y, mean, rstd,
-            mask if store else mean, mean if seed is None else seed,
+            mask if store else mean, mean if seed is None else seed, bias if h_bias is None else h_bias,
             N, C, p, round(p * 65536), 1.0 / (1.0 - p), eps,
-            HAS_X=x is not None, DROPOUT=seed is not None, PACKED_RNG=packed, STORE_MASK=store, BLOCK_ROWS=rows,
-            BLOCK_C=block_c, num_warps=warps,
+            HAS_X=x is not None, DROPOUT=seed is not None, PACKED_RNG=packed, STORE_MASK=store,
+            HAS_HB=h_bias is not None, BLOCK_ROWS=rows, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
     return x_new, y, mean, rstd, mask
 
 
 def _triton_backward(
     dy: Tensor, dxn: Tensor | None, x_new: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, mask: Tensor | None,
-    p: float, h_dtype: torch.dtype, need_dx: bool = True, seed: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(dx, dh, dweight, dbias) as ``_reference_backward``; dx is empty when ``need_dx`` is False. Dropout
-    reads ``mask``, or with ``seed`` instead redraws the forward's packed mask (``recompute_mask``)."""
+    p: float, h_dtype: torch.dtype, need_dx: bool = True, seed: Tensor | None = None, need_dhb: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dx, dh, dweight, dbias, dh_bias) as ``_reference_backward``; dx is empty when ``need_dx`` is False, dh_bias
+    (fp32) when ``need_dhb`` is. Dropout reads ``mask``, or with ``seed`` instead redraws the forward's packed
+    mask (``recompute_mask``)."""
     if mask is not None and seed is not None:
         raise ValueError("_triton_backward: give the stored mask or the seed to redraw it, not both.")
     dy, dxn, x_new = dy.contiguous(), None if dxn is None else dxn.contiguous(), x_new.contiguous()
@@ -312,16 +323,18 @@ def _triton_backward(
     dh = torch.empty_like(x_new, dtype=h_dtype)
     dw = torch.empty(grid, C, device=x_new.device, dtype=torch.float32)
     db = torch.empty_like(dw)
+    dhb = torch.empty_like(dw) if need_dhb else dw
     _, bwd = _kernels()
     with _on_device(x_new):
         bwd[(grid,)](
             dy, dy if dxn is None else dxn, x_new, weight, mean, rstd, dy if mask is None else mask,
-            mean if seed is None else seed, dx if need_dx else dh, dh, dw, db,
+            mean if seed is None else seed, dx if need_dx else dh, dh, dw, db, dhb,
             N, C, round(p * 65536), 1.0 / (1.0 - p),
             HAS_DXN=dxn is not None, HAS_DX=need_dx, DROPOUT=mask is not None or seed is not None,
-            RECOMPUTE_MASK=seed is not None, BLOCK_ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+            RECOMPUTE_MASK=seed is not None, HAS_HB=need_dhb, BLOCK_ROWS=rows, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
-    return dx, dh, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+    dhb_sum = dhb.sum(0) if need_dhb else dw.new_empty(0)
+    return dx, dh, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), dhb_sum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,14 +348,15 @@ def _use_triton(t: Tensor) -> bool:
 @torch.library.custom_op("jowa::dropout_add_layer_norm", mutates_args=())
 def _fused_forward(
     x: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor, seed: Tensor | None, p: float, eps: float,
-    out_dtype: torch.dtype,
+    out_dtype: torch.dtype, h_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(x_new, y, mean, rstd, mask) for 2-D (N, C) inputs; dropout with probability p iff ``seed`` is given
-    (a 1-element int64 tensor), the mask (uint8 (N, C), empty without dropout) returned for the backward."""
+    (a 1-element int64 tensor), the mask (uint8 (N, C), empty without dropout) returned for the backward.
+    ``h_bias`` (C,), added to h first, comes last with a default, as the backward's ``seed`` does."""
     if _use_triton(h):
-        return _triton_forward(x, h, weight, bias, seed, p, eps, out_dtype)
+        return _triton_forward(x, h, weight, bias, seed, p, eps, out_dtype, h_bias)
     mask = None if seed is None else _reference_mask(h, seed, p)
-    x_new, y, mean, rstd = _reference_forward(x, h, weight, bias, mask, p, eps, out_dtype)
+    x_new, y, mean, rstd = _reference_forward(x, h, weight, bias, mask, p, eps, out_dtype, h_bias)
     return x_new, y, mean, rstd, h.new_empty(0, dtype=torch.uint8) if mask is None else mask
 
 
@@ -353,7 +367,7 @@ def _recomputes_mask(h: Tensor) -> bool:
 
 
 @_fused_forward.register_fake
-def _(x, h, weight, bias, seed, p, eps, out_dtype):
+def _(x, h, weight, bias, seed, p, eps, out_dtype, h_bias=None):
     N, C = h.shape
     res_dtype = h.dtype if x is None else x.dtype
     stat = h.new_empty(N, dtype=_compute_dtype(res_dtype))
@@ -364,40 +378,47 @@ def _(x, h, weight, bias, seed, p, eps, out_dtype):
 @torch.library.custom_op("jowa::dropout_add_layer_norm_backward", mutates_args=())
 def _fused_backward(
     dy: Tensor, dxn: Tensor | None, x_new: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, mask: Tensor,
-    p: float, h_dtype: torch.dtype, need_dx: bool, seed: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(dx, dh, dweight, dbias); dx is empty when ``need_dx`` is False (x was None). With dropout, an empty
-    ``mask`` means the forward left it to be redrawn from ``seed``. ``seed`` comes last, with a default, so
-    that backward graphs compiled and cached before it existed still call this op correctly."""
+    p: float, h_dtype: torch.dtype, need_dx: bool, seed: Tensor | None = None, need_dhb: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dx, dh, dweight, dbias, dh_bias); dx is empty when ``need_dx`` is False (x was None), dh_bias (fp32 (C,))
+    unless ``need_dhb``. With dropout, an empty ``mask`` means the forward left it to be redrawn from ``seed``.
+    ``seed`` and ``need_dhb`` come last, with defaults, and dh_bias is the last output, so that backward graphs
+    compiled and cached before they existed still call this op correctly."""
     redraw = p > 0 and seed is not None and mask.numel() != x_new.numel()  # the forward stored none
     m = mask if p > 0 and not redraw else None
     if _use_triton(x_new):
-        return _triton_backward(dy, dxn, x_new, weight, mean, rstd, m, p, h_dtype, need_dx, seed if redraw else None)
+        s = seed if redraw else None
+        return _triton_backward(dy, dxn, x_new, weight, mean, rstd, m, p, h_dtype, need_dx, s, need_dhb)
     if redraw:  # only the Triton forward leaves the mask out
         raise RuntimeError("dropout_add_layer_norm: a redrawn mask needs the Triton kernels on CUDA.")
-    dx, dh, dw, db = _reference_backward(dy, dxn, x_new, weight, mean, rstd, m, p, h_dtype)
-    return dx if need_dx else dx.new_empty(0), dh, dw, db
+    dx, dh, dw, db, dhb = _reference_backward(dy, dxn, x_new, weight, mean, rstd, m, p, h_dtype)
+    return dx if need_dx else dx.new_empty(0), dh, dw, db, dhb.float() if need_dhb else dhb.new_empty(0)
 
 
 @_fused_backward.register_fake
-def _(dy, dxn, x_new, weight, mean, rstd, mask, p, h_dtype, need_dx, seed=None):
+def _(dy, dxn, x_new, weight, mean, rstd, mask, p, h_dtype, need_dx, seed=None, need_dhb=False):
     dx = torch.empty_like(x_new) if need_dx else x_new.new_empty(0)
-    return dx, torch.empty_like(x_new, dtype=h_dtype), torch.empty_like(weight), torch.empty_like(weight)
+    dhb = x_new.new_empty(x_new.shape[-1] if need_dhb else 0, dtype=torch.float32)
+    return dx, torch.empty_like(x_new, dtype=h_dtype), torch.empty_like(weight), torch.empty_like(weight), dhb
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, h, weight, _bias, seed, p, _eps, _out_dtype = inputs
+    x, h, weight, _bias, seed, p, _eps, _out_dtype, h_bias = inputs
     x_new, _y, mean, rstd, mask = output
     ctx.save_for_backward(x_new, weight, mean, rstd, mask, seed)
     ctx.p, ctx.h_dtype, ctx.has_x = p, h.dtype, x is not None
+    ctx.hb_dtype = None if h_bias is None else h_bias.dtype
     ctx.set_materialize_grads(False)  # the last layer's x_new is unused: no zeros tensor for its gradient
 
 
 def _backward(ctx, dxn, dy, _dmean, _drstd, _dmask):
     x_new, weight, mean, rstd, mask, seed = ctx.saved_tensors
     dy = torch.zeros_like(x_new) if dy is None else dy
-    dx, dh, dw, db = _fused_backward(dy, dxn, x_new, weight, mean, rstd, mask, ctx.p, ctx.h_dtype, ctx.has_x, seed)
-    return dx if ctx.has_x else None, dh, dw, db, None, None, None, None
+    need_dhb = ctx.hb_dtype is not None
+    dx, dh, dw, db, dhb = _fused_backward(
+        dy, dxn, x_new, weight, mean, rstd, mask, ctx.p, ctx.h_dtype, ctx.has_x, seed, need_dhb
+    )
+    return dx if ctx.has_x else None, dh, dw, db, None, None, None, None, dhb.to(ctx.hb_dtype) if need_dhb else None
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -405,9 +426,9 @@ _fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 def dropout_add_layer_norm(
     x: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor, p: float, training: bool, eps: float = 1e-5,
-    out_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None, h_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """``x_new = x + dropout(h)`` and ``y = layer_norm(x_new, weight, bias)`` in one op.
+    """``x_new = x + dropout(h + h_bias)`` and ``y = layer_norm(x_new, weight, bias)`` in one op.
 
     Args:
         x: (..., C) residual stream (fp32 under autocast), or None for ``x_new = dropout(h)`` (the
@@ -416,6 +437,8 @@ def dropout_add_layer_norm(
         weight, bias: (C,) LayerNorm affine parameters.
         p, training: dropout probability in [0, 1), applied only when ``training``.
         out_dtype: y's dtype; default h's dtype (see the module docstring for the dtype rule).
+        h_bias: (C,) the bias of the product that gave h, left out of that product and added here, so that the
+            backward sums its gradient as it writes dh instead of in a pass of its own; None: h has its bias.
     Returns:
         (x_new in x's dtype (h's when x is None), y in ``out_dtype``), both shaped like h.
     """
@@ -423,12 +446,14 @@ def dropout_add_layer_norm(
         raise ValueError(f"dropout_add_layer_norm needs 0 <= p < 1, got p={p}.")
     if x is not None and x.shape != h.shape:
         raise ValueError(f"x {tuple(x.shape)} and h {tuple(h.shape)} must have the same shape.")
+    if h_bias is not None and h_bias.shape != h.shape[-1:]:
+        raise ValueError(f"h_bias {tuple(h_bias.shape)} must be ({h.shape[-1]},), the last dimension of h.")
     p = float(p) if training else 0.0
     C = h.shape[-1]
     # the seed comes from torch's generator on h's device, so torch.manual_seed makes runs repeat
     seed = torch.randint(2**62, (1,), device=h.device) if p > 0 else None
     x_new, y, *_ = _fused_forward(
         None if x is None else x.reshape(-1, C).contiguous(), h.reshape(-1, C).contiguous(), weight, bias, seed, p,
-        float(eps), out_dtype or h.dtype,
+        float(eps), out_dtype or h.dtype, h_bias,
     )  # fmt: skip
     return x_new.view(h.shape), y.view(h.shape)

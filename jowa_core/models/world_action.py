@@ -310,8 +310,11 @@ class SelfAttention(nn.Module):
         v = self.value(x).view(B, T, h, C // h).transpose(1, 2)
         return q, k, v
 
-    def attend(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        """``forward`` without the residual dropout (the fused LayerNorm path applies it)."""
+    def attend(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, proj_bias: bool = True
+    ) -> torch.Tensor:
+        """``forward`` without the residual dropout (the fused LayerNorm path applies it), and without the output
+        projection's bias if ``proj_bias`` is False (the fused LayerNorm op adds it: ``Block.fused_branch_bias``)."""
         B, T, C = x.shape
         q, k, v = self._qkv(x)  # (B, h, T, hd)
         start = 0
@@ -323,7 +326,8 @@ class SelfAttention(nn.Module):
             if cache.prefix is not None:
                 if dropout_p:
                     raise ValueError("a cache with a shared prefix is for inference: put the model in eval mode.")
-                return self.proj(shared_prefix_attention(q, k, v, cache, layer).transpose(1, 2).reshape(B, T, C))
+                y = shared_prefix_attention(q, k, v, cache, layer).transpose(1, 2).reshape(B, T, C)
+                return self.proj(y) if proj_bias else F.linear(y, self.proj.weight)
         if start == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif T == 1:  # one new token sees every cached one
@@ -334,7 +338,7 @@ class SelfAttention(nn.Module):
             mask = kpos.unsqueeze(0) <= qpos.unsqueeze(1)  # (T, start + T) bool, True = attend
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return self.proj(y)
+        return self.proj(y) if proj_bias else F.linear(y, self.proj.weight)
 
     def static_step(
         self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
@@ -369,24 +373,35 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x), cache, layer)
         return x + self.mlp[3](self.mlp_branch(self.ln2(x)))
 
-    def mlp_branch(self, y: torch.Tensor) -> torch.Tensor:
-        """``self.mlp`` without its residual dropout (the fused LayerNorm path applies it)."""
+    fused_branch_bias: bool = False
+    """In the fused LayerNorm path, leave each branch's last bias (the attention's output projection, the MLP's
+    second layer) out of its product and add it inside the fused op, whose backward sums its gradient as it
+    writes the branch's gradient (``fused_ln.dropout_add_layer_norm(h_bias=)``; set by
+    ``WorldActionModel.use_fused_branch_bias``)."""
+
+    def mlp_branch(self, y: torch.Tensor, out_bias: bool = True) -> torch.Tensor:
+        """``self.mlp`` without its residual dropout (the fused LayerNorm path applies it), and without the second
+        layer's bias if ``out_bias`` is False."""
         linear1, gelu, linear2, _drop = self.mlp
         if self.fused_bias_gelu:
-            return linear2(bias_gelu(F.linear(y, linear1.weight), linear1.bias))
-        return linear2(gelu(linear1(y)))
+            a = bias_gelu(F.linear(y, linear1.weight), linear1.bias)
+        else:
+            a = gelu(linear1(y))
+        return linear2(a) if out_bias else F.linear(a, linear2.weight)
 
     def fused_forward(
         self, x: torch.Tensor, y: torch.Tensor, next_ln: nn.LayerNorm, out_dtype: torch.dtype | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` with each residual add, its dropout and the following LayerNorm as one op: takes
         the stream x and ``y = ln1(x)``, returns the new stream and ``next_ln`` of it (in ``out_dtype``)."""
+        folded = self.fused_branch_bias
         x, y = dropout_add_layer_norm(
-            x, self.attn.attend(y), self.ln2.weight, self.ln2.bias, self.attn.resid_drop.p, self.training,
-            self.ln2.eps, out_dtype,
+            x, self.attn.attend(y, proj_bias=not folded), self.ln2.weight, self.ln2.bias, self.attn.resid_drop.p,
+            self.training, self.ln2.eps, out_dtype, h_bias=self.attn.proj.bias if folded else None,
         )  # fmt: skip
-        m, drop = self.mlp_branch(y), self.mlp[3]
-        return dropout_add_layer_norm(x, m, next_ln.weight, next_ln.bias, drop.p, self.training, next_ln.eps, out_dtype)
+        m, drop = self.mlp_branch(y, out_bias=not folded), self.mlp[3]
+        return dropout_add_layer_norm(x, m, next_ln.weight, next_ln.bias, drop.p, self.training, next_ln.eps,
+                                      out_dtype, h_bias=self.mlp[2].bias if folded else None)  # fmt: skip
 
 
 class Transformer(nn.Module):
@@ -860,6 +875,14 @@ class WorldActionModel(nn.Module):
         in training until a GPU has timed it (README Performance)."""
         for block in self.transformer.blocks:
             block.fused_bias_gelu = enabled
+        return self
+
+    def use_fused_branch_bias(self, enabled: bool = True) -> WorldActionModel:
+        """With ``use_fused_layer_norm``, add each residual branch's last bias inside the fused LayerNorm op, whose
+        backward sums its gradient (``Block.fused_branch_bias``); no effect without it. Parameters, checkpoints
+        and the function are unchanged. Off by default and in training until a GPU has timed it."""
+        for block in self.transformer.blocks:
+            block.fused_branch_bias = enabled
         return self
 
     def use_fused_layer_norm(self, enabled: bool = True) -> WorldActionModel:
