@@ -83,11 +83,12 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
                                progress=False, num_threads=args.threads, keep_last=1, compile=compile_,
                                fused_layer_norm=fused, fused_qkv=fused_qkv,
                                fused_bias_gelu=args.fused_bias_gelu,
-                               fused_branch_bias=args.fused_branch_bias)  # fmt: skip
+                               fused_branch_bias=args.fused_branch_bias,
+                               fused_attention=args.fused_attention)  # fmt: skip
             rec = read_metrics(Path(tmp) / "run")[-1]  # the second interval: warm-up and compilation excluded
         tag = {"batch_size": batch, "steps_timed": steps, "compile": compile_, "fused_ln": fused,
                "fused_qkv": fused_qkv, "fused_bias_gelu": args.fused_bias_gelu,
-               "fused_branch_bias": args.fused_branch_bias, "amp": "bf16" if cuda else "fp32",
+               "fused_branch_bias": args.fused_branch_bias, "fused_attention": args.fused_attention, "amp": "bf16" if cuda else "fp32",
                **({"inductor": args.inductor} if args.inductor else {}),
                **({"sdpa_off": args.sdpa_off} if args.sdpa_off else {}),
                **({"fused_ln_config": args.fused_ln_config} if args.fused_ln_config else {})}  # fmt: skip
@@ -240,7 +241,7 @@ SUITE_FNS = {"train": train_suite, "planner": planner_suite, "tokenizer": tokeni
 def markdown_table(figures: list[Figure]) -> str:
     """The README's Performance table: one row per figure, the settings that matter in 'details'."""
     keep = ("envs", "batch_size", "workers", "compile", "fused_ln", "fused_qkv", "fused_bias_gelu", "fused_branch_bias",
-            "inductor", "sdpa_off",
+            "fused_attention", "inductor", "sdpa_off",
             "fused_ln_config", "cuda_graphs", "shared_history", "amp", "actions_match", "skipped")  # fmt: skip
     lines = ["| figure | preset | value | unit | details |", "| --- | --- | ---: | --- | --- |"]
     for f in figures:
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="train: each MLP's first bias add and GELU as one op (fused_gelu; off by default)")  # fmt: skip
     ap.add_argument("--fused-branch-bias", action="store_true",
                     help="train: each residual branch's last bias inside the fused LayerNorm op (off by default)")  # fmt: skip
+    ap.add_argument("--fused-attention", action="store_true",
+                    help="train: the Triton flash-attention op on the packed QKV product (off by default)")  # fmt: skip
     ap.add_argument(
         "--reference",
         action=argparse.BooleanOptionalAction,

@@ -8,7 +8,9 @@ runs on cuDNN's kernel, SDPA's first choice. This times each backend that takes 
 memory-efficient, math) under ``torch.nn.attention.sdpa_kernel``, eagerly: a minute where the training
 loop's A/B (``python -m benchmarks --sdpa-off cudnn``) needs a fresh compile. Without dropout each backend's
 output is checked against the math backend's (dropout draws differ by backend). One JSON line per backend and
-dropout. On a CPU, flash and math on a small shape (a smoke run).
+dropout. Beside SDPA's backends: ``jowa_triton``, ``jowa_core.models.fused_attention`` (the Triton flash-attention
+op the model uses with ``use_fused_attention``), fed the packed (B, T, 3, H, D) product it reads in training, its
+gradient packed too (on a CPU: its torch reference). On a CPU, flash and math on a small shape (a smoke run).
 """
 
 from __future__ import annotations
@@ -56,6 +58,32 @@ def main(argv: list[str] | None = None) -> None:
                 rec = {"backend": backend, "dropout": p, **info}
                 rec.update(_time_backend(sdpa, p, (q, k, v), dy, reference, args.reps, dev))
                 print(json.dumps(rec), flush=True)
+    packed = torch.stack((q, k, v), 2).transpose(1, 3).detach().contiguous().requires_grad_()  # (B, T, 3, H, D)
+    for p in (args.dropout, 0.0):
+        rec = {"backend": "jowa_triton", "dropout": p, **info}
+        rec.update(_time_fused(packed, p, dy.transpose(1, 2).contiguous(), reference, args.reps, dev))
+        print(json.dumps(rec), flush=True)
+
+
+def _time_fused(qkv: torch.Tensor, p: float, dy: torch.Tensor, reference, reps: int, dev: torch.device) -> dict:
+    """ms per forward + backward of ``fused_attention.causal_attention`` on the packed product."""
+    from jowa_core.models.fused_attention import causal_attention
+
+    def step() -> torch.Tensor:
+        y = causal_attention(qkv, p, True)
+        torch.autograd.grad(y, qkv, dy)
+        return y
+
+    try:
+        y = step()
+    except (RuntimeError, ValueError) as e:
+        return {"skipped": str(e).splitlines()[0][:160]}
+    out = (
+        {"max_abs_diff_vs_math": float((y.detach().transpose(1, 2).float() - reference).abs().max())}
+        if p == 0.0
+        else {}
+    )
+    return {**out, "ms_fwd_bwd": round(time_ms(step, reps, dev), 3)}
 
 
 def _time_backend(sdpa: SDPBackend, p: float, qkv, dy, reference, reps: int, dev: torch.device) -> dict:

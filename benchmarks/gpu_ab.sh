@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
 # The next device session's A/B for issue 8's one open target: jowa_150m stage-2 training at 40 % MFU on an H100
 # (synchronized step alone: 36.4 % on an H100 in session 13, 38.5 % on an H200 in session 17; the loop's figures
-# before session 17 read high). The training loop first, since the target is measured on it:
+# before session 17 read high). Session 18 wrote three ops no GPU has run; most important first:
 # 1. the default recipe (fused LayerNorm op, one QKV product): the first loop figure with the clock read after
 #    a device sync;
-# 2. the biases summed inside the fused ops' backwards: the fused bias + GELU op (--fused-bias-gelu,
-#    jowa_core.models.fused_gelu: about 21 and 25 instructions per element where inductor's GELU kernels take 37
-#    and 48, and no third pass for fc1's bias gradient) and the branch biases in the fused LayerNorm op
-#    (--fused-branch-bias: no pass for the output projection's and fc2's bias gradients), together; then the
-#    CUDA tests of the kernels that have not run on a GPU yet (fused_gelu, fused_ln's packed and recomputed
-#    masks and its h_bias);
-# 3. the fused LayerNorm op drawing its dropout mask with one Philox call per 8 elements (packed_rng);
-# 4. the mask left to the backward to redraw (recompute_mask: 3 GB less memory, 2 bytes less per element);
-# 5. every arm that beat the default by 1 % or more, together (of 3 and 4 the later one, recompute_mask, which
-#    implies packed_rng);
-# 6. attention on the flash kernel instead of cuDNN's (--sdpa-off cudnn): first each SDPA backend alone at the
-#    training shape (benchmarks/attention_backends.py), then the loop if flash wins there;
-# 7. the default again, to show the machine's drift;
-# then, while time is left, the step alone with its kernels: the default, with the bias + GELU op, and with both.
-# (Session 17's plan also had inductor's max-autotune matrix products for the MLP, benchmarks/mlp_autotune.py; a
-# compile of minutes, it waits for a later call.) Starts nothing new after 480 s, so it fits one 600 s call.
+# 2. the CUDA tests of the new kernels against their references (fused_attention, fused_gelu, fused_ln's
+#    packed and redrawn masks and its h_bias), before any loop trusts them;
+# 3. attention alone at the training shape: each SDPA backend and the Triton flash-attention op
+#    (benchmarks/attention_backends.py: backend jowa_triton), forward and backward, with and without dropout;
+# 4. the loop with --fused-attention if the op beat cuDNN there by 2 % (with dropout; about 37 ms of an H100's
+#    step is attention and the copy of its three gradients into one, session 13 and 17 profiles);
+# 5. the loop with the biases summed inside the fused ops' backwards: the bias + GELU op (--fused-bias-gelu) and
+#    the branch biases in the fused LayerNorm op (--fused-branch-bias), together;
+# 6. every arm that beat the default by 1 % or more, together;
+# 7. the step alone with its kernels, with every new op on and without (profile_train);
+# 8. on top of the winners, the fused LayerNorm op's packed dropout mask (packed_rng), then the mask left to the
+#    backward to redraw (recompute_mask);
+# 9. the default again, to show the machine's drift.
+# (Also waiting: attention on SDPA's flash kernel, --sdpa-off cudnn, if attention_backends shows it beat cuDNN;
+# inductor's max-autotune MLP, benchmarks/mlp_autotune.py, a compile of minutes.) Starts nothing new after 480 s,
+# so it fits one 600 s call.
 #   bash benchmarks/gpu_ab.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -74,31 +74,31 @@ arm() {  # arm LIMIT ARGS...: a loop run with ARGS, whose ARGS join the stacked 
 }
 loop 150
 base=$(last_mfu)
-arm 90 --fused-bias-gelu --fused-branch-bias
 # the kernels' first GPU check against their references (the interpreter tests ran on CPU only)
-fits 90 "the CUDA tests of fused_gelu and fused_ln" && timeout 90 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_gpu.py -k "bias_gelu or branch_bias or fused_layer_norm_triton or recomputed_mask" 2>&1 | tail -n 3
-arm 90 --fused-ln-config "$cfg/packed_rng.json"
-arm 60 --fused-ln-config "$cfg/recompute_mask.json"
-if [ "${#stack[@]}" -gt 2 ]; then  # more than one arm won
-    loop 60 "${stack[@]}"
-else
-    echo "skipped: the stacked run (winners: ${stack[*]:-none})"
-fi
-# attention alone on each SDPA backend (eager, seconds); the loop on flash only if flash wins there by 2 %, and
-# without compile caches: a cached graph may hold the cuDNN attention op that the first compile chose
+fits 120 "the CUDA tests of the new kernels" && timeout 120 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_gpu.py -k "triton_matches or recomputed_mask or fused_switch" 2>&1 | tail -n 4
+# attention alone (eager, seconds): SDPA's backends and the Triton op
 if fits 60 "attention_backends"; then
     timeout 60 python3 -m benchmarks.attention_backends --device cuda >>"$OUT/micro.jsonl" 2>>"$OUT/loop.err" ||
         echo "attention_backends: failed or timed out"
     grep '"backend"' "$OUT/micro.jsonl" | cut -c1-160
 fi
-if [ "$(faster backend cudnn flash)" = 1 ]; then
-    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 loop 90 --sdpa-off cudnn "${stack[@]}"
+if [ "$(faster backend cudnn jowa_triton)" = 1 ]; then
+    arm 90 --fused-attention
 else
-    echo "skipped: loop --sdpa-off cudnn (flash attention not 2 % faster alone, or no time)"
+    echo "skipped: loop --fused-attention (the op not 2 % faster than cuDNN alone, or no time)"
 fi
+arm 90 --fused-bias-gelu --fused-branch-bias
+if [ "${#stack[@]}" -gt 2 ]; then  # more than one arm won
+    loop 60 "${stack[@]}"
+else
+    echo "skipped: the stacked run (winners: ${stack[*]:-none})"
+fi
+pt 150 --variants compile_loss_fused_ln_qkv compile_loss_fused_ln_qkv_gelu_bias_attn --profile
+winners=("${stack[@]}")  # the LayerNorm mask arms run on top of the winners so far, each on its own
+loop 90 "${winners[@]}" --fused-ln-config "$cfg/packed_rng.json"
+loop 60 "${winners[@]}" --fused-ln-config "$cfg/recompute_mask.json"
 loop 45
-pt 150 --variants compile_loss_fused_ln_qkv compile_loss_fused_ln_qkv_gelu compile_loss_fused_ln_qkv_gelu_bias --profile
 kill "$dmon" 2>/dev/null
 awk '$1 ~ /^[0-9]+$/ { n++; w += $2; sm += $NF }  # columns: gpu pwr gtemp mtemp mclk pclk
     END { if (n) printf "dmon: %d samples, mean power %.0f W, mean SM clock %.0f MHz\n", n, w / n, sm / n }' "$OUT/dmon.txt"

@@ -19,7 +19,8 @@ the input's gradient in one product instead of three summed); ``compile_loss_fus
 ``model.use_fused_bias_gelu(True)``: each MLP's first bias add and GELU in one op, ``jowa_core.models.fused_gelu``,
 whose backward also sums the bias gradient); ``compile_loss_fused_ln_qkv_gelu_bias`` (that with
 ``model.use_fused_branch_bias(True)``: the attention's output bias and the MLP's second bias added inside the fused
-LayerNorm op, whose backward sums their gradients). ``--inductor KEY=VALUE`` sets inductor
+LayerNorm op, whose backward sums their gradients); ``*_attn`` (with ``model.use_fused_attention(True)``: the
+Triton flash-attention op, ``jowa_core.models.fused_attention``, on the packed QKV product). ``--inductor KEY=VALUE`` sets inductor
 options for the whole process (``fallback_random=1``, ``triton.persistent_reductions=0``).
 Reports ms per step (CUDA events around ``--steps`` steps after as many warm-up steps), tokens/s,
 MFU (the suite's FLOP count) and peak memory; ``--profile`` adds, from ``torch.profiler`` over three
@@ -52,7 +53,7 @@ from jowa_core.training import Batch, make_sources, param_groups, set_stage, ste
 VARIANTS = (
     "eager", "compile_forward", "compile_loss", "compile_loss_pure_bf16", "eager_no_dropout", "compile_loss_no_dropout",
     "compile_loss_fused_ln", "compile_loss_fused_ln_qkv", "compile_loss_fused_ln_qkv_gelu",
-    "compile_loss_fused_ln_qkv_gelu_bias",
+    "compile_loss_fused_ln_qkv_gelu_bias", "compile_loss_fused_ln_qkv_attn", "compile_loss_fused_ln_qkv_gelu_bias_attn",
 )  # fmt: skip
 
 
@@ -66,6 +67,8 @@ def kernel_kind(name: str) -> str:
         return "optimizer"
     if "dropout_add_layer_norm" in n:  # jowa_core.models.fused_ln's hand-written Triton kernels
         return "fused dropout/add/LayerNorm (fused_ln)"
+    if n.startswith("attn_"):  # jowa_core.models.fused_attention's Triton kernels
+        return "attention"
     if "bias_gelu" in n:  # jowa_core.models.fused_gelu's
         return "fused bias/GELU (fused_gelu)"
     if "triton" in n:
@@ -131,7 +134,7 @@ def run_variant(
     cfg = replace(p.model, embed_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, q_dropout=0.0) if no_dropout else p.model
     model = WorldActionModel(cfg).to(dev).train().use_fused_layer_norm("_fused_ln" in variant)
     model.use_fused_qkv("_qkv" in variant).use_fused_bias_gelu("_gelu" in variant)
-    model.use_fused_branch_bias(variant.endswith("_bias"))
+    model.use_fused_branch_bias("_bias" in variant).use_fused_attention(variant.endswith("_attn"))
     if variant == "compile_loss_pure_bf16":
         model.to(torch.bfloat16)
     set_stage(model, 2)

@@ -528,6 +528,7 @@ def train_world_action(
     fused_qkv: bool | None = None,
     fused_bias_gelu: bool = False,
     fused_branch_bias: bool = False,
+    fused_attention: bool = False,
     stride: int = 4,
     data_split: str = "per_rank",
     clip_rewards: bool = True,
@@ -567,6 +568,8 @@ def train_world_action(
             (``WorldActionModel.use_fused_bias_gelu``); off until a GPU has timed it.
         fused_branch_bias: with the fused LayerNorm op, each residual branch's last bias added inside it, its
             gradient summed in the op's backward (``WorldActionModel.use_fused_branch_bias``); off until timed.
+        fused_attention: the Triton flash-attention op on the packed QKV product
+            (``WorldActionModel.use_fused_attention``); off until timed.
         stride: distance between segment starts (4 for pretraining).
         data_split: "per_rank" (each rank draws its own batches) or "global" (each rank slices the
             same global batch, so results do not depend on the world size; ``GlobalBatchSlices``).
@@ -604,7 +607,8 @@ def train_world_action(
                        resume=resume, progress=progress, keep_last=keep_last, num_workers=num_workers,
                        num_threads=num_threads, compile=compile, fused_layer_norm=fused_layer_norm,
                        fused_qkv=fused_qkv, fused_bias_gelu=fused_bias_gelu,
-                       fused_branch_bias=fused_branch_bias, stop_at_step=stop_at_step)  # fmt: skip
+                       fused_branch_bias=fused_branch_bias, fused_attention=fused_attention,
+                       stop_at_step=stop_at_step)  # fmt: skip
         finished = True
         return model
     finally:
@@ -633,6 +637,7 @@ def _train(
     fused_qkv: bool | None,
     fused_bias_gelu: bool,
     fused_branch_bias: bool,
+    fused_attention: bool,
     stop_at_step: int | None,
 ) -> WorldActionModel:
     tc, mc = p.train, p.model
@@ -707,6 +712,7 @@ def _train(
     fused_layer_norm, fused_qkv = fused_switches(dev, fused_layer_norm, fused_qkv)
     model.to(dev).train().use_fused_layer_norm(fused_layer_norm).use_fused_qkv(fused_qkv)
     model.use_fused_bias_gelu(fused_bias_gelu).use_fused_branch_bias(fused_branch_bias)
+    model.use_fused_attention(fused_attention)
     if step >= total_steps or (stop_at_step is not None and step >= stop_at_step):
         return model.eval()
 

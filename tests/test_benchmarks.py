@@ -209,6 +209,30 @@ def test_bias_gelu_isa_counts_both_kernels_against_inductors(capsys):
                                             rel=1e-2)  # fmt: skip
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton)")
+def test_attention_isa_counts_each_kernels_loop(capsys):
+    """Compiled for sm_90 on the CPU: each attention kernel's loop uses Hopper's asynchronous matrix products, the
+    dropout's flags add instructions, and the passes and times follow from the shape and the counts."""
+    import json
+
+    from benchmarks.attention_isa import CLOCK_HZ, PEAK_FLOPS, SCHEDULERS, SMS, causal_passes
+    from benchmarks.attention_isa import main as isa
+
+    assert causal_passes(296, 64, 64) == 15 and causal_passes(64, 64, 64) == 1 and causal_passes(100, 32, 64) == 6
+    isa(["--batch", "2", "--layers", "1"])
+    recs = {(r["kernel"], r["dropout"]): r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert len(recs) == 6
+    for name, products in (("attn_fwd", 2), ("attn_bwd_dkdv", 4), ("attn_bwd_dq", 3)):
+        on, off = recs[(name, True)], recs[(name, False)]
+        assert on["hgmma_per_pass"] > 0 and on["loop_sass_per_thread"] > off["loop_sass_per_thread"]
+        bm, bn, warps = on["tiles"]
+        passes = causal_passes(296, bm, bn) * 2 * 12
+        assert on["passes_per_step"] == passes
+        issue = passes * warps * on["loop_sass_per_thread"] / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3
+        assert on["issue_ms"] == pytest.approx(issue, abs=0.006)
+        assert on["tensor_ms"] == pytest.approx(passes * products * 2 * bm * bn * 64 / PEAK_FLOPS * 1e3, abs=0.006)
+
+
 def test_mlp_autotune_times_variants_that_compute_the_same_gradients(capsys):
     """The CPU smoke run: eager and inductor's default compile of the MLP, timed, with gradients that agree (the
     A/B is only worth its timing if both variants compute the same thing)."""
@@ -224,14 +248,15 @@ def test_mlp_autotune_times_variants_that_compute_the_same_gradients(capsys):
 
 
 def test_attention_backends_times_each_backend_that_takes_the_shape(capsys):
-    """The CPU smoke run: cuDNN and memory-efficient attention are skipped with the reason, flash (no dropout)
-    agrees with math, and math runs with and without dropout."""
+    """The CPU smoke run: cuDNN and memory-efficient attention are skipped with the reason, flash and the fused op
+    (its torch reference here; no dropout) agree with math, and math runs with and without dropout."""
     import json
 
     from benchmarks.attention_backends import main as attention
 
     attention(["--batch", "2", "--heads", "2", "--tokens", "37", "--head-size", "16", "--reps", "1", "--device", "cpu"])
     recs = {(r["backend"], r["dropout"]): r for r in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert len(recs) == 8 and all("skipped" in recs[("cudnn", p)] for p in (0.0, 0.1))
+    assert len(recs) == 10 and all("skipped" in recs[("cudnn", p)] for p in (0.0, 0.1))
+    assert recs[("jowa_triton", 0.0)]["max_abs_diff_vs_math"] < 1e-5 and recs[("jowa_triton", 0.1)]["ms_fwd_bwd"] > 0
     assert recs[("flash", 0.0)]["max_abs_diff_vs_math"] < 1e-5 and recs[("math", 0.0)]["max_abs_diff_vs_math"] == 0.0
     assert recs[("math", 0.1)]["ms_fwd_bwd"] > 0 and "max_abs_diff_vs_math" not in recs[("math", 0.1)]

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from jowa_core import games
 from jowa_core.config import WorldActionConfig, preset
-from jowa_core.models import fused_gelu, fused_ln
+from jowa_core.models import fused_attention, fused_gelu, fused_ln
 from jowa_core.models.world_action import WorldActionModel
 from jowa_core.planning import beam_search
 from jowa_core.training import Batch, loss_and_metrics, param_groups, set_stage, step_loss
@@ -310,6 +310,40 @@ def test_bias_gelu_triton_matches_the_reference(device: torch.device) -> None:
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-3)  # both sum in fp32, in other orders
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_fused_attention_triton_matches_the_reference(device: torch.device, p: float) -> None:
+    """The Triton flash-attention kernels against the fp32 torch reference given the kernels' own dropout flags, at
+    jowa_150m's attention shape (12 heads of 64, 296 tokens; batch 4), bf16 as under autocast: the output to bf16
+    rounding, the base-2 log-sum-exp to 1e-4, the packed gradient to 1 % of its norm; and through the public op
+    and autograd with the default tiles."""
+    torch.manual_seed(12)
+    B, T, H, D = 4, 296, 12, 64
+    qkv = torch.randn(B, T, 3, H, D, device=device).to(torch.bfloat16)
+    do = torch.randn(B, T, H, D, device=device).to(torch.bfloat16)
+    seed = torch.tensor([2024], device=device) if p > 0 else None
+    keep = fused_attention.triton_keep(seed, B, H, T, p) if p > 0 else None
+    if keep is not None:
+        assert abs(keep.float().mean().item() - (1 - p)) < 2e-3
+    o, lse = fused_attention._triton_forward(qkv, seed, p)
+    ro, rlse = fused_attention._reference(qkv.float(), keep, p)
+    torch.testing.assert_close(o.float(), ro, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse, rlse, rtol=1e-4, atol=1e-3)
+    got = fused_attention._triton_backward(do, qkv, o, lse, seed, p).float()
+    want = fused_attention._reference_backward(do.float(), qkv.float(), keep, p)
+    assert _rel(got, want) < 1e-2
+    for i in range(3):  # queries, keys and values each
+        assert _rel(got[:, :, i], want[:, :, i]) < 1e-2, i
+    assert fused_attention._use_triton(qkv)
+    leaves = qkv.clone().requires_grad_()
+    y = fused_attention.causal_attention(leaves, 0.0, True)
+    q, k, v = leaves.permute(2, 0, 3, 1, 4)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    assert _rel(y.float(), ref.float()) < 1e-2
+    g1 = torch.autograd.grad(y, leaves, do)[0]
+    g2 = torch.autograd.grad(ref, leaves, do)[0]
+    assert _rel(g1.float(), g2.float()) < 2e-2
+
+
 def _check_fused_layer_norm_kernels(device: torch.device, p: float) -> None:
     torch.manual_seed(6)
     N, C, bf16 = 4099, 768, torch.bfloat16  # 4099 rows: the last program's block is part-filled
@@ -350,12 +384,13 @@ def _check_fused_layer_norm_kernels(device: torch.device, p: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "switch", ["use_fused_layer_norm", "use_fused_qkv", "use_fused_bias_gelu", "use_fused_branch_bias"]
+    "switch",
+    ["use_fused_layer_norm", "use_fused_qkv", "use_fused_bias_gelu", "use_fused_branch_bias", "use_fused_attention"],
 )
 def test_fused_switch_model_matches_the_default_compiled(device: torch.device, switch: str) -> None:
     """jowa_150m's width (768, 12 heads; 2 layers to stay quick), bf16 autocast: each switch (the fused
     LayerNorm op, the fused query/key/value product, the fused bias + GELU op, the branch biases in the fused
-    LayerNorm op, which is on for that one) on and off give
+    LayerNorm op, which is on for that one, the Triton flash-attention op) on and off give
     the same outputs in eval mode under torch.compile (relative error < 1e-2: bf16 roundings in other
     places), and, in train mode with every dropout at 0, gradients as close to fp32's as the default's."""
     cfg = replace(preset("jowa_150m").model, num_layers=2, embed_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0,

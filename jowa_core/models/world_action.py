@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jowa_core.config import WorldActionConfig
+from jowa_core.models.fused_attention import causal_attention
 from jowa_core.models.fused_gelu import bias_gelu
 from jowa_core.models.fused_ln import dropout_add_layer_norm
 
@@ -293,17 +294,27 @@ class SelfAttention(nn.Module):
     ``WorldActionModel.use_fused_qkv``): the same function and parameters, one read of the input, and in
     the backward one product for the input's gradient instead of three summed."""
 
+    fused_attention: bool = False
+    """Without a cache, attend through ``fused_attention.causal_attention`` (set by
+    ``WorldActionModel.use_fused_attention``): one QKV product whatever ``fused_qkv`` says, read packed by the
+    op, which writes its gradient packed; the same function, with the op's own dropout flags."""
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         return self.resid_drop(self.attend(x, cache, layer))
+
+    def _packed_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, h, hd): one product over the query, key and value weights concatenated."""
+        B, T, C = x.shape
+        w = torch.cat((self.query.weight, self.key.weight, self.value.weight))
+        b = torch.cat((self.query.bias, self.key.bias, self.value.bias))
+        return F.linear(x, w, b).view(B, T, 3, self.num_heads, C // self.num_heads)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values (B, h, T, hd) of x (B, T, C)."""
         B, T, C = x.shape
         h = self.num_heads
         if self.fused_qkv:
-            w = torch.cat((self.query.weight, self.key.weight, self.value.weight))
-            b = torch.cat((self.query.bias, self.key.bias, self.value.bias))
-            q, k, v = F.linear(x, w, b).view(B, T, 3, h, C // h).permute(2, 0, 3, 1, 4)
+            q, k, v = self._packed_qkv(x).permute(2, 0, 3, 1, 4)
             return q, k, v
         q = self.query(x).view(B, T, h, C // h).transpose(1, 2)
         k = self.key(x).view(B, T, h, C // h).transpose(1, 2)
@@ -316,6 +327,9 @@ class SelfAttention(nn.Module):
         """``forward`` without the residual dropout (the fused LayerNorm path applies it), and without the output
         projection's bias if ``proj_bias`` is False (the fused LayerNorm op adds it: ``Block.fused_branch_bias``)."""
         B, T, C = x.shape
+        if cache is None and self.fused_attention:
+            y = causal_attention(self._packed_qkv(x), self.attn_pdrop, self.training).reshape(B, T, C)
+            return self.proj(y) if proj_bias else F.linear(y, self.proj.weight)
         q, k, v = self._qkv(x)  # (B, h, T, hd)
         start = 0
         dropout_p = self.attn_pdrop if self.training else 0.0
@@ -875,6 +889,15 @@ class WorldActionModel(nn.Module):
         in training until a GPU has timed it (README Performance)."""
         for block in self.transformer.blocks:
             block.fused_bias_gelu = enabled
+        return self
+
+    def use_fused_attention(self, enabled: bool = True) -> WorldActionModel:
+        """Attend without a cache (training, full-window evaluation) through the Triton flash-attention op
+        (``SelfAttention.fused_attention``, ``jowa_core.models.fused_attention``; a torch reference off CUDA),
+        which reads one QKV product packed. Parameters and checkpoints unchanged; the same function, dropout
+        drawing other flags. Off by default and in training until a GPU has timed it."""
+        for block in self.transformer.blocks:
+            block.attn.fused_attention = enabled
         return self
 
     def use_fused_branch_bias(self, enabled: bool = True) -> WorldActionModel:

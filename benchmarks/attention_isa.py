@@ -1,0 +1,83 @@
+"""The Triton flash-attention kernels' machine code for Hopper, counted without a GPU.
+
+    python -m benchmarks.attention_isa [--batch 512] [--heads 12] [--tokens 296] [--layers 12]
+
+Triton compiles ``jowa_core.models.fused_attention``'s forward and its two backward kernels for sm_90 on the CPU
+(bf16, head size 64, the default tiles), and ``nvdisasm`` lists the SASS of each kernel's loop over blocks. A
+causal step of ``BLOCK_M`` queries against ``BLOCK_N`` keys is one pass of that loop; jowa_150m's 296 tokens in
+blocks of 64 make 1 + 2 + 3 + 4 + 5 = 15 passes per head and kernel. Per step (``--layers`` calls):
+- issue time: passes x warps x loop instructions over 132 SMs x 4 schedulers at 1.98 GHz, as in
+  ``benchmarks.fused_ln_isa``;
+- tensor time: the passes' matrix-product FLOPs (2 per pass forward, 4 and 3 in the backward kernels) at the
+  989 TFLOP/s dense bf16 peak of an H100 SXM and an H200.
+The larger of the two bounds a kernel from below. An estimate, not a timing: memory stalls, the loop's prologue,
+and how far the asynchronous products overlap the rest are left out. cuDNN's kernels, which the step runs now,
+took 12.7 ms forward and 24.8 ms backward (with its two helper kernels) on an H100 (session 13's profile). One
+JSON line per kernel, with and without dropout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import triton
+
+from benchmarks.bias_gelu_isa import compile_sm90, loop_body
+from benchmarks.fused_ln_isa import CLOCK_HZ, SCHEDULERS, SMS, disassemble, sass_counts
+
+PEAK_FLOPS = 989e12
+_COMMON = {"T": "i32", "H": "i32", "s_b": "i32", "s_t": "i32", "s_o_b": "i32", "s_o_t": "i32", "qk_scale": "fp32"}
+SIGNATURES = {
+    "attn_fwd": {"QKV": "*bf16", "O": "*bf16", "LSE": "*fp32", "SEED": "*i64", **_COMMON, "p16": "i32",
+                 "drop_scale": "fp32"},
+    "attn_bwd_dkdv": {"QKV": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "SEED": "*i64",
+                      "DQKV": "*bf16", **_COMMON, "sm_scale": "fp32", "p16": "i32", "drop_scale": "fp32"},
+}  # fmt: skip
+SIGNATURES["attn_bwd_dq"] = SIGNATURES["attn_bwd_dkdv"]
+PRODUCTS = {"attn_fwd": 2, "attn_bwd_dkdv": 4, "attn_bwd_dq": 3}  # matrix products per pass
+
+
+def causal_passes(tokens: int, block_m: int, block_n: int) -> int:
+    """Passes of the forward's loop per head: each query block against the key blocks up to its end."""
+    return sum(-(-min(start + block_m, tokens) // block_n) for start in range(0, tokens, block_m))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--tokens", type=int, default=296)
+    ap.add_argument("--head-size", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=12)
+    args = ap.parse_args(argv)
+    from jowa_core.models import fused_attention, fused_attention_kernels
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if not nvdisasm.exists():
+        raise SystemExit(f"attention_isa: {nvdisasm} is missing; it ships with triton's NVIDIA backend.")
+    cfg = fused_attention.kernel_config()
+    D = args.head_size
+    for name, sig in SIGNATURES.items():
+        fwd = name == "attn_fwd"
+        bm, bn, warps = (cfg.fwd_m, cfg.fwd_n, cfg.fwd_warps) if fwd else (cfg.bwd_m, cfg.bwd_n, cfg.bwd_warps)
+        passes = causal_passes(args.tokens, bm, bn) * args.batch * args.heads * args.layers
+        flops = passes * PRODUCTS[name] * 2 * bm * bn * D
+        for dropout in (True, False):
+            consts = {"D": D, "DROPOUT": dropout, "BLOCK_M": bm, "BLOCK_N": bn}
+            cubin = compile_sm90(getattr(fused_attention_kernels, name), sig, consts, warps)
+            body = sass_counts(b"", nvdisasm, loop_body(disassemble(cubin, nvdisasm)))
+            per_pass = sum(body.values())
+            print(json.dumps({
+                "kernel": name, "dropout": dropout, "tiles": [bm, bn, warps], "loop_sass_per_thread": per_pass,
+                "hgmma_per_pass": sum(n for op, n in body.items() if "GMMA" in op),
+                "passes_per_step": passes,
+                "issue_ms": round(passes * warps * per_pass / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3, 2),
+                "tensor_ms": round(flops / PEAK_FLOPS * 1e3, 2), "triton": triton.__version__,
+                "shape": [args.batch, args.heads, args.tokens, D], "layers": args.layers,
+            }), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The Triton kernels of ``jowa_core.models.fused_attention`` (imported on first CUDA use or by the interpreter tests:
+importing triton is slow, and CPU-only paths never need it).
+
+Flash attention (FlashAttention-2's loop order: the forward and ``dq`` over query blocks, ``dk``/``dv`` over key
+blocks), causal, with dropout on the probabilities. Layout: queries, keys and values are read from the packed
+(B, T, 3, H, D) output of one QKV product, the output is written (B, T, H, D), so the projection reads it as
+(B, T, C) without a copy, and the backward writes its gradient packed like the input. The log-sum-exp is kept in
+base 2 (``qk_scale`` = the softmax scale x log2 e), as is ``exp2``.
+
+Dropout: the keep flag of probability (row m, key n) of head ``bh`` comes from Philox call
+``(bh * T + m) * cdiv(T, 8) + n // 8`` of the seed, whose four 32-bit words give eight 16-bit uniforms (as
+``fused_ln``'s packed mask): the same flags wherever a kernel draws them, whatever its tiles, so the backward
+redraws what the forward drew.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _keep(seed, bh, T, offs_m, start_n, p16, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] keep flags for rows ``offs_m`` and keys ``start_n ..`` (start_n a multiple of 8)."""
+    groups = (T + 7) // 8
+    pk = (bh * T + offs_m)[:, None] * groups + (start_n // 8 + tl.arange(0, BLOCK_N // 8))[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, pk)
+    words = tl.interleave(tl.interleave(r0, r1), tl.interleave(r2, r3)).to(tl.int32, bitcast=True)
+    return tl.interleave(words & 0xFFFF, (words >> 16) & 0xFFFF) >= p16
+
+
+@triton.jit
+def attn_fwd(QKV, O, LSE, SEED, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, p16, drop_scale,
+             D: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    base = QKV + b * s_b + h * D + offs_d[None, :]  # the (3, H, D) axes are contiguous: q at 0, k at H D, v at 2 H D
+    q = tl.load(base + offs_m[:, None] * s_t, mask=(offs_m < T)[:, None], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    hi = tl.minimum(start_m + BLOCK_M, T)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < T)[:, None]
+        k = tl.load(base + H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every probability, dropped or not
+        if DROPOUT:
+            p = tl.where(_keep(tl.load(SEED), bh, T, offs_m, start_n, p16, BLOCK_N), p, 0.0)
+        v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    acc = acc * (drop_scale / l_i)[:, None]
+    o_ptr = O + b * s_o_b + h * D + offs_m[:, None] * s_o_t + offs_d[None, :]
+    tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=(offs_m < T)[:, None])
+    tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
+
+
+@triton.jit
+def attn_bwd_preprocess(O, DO, DELTA, T, H, s_o_b, s_o_t, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O), which with dropout still equals rowsum(P * dP) (dP holding the mask)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    ptr = b * s_o_b + h * D + offs_m[:, None] * s_o_t + tl.arange(0, D)[None, :]
+    rows = (offs_m < T)[:, None]
+    o = tl.load(O + ptr, mask=rows, other=0.0).to(tl.float32)
+    do = tl.load(DO + ptr, mask=rows, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+
+@triton.jit
+def attn_bwd_dkdv(QKV, DO, LSE, DELTA, SEED, DQKV, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, sm_scale, p16, drop_scale,
+                  D: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """One block of keys: dk and dv summed over the query blocks that see it (causal: from the block's start)."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    base = QKV + b * s_b + h * D + offs_d[None, :]
+    kv_mask = (offs_n < T)[:, None]
+    k = tl.load(base + H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+    v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, D), tl.float32)
+    dv = tl.zeros((BLOCK_N, D), tl.float32)
+    do_base = DO + b * s_o_b + h * D + offs_d[None, :]
+    for start_m in range((start_n // BLOCK_M) * BLOCK_M, T, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows = offs_m < T
+        q = tl.load(base + offs_m[:, None] * s_t, mask=rows[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * s_o_t, mask=rows[:, None], other=0.0)
+        lse = tl.load(LSE + bh * T + offs_m, mask=rows, other=0.0)
+        delta = tl.load(DELTA + bh * T + offs_m, mask=rows, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        seen = rows[:, None] & (offs_m[:, None] >= offs_n[None, :])
+        p = tl.where(seen, tl.exp2(s - lse[:, None]), 0.0)  # 0, not exp2 of garbage, on rows past T
+        dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            keep = _keep(tl.load(SEED), bh, T, offs_m, start_n, p16, BLOCK_N)
+            pd = tl.where(keep, p * drop_scale, 0.0)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        else:
+            pd = p
+        dv += tl.dot(tl.trans(pd.to(do.dtype)), do)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    out = DQKV + b * s_b + h * D + offs_n[:, None] * s_t + offs_d[None, :]
+    tl.store(out + H * D, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=kv_mask)
+    tl.store(out + 2 * H * D, dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def attn_bwd_dq(QKV, DO, LSE, DELTA, SEED, DQKV, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, sm_scale, p16, drop_scale,
+                D: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """One block of queries: dq summed over the key blocks it sees."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    rows = offs_m < T
+    base = QKV + b * s_b + h * D + offs_d[None, :]
+    q = tl.load(base + offs_m[:, None] * s_t, mask=rows[:, None], other=0.0)
+    do = tl.load(DO + b * s_o_b + h * D + offs_m[:, None] * s_o_t + offs_d[None, :], mask=rows[:, None], other=0.0)
+    lse = tl.load(LSE + bh * T + offs_m, mask=rows, other=0.0)
+    delta = tl.load(DELTA + bh * T + offs_m, mask=rows, other=0.0)
+    dq = tl.zeros((BLOCK_M, D), tl.float32)
+    for start_n in range(0, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < T)[:, None]
+        k = tl.load(base + H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+        v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        seen = rows[:, None] & (offs_m[:, None] >= offs_n[None, :])
+        p = tl.where(seen, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            dp = tl.where(_keep(tl.load(SEED), bh, T, offs_m, start_n, p16, BLOCK_N), dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    out = DQKV + b * s_b + h * D + offs_m[:, None] * s_t + offs_d[None, :]
+    tl.store(out, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=rows[:, None])
+
+
+@triton.jit
+def attn_dropout_keep(SEED, KEEP, T, p16, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keep flags the kernels draw, as a (BH, T, T) uint8 tensor: for tests, which give them to the reference."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    seed = tl.load(SEED)
+    for start_n in range(0, T, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _keep(seed, bh, T, offs_m, start_n, p16, BLOCK_N)
+        m = (offs_m < T)[:, None] & (offs_n < T)[None, :]
+        tl.store(KEEP + (bh * T + offs_m[:, None]) * T + offs_n[None, :], keep.to(tl.uint8), mask=m)

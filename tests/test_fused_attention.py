@@ -1,0 +1,191 @@
+"""The Triton flash-attention op (``jowa_core.models.fused_attention``): its torch reference against SDPA, the op's
+gradients and dropout, the op inside ``torch.compile``, the model's switch, and the Triton kernels on CPU through
+Triton's interpreter against the reference given the kernels' own dropout flags (skipped without triton)."""
+
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jowa_core.models.fused_attention import KernelConfig, _attention, _reference, causal_attention
+from tests.test_fused_ln import _model_and_batch
+
+
+def _qkv(B=2, T=11, H=2, D=8, dtype=torch.float32, seed=0) -> torch.Tensor:
+    return torch.randn(B, T, 3, H, D, generator=torch.Generator().manual_seed(seed), dtype=dtype).requires_grad_()
+
+
+_SDPA = F.scaled_dot_product_attention
+
+
+def _counted(calls: list[int], *args, **kwargs) -> torch.Tensor:
+    calls.append(1)
+    return _SDPA(*args, **kwargs)
+
+
+def _sdpa(qkv: torch.Tensor) -> torch.Tensor:
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+
+def test_reference_without_dropout_is_causal_sdpa_with_its_gradients() -> None:
+    """p = 0, or p > 0 outside training: SDPA's causal attention, (B, T, H, D), forward and the packed gradient."""
+    qkv = _qkv()
+    do = torch.randn(2, 11, 2, 8, generator=torch.Generator().manual_seed(1))
+    want = _sdpa(qkv)
+    for p, training in ((0.0, True), (0.4, False)):
+        got = causal_attention(qkv, p, training)
+        assert got.shape == (2, 11, 2, 8)
+        torch.testing.assert_close(got, want)
+        want_grad = torch.autograd.grad(want, qkv, do, retain_graph=True)[0]
+        torch.testing.assert_close(torch.autograd.grad(got, qkv, do)[0], want_grad)
+    lse = _reference(qkv.detach(), None, 0.0)[1]  # base 2, one per (head, query): the first query sees itself only
+    q, k, _ = qkv.detach().permute(2, 0, 3, 1, 4)
+    first = (q[..., 0, :] * k[..., 0, :]).sum(-1) / 8**0.5 / torch.log(torch.tensor(2.0))
+    torch.testing.assert_close(lse.view(2, 2, 11)[..., 0], first)
+
+
+def test_dropout_drops_probabilities_and_the_gradient_follows() -> None:
+    """With a seed: the reference's flags (a generator seeded with it), kept share about 1 - p, the output the
+    dropped probabilities times v over 1 - p, and float64 gradients that match numerical ones."""
+    qkv, p, seed = _qkv(2, 40, 3, 8), 0.3, torch.tensor([5])
+    o, _ = _attention(qkv, seed, p)
+    keep = torch.rand((2, 3, 40, 40), generator=torch.Generator().manual_seed(5)) >= p
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    s = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~torch.ones(40, 40, dtype=torch.bool).tril(), float("-inf"))
+    want = ((s.softmax(-1) * keep / (1 - p)) @ v).transpose(1, 2)
+    torch.testing.assert_close(o, want)
+    assert abs(keep.float().mean().item() - 0.7) < 0.02
+    x = _qkv(1, 6, 2, 4, torch.float64)
+    assert torch.autograd.gradcheck(lambda t: _attention(t, seed, p)[0], (x,))
+    assert torch.autograd.gradcheck(lambda t: _attention(t, None, 0.0)[0], (x,))
+
+
+def test_dropout_follows_torch_manual_seed_and_bad_input_is_refused() -> None:
+    qkv = _qkv().detach()
+    torch.manual_seed(3)
+    a = causal_attention(qkv, 0.5, True)
+    torch.manual_seed(3)
+    assert torch.equal(a, causal_attention(qkv, 0.5, True))
+    assert not torch.equal(a, causal_attention(qkv, 0.5, True))
+    with pytest.raises(ValueError, match="0 <= p < 1"):
+        causal_attention(qkv, 1.0, True)
+    with pytest.raises(ValueError, match=r"must be \(B, T, 3, H, D\), got \(2, 11, 6, 8\)"):
+        causal_attention(qkv.reshape(2, 11, 6, 8), 0.1, True)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        KernelConfig(fwd_m=24)
+
+
+def test_op_inside_torch_compile_gives_the_eager_result() -> None:
+    qkv = _qkv()
+    seed = torch.tensor([9])
+
+    def f(qkv, seed):
+        return (_attention(torch.tanh(qkv) * 2, seed, 0.2)[0] ** 2).sum() + causal_attention(qkv, 0.0, True).sum()
+
+    want = torch.autograd.grad(f(qkv, seed), qkv)[0]
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(qkv, seed), qkv)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused_layer_norm", [False, True])
+def test_switch_is_the_same_function_with_the_same_gradients(fused_layer_norm: bool) -> None:
+    """``use_fused_attention`` (no dropout in the model): the same outputs and parameter gradients, the same state
+    dict, the cached path untouched; and the switch is used: SDPA is not called without a cache."""
+    model, tokens, tasks = _model_and_batch()
+    model.use_fused_layer_norm(fused_layer_norm)
+    keys = set(model.state_dict())
+    runs = []
+    for fused in (False, True):
+        model.use_fused_attention(fused).zero_grad()
+        calls: list[int] = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(F, "scaled_dot_product_attention", functools.partial(_counted, calls))
+            out = model(tokens, tasks)
+        (out.obs_logits.logsumexp(-1).mean() + out.q_logits.mean()).backward()
+        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+        with torch.no_grad():
+            cached = model(tokens, tasks, model.empty_cache(2)).hidden
+        runs.append((out, grads, cached, len(calls)))
+    (a, ga, ca, na), (b, gb, cb, nb) = runs
+    assert na > 0 and nb == 0 and set(model.state_dict()) == keys
+    for name in ("hidden", "obs_logits", "q_logits"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cb, ca, atol=1e-6, rtol=1e-6)
+    assert ga.keys() == gb.keys() and any(n.endswith("attn.key.weight") for n in ga)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+# --- the Triton kernels, on CPU through Triton's interpreter ----------------------------------
+
+INTERPRETER_CHECK = textwrap.dedent(
+    """
+    import torch
+    from jowa_core.models import fused_attention as fa
+
+    torch.manual_seed(0)
+    # tiles smaller than the sequence (several query and key blocks, a part-filled last one); the forward's and the
+    # backward's tiles differ, so the backward's redrawn flags are checked against the forward's on other tiles.
+    # fp32 and fp16 (the interpreter has no bf16 matrix product; tests/test_gpu.py runs bf16 on CUDA)
+    configs = [fa.KernelConfig(16, 16, 2, 16, 16, 2, 1), fa.KernelConfig(32, 16, 2, 16, 32, 2, 1)]
+    shapes = [(2, 37, 2, 16), (1, 80, 3, 32)]
+    for cfg in configs:
+        fa.set_kernel_config(cfg)
+        for (B, T, H, D) in shapes:
+            for dtype in (torch.float32, torch.float16):
+                qkv, do = torch.randn(B, T, 3, H, D).to(dtype), torch.randn(B, T, H, D).to(dtype)
+                for p in (0.0, 0.3):
+                    seed = torch.tensor([123]) if p > 0 else None
+                    keep = fa.triton_keep(torch.tensor([123]), B, H, T, p) if p > 0 else None
+                    o, lse = fa._triton_forward(qkv, seed, p)
+                    ro, rlse = fa._reference(qkv, keep, p)
+                    dq = fa._triton_backward(do, qkv, o, lse, seed, p)
+                    rdq = fa._reference_backward(do, qkv, keep, p)
+                    tag = f"{cfg} {(B, T, H, D)} {dtype} p={p}"
+                    tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float16 else {"rtol": 1e-5, "atol": 1e-5}
+                    assert o.shape == (B, T, H, D) and o.dtype == dtype and dq.shape == qkv.shape, tag
+                    torch.testing.assert_close(o, ro, **tol, msg=f"o {tag}")
+                    torch.testing.assert_close(lse, rlse, rtol=1e-5, atol=1e-5, msg=f"lse {tag}")
+                    torch.testing.assert_close(dq, rdq, **{k: 4 * v for k, v in tol.items()}, msg=f"dqkv {tag}")
+    # a strided input (a slice of a wider product) reads as its contiguous copy
+    wide = torch.randn(2, 37, 4, 2, 16)
+    a = fa._triton_forward(wide[:, :, 1:], None, 0.0)[0]
+    assert torch.equal(a, fa._triton_forward(wide[:, :, 1:].contiguous(), None, 0.0)[0])
+    # the flags: kept share, the same seed the same, another seed others, rows and heads apart, neighbours (which
+    # share Philox words) as if independent
+    p = 0.1
+    keep = fa.triton_keep(torch.tensor([7]), 2, 3, 96, p).float()
+    assert torch.equal(keep, fa.triton_keep(torch.tensor([7]), 2, 3, 96, p).float())
+    other = fa.triton_keep(torch.tensor([8]), 2, 3, 96, p).float()
+    assert abs((keep != other).float().mean().item() - 2 * p * (1 - p)) < 0.01
+    assert abs(keep.mean().item() - (1 - p)) < 0.005, keep.mean().item()  # 55,296 draws: sd 0.0013
+    for j in range(8):
+        assert abs(keep[..., j::8].mean().item() - (1 - p)) < 0.015, j
+    pairs = (keep[..., 1:] == keep[..., :-1]).float().mean().item()
+    assert abs(pairs - (p * p + (1 - p) ** 2)) < 0.01, pairs
+    rows = keep.reshape(-1, 96)
+    assert len({tuple(r.tolist()) for r in rows.bool()}) == rows.shape[0], "rows must not repeat"
+    print("interpreter check passed")
+    """
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton)")
+def test_triton_kernels_match_the_reference_in_the_interpreter() -> None:
+    """TRITON_INTERPRET must be set before triton is imported, hence a fresh process."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    t0 = time.perf_counter()
+    run = subprocess.run(
+        [sys.executable, "-c", INTERPRETER_CHECK], env=env, capture_output=True, text=True, timeout=400, check=False
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "interpreter check passed" in run.stdout
+    print(f"interpreter check: {time.perf_counter() - t0:.1f} s")
