@@ -30,10 +30,10 @@ from benchmarks.fused_ln_isa import CLOCK_HZ, SCHEDULERS, SMS, disassemble, sass
 PEAK_FLOPS = 989e12
 _COMMON = {"T": "i32", "H": "i32", "s_b": "i32", "s_t": "i32", "s_o_b": "i32", "s_o_t": "i32", "qk_scale": "fp32"}
 SIGNATURES = {
-    "attn_fwd": {"QKV": "*bf16", "O": "*bf16", "LSE": "*fp32", "SEED": "*i64", **_COMMON, "p16": "i32",
-                 "drop_scale": "fp32"},
-    "attn_bwd_dkdv": {"QKV": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "SEED": "*i64",
-                      "DQKV": "*bf16", **_COMMON, "sm_scale": "fp32", "p16": "i32", "drop_scale": "fp32"},
+    "attn_fwd": {"QKV": "*bf16", "O": "*bf16", "LSE": "*fp32", "SEED": "*i64", "FLAGS": "*u8", **_COMMON,
+                 "p16": "i32", "drop_scale": "fp32"},
+    "attn_bwd_dkdv": {"QKV": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "FLAGS": "*u8",
+                      "DQKV": "*bf16", **_COMMON, "sm_scale": "fp32", "drop_scale": "fp32"},
 }  # fmt: skip
 SIGNATURES["attn_bwd_dq"] = SIGNATURES["attn_bwd_dkdv"]
 PRODUCTS = {"attn_fwd": 2, "attn_bwd_dkdv": 4, "attn_bwd_dq": 3}  # matrix products per pass

@@ -56,7 +56,8 @@ def test_dropout_drops_probabilities_and_the_gradient_follows() -> None:
     """With a seed: the reference's flags (a generator seeded with it), kept share about 1 - p, the output the
     dropped probabilities times v over 1 - p, and float64 gradients that match numerical ones."""
     qkv, p, seed = _qkv(2, 40, 3, 8), 0.3, torch.tensor([5])
-    o, _ = _attention(qkv, seed, p)
+    o, _, flags = _attention(qkv, seed, p)
+    assert flags.numel() == 0  # the reference redraws from the seed
     keep = torch.rand((2, 3, 40, 40), generator=torch.Generator().manual_seed(5)) >= p
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
     s = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~torch.ones(40, 40, dtype=torch.bool).tril(), float("-inf"))
@@ -144,12 +145,13 @@ INTERPRETER_CHECK = textwrap.dedent(
                 qkv, do = torch.randn(B, T, 3, H, D).to(dtype), torch.randn(B, T, H, D).to(dtype)
                 for p in (0.0, 0.3):
                     seed = torch.tensor([123]) if p > 0 else None
-                    keep = fa.triton_keep(torch.tensor([123]), B, H, T, p) if p > 0 else None
-                    o, lse = fa._triton_forward(qkv, seed, p)
-                    ro, rlse = fa._reference(qkv, keep, p)
-                    dq = fa._triton_backward(do, qkv, o, lse, seed, p)
-                    rdq = fa._reference_backward(do, qkv, keep, p)
                     tag = f"{cfg} {(B, T, H, D)} {dtype} p={p}"
+                    keep = fa.triton_keep(torch.tensor([123]), B, H, T, p) if p > 0 else None
+                    o, lse, flags = fa._triton_forward(qkv, seed, p)
+                    assert flags.shape == ((B * H, T, (T + 7) // 8) if p > 0 else (0,)), tag
+                    ro, rlse = fa._reference(qkv, keep, p)
+                    dq = fa._triton_backward(do, qkv, o, lse, flags, p)
+                    rdq = fa._reference_backward(do, qkv, keep, p)
                     tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float16 else {"rtol": 1e-5, "atol": 1e-5}
                     assert o.shape == (B, T, H, D) and o.dtype == dtype and dq.shape == qkv.shape, tag
                     torch.testing.assert_close(o, ro, **tol, msg=f"o {tag}")

@@ -324,11 +324,11 @@ def test_fused_attention_triton_matches_the_reference(device: torch.device, p: f
     keep = fused_attention.triton_keep(seed, B, H, T, p) if p > 0 else None
     if keep is not None:
         assert abs(keep.float().mean().item() - (1 - p)) < 2e-3
-    o, lse = fused_attention._triton_forward(qkv, seed, p)
+    o, lse, flags = fused_attention._triton_forward(qkv, seed, p)
     ro, rlse = fused_attention._reference(qkv.float(), keep, p)
     torch.testing.assert_close(o.float(), ro, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(lse, rlse, rtol=1e-4, atol=1e-3)
-    got = fused_attention._triton_backward(do, qkv, o, lse, seed, p).float()
+    got = fused_attention._triton_backward(do, qkv, o, lse, flags, p).float()
     want = fused_attention._reference_backward(do.float(), qkv.float(), keep, p)
     assert _rel(got, want) < 1e-2
     for i in range(3):  # queries, keys and values each

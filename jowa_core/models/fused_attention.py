@@ -152,50 +152,55 @@ def _dropout_args(seed: Tensor | None, p: float, fallback: Tensor) -> tuple[Tens
     return (fallback if seed is None else seed), round(p * 65536), 1.0 / (1.0 - p)
 
 
-def _triton_forward(qkv: Tensor, seed: Tensor | None, p: float) -> tuple[Tensor, Tensor]:
+def _triton_forward(qkv: Tensor, seed: Tensor | None, p: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(o, lse, flags): flags, the dropout's keep bits for the backward, (B H, T, cdiv(T, 8)) uint8 (empty without
+    dropout; bytes past the causal edge unwritten)."""
     qkv = _check(qkv)
     B, T, _, H, D = qkv.shape
     cfg, k = kernel_config(), _kernels()
     o = qkv.new_empty(B, T, H, D)
     lse = torch.empty(B * H, T, device=qkv.device, dtype=torch.float32)
+    flags = torch.empty((B * H, T, _cdiv(T, 8)) if seed is not None else (0,), device=qkv.device, dtype=torch.uint8)
     seed_arg, p16, drop_scale = _dropout_args(seed, p, lse)
     with _on_device(qkv):
         k.attn_fwd[(_cdiv(T, cfg.fwd_m), B * H)](
-            qkv, o, lse, seed_arg, T, H, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1),
+            qkv, o, lse, seed_arg, flags if seed is not None else lse, T, H, qkv.stride(0), qkv.stride(1), o.stride(0),
+            o.stride(1),
             1.0 / math.sqrt(D) * math.log2(math.e), p16, drop_scale if seed is not None else 1.0,
             D=D, DROPOUT=seed is not None, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.fwd_warps,
             num_stages=cfg.stages,
         )  # fmt: skip
-    return o, lse
+    return o, lse, flags
 
 
-def _triton_backward(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, seed: Tensor | None, p: float) -> Tensor:
+def _triton_backward(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, flags: Tensor | None, p: float) -> Tensor:
+    """d(qkv); with dropout, ``flags`` are the forward's keep bits."""
     qkv, do, o = _check(qkv), do.contiguous(), o.contiguous()
     B, T, _, H, D = qkv.shape
     cfg, k = kernel_config(), _kernels()
     delta = torch.empty_like(lse)
     dqkv = torch.empty_like(qkv)
-    seed_arg, p16, drop_scale = _dropout_args(seed, p, lse)
-    drop_scale = drop_scale if seed is not None else 1.0
+    dropout = flags is not None and flags.numel() > 0
     sm_scale = 1.0 / math.sqrt(D)
     common = (T, H, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), sm_scale * math.log2(math.e), sm_scale,
-              p16, drop_scale)  # fmt: skip
-    tiles = {"D": D, "DROPOUT": seed is not None, "num_warps": cfg.bwd_warps, "num_stages": cfg.stages}
+              1.0 / (1.0 - p) if dropout else 1.0)  # fmt: skip
+    tiles = {"D": D, "DROPOUT": dropout, "num_warps": cfg.bwd_warps, "num_stages": cfg.stages}
+    flags_arg = flags if dropout else lse  # a constexpr branch never reads it without dropout
     with _on_device(qkv):
         k.attn_bwd_preprocess[(_cdiv(T, cfg.bwd_m), B * H)](
             o, do, delta, T, H, o.stride(0), o.stride(1), D=D, BLOCK_M=cfg.bwd_m, num_warps=cfg.bwd_warps
         )
         k.attn_bwd_dkdv[(_cdiv(T, cfg.bwd_n), B * H)](
-            qkv, do, lse, delta, seed_arg, dqkv, *common, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, **tiles
+            qkv, do, lse, delta, flags_arg, dqkv, *common, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, **tiles
         )
         k.attn_bwd_dq[(_cdiv(T, cfg.bwd_m), B * H)](
-            qkv, do, lse, delta, seed_arg, dqkv, *common, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, **tiles
+            qkv, do, lse, delta, flags_arg, dqkv, *common, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, **tiles
         )
     return dqkv
 
 
 def triton_keep(seed: Tensor, B: int, H: int, T: int, p: float) -> Tensor:
-    """The (B, H, T, T) keep flags the kernels draw for ``seed`` (for tests and the reference)."""
+    """The (B, H, T, T) keep flags the forward kernel draws for ``seed`` (for tests and the reference)."""
     keep = torch.empty(B * H, T, T, device=seed.device, dtype=torch.uint8)
     with _on_device(seed):
         _kernels().attn_dropout_keep[(_cdiv(T, 16), B * H)](seed, keep, T, round(p * 65536), BLOCK_M=16, BLOCK_N=16)
@@ -210,47 +215,58 @@ def _use_triton(t: Tensor) -> bool:
     return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) and triton_available()
 
 
+def _flag_shape(qkv: Tensor, seed: Tensor | None) -> tuple[int, ...]:
+    """The Triton forward's keep-bit bytes (the reference redraws from the seed instead and keeps none)."""
+    B, T, _, H, _ = qkv.shape
+    return (B * H, T, _cdiv(T, 8)) if seed is not None and _use_triton(qkv) else (0,)
+
+
 @torch.library.custom_op("jowa::causal_attention", mutates_args=())
-def _attention(qkv: Tensor, seed: Tensor | None, p: float) -> tuple[Tensor, Tensor]:
-    """(o (B, T, H, D), lse (B H, T)) for qkv (B, T, 3, H, D); dropout with probability p iff ``seed`` is given."""
+def _attention(qkv: Tensor, seed: Tensor | None, p: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(o (B, T, H, D), lse (B H, T), flags) for qkv (B, T, 3, H, D); dropout with probability p iff ``seed`` is
+    given; flags, the keep bits the backward reads, empty off Triton (the reference redraws from the seed)."""
     if _use_triton(qkv):
         return _triton_forward(qkv, seed, p)
     B, T, _, H, _ = qkv.shape
     keep = None if seed is None else _reference_keep(seed, B, H, T, p, qkv.device)
-    return _reference(qkv, keep, p)
+    o, lse = _reference(qkv, keep, p)
+    return o, lse, qkv.new_empty(0, dtype=torch.uint8)
 
 
 @_attention.register_fake
 def _(qkv, seed, p):
     B, T, _, H, D = qkv.shape
-    return qkv.new_empty(B, T, H, D), qkv.new_empty(B * H, T, dtype=torch.float32)
+    flags = qkv.new_empty(_flag_shape(qkv, seed), dtype=torch.uint8)
+    return qkv.new_empty(B, T, H, D), qkv.new_empty(B * H, T, dtype=torch.float32), flags
 
 
 @torch.library.custom_op("jowa::causal_attention_backward", mutates_args=())
-def _attention_backward(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, seed: Tensor | None, p: float) -> Tensor:
-    """d(qkv), packed (B, T, 3, H, D) like qkv."""
+def _attention_backward(
+    do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, flags: Tensor, seed: Tensor | None, p: float
+) -> Tensor:
+    """d(qkv), packed (B, T, 3, H, D) like qkv; with dropout the forward's ``flags``, or off Triton ``seed``."""
     if _use_triton(qkv):
-        return _triton_backward(do, qkv, o, lse, seed, p)
+        return _triton_backward(do, qkv, o, lse, flags if seed is not None else None, p)
     B, T, _, H, _ = qkv.shape
     keep = None if seed is None else _reference_keep(seed, B, H, T, p, qkv.device)
     return _reference_backward(do, qkv, keep, p)
 
 
 @_attention_backward.register_fake
-def _(do, qkv, o, lse, seed, p):
+def _(do, qkv, o, lse, flags, seed, p):
     return torch.empty_like(qkv)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     qkv, seed, p = inputs
-    o, lse = output
-    ctx.save_for_backward(qkv, o, lse, seed)
+    o, lse, flags = output
+    ctx.save_for_backward(qkv, o, lse, flags, seed)
     ctx.p = p
 
 
-def _backward(ctx, do, _dlse):
-    qkv, o, lse, seed = ctx.saved_tensors
-    return _attention_backward(do, qkv, o, lse, seed, ctx.p), None, None
+def _backward(ctx, do, _dlse, _dflags):
+    qkv, o, lse, flags, seed = ctx.saved_tensors
+    return _attention_backward(do, qkv, o, lse, flags, seed, ctx.p), None, None
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)

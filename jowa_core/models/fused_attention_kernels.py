@@ -7,10 +7,11 @@ blocks), causal, with dropout on the probabilities. Layout: queries, keys and va
 (B, T, C) without a copy, and the backward writes its gradient packed like the input. The log-sum-exp is kept in
 base 2 (``qk_scale`` = the softmax scale x log2 e), as is ``exp2``.
 
-Dropout: the keep flag of probability (row m, key n) of head ``bh`` comes from Philox call
-``(bh * T + m) * cdiv(T, 8) + n // 8`` of the seed, whose four 32-bit words give eight 16-bit uniforms (as
-``fused_ln``'s packed mask): the same flags wherever a kernel draws them, whatever its tiles, so the backward
-redraws what the forward drew.
+Dropout: the keep flags of probabilities (row m, keys 8 g .. 8 g + 7) of head ``bh`` come from Philox call
+``(bh * T + m) * cdiv(T, 8) + g`` of the seed, whose four 32-bit words give eight 16-bit uniforms (as
+``fused_ln``'s packed mask). The forward stores them as one byte per call, (B H, T, cdiv(T, 8)) bytes, an eighth of
+a bf16 probability; the backward kernels read those bytes instead of running Philox again (they would each spend
+as many instructions on it as the forward).
 """
 
 import triton
@@ -18,17 +19,44 @@ import triton.language as tl
 
 
 @triton.jit
-def _keep(seed, bh, T, offs_m, start_n, p16, BLOCK_N: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] keep flags for rows ``offs_m`` and keys ``start_n ..`` (start_n a multiple of 8)."""
-    groups = (T + 7) // 8
-    pk = (bh * T + offs_m)[:, None] * groups + (start_n // 8 + tl.arange(0, BLOCK_N // 8))[None, :]
+def _draw(seed, bh, T, offs_m, start_n, p16, BLOCK_N: tl.constexpr):
+    """Keys ``start_n ..`` (a multiple of 8) of rows ``offs_m``: ([BLOCK_M, BLOCK_N] keep flags, [BLOCK_M,
+    BLOCK_N // 8] int32 flag bytes, bit j of byte g the flag of key 8 g + j). One Philox call per byte: its four
+    words' low and high 16-bit halves, each kept if >= p16 (p in 1/65536)."""
+    pk = (bh * T + offs_m)[:, None] * ((T + 7) // 8) + (start_n // 8 + tl.arange(0, BLOCK_N // 8))[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, pk)
-    words = tl.interleave(tl.interleave(r0, r1), tl.interleave(r2, r3)).to(tl.int32, bitcast=True)
-    return tl.interleave(words & 0xFFFF, (words >> 16) & 0xFFFF) >= p16
+    w0, w1 = r0.to(tl.int32, bitcast=True), r1.to(tl.int32, bitcast=True)
+    w2, w3 = r2.to(tl.int32, bitcast=True), r3.to(tl.int32, bitcast=True)
+    x0, x1 = ((w0 & 0xFFFF) >= p16).to(tl.int32), ((w1 & 0xFFFF) >= p16).to(tl.int32)
+    x2, x3 = ((w2 & 0xFFFF) >= p16).to(tl.int32), ((w3 & 0xFFFF) >= p16).to(tl.int32)
+    x4, x5 = (((w0 >> 16) & 0xFFFF) >= p16).to(tl.int32), (((w1 >> 16) & 0xFFFF) >= p16).to(tl.int32)
+    x6, x7 = (((w2 >> 16) & 0xFFFF) >= p16).to(tl.int32), (((w3 >> 16) & 0xFFFF) >= p16).to(tl.int32)
+    # the interleave tree puts x0, x4, x2, x6, x1, x5, x3, x7 on keys 8 g .. 8 g + 7; the byte's bits follow it
+    lo = tl.interleave(tl.interleave(x0, x1), tl.interleave(x2, x3))
+    keep = tl.interleave(lo, tl.interleave(tl.interleave(x4, x5), tl.interleave(x6, x7))) != 0
+    byte = x0 | (x4 << 1) | (x2 << 2) | (x6 << 3) | (x1 << 4) | (x5 << 5) | (x3 << 6) | (x7 << 7)
+    return keep, byte
 
 
 @triton.jit
-def attn_fwd(QKV, O, LSE, SEED, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, p16, drop_scale,
+def _unpack(byte):
+    """[BLOCK_M, 8 x width] keep flags from [BLOCK_M, width] flag bytes: key 8 g + j reads bit j of byte g."""
+    M: tl.constexpr = byte.shape[0]
+    W: tl.constexpr = byte.shape[1]
+    bits = (byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(bits, (M, W * 8)) != 0
+
+
+@triton.jit
+def _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N: tl.constexpr):
+    """Pointers to the flag bytes of rows ``offs_m`` and keys ``start_n ..``, and where they lie in the tensor."""
+    groups = (T + 7) // 8
+    g = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+    return FLAGS + (bh * T + offs_m)[:, None] * groups + g[None, :], (offs_m < T)[:, None] & (g < groups)[None, :]
+
+
+@triton.jit
+def attn_fwd(QKV, O, LSE, SEED, FLAGS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, p16, drop_scale,
              D: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -52,7 +80,10 @@ def attn_fwd(QKV, O, LSE, SEED, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, p16, dro
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every probability, dropped or not
         if DROPOUT:
-            p = tl.where(_keep(tl.load(SEED), bh, T, offs_m, start_n, p16, BLOCK_N), p, 0.0)
+            keep, byte = _draw(tl.load(SEED), bh, T, offs_m, start_n, p16, BLOCK_N)
+            ptrs, inside = _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
+            tl.store(ptrs, byte.to(tl.uint8), mask=inside)
+            p = tl.where(keep, p, 0.0)
         v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -76,7 +107,7 @@ def attn_bwd_preprocess(O, DO, DELTA, T, H, s_o_b, s_o_t, D: tl.constexpr, BLOCK
 
 
 @triton.jit
-def attn_bwd_dkdv(QKV, DO, LSE, DELTA, SEED, DQKV, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, sm_scale, p16, drop_scale,
+def attn_bwd_dkdv(QKV, DO, LSE, DELTA, FLAGS, DQKV, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, sm_scale, drop_scale,
                   D: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """One block of keys: dk and dv summed over the query blocks that see it (causal: from the block's start)."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -102,8 +133,9 @@ def attn_bwd_dkdv(QKV, DO, LSE, DELTA, SEED, DQKV, T, H, s_b, s_t, s_o_b, s_o_t,
         seen = rows[:, None] & (offs_m[:, None] >= offs_n[None, :])
         p = tl.where(seen, tl.exp2(s - lse[:, None]), 0.0)  # 0, not exp2 of garbage, on rows past T
         dp = tl.dot(do, tl.trans(v))
-        if DROPOUT:
-            keep = _keep(tl.load(SEED), bh, T, offs_m, start_n, p16, BLOCK_N)
+        if DROPOUT:  # flags past the causal edge were never written: p is 0 there, so they do not matter
+            ptrs, inside = _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
+            keep = _unpack(tl.load(ptrs, mask=inside, other=0).to(tl.int32))
             pd = tl.where(keep, p * drop_scale, 0.0)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         else:
@@ -117,7 +149,7 @@ def attn_bwd_dkdv(QKV, DO, LSE, DELTA, SEED, DQKV, T, H, s_b, s_t, s_o_b, s_o_t,
 
 
 @triton.jit
-def attn_bwd_dq(QKV, DO, LSE, DELTA, SEED, DQKV, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, sm_scale, p16, drop_scale,
+def attn_bwd_dq(QKV, DO, LSE, DELTA, FLAGS, DQKV, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, sm_scale, drop_scale,
                 D: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """One block of queries: dq summed over the key blocks it sees."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -142,7 +174,9 @@ def attn_bwd_dq(QKV, DO, LSE, DELTA, SEED, DQKV, T, H, s_b, s_t, s_o_b, s_o_t, q
         p = tl.where(seen, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
-            dp = tl.where(_keep(tl.load(SEED), bh, T, offs_m, start_n, p16, BLOCK_N), dp * drop_scale, 0.0)
+            ptrs, inside = _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
+            keep = _unpack(tl.load(ptrs, mask=inside, other=0).to(tl.int32))
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     out = DQKV + b * s_b + h * D + offs_m[:, None] * s_t + offs_d[None, :]
@@ -151,12 +185,12 @@ def attn_bwd_dq(QKV, DO, LSE, DELTA, SEED, DQKV, T, H, s_b, s_t, s_o_b, s_o_t, q
 
 @triton.jit
 def attn_dropout_keep(SEED, KEEP, T, p16, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The keep flags the kernels draw, as a (BH, T, T) uint8 tensor: for tests, which give them to the reference."""
+    """The keep flags the forward draws, as a (BH, T, T) uint8 tensor: for tests, which give them to the reference."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1)
     seed = tl.load(SEED)
     for start_n in range(0, T, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = _keep(seed, bh, T, offs_m, start_n, p16, BLOCK_N)
+        keep, _ = _draw(seed, bh, T, offs_m, start_n, p16, BLOCK_N)
         m = (offs_m < T)[:, None] & (offs_n < T)[None, :]
         tl.store(KEEP + (bh * T + offs_m[:, None]) * T + offs_n[None, :], keep.to(tl.uint8), mask=m)
