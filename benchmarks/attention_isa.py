@@ -33,7 +33,8 @@ SIGNATURES = {
     "attn_fwd": {"QKV": "*bf16", "O": "*bf16", "LSE": "*fp32", "SEED": "*i64", "FLAGS": "*u8", **_COMMON,
                  "p16": "i32", "drop_scale": "fp32"},
     "attn_bwd_dkdv": {"QKV": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "FLAGS": "*u8",
-                      "DQKV": "*bf16", **_COMMON, "sm_scale": "fp32", "drop_scale": "fp32"},
+                      "DQKV": "*bf16", "DBIAS": "*fp32", **_COMMON, "sm_scale": "fp32", "drop_scale": "fp32",
+                      "n_blocks": "i32"},
 }  # fmt: skip
 SIGNATURES["attn_bwd_dq"] = SIGNATURES["attn_bwd_dkdv"]
 PRODUCTS = {"attn_fwd": 2, "attn_bwd_dkdv": 4, "attn_bwd_dq": 3}  # matrix products per pass
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         flops = passes * PRODUCTS[name] * 2 * bm * bn * D
         for dropout in (True, False):
             consts = {"D": D, "DROPOUT": dropout, "BLOCK_M": bm, "BLOCK_N": bn}
+            if not fwd:  # the training recipe's: the QKV bias's gradient summed in the kernels
+                consts = {"D": D, "DROPOUT": dropout, "HAS_DBIAS": True, "BLOCK_M": bm, "BLOCK_N": bn}
             cubin = compile_sm90(getattr(fused_attention_kernels, name), sig, consts, warps)
             body = sass_counts(b"", nvdisasm, loop_body(disassemble(cubin, nvdisasm)))
             per_pass = sum(body.values())

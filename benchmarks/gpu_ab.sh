@@ -16,7 +16,8 @@
 # 7. the step alone with its kernels, with every new op on and without (profile_train);
 # 8. on top of the winners, the fused LayerNorm op's packed dropout mask (packed_rng), then the mask left to the
 #    backward to redraw (recompute_mask);
-# 9. the default again, to show the machine's drift.
+# 9. the default again, to show the machine's drift;
+# 10. the compiled model's tests with each new switch.
 # (Also waiting: attention on SDPA's flash kernel, --sdpa-off cudnn, if attention_backends shows it beat cuDNN;
 # inductor's max-autotune MLP, benchmarks/mlp_autotune.py, a compile of minutes.) Starts nothing new after 480 s,
 # so it fits one 600 s call.
@@ -74,9 +75,10 @@ arm() {  # arm LIMIT ARGS...: a loop run with ARGS, whose ARGS join the stacked 
 }
 loop 150
 base=$(last_mfu)
-# the kernels' first GPU check against their references (the interpreter tests ran on CPU only)
-fits 120 "the CUDA tests of the new kernels" && timeout 120 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_gpu.py -k "triton_matches or recomputed_mask or fused_switch" 2>&1 | tail -n 4
+# the kernels' first GPU check against their references (the interpreter tests ran on CPU only); the compiled
+# model with each new switch (a compile each) comes last, while time is left
+fits 90 "the CUDA tests of the new kernels" && timeout 90 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_gpu.py -k "triton_matches or recomputed_mask" 2>&1 | tail -n 4
 # attention alone (eager, seconds): SDPA's backends and the Triton op
 if fits 60 "attention_backends"; then
     timeout 60 python3 -m benchmarks.attention_backends --device cuda >>"$OUT/micro.jsonl" 2>>"$OUT/loop.err" ||
@@ -99,6 +101,8 @@ winners=("${stack[@]}")  # the LayerNorm mask arms run on top of the winners so 
 loop 90 "${winners[@]}" --fused-ln-config "$cfg/packed_rng.json"
 loop 60 "${winners[@]}" --fused-ln-config "$cfg/recompute_mask.json"
 loop 45
+fits 90 "the compiled model with each new switch" && timeout 90 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_gpu.py -k "fused_switch and (attention or gelu or branch)" 2>&1 | tail -n 4
 kill "$dmon" 2>/dev/null
 awk '$1 ~ /^[0-9]+$/ { n++; w += $2; sm += $NF }  # columns: gpu pwr gtemp mtemp mclk pclk
     END { if (n) printf "dmon: %d samples, mean power %.0f W, mean SM clock %.0f MHz\n", n, w / n, sm / n }' "$OUT/dmon.txt"

@@ -69,6 +69,26 @@ def test_dropout_drops_probabilities_and_the_gradient_follows() -> None:
     assert torch.autograd.gradcheck(lambda t: _attention(t, None, 0.0)[0], (x,))
 
 
+def test_qkv_bias_gets_the_gradient_its_product_would_have_given() -> None:
+    """``qkv_bias``, detached in the product and passed to the op: the same gradients for the input, the weight and
+    the bias as the product with its bias attached, with and without dropout."""
+    g = torch.Generator().manual_seed(4)
+    x, w, b = torch.randn(2, 9, 12, generator=g), torch.randn(36, 12, generator=g), torch.randn(36, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    for p in (0.0, 0.3):
+        grads = []
+        for routed in (False, True):
+            torch.manual_seed(1)
+            xx, ww, bb = leaves
+            qkv = F.linear(xx, ww, bb.detach() if routed else bb).view(2, 9, 3, 2, 6)
+            out = causal_attention(qkv, p, True, qkv_bias=bb if routed else None)
+            grads.append(torch.autograd.grad(out.square().sum(), leaves))
+        for name, a, e in zip("xwb", *grads):
+            torch.testing.assert_close(a, e, msg=f"{name} p={p}")
+    with pytest.raises(ValueError, match=r"qkv_bias \(35,\) must be \(36,\)"):
+        causal_attention(qkv, 0.0, True, qkv_bias=b[:35])
+
+
 def test_dropout_follows_torch_manual_seed_and_bad_input_is_refused() -> None:
     qkv = _qkv().detach()
     torch.manual_seed(3)
@@ -150,8 +170,11 @@ INTERPRETER_CHECK = textwrap.dedent(
                     o, lse, flags = fa._triton_forward(qkv, seed, p)
                     assert flags.shape == ((B * H, T, (T + 7) // 8) if p > 0 else (0,)), tag
                     ro, rlse = fa._reference(qkv, keep, p)
-                    dq = fa._triton_backward(do, qkv, o, lse, flags, p)
-                    rdq = fa._reference_backward(do, qkv, keep, p)
+                    dq, db = fa._triton_backward(do, qkv, o, lse, flags, p, need_dbias=True)
+                    rdq, rdb = fa._reference_backward(do, qkv, keep, p)
+                    assert fa._triton_backward(do, qkv, o, lse, flags, p)[1].numel() == 0, tag
+                    torch.testing.assert_close(db, rdb.float(), rtol=1e-4, atol=1e-4 if dtype == torch.float32 else 2e-2,
+                                               msg=f"dbias {tag}")  # fmt: skip
                     tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float16 else {"rtol": 1e-5, "atol": 1e-5}
                     assert o.shape == (B, T, H, D) and o.dtype == dtype and dq.shape == qkv.shape, tag
                     torch.testing.assert_close(o, ro, **tol, msg=f"o {tag}")

@@ -328,8 +328,10 @@ def test_fused_attention_triton_matches_the_reference(device: torch.device, p: f
     ro, rlse = fused_attention._reference(qkv.float(), keep, p)
     torch.testing.assert_close(o.float(), ro, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(lse, rlse, rtol=1e-4, atol=1e-3)
-    got = fused_attention._triton_backward(do, qkv, o, lse, flags, p).float()
-    want = fused_attention._reference_backward(do.float(), qkv.float(), keep, p)
+    got, dbias = fused_attention._triton_backward(do, qkv, o, lse, flags, p, need_dbias=True)
+    want, want_dbias = fused_attention._reference_backward(do.float(), qkv.float(), keep, p)
+    got = got.float()
+    assert _rel(dbias, want_dbias) < 1e-2
     assert _rel(got, want) < 1e-2
     for i in range(3):  # queries, keys and values each
         assert _rel(got[:, :, i], want[:, :, i]) < 1e-2, i

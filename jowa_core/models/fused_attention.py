@@ -60,8 +60,8 @@ def _reference(qkv: Tensor, keep: Tensor | None, p: float) -> tuple[Tensor, Tens
     return o.to(qkv.dtype), (lse / math.log(2)).float().reshape(B * H, T)
 
 
-def _reference_backward(do: Tensor, qkv: Tensor, keep: Tensor | None, p: float) -> Tensor:
-    """d(qkv), packed like qkv, written out (an op's implementation runs below autograd, so no autograd here):
+def _reference_backward(do: Tensor, qkv: Tensor, keep: Tensor | None, p: float) -> tuple[Tensor, Tensor]:
+    """(d(qkv) packed like qkv, its column sums (3 H D,) in fp32 or fp64: the gradient of a bias added to qkv), written out (an op's implementation runs below autograd, so no autograd here):
     dV = Pd^T dO, dP = (dO V^T) x Z, dS = P (dP - rowsum(P dP)), dQ = dS K / sqrt(D), dK = dS^T Q / sqrt(D), with
     P the probabilities, Z the kept flags over 1 - p (or 1) and Pd = P Z."""
     cd = torch.promote_types(qkv.dtype, torch.float32)
@@ -78,7 +78,7 @@ def _reference_backward(do: Tensor, qkv: Tensor, keep: Tensor | None, p: float) 
         ds = prob * (dp - (prob * dp).sum(-1, keepdim=True))
         dq, dk = ds @ k / math.sqrt(D), ds.transpose(-1, -2) @ q / math.sqrt(D)
         packed = torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).contiguous()
-    return packed.to(qkv.dtype)
+    return packed.to(qkv.dtype), packed.sum((0, 1)).reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,8 +173,11 @@ def _triton_forward(qkv: Tensor, seed: Tensor | None, p: float) -> tuple[Tensor,
     return o, lse, flags
 
 
-def _triton_backward(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, flags: Tensor | None, p: float) -> Tensor:
-    """d(qkv); with dropout, ``flags`` are the forward's keep bits."""
+def _triton_backward(
+    do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, flags: Tensor | None, p: float, need_dbias: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(d(qkv), its column sums (3 H D,) fp32, empty unless ``need_dbias``); with dropout, ``flags`` are the
+    forward's keep bits."""
     qkv, do, o = _check(qkv), do.contiguous(), o.contiguous()
     B, T, _, H, D = qkv.shape
     cfg, k = kernel_config(), _kernels()
@@ -182,21 +185,25 @@ def _triton_backward(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, flags: Ten
     dqkv = torch.empty_like(qkv)
     dropout = flags is not None and flags.numel() > 0
     sm_scale = 1.0 / math.sqrt(D)
+    n_blocks = max(_cdiv(T, cfg.bwd_m), _cdiv(T, cfg.bwd_n))
     common = (T, H, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), sm_scale * math.log2(math.e), sm_scale,
-              1.0 / (1.0 - p) if dropout else 1.0)  # fmt: skip
-    tiles = {"D": D, "DROPOUT": dropout, "num_warps": cfg.bwd_warps, "num_stages": cfg.stages}
+              1.0 / (1.0 - p) if dropout else 1.0, n_blocks)  # fmt: skip
+    tiles = {"D": D, "DROPOUT": dropout, "HAS_DBIAS": need_dbias, "num_warps": cfg.bwd_warps, "num_stages": cfg.stages}
     flags_arg = flags if dropout else lse  # a constexpr branch never reads it without dropout
+    parts = torch.zeros((B, n_blocks, 3, H, D) if need_dbias else (0,), device=qkv.device, dtype=torch.float32)
     with _on_device(qkv):
         k.attn_bwd_preprocess[(_cdiv(T, cfg.bwd_m), B * H)](
             o, do, delta, T, H, o.stride(0), o.stride(1), D=D, BLOCK_M=cfg.bwd_m, num_warps=cfg.bwd_warps
         )
         k.attn_bwd_dkdv[(_cdiv(T, cfg.bwd_n), B * H)](
-            qkv, do, lse, delta, flags_arg, dqkv, *common, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, **tiles
-        )
+            qkv, do, lse, delta, flags_arg, dqkv, parts if need_dbias else lse, *common, BLOCK_M=cfg.bwd_m,
+            BLOCK_N=cfg.bwd_n, **tiles,
+        )  # fmt: skip
         k.attn_bwd_dq[(_cdiv(T, cfg.bwd_m), B * H)](
-            qkv, do, lse, delta, flags_arg, dqkv, *common, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, **tiles
-        )
-    return dqkv
+            qkv, do, lse, delta, flags_arg, dqkv, parts if need_dbias else lse, *common, BLOCK_M=cfg.bwd_m,
+            BLOCK_N=cfg.bwd_n, **tiles,
+        )  # fmt: skip
+    return dqkv, parts.sum((0, 1)).reshape(-1) if need_dbias else parts
 
 
 def triton_keep(seed: Tensor, B: int, H: int, T: int, p: float) -> Tensor:
@@ -222,9 +229,12 @@ def _flag_shape(qkv: Tensor, seed: Tensor | None) -> tuple[int, ...]:
 
 
 @torch.library.custom_op("jowa::causal_attention", mutates_args=())
-def _attention(qkv: Tensor, seed: Tensor | None, p: float) -> tuple[Tensor, Tensor, Tensor]:
+def _attention(
+    qkv: Tensor, seed: Tensor | None, p: float, qkv_bias: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """(o (B, T, H, D), lse (B H, T), flags) for qkv (B, T, 3, H, D); dropout with probability p iff ``seed`` is
-    given; flags, the keep bits the backward reads, empty off Triton (the reference redraws from the seed)."""
+    given; flags, the keep bits the backward reads, empty off Triton (the reference redraws from the seed).
+    ``qkv_bias`` is not read: the op returns its gradient (``causal_attention``)."""
     if _use_triton(qkv):
         return _triton_forward(qkv, seed, p)
     B, T, _, H, _ = qkv.shape
@@ -234,7 +244,7 @@ def _attention(qkv: Tensor, seed: Tensor | None, p: float) -> tuple[Tensor, Tens
 
 
 @_attention.register_fake
-def _(qkv, seed, p):
+def _(qkv, seed, p, qkv_bias=None):
     B, T, _, H, D = qkv.shape
     flags = qkv.new_empty(_flag_shape(qkv, seed), dtype=torch.uint8)
     return qkv.new_empty(B, T, H, D), qkv.new_empty(B * H, T, dtype=torch.float32), flags
@@ -242,42 +252,51 @@ def _(qkv, seed, p):
 
 @torch.library.custom_op("jowa::causal_attention_backward", mutates_args=())
 def _attention_backward(
-    do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, flags: Tensor, seed: Tensor | None, p: float
-) -> Tensor:
-    """d(qkv), packed (B, T, 3, H, D) like qkv; with dropout the forward's ``flags``, or off Triton ``seed``."""
+    do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, flags: Tensor, seed: Tensor | None, p: float, need_dbias: bool
+) -> tuple[Tensor, Tensor]:
+    """(d(qkv) packed (B, T, 3, H, D) like qkv, its column sums (3 H D,) fp32 or empty unless ``need_dbias``); with
+    dropout the forward's ``flags``, or off Triton ``seed``."""
     if _use_triton(qkv):
-        return _triton_backward(do, qkv, o, lse, flags if seed is not None else None, p)
+        return _triton_backward(do, qkv, o, lse, flags if seed is not None else None, p, need_dbias)
     B, T, _, H, _ = qkv.shape
     keep = None if seed is None else _reference_keep(seed, B, H, T, p, qkv.device)
-    return _reference_backward(do, qkv, keep, p)
+    dqkv, dbias = _reference_backward(do, qkv, keep, p)
+    return dqkv, dbias.float() if need_dbias else dbias.new_empty(0, dtype=torch.float32)
 
 
 @_attention_backward.register_fake
-def _(do, qkv, o, lse, flags, seed, p):
-    return torch.empty_like(qkv)
+def _(do, qkv, o, lse, flags, seed, p, need_dbias):
+    *_, H, D = qkv.shape
+    return torch.empty_like(qkv), qkv.new_empty(3 * H * D if need_dbias else 0, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    qkv, seed, p = inputs
+    qkv, seed, p, qkv_bias = inputs
     o, lse, flags = output
     ctx.save_for_backward(qkv, o, lse, flags, seed)
-    ctx.p = p
+    ctx.p, ctx.bias_dtype = p, None if qkv_bias is None else qkv_bias.dtype
 
 
 def _backward(ctx, do, _dlse, _dflags):
     qkv, o, lse, flags, seed = ctx.saved_tensors
-    return _attention_backward(do, qkv, o, lse, flags, seed, ctx.p), None, None
+    need = ctx.bias_dtype is not None
+    dqkv, dbias = _attention_backward(do, qkv, o, lse, flags, seed, ctx.p, need)
+    return dqkv, None, None, dbias.to(ctx.bias_dtype) if need else None
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def causal_attention(qkv: Tensor, p: float, training: bool) -> Tensor:
+def causal_attention(qkv: Tensor, p: float, training: bool, qkv_bias: Tensor | None = None) -> Tensor:
     """Causal softmax attention with dropout, from the packed product of one QKV projection.
 
     Args:
         qkv: (B, T, 3, H, D) queries, keys and values, e.g. ``F.linear(x, w_qkv, b_qkv).view(B, T, 3, H, D)``.
         p, training: dropout probability on the attention probabilities, applied only when ``training``.
+        qkv_bias: (3 H D,) the bias that qkv's product already added, given there detached
+            (``F.linear(x, w_qkv, b_qkv.detach())``). The op does not read it; its backward returns its gradient,
+            the column sums of d(qkv), which the Triton kernels sum as they write d(qkv) instead of in a pass of
+            their own over it.
     Returns:
         (B, T, H, D) in qkv's dtype: ``scaled_dot_product_attention(q, k, v, is_causal=True)`` transposed.
     """
@@ -285,6 +304,9 @@ def causal_attention(qkv: Tensor, p: float, training: bool) -> Tensor:
         raise ValueError(f"causal_attention needs 0 <= p < 1, got p={p}.")
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"causal_attention: qkv must be (B, T, 3, H, D), got {tuple(qkv.shape)}.")
+    H, D = qkv.shape[3:]
+    if qkv_bias is not None and qkv_bias.shape != (3 * H * D,):
+        raise ValueError(f"causal_attention: qkv_bias {tuple(qkv_bias.shape)} must be ({3 * H * D},), 3 x H x D.")
     p = float(p) if training else 0.0
     seed = torch.randint(2**62, (1,), device=qkv.device) if p > 0 else None
-    return _attention(qkv, seed, p)[0]
+    return _attention(qkv, seed, p, qkv_bias)[0]

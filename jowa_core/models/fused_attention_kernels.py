@@ -107,9 +107,11 @@ def attn_bwd_preprocess(O, DO, DELTA, T, H, s_o_b, s_o_t, D: tl.constexpr, BLOCK
 
 
 @triton.jit
-def attn_bwd_dkdv(QKV, DO, LSE, DELTA, FLAGS, DQKV, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, sm_scale, drop_scale,
-                  D: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """One block of keys: dk and dv summed over the query blocks that see it (causal: from the block's start)."""
+def attn_bwd_dkdv(QKV, DO, LSE, DELTA, FLAGS, DQKV, DBIAS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, sm_scale,
+                  drop_scale, n_blocks, D: tl.constexpr, DROPOUT: tl.constexpr, HAS_DBIAS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """One block of keys: dk and dv summed over the query blocks that see it (causal: from the block's start);
+    with ``HAS_DBIAS`` also their column sums, this block's share of the key and value biases' gradients."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -143,15 +145,21 @@ def attn_bwd_dkdv(QKV, DO, LSE, DELTA, FLAGS, DQKV, T, H, s_b, s_t, s_o_b, s_o_t
         dv += tl.dot(tl.trans(pd.to(do.dtype)), do)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    dk = dk * sm_scale
     out = DQKV + b * s_b + h * D + offs_n[:, None] * s_t + offs_d[None, :]
-    tl.store(out + H * D, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=kv_mask)
+    tl.store(out + H * D, dk.to(DQKV.dtype.element_ty), mask=kv_mask)
     tl.store(out + 2 * H * D, dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+    if HAS_DBIAS:  # (B, n_blocks, 3, H, D) partial sums; rows past T hold zeros
+        part = DBIAS + ((b * n_blocks + tl.program_id(0)) * 3 * H + h) * D + offs_d
+        tl.store(part + H * D, tl.sum(dk, 0))
+        tl.store(part + 2 * H * D, tl.sum(dv, 0))
 
 
 @triton.jit
-def attn_bwd_dq(QKV, DO, LSE, DELTA, FLAGS, DQKV, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, sm_scale, drop_scale,
-                D: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """One block of queries: dq summed over the key blocks it sees."""
+def attn_bwd_dq(QKV, DO, LSE, DELTA, FLAGS, DQKV, DBIAS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, sm_scale,
+                drop_scale, n_blocks, D: tl.constexpr, DROPOUT: tl.constexpr, HAS_DBIAS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """One block of queries: dq summed over the key blocks it sees (and with ``HAS_DBIAS`` its column sums)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -179,8 +187,11 @@ def attn_bwd_dq(QKV, DO, LSE, DELTA, FLAGS, DQKV, T, H, s_b, s_t, s_o_b, s_o_t, 
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
+    dq = dq * sm_scale
     out = DQKV + b * s_b + h * D + offs_m[:, None] * s_t + offs_d[None, :]
-    tl.store(out, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=rows[:, None])
+    tl.store(out, dq.to(DQKV.dtype.element_ty), mask=rows[:, None])
+    if HAS_DBIAS:
+        tl.store(DBIAS + ((b * n_blocks + tl.program_id(0)) * 3 * H + h) * D + offs_d, tl.sum(dq, 0))
 
 
 @triton.jit

@@ -302,19 +302,21 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         return self.resid_drop(self.attend(x, cache, layer))
 
-    def _packed_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, h, hd): one product over the query, key and value weights concatenated."""
+    def _packed_qkv(self, x: torch.Tensor, detach_bias: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B, T, 3, h, hd), the bias (3 C,)): one product over the query, key and value weights concatenated; with
+        ``detach_bias`` the product does not send the bias its gradient (``causal_attention(qkv_bias=)`` does)."""
         B, T, C = x.shape
         w = torch.cat((self.query.weight, self.key.weight, self.value.weight))
         b = torch.cat((self.query.bias, self.key.bias, self.value.bias))
-        return F.linear(x, w, b).view(B, T, 3, self.num_heads, C // self.num_heads)
+        qkv = F.linear(x, w, b.detach() if detach_bias else b).view(B, T, 3, self.num_heads, C // self.num_heads)
+        return qkv, b
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values (B, h, T, hd) of x (B, T, C)."""
         B, T, C = x.shape
         h = self.num_heads
         if self.fused_qkv:
-            q, k, v = self._packed_qkv(x).permute(2, 0, 3, 1, 4)
+            q, k, v = self._packed_qkv(x)[0].permute(2, 0, 3, 1, 4)
             return q, k, v
         q = self.query(x).view(B, T, h, C // h).transpose(1, 2)
         k = self.key(x).view(B, T, h, C // h).transpose(1, 2)
@@ -328,7 +330,8 @@ class SelfAttention(nn.Module):
         projection's bias if ``proj_bias`` is False (the fused LayerNorm op adds it: ``Block.fused_branch_bias``)."""
         B, T, C = x.shape
         if cache is None and self.fused_attention:
-            y = causal_attention(self._packed_qkv(x), self.attn_pdrop, self.training).reshape(B, T, C)
+            qkv, b = self._packed_qkv(x, detach_bias=True)
+            y = causal_attention(qkv, self.attn_pdrop, self.training, qkv_bias=b).reshape(B, T, C)
             return self.proj(y) if proj_bias else F.linear(y, self.proj.weight)
         q, k, v = self._qkv(x)  # (B, h, T, hd)
         start = 0
