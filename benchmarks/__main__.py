@@ -91,7 +91,8 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
                "fused_branch_bias": args.fused_branch_bias, "fused_attention": args.fused_attention, "amp": "bf16" if cuda else "fp32",
                **({"inductor": args.inductor} if args.inductor else {}),
                **({"sdpa_off": args.sdpa_off} if args.sdpa_off else {}),
-               **({"fused_ln_config": args.fused_ln_config} if args.fused_ln_config else {})}  # fmt: skip
+               **({"fused_ln_config": args.fused_ln_config} if args.fused_ln_config else {}),
+               **({"fused_attention_config": args.fused_attention_config} if args.fused_attention_config else {})}  # fmt: skip
         yield _figure("train_stage2_tokens_per_s", rec["tokens_per_s"], "tokens/s", name, **tag)
         yield _figure("train_stage2_samples_per_s", rec["samples_per_s"], "segments/s", name, **tag)
         if cuda:
@@ -242,7 +243,7 @@ def markdown_table(figures: list[Figure]) -> str:
     """The README's Performance table: one row per figure, the settings that matter in 'details'."""
     keep = ("envs", "batch_size", "workers", "compile", "fused_ln", "fused_qkv", "fused_bias_gelu", "fused_branch_bias",
             "fused_attention", "inductor", "sdpa_off",
-            "fused_ln_config", "cuda_graphs", "shared_history", "amp", "actions_match", "skipped")  # fmt: skip
+            "fused_ln_config", "fused_attention_config", "cuda_graphs", "shared_history", "amp", "actions_match", "skipped")  # fmt: skip
     lines = ["| figure | preset | value | unit | details |", "| --- | --- | ---: | --- | --- |"]
     for f in figures:
         details = ", ".join(f"{k}={f[k]}" for k in keep if k in f)
@@ -294,16 +295,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="SDPA backends to turn off for the whole process, e.g. cudnn")  # fmt: skip
     ap.add_argument("--fused-ln-config", default=None, metavar="JSON",
                     help="train: a fused_ln.KernelConfig (fields as benchmarks.fused_ln_sweep --best writes)")  # fmt: skip
+    ap.add_argument("--fused-attention-config", default=None, metavar="JSON",
+                    help="train: a fused_attention.KernelConfig (as benchmarks.attention_sweep --best writes)")  # fmt: skip
     ap.add_argument("--jsonl", type=Path, default=None, help="also append every figure to this file")
     ap.add_argument("--markdown", type=Path, default=None, help="write the markdown table here at the end")
     args = ap.parse_args(argv)
-    if args.inductor or args.sdpa_off or args.fused_ln_config:  # the loop-level A/B of profile_train's switches
-        from benchmarks.profile_train import apply_fused_ln_config, apply_inductor_settings, disable_sdpa_backends
+    if args.inductor or args.sdpa_off or args.fused_ln_config or args.fused_attention_config:  # profile_train's
+        from benchmarks import profile_train as pt  # switches, for the loop-level A/B
 
-        apply_inductor_settings(args.inductor)
-        disable_sdpa_backends(args.sdpa_off)
+        pt.apply_inductor_settings(args.inductor)
+        pt.disable_sdpa_backends(args.sdpa_off)
         if args.fused_ln_config:
-            apply_fused_ln_config(args.fused_ln_config, ap)
+            pt.apply_fused_ln_config(args.fused_ln_config, ap)
+        if args.fused_attention_config:
+            pt.apply_fused_attention_config(args.fused_attention_config, ap)
     device = resolve_device(args.device)
     presets = args.preset or (list(PRESETS) if device.type == "cuda" else ["tiny", "jowa_40m"])
     if args.threads:

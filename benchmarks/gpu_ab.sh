@@ -17,7 +17,8 @@
 # 8. on top of the winners, the fused LayerNorm op's packed dropout mask (packed_rng), then the mask left to the
 #    backward to redraw (recompute_mask);
 # 9. the default again, to show the machine's drift;
-# 10. the compiled model's tests with each new switch.
+# 10. the compiled model's tests with each new switch;
+# 11. the attention op's tiles (benchmarks/attention_sweep.py), if time is left.
 # (Also waiting: attention on SDPA's flash kernel, --sdpa-off cudnn, if attention_backends shows it beat cuDNN;
 # inductor's max-autotune MLP, benchmarks/mlp_autotune.py, a compile of minutes.) Starts nothing new after 480 s,
 # so it fits one 600 s call.
@@ -103,6 +104,10 @@ loop 60 "${winners[@]}" --fused-ln-config "$cfg/recompute_mask.json"
 loop 45
 fits 90 "the compiled model with each new switch" && timeout 90 python3 -m pytest -q -p no:cacheprovider \
     tests/test_gpu.py -k "fused_switch and (attention or gelu or branch)" 2>&1 | tail -n 4
+# the attention op's tiles (36 of them, a compile each), for the next call's --fused-attention-config
+fits 120 "attention_sweep" && { timeout 120 python3 -m benchmarks.attention_sweep --best "$cfg/attention_best.json" \
+    >>"$OUT/micro.jsonl" 2>>"$OUT/loop.err" || echo "attention_sweep: failed or timed out"; }
+grep '"part": "best"' "$OUT/micro.jsonl" | cut -c1-300
 kill "$dmon" 2>/dev/null
 awk '$1 ~ /^[0-9]+$/ { n++; w += $2; sm += $NF }  # columns: gpu pwr gtemp mtemp mclk pclk
     END { if (n) printf "dmon: %d samples, mean power %.0f W, mean SM clock %.0f MHz\n", n, w / n, sm / n }' "$OUT/dmon.txt"

@@ -115,15 +115,26 @@ def disable_sdpa_backends(names: list[str]) -> list[str]:
     return list(names)
 
 
-def apply_fused_ln_config(path: str, ap: argparse.ArgumentParser) -> fused_ln.KernelConfig:
-    """``--fused-ln-config``: the process's fused_ln tiles and switches from a JSON ``KernelConfig`` (as
-    ``benchmarks.fused_ln_sweep --best`` writes it); a file it cannot read is a usage error of ``ap``."""
+def apply_kernel_config(module, path: str, ap: argparse.ArgumentParser, flag: str):
+    """``--fused-ln-config`` / ``--fused-attention-config``: the process's tiles and switches of ``module``
+    (``fused_ln``, ``fused_attention``) from a JSON ``KernelConfig``, as that op's sweep writes it with ``--best``;
+    a file it cannot read is a usage error of ``ap``."""
     try:
-        cfg = fused_ln.KernelConfig.from_json(path)
+        cfg = module.KernelConfig.from_json(path)
     except (OSError, ValueError, TypeError) as e:
-        ap.error(f"--fused-ln-config: {e}")
-    fused_ln.set_kernel_config(cfg)
+        ap.error(f"{flag}: {e}")
+    module.set_kernel_config(cfg)
     return cfg
+
+
+def apply_fused_ln_config(path: str, ap: argparse.ArgumentParser) -> fused_ln.KernelConfig:
+    return apply_kernel_config(fused_ln, path, ap, "--fused-ln-config")
+
+
+def apply_fused_attention_config(path: str, ap: argparse.ArgumentParser):
+    from jowa_core.models import fused_attention
+
+    return apply_kernel_config(fused_attention, path, ap, "--fused-attention-config")
 
 
 def run_variant(
@@ -239,10 +250,13 @@ def main() -> None:
                     help=f"SDPA backends to turn off for the process ({', '.join(SDPA_BACKENDS)})")  # fmt: skip
     ap.add_argument("--fused-ln-config", default=None, metavar="JSON",
                     help="a KernelConfig for the fused_ln variants, as benchmarks.fused_ln_sweep --best writes it")  # fmt: skip
+    ap.add_argument("--fused-attention-config", default=None, metavar="JSON",
+                    help="a KernelConfig for the *_attn variants, as benchmarks.attention_sweep --best writes it")  # fmt: skip
     args = ap.parse_args()
     apply_inductor_settings(args.inductor)
     disable_sdpa_backends(args.sdpa_off)
     fused_cfg = apply_fused_ln_config(args.fused_ln_config, ap) if args.fused_ln_config else None
+    attn_cfg = apply_fused_attention_config(args.fused_attention_config, ap) if args.fused_attention_config else None
     dev = resolve_device(args.device)
     p = preset(args.preset)
     B = args.batch_size or (p.train.batch_size if dev.type == "cuda" else 8)
@@ -260,6 +274,7 @@ def main() -> None:
         "inductor": args.inductor,
         **({"sdpa_off": args.sdpa_off} if args.sdpa_off else {}),
         **({"fused_ln_config": vars(fused_cfg)} if fused_cfg else {}),
+        **({"fused_attention_config": vars(attn_cfg)} if attn_cfg else {}),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
     }
     for v in args.variants:

@@ -109,6 +109,31 @@ def test_fused_ln_sweep_reports_every_tile_and_writes_a_loadable_best(tmp_path, 
     assert kernel_config() == before  # the sweep puts the process's tiles back
 
 
+def test_attention_sweep_reports_every_tile_and_writes_a_loadable_best(tmp_path, capsys):
+    """The CPU smoke run (torch reference): one line per forward and backward tile, then the best of each together,
+    written as a KernelConfig the loop's ``--fused-attention-config`` reads; the process's config is put back."""
+    import json
+
+    from benchmarks.attention_sweep import BWD_TILES, FWD_TILES
+    from benchmarks.attention_sweep import main as sweep
+    from jowa_core.models.fused_attention import KernelConfig, kernel_config
+
+    before = kernel_config()
+    argv = ["--device", "cpu", "--batch", "1", "--heads", "2", "--tokens", "20", "--head-size", "16", "--reps", "1"]
+    sweep([*argv, "--best", str(tmp_path / "best.json")])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["part"] for x in lines] == ["fwd"] * len(FWD_TILES) + ["bwd"] * len(BWD_TILES) + ["best"]
+    assert all(x["ms"] > 0 and "error" not in x for x in lines[:-1])
+    best = KernelConfig.from_json(str(tmp_path / "best.json"))
+    assert best == KernelConfig(**lines[-1]["config"])
+    for part, tiles in (("fwd", FWD_TILES), ("bwd", BWD_TILES)):  # each half from one of its part's fastest tiles
+        ms = min(x["ms"] for x in lines if x["part"] == part)
+        assert lines[-1][f"{part}_ms"] == ms
+        fastest = [x["config"] for x in lines if x["part"] == part and x["ms"] == ms]
+        assert any(all(getattr(best, k) == c[k] for k in tiles[0]) for c in fastest)
+    assert kernel_config() == before
+
+
 def test_train_suite_runs_the_tiny_preset_on_cpu(capsys):
     """The tiny preset samples life starts; the suite's synthetic caches have no lives, so it turns that off."""
     import json
@@ -131,22 +156,35 @@ def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path)
     import torch
     import torch._inductor.config as inductor_config
 
-    from jowa_core.models import fused_ln
+    from jowa_core.models import fused_attention, fused_ln
 
     cfg = tmp_path / "packed.json"
     cfg.write_text('{"packed_rng": true}')
+    attn = tmp_path / "attention.json"
+    attn.write_text('{"fwd_m": 128, "bwd_stages": 3}')
     before = inductor_config.aggressive_fusion, torch.backends.cuda.cudnn_sdp_enabled(), fused_ln.kernel_config()
+    attn_before = fused_attention.kernel_config()
     try:
-        argv = ["--suite", "train", "--preset", "tiny", "--steps", "1", "--fused-qkv", "--fused-ln-config", str(cfg)]
+        argv = ["--suite", "train", "--preset", "tiny", "--steps", "1", "--fused-qkv", "--fused-ln-config", str(cfg),
+                "--fused-attention-config", str(attn)]  # fmt: skip
         seen = []
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(WorldActionModel, "use_fused_bias_gelu", lambda m, on=True: seen.append(on) or m)
-            argv += ["--fused-bias-gelu", "--fused-branch-bias", "--inductor", "aggressive_fusion=1", "--sdpa-off", "cudnn"]
+            argv += [
+                "--fused-bias-gelu",
+                "--fused-branch-bias",
+                "--inductor",
+                "aggressive_fusion=1",
+                "--sdpa-off",
+                "cudnn",
+            ]
             assert main(argv) in (None, 0)
         assert seen == [True]
         assert inductor_config.aggressive_fusion is True and not torch.backends.cuda.cudnn_sdp_enabled()
         assert fused_ln.kernel_config() == fused_ln.KernelConfig(packed_rng=True)
+        assert fused_attention.kernel_config() == fused_attention.KernelConfig(fwd_m=128, bwd_stages=3)
     finally:
+        fused_attention.set_kernel_config(attn_before)
         inductor_config.aggressive_fusion = before[0]
         torch.backends.cuda.enable_cudnn_sdp(before[1])
         fused_ln.set_kernel_config(before[2])
@@ -154,6 +192,7 @@ def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path)
     train = [f for f in figs if f["name"].startswith("train_")]
     assert train and all(f["inductor"] == ["aggressive_fusion=1"] and f["sdpa_off"] == ["cudnn"] for f in train)
     assert all(f["fused_qkv"] is True and f["fused_ln_config"] == str(cfg) for f in train)
+    assert all(f["fused_attention_config"] == str(attn) for f in train)
     assert all(f["fused_bias_gelu"] is True and f["fused_branch_bias"] is True for f in train)
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(["--suite", "train", "--preset", "tiny", "--steps", "1", "--inductor", "no_such_setting=1"])
@@ -162,6 +201,12 @@ def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path)
         main(["--suite", "train", "--preset", "tiny", "--steps", "1", "--fused-ln-config", str(cfg)])
     assert "unknown KernelConfig fields ['packed']" in capsys.readouterr().err
     assert fused_ln.kernel_config() == before[2]
+    attn.write_text('{"fwd_m": 96}')
+    with pytest.raises(SystemExit):
+        main(["--suite", "train", "--preset", "tiny", "--steps", "1", "--fused-attention-config", str(attn)])
+    assert (
+        "--fused-attention-config: fused_attention KernelConfig.fwd_m must be a power of two" in capsys.readouterr().err
+    )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton)")

@@ -156,7 +156,7 @@ INTERPRETER_CHECK = textwrap.dedent(
     # tiles smaller than the sequence (several query and key blocks, a part-filled last one); the forward's and the
     # backward's tiles differ, so the backward's redrawn flags are checked against the forward's on other tiles.
     # fp32 and fp16 (the interpreter has no bf16 matrix product; tests/test_gpu.py runs bf16 on CUDA)
-    configs = [fa.KernelConfig(16, 16, 2, 16, 16, 2, 1), fa.KernelConfig(32, 16, 2, 16, 32, 2, 1)]
+    configs = [fa.KernelConfig(16, 16, 2, 16, 16, 2, 1, 1), fa.KernelConfig(32, 16, 2, 16, 32, 2, 1, 1)]
     shapes = [(2, 37, 2, 16), (1, 80, 3, 32)]
     for cfg in configs:
         fa.set_kernel_config(cfg)

@@ -19,6 +19,7 @@ the forward's.
 """
 
 import functools
+import json
 import math
 from dataclasses import dataclass
 
@@ -87,7 +88,8 @@ def _reference_backward(do: Tensor, qkv: Tensor, keep: Tensor | None, p: float) 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tiles of the three kernels (queries x keys per step, warps). Not yet swept on a GPU: 64 x 64 on 4 warps,
+    """Tiles of the kernels (queries x keys per pass, warps, software-pipeline stages), the forward's and the
+    backward's apart. Not yet swept on a GPU (``benchmarks/attention_sweep.py`` does): 64 x 64 on 4 warps,
     FlashAttention-2's choice for a head size of 64; jowa_150m's 296 tokens make 5 blocks of 64."""
 
     fwd_m: int = 64
@@ -96,10 +98,22 @@ class KernelConfig:
     bwd_m: int = 64
     bwd_n: int = 64
     bwd_warps: int = 4
-    stages: int = 2
+    fwd_stages: int = 2
+    bwd_stages: int = 2
+
+    @classmethod
+    def from_json(cls, path: str) -> "KernelConfig":
+        """A config as ``benchmarks/attention_sweep.py --best`` writes it; missing fields keep the defaults."""
+        with open(path) as f:
+            fields = json.load(f)
+        unknown = set(fields) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown fused_attention KernelConfig fields {sorted(unknown)}; known: "
+                             f"{', '.join(cls.__dataclass_fields__)}.")  # fmt: skip
+        return cls(**fields)
 
     def __post_init__(self) -> None:
-        for name in ("fwd_m", "fwd_n", "fwd_warps", "bwd_m", "bwd_n", "bwd_warps", "stages"):
+        for name in ("fwd_m", "fwd_n", "fwd_warps", "bwd_m", "bwd_n", "bwd_warps", "fwd_stages", "bwd_stages"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"fused_attention KernelConfig.{name} must be an integer >= 1, got {v!r}.")
@@ -168,7 +182,7 @@ def _triton_forward(qkv: Tensor, seed: Tensor | None, p: float) -> tuple[Tensor,
             o.stride(1),
             1.0 / math.sqrt(D) * math.log2(math.e), p16, drop_scale if seed is not None else 1.0,
             D=D, DROPOUT=seed is not None, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.fwd_warps,
-            num_stages=cfg.stages,
+            num_stages=cfg.fwd_stages,
         )  # fmt: skip
     return o, lse, flags
 
@@ -188,7 +202,7 @@ def _triton_backward(
     n_blocks = max(_cdiv(T, cfg.bwd_m), _cdiv(T, cfg.bwd_n))
     common = (T, H, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), sm_scale * math.log2(math.e), sm_scale,
               1.0 / (1.0 - p) if dropout else 1.0, n_blocks)  # fmt: skip
-    tiles = {"D": D, "DROPOUT": dropout, "HAS_DBIAS": need_dbias, "num_warps": cfg.bwd_warps, "num_stages": cfg.stages}
+    tiles = {"D": D, "DROPOUT": dropout, "HAS_DBIAS": need_dbias, "num_warps": cfg.bwd_warps, "num_stages": cfg.bwd_stages}
     flags_arg = flags if dropout else lse  # a constexpr branch never reads it without dropout
     parts = torch.zeros((B, n_blocks, 3, H, D) if need_dbias else (0,), device=qkv.device, dtype=torch.float32)
     with _on_device(qkv):
