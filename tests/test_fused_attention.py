@@ -180,6 +180,18 @@ INTERPRETER_CHECK = textwrap.dedent(
                     torch.testing.assert_close(o, ro, **tol, msg=f"o {tag}")
                     torch.testing.assert_close(lse, rlse, rtol=1e-5, atol=1e-5, msg=f"lse {tag}")
                     torch.testing.assert_close(dq, rdq, **{k: 4 * v for k, v in tol.items()}, msg=f"dqkv {tag}")
+    # the default tiles at jowa_150m's sequence and head size (296 tokens of 64: five blocks, the last part-filled)
+    fa.set_kernel_config(fa.KernelConfig())
+    qkv, do = torch.randn(1, 296, 3, 1, 64), torch.randn(1, 296, 1, 64)
+    for p in (0.0, 0.1):
+        seed = torch.tensor([5]) if p > 0 else None
+        keep = fa.triton_keep(torch.tensor([5]), 1, 1, 296, p) if p > 0 else None
+        o, lse, flags = fa._triton_forward(qkv, seed, p)
+        dq, db = fa._triton_backward(do, qkv, o, lse, flags, p, need_dbias=True)
+        ro, rlse = fa._reference(qkv, keep, p)
+        rdq, rdb = fa._reference_backward(do, qkv, keep, p)
+        for name, a, e in (("o", o, ro), ("lse", lse, rlse), ("dqkv", dq, rdq), ("dbias", db, rdb)):
+            torch.testing.assert_close(a, e.float(), rtol=1e-5, atol=5e-5, msg=f"default tiles, 296 tokens: {name} p={p}")
     # a strided input (a slice of a wider product) reads as its contiguous copy
     wide = torch.randn(2, 37, 4, 2, 16)
     a = fa._triton_forward(wide[:, :, 1:], None, 0.0)[0]
