@@ -3,11 +3,12 @@
     python -m benchmarks.attention_isa [--batch 512] [--heads 12] [--tokens 296] [--layers 12]
 
 Triton compiles ``jowa_core.models.fused_attention``'s forward and its two backward kernels for sm_90 on the CPU
-(bf16, head size 64, the default tiles), and ``nvdisasm`` lists the SASS of each kernel's loop over blocks. A
-causal step of ``BLOCK_M`` queries against ``BLOCK_N`` keys is one pass of that loop; jowa_150m's 296 tokens in
-blocks of 64 make 1 + 2 + 3 + 4 + 5 = 15 passes per head and kernel. Per step (``--layers`` calls):
-- issue time: passes x warps x loop instructions over 132 SMs x 4 schedulers at 1.98 GHz, as in
-  ``benchmarks.fused_ln_isa``;
+(bf16, head size 64, the default tiles), and ``nvdisasm`` lists the SASS of each kernel's two loops over blocks:
+one for blocks that cross the causal diagonal (masked), one for blocks seen whole (no mask). A step of
+``BLOCK_M`` queries against ``BLOCK_N`` keys is one pass of a loop; jowa_150m's 296 tokens in blocks of 64 make
+15 passes per head and kernel, 5 of them masked. Per step (``--layers`` calls):
+- issue time: passes x warps x their loop's instructions over 132 SMs x 4 schedulers at 1.98 GHz, as in
+  ``benchmarks.fused_ln_isa`` (the masked loop is taken to be the longer of the two);
 - tensor time: the passes' matrix-product FLOPs (2 per pass forward, 4 and 3 in the backward kernels) at the
   989 TFLOP/s dense bf16 peak of an H100 SXM and an H200.
 The larger of the two bounds a kernel from below. An estimate, not a timing: memory stalls, the loop's prologue,
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import triton
 
-from benchmarks.bias_gelu_isa import compile_sm90, loop_body
+from benchmarks.bias_gelu_isa import compile_sm90, loop_bodies
 from benchmarks.fused_ln_isa import CLOCK_HZ, SCHEDULERS, SMS, disassemble, sass_counts
 
 PEAK_FLOPS = 989e12
@@ -40,9 +41,20 @@ SIGNATURES["attn_bwd_dq"] = SIGNATURES["attn_bwd_dkdv"]
 PRODUCTS = {"attn_fwd": 2, "attn_bwd_dkdv": 4, "attn_bwd_dq": 3}  # matrix products per pass
 
 
-def causal_passes(tokens: int, block_m: int, block_n: int) -> int:
-    """Passes of the forward's loop per head: each query block against the key blocks up to its end."""
-    return sum(-(-min(start + block_m, tokens) // block_n) for start in range(0, tokens, block_m))
+def causal_passes(tokens: int, block_m: int, block_n: int, kernel: str = "attn_fwd") -> tuple[int, int]:
+    """(masked, whole) passes per head of ``kernel``'s two loops, as its loop bounds count them."""
+    masked = whole = 0
+    if kernel == "attn_bwd_dkdv":  # a program per key block, over query blocks
+        for start_n in range(0, tokens, block_n):
+            edge = -(-(start_n + block_n) // block_m) * block_m
+            masked += len(range((start_n // block_m) * block_m, min(edge, tokens), block_m))
+            whole += len(range(edge, tokens, block_m))
+        return masked, whole
+    for start_m in range(0, tokens, block_m):  # the forward and dq: a program per query block, over key blocks
+        edge = (start_m // block_n) * block_n
+        whole += len(range(0, edge, block_n))
+        masked += len(range(edge, min(start_m + block_m, tokens), block_n))
+    return masked, whole
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,20 +75,24 @@ def main(argv: list[str] | None = None) -> None:
     for name, sig in SIGNATURES.items():
         fwd = name == "attn_fwd"
         bm, bn, warps = (cfg.fwd_m, cfg.fwd_n, cfg.fwd_warps) if fwd else (cfg.bwd_m, cfg.bwd_n, cfg.bwd_warps)
-        passes = causal_passes(args.tokens, bm, bn) * args.batch * args.heads * args.layers
-        flops = passes * PRODUCTS[name] * 2 * bm * bn * D
+        masked, whole = (n * args.batch * args.heads * args.layers for n in causal_passes(args.tokens, bm, bn, name))
+        flops = (masked + whole) * PRODUCTS[name] * 2 * bm * bn * D
         for dropout in (True, False):
             consts = {"D": D, "DROPOUT": dropout, "BLOCK_M": bm, "BLOCK_N": bn}
             if not fwd:  # the training recipe's: the QKV bias's gradient summed in the kernels
                 consts = {"D": D, "DROPOUT": dropout, "HAS_DBIAS": True, "BLOCK_M": bm, "BLOCK_N": bn}
             cubin = compile_sm90(getattr(fused_attention_kernels, name), sig, consts, warps)
-            body = sass_counts(b"", nvdisasm, loop_body(disassemble(cubin, nvdisasm)))
-            per_pass = sum(body.values())
+            loops = [sass_counts(b"", nvdisasm, b) for b in loop_bodies(disassemble(cubin, nvdisasm))]
+            if len(loops) != 2:
+                raise SystemExit(f"attention_isa: expected two loops in {name}, found {len(loops)}.")
+            short, long = sorted(sum(c.values()) for c in loops)
+            warp_instr = (masked * long + whole * short) * warps
             print(json.dumps({
-                "kernel": name, "dropout": dropout, "tiles": [bm, bn, warps], "loop_sass_per_thread": per_pass,
-                "hgmma_per_pass": sum(n for op, n in body.items() if "GMMA" in op),
-                "passes_per_step": passes,
-                "issue_ms": round(passes * warps * per_pass / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3, 2),
+                "kernel": name, "dropout": dropout, "tiles": [bm, bn, warps],
+                "loop_sass_per_thread": {"masked": long, "whole": short},
+                "hgmma_per_pass": sum(n for op, n in loops[0].items() if "GMMA" in op),
+                "passes_per_step": {"masked": masked, "whole": whole},
+                "issue_ms": round(warp_instr / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3, 2),
                 "tensor_ms": round(flops / PEAK_FLOPS * 1e3, 2), "triton": triton.__version__,
                 "shape": [args.batch, args.heads, args.tokens, D], "layers": args.layers,
             }), flush=True)  # fmt: skip

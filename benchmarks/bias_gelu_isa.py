@@ -67,12 +67,17 @@ def compile_sm90(fn, signature: dict[str, str], consts: dict[str, int], warps: i
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
 
 
-def loop_body(text: str) -> str:
-    """The lines of the listing's one backward branch's loop (from its label to the branch)."""
+def loop_bodies(text: str) -> list[str]:
+    """The lines of each of the listing's loops (from a backward branch's label to the branch), in order."""
     labels = {m.group(1): m.end() for m in _LABEL.finditer(text)}
     bodies = [text[labels[m.group(2)] : m.end()] for m in _BACK_BRANCH.finditer(text)
               if labels.get(m.group(2), len(text)) < m.start()]  # fmt: skip
-    loops = [b for b in bodies if len(_ADDRESS.findall(b)) > 1]  # not the "BRA to itself" trap after EXIT
+    return [b for b in bodies if len(_ADDRESS.findall(b)) > 1]  # not the "BRA to itself" trap after EXIT
+
+
+def loop_body(text: str) -> str:
+    """The lines of the listing's one loop."""
+    loops = loop_bodies(text)
     if len(loops) != 1:
         raise SystemExit(f"bias_gelu_isa: expected one loop in the backward kernel, found {len(loops)}.")
     return loops[0]

@@ -263,19 +263,24 @@ def test_attention_isa_counts_each_kernels_loop(capsys):
     from benchmarks.attention_isa import CLOCK_HZ, PEAK_FLOPS, SCHEDULERS, SMS, causal_passes
     from benchmarks.attention_isa import main as isa
 
-    assert causal_passes(296, 64, 64) == 15 and causal_passes(64, 64, 64) == 1 and causal_passes(100, 32, 64) == 6
+    assert causal_passes(296, 64, 64) == (5, 10) and causal_passes(296, 64, 64, "attn_bwd_dkdv") == (5, 10)
+    assert causal_passes(64, 64, 64) == (1, 0) and causal_passes(100, 32, 64) == (4, 2)
+    assert causal_passes(100, 32, 64, "attn_bwd_dkdv") == (4, 2)  # keys 0-63: 2 masked, 2 whole; keys 64-99: 2, 0
     isa(["--batch", "2", "--layers", "1"])
     recs = {(r["kernel"], r["dropout"]): r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert len(recs) == 6
     for name, products in (("attn_fwd", 2), ("attn_bwd_dkdv", 4), ("attn_bwd_dq", 3)):
         on, off = recs[(name, True)], recs[(name, False)]
-        assert on["hgmma_per_pass"] > 0 and on["loop_sass_per_thread"] > off["loop_sass_per_thread"]
+        sass, passes = on["loop_sass_per_thread"], on["passes_per_step"]
+        assert on["hgmma_per_pass"] > 0 and sass["masked"] > sass["whole"]
+        assert sass["whole"] > off["loop_sass_per_thread"]["whole"]  # the dropout's flags
         bm, bn, warps = on["tiles"]
-        passes = causal_passes(296, bm, bn) * 2 * 12
-        assert on["passes_per_step"] == passes
-        issue = passes * warps * on["loop_sass_per_thread"] / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3
+        masked, whole = (n * 2 * 12 for n in causal_passes(296, bm, bn, name))
+        assert passes == {"masked": masked, "whole": whole}
+        issue = (masked * sass["masked"] + whole * sass["whole"]) * warps / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3
         assert on["issue_ms"] == pytest.approx(issue, abs=0.006)
-        assert on["tensor_ms"] == pytest.approx(passes * products * 2 * bm * bn * 64 / PEAK_FLOPS * 1e3, abs=0.006)
+        flops = (masked + whole) * products * 2 * bm * bn * 64
+        assert on["tensor_ms"] == pytest.approx(flops / PEAK_FLOPS * 1e3, abs=0.006)
 
 
 def test_mlp_autotune_times_variants_that_compute_the_same_gradients(capsys):

@@ -56,6 +56,31 @@ def _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _fwd_pass(acc, l_i, m_i, q, base, SEED, FLAGS, bh, T, H, s_t, qk_scale, p16, offs_m, start_n,
+              D: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """One block of keys for the forward's online softmax; ``MASKED``: the block crosses the causal diagonal (or
+    the sequence's end), so the mask applies; the blocks before it are seen whole and skip it."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_mask = (offs_n < T)[:, None]
+    k = tl.load(base + H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASKED:
+        s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every probability, dropped or not
+    if DROPOUT:
+        keep, byte = _draw(tl.load(SEED), bh, T, offs_m, start_n, p16, BLOCK_N)
+        ptrs, inside = _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
+        tl.store(ptrs, byte.to(tl.uint8), mask=inside)
+        p = tl.where(keep, p, 0.0)
+    v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def attn_fwd(QKV, O, LSE, SEED, FLAGS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, p16, drop_scale,
              D: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
@@ -68,25 +93,13 @@ def attn_fwd(QKV, O, LSE, SEED, FLAGS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, p
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
-    hi = tl.minimum(start_m + BLOCK_M, T)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < T)[:, None]
-        k = tl.load(base + H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every probability, dropped or not
-        if DROPOUT:
-            keep, byte = _draw(tl.load(SEED), bh, T, offs_m, start_n, p16, BLOCK_N)
-            ptrs, inside = _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
-            tl.store(ptrs, byte.to(tl.uint8), mask=inside)
-            p = tl.where(keep, p, 0.0)
-        v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    whole = (start_m // BLOCK_N) * BLOCK_N  # keys before it precede every query of the block
+    for start_n in range(0, whole, BLOCK_N):
+        acc, l_i, m_i = _fwd_pass(acc, l_i, m_i, q, base, SEED, FLAGS, bh, T, H, s_t, qk_scale, p16, offs_m, start_n,
+                                  D, DROPOUT, False, BLOCK_N)  # fmt: skip
+    for start_n in range(whole, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
+        acc, l_i, m_i = _fwd_pass(acc, l_i, m_i, q, base, SEED, FLAGS, bh, T, H, s_t, qk_scale, p16, offs_m, start_n,
+                                  D, DROPOUT, True, BLOCK_N)  # fmt: skip
     acc = acc * (drop_scale / l_i)[:, None]
     o_ptr = O + b * s_o_b + h * D + offs_m[:, None] * s_o_t + offs_d[None, :]
     tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=(offs_m < T)[:, None])
@@ -107,6 +120,35 @@ def attn_bwd_preprocess(O, DO, DELTA, T, H, s_o_b, s_o_t, D: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, bh, T, s_t, s_o_t, qk_scale, drop_scale, offs_n,
+               start_n, start_m, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):  # fmt: skip
+    """One block of queries against the kernel's keys. Rows past T read lse = +inf, so their probabilities are 0
+    without a mask; ``MASKED`` adds the causal one, for blocks that cross the diagonal."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = offs_m < T
+    q = tl.load(base + offs_m[:, None] * s_t, mask=rows[:, None], other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * s_o_t, mask=rows[:, None], other=0.0)
+    lse = tl.load(LSE + bh * T + offs_m, mask=rows, other=float("inf"))
+    delta = tl.load(DELTA + bh * T + offs_m, mask=rows, other=0.0)
+    p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    if DROPOUT:  # flags past the causal edge were never written: p is 0 there, so they do not matter
+        ptrs, inside = _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
+        keep = _unpack(tl.load(ptrs, mask=inside, other=0).to(tl.int32))
+        pd = tl.where(keep, p * drop_scale, 0.0)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    else:
+        pd = p
+    dv += tl.dot(tl.trans(pd.to(do.dtype)), do)
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
+
+
+@triton.jit
 def attn_bwd_dkdv(QKV, DO, LSE, DELTA, FLAGS, DQKV, DBIAS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, sm_scale,
                   drop_scale, n_blocks, D: tl.constexpr, DROPOUT: tl.constexpr, HAS_DBIAS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
@@ -124,27 +166,13 @@ def attn_bwd_dkdv(QKV, DO, LSE, DELTA, FLAGS, DQKV, DBIAS, T, H, s_b, s_t, s_o_b
     dk = tl.zeros((BLOCK_N, D), tl.float32)
     dv = tl.zeros((BLOCK_N, D), tl.float32)
     do_base = DO + b * s_o_b + h * D + offs_d[None, :]
-    for start_m in range((start_n // BLOCK_M) * BLOCK_M, T, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        rows = offs_m < T
-        q = tl.load(base + offs_m[:, None] * s_t, mask=rows[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * s_o_t, mask=rows[:, None], other=0.0)
-        lse = tl.load(LSE + bh * T + offs_m, mask=rows, other=0.0)
-        delta = tl.load(DELTA + bh * T + offs_m, mask=rows, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        seen = rows[:, None] & (offs_m[:, None] >= offs_n[None, :])
-        p = tl.where(seen, tl.exp2(s - lse[:, None]), 0.0)  # 0, not exp2 of garbage, on rows past T
-        dp = tl.dot(do, tl.trans(v))
-        if DROPOUT:  # flags past the causal edge were never written: p is 0 there, so they do not matter
-            ptrs, inside = _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
-            keep = _unpack(tl.load(ptrs, mask=inside, other=0).to(tl.int32))
-            pd = tl.where(keep, p * drop_scale, 0.0)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        else:
-            pd = p
-        dv += tl.dot(tl.trans(pd.to(do.dtype)), do)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    whole = ((start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M  # query blocks from here see every key
+    for start_m in range((start_n // BLOCK_M) * BLOCK_M, tl.minimum(whole, T), BLOCK_M):
+        dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, bh, T, s_t, s_o_t, qk_scale, drop_scale,
+                            offs_n, start_n, start_m, DROPOUT, True, BLOCK_M, BLOCK_N)  # fmt: skip
+    for start_m in range(whole, T, BLOCK_M):
+        dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, bh, T, s_t, s_o_t, qk_scale, drop_scale,
+                            offs_n, start_n, start_m, DROPOUT, False, BLOCK_M, BLOCK_N)  # fmt: skip
     dk = dk * sm_scale
     out = DQKV + b * s_b + h * D + offs_n[:, None] * s_t + offs_d[None, :]
     tl.store(out + H * D, dk.to(DQKV.dtype.element_ty), mask=kv_mask)
@@ -153,6 +181,26 @@ def attn_bwd_dkdv(QKV, DO, LSE, DELTA, FLAGS, DQKV, DBIAS, T, H, s_b, s_t, s_o_b
         part = DBIAS + ((b * n_blocks + tl.program_id(0)) * 3 * H + h) * D + offs_d
         tl.store(part + H * D, tl.sum(dk, 0))
         tl.store(part + 2 * H * D, tl.sum(dv, 0))
+
+
+@triton.jit
+def _dq_pass(dq, q, do, lse, delta, base, FLAGS, bh, T, H, s_t, qk_scale, drop_scale, offs_m, start_n,
+             D: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """One block of keys against the kernel's queries (rows past T: lse = +inf, so p = 0)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_mask = (offs_n < T)[:, None]
+    k = tl.load(base + H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+    v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+    p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    if DROPOUT:
+        ptrs, inside = _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
+        keep = _unpack(tl.load(ptrs, mask=inside, other=0).to(tl.int32))
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k)
 
 
 @triton.jit
@@ -169,24 +217,16 @@ def attn_bwd_dq(QKV, DO, LSE, DELTA, FLAGS, DQKV, DBIAS, T, H, s_b, s_t, s_o_b, 
     base = QKV + b * s_b + h * D + offs_d[None, :]
     q = tl.load(base + offs_m[:, None] * s_t, mask=rows[:, None], other=0.0)
     do = tl.load(DO + b * s_o_b + h * D + offs_m[:, None] * s_o_t + offs_d[None, :], mask=rows[:, None], other=0.0)
-    lse = tl.load(LSE + bh * T + offs_m, mask=rows, other=0.0)
+    lse = tl.load(LSE + bh * T + offs_m, mask=rows, other=float("inf"))
     delta = tl.load(DELTA + bh * T + offs_m, mask=rows, other=0.0)
     dq = tl.zeros((BLOCK_M, D), tl.float32)
-    for start_n in range(0, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < T)[:, None]
-        k = tl.load(base + H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
-        v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        seen = rows[:, None] & (offs_m[:, None] >= offs_n[None, :])
-        p = tl.where(seen, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        if DROPOUT:
-            ptrs, inside = _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
-            keep = _unpack(tl.load(ptrs, mask=inside, other=0).to(tl.int32))
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+    whole = (start_m // BLOCK_N) * BLOCK_N  # keys before it precede every query of the block
+    for start_n in range(0, whole, BLOCK_N):
+        dq = _dq_pass(dq, q, do, lse, delta, base, FLAGS, bh, T, H, s_t, qk_scale, drop_scale, offs_m, start_n, D,
+                      DROPOUT, False, BLOCK_N)  # fmt: skip
+    for start_n in range(whole, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
+        dq = _dq_pass(dq, q, do, lse, delta, base, FLAGS, bh, T, H, s_t, qk_scale, drop_scale, offs_m, start_n, D,
+                      DROPOUT, True, BLOCK_N)  # fmt: skip
     dq = dq * sm_scale
     out = DQKV + b * s_b + h * D + offs_m[:, None] * s_t + offs_d[None, :]
     tl.store(out, dq.to(DQKV.dtype.element_ty), mask=rows[:, None])
