@@ -37,7 +37,8 @@ SIGNATURES = {
                       "DQKV": "*bf16", "DBIAS": "*fp32", **_COMMON, "sm_scale": "fp32", "drop_scale": "fp32",
                       "n_blocks": "i32"},
 }  # fmt: skip
-SIGNATURES["attn_bwd_dq"] = SIGNATURES["attn_bwd_dkdv"]
+SIGNATURES["attn_bwd_dq"] = {**dict(list(SIGNATURES["attn_bwd_dkdv"].items())[:2]), "O": "*bf16",
+                             **dict(list(SIGNATURES["attn_bwd_dkdv"].items())[2:])}  # fmt: skip
 PRODUCTS = {"attn_fwd": 2, "attn_bwd_dkdv": 4, "attn_bwd_dq": 3}  # matrix products per pass
 
 

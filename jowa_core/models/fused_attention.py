@@ -202,18 +202,21 @@ def _triton_backward(
     n_blocks = max(_cdiv(T, cfg.bwd_m), _cdiv(T, cfg.bwd_n))
     common = (T, H, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), sm_scale * math.log2(math.e), sm_scale,
               1.0 / (1.0 - p) if dropout else 1.0, n_blocks)  # fmt: skip
-    tiles = {"D": D, "DROPOUT": dropout, "HAS_DBIAS": need_dbias, "num_warps": cfg.bwd_warps, "num_stages": cfg.bwd_stages}
+    tiles = {
+        "D": D,
+        "DROPOUT": dropout,
+        "HAS_DBIAS": need_dbias,
+        "num_warps": cfg.bwd_warps,
+        "num_stages": cfg.bwd_stages,
+    }
     flags_arg = flags if dropout else lse  # a constexpr branch never reads it without dropout
     parts = torch.zeros((B, n_blocks, 3, H, D) if need_dbias else (0,), device=qkv.device, dtype=torch.float32)
     with _on_device(qkv):
-        k.attn_bwd_preprocess[(_cdiv(T, cfg.bwd_m), B * H)](
-            o, do, delta, T, H, o.stride(0), o.stride(1), D=D, BLOCK_M=cfg.bwd_m, num_warps=cfg.bwd_warps
-        )
-        k.attn_bwd_dkdv[(_cdiv(T, cfg.bwd_n), B * H)](
-            qkv, do, lse, delta, flags_arg, dqkv, parts if need_dbias else lse, *common, BLOCK_M=cfg.bwd_m,
+        k.attn_bwd_dq[(_cdiv(T, cfg.bwd_m), B * H)](  # first: it writes delta for the dk/dv kernel
+            qkv, do, o, lse, delta, flags_arg, dqkv, parts if need_dbias else lse, *common, BLOCK_M=cfg.bwd_m,
             BLOCK_N=cfg.bwd_n, **tiles,
         )  # fmt: skip
-        k.attn_bwd_dq[(_cdiv(T, cfg.bwd_m), B * H)](
+        k.attn_bwd_dkdv[(_cdiv(T, cfg.bwd_n), B * H)](
             qkv, do, lse, delta, flags_arg, dqkv, parts if need_dbias else lse, *common, BLOCK_M=cfg.bwd_m,
             BLOCK_N=cfg.bwd_n, **tiles,
         )  # fmt: skip

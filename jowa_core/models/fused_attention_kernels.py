@@ -107,19 +107,6 @@ def attn_fwd(QKV, O, LSE, SEED, FLAGS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, p
 
 
 @triton.jit
-def attn_bwd_preprocess(O, DO, DELTA, T, H, s_o_b, s_o_t, D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta = rowsum(dO * O), which with dropout still equals rowsum(P * dP) (dP holding the mask)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
-    ptr = b * s_o_b + h * D + offs_m[:, None] * s_o_t + tl.arange(0, D)[None, :]
-    rows = (offs_m < T)[:, None]
-    o = tl.load(O + ptr, mask=rows, other=0.0).to(tl.float32)
-    do = tl.load(DO + ptr, mask=rows, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
-
-
-@triton.jit
 def _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, bh, T, s_t, s_o_t, qk_scale, drop_scale, offs_n,
                start_n, start_m, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr):  # fmt: skip
@@ -204,10 +191,12 @@ def _dq_pass(dq, q, do, lse, delta, base, FLAGS, bh, T, H, s_t, qk_scale, drop_s
 
 
 @triton.jit
-def attn_bwd_dq(QKV, DO, LSE, DELTA, FLAGS, DQKV, DBIAS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, sm_scale,
+def attn_bwd_dq(QKV, DO, O, LSE, DELTA, FLAGS, DQKV, DBIAS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, sm_scale,
                 drop_scale, n_blocks, D: tl.constexpr, DROPOUT: tl.constexpr, HAS_DBIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """One block of queries: dq summed over the key blocks it sees (and with ``HAS_DBIAS`` its column sums)."""
+    """One block of queries: dq summed over the key blocks it sees (and with ``HAS_DBIAS`` its column sums). It
+    runs first: it also writes delta = rowsum(dO * O) for its rows, which the dk/dv kernel reads. (With dropout
+    that still equals rowsum(P * dP), dP holding the mask.)"""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -216,9 +205,11 @@ def attn_bwd_dq(QKV, DO, LSE, DELTA, FLAGS, DQKV, DBIAS, T, H, s_b, s_t, s_o_b, 
     rows = offs_m < T
     base = QKV + b * s_b + h * D + offs_d[None, :]
     q = tl.load(base + offs_m[:, None] * s_t, mask=rows[:, None], other=0.0)
-    do = tl.load(DO + b * s_o_b + h * D + offs_m[:, None] * s_o_t + offs_d[None, :], mask=rows[:, None], other=0.0)
+    o_offs = b * s_o_b + h * D + offs_m[:, None] * s_o_t + offs_d[None, :]
+    do = tl.load(DO + o_offs, mask=rows[:, None], other=0.0)
     lse = tl.load(LSE + bh * T + offs_m, mask=rows, other=float("inf"))
-    delta = tl.load(DELTA + bh * T + offs_m, mask=rows, other=0.0)
+    delta = tl.sum(tl.load(O + o_offs, mask=rows[:, None], other=0.0).to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * T + offs_m, delta, mask=rows)
     dq = tl.zeros((BLOCK_M, D), tl.float32)
     whole = (start_m // BLOCK_N) * BLOCK_N  # keys before it precede every query of the block
     for start_n in range(0, whole, BLOCK_N):
