@@ -145,6 +145,29 @@ def test_switch_is_the_same_function_with_the_same_gradients(fused_layer_norm: b
         torch.testing.assert_close(gb[n], ga[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
+def test_every_fused_switch_compiles_in_one_graph_and_matches_eager() -> None:
+    """The training recipe's structure with every switch on (fused LayerNorm op, one QKV product, bias + GELU op,
+    branch biases, this op): ``torch.compile(fullgraph=True)`` of the model gives eager's outputs and parameter
+    gradients (on CPU the ops run their references; the graph is the one CUDA compiles). About 15 s."""
+    model, tokens, tasks = _model_and_batch()
+    model.use_fused_layer_norm(True).use_fused_qkv(True).use_fused_bias_gelu(True).use_fused_branch_bias(True)
+    model.use_fused_attention(True)
+
+    def run(forward):
+        model.zero_grad()
+        out = forward(tokens, tasks)
+        heads = out.q_logits.mean() + out.reward_logits.mean() + out.end_logits.mean()  # every head, so that
+        (out.obs_logits.logsumexp(-1).mean() + heads).backward()  # no parameter is left out of one run's grads
+        return out, {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    (a, ga), (b, gb) = run(model), run(torch.compile(model, fullgraph=True))
+    for name in ("hidden", "obs_logits", "q_logits", "reward_logits", "end_logits"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=1e-5, msg=name)
+    assert ga.keys() == gb.keys() and any(n.endswith("attn.query.bias") for n in ga)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 # --- the Triton kernels, on CPU through Triton's interpreter ----------------------------------
 
 INTERPRETER_CHECK = textwrap.dedent(

@@ -184,6 +184,17 @@ def test_fused_bias_gelu_switch_trains_as_the_default(caches, tmp_path):
     assert_same(params(fused), params(plain), atol=1e-4)
 
 
+def test_fused_attention_switch_trains_as_sdpa_without_dropout(caches, tmp_path):
+    """``fused_attention=True`` (on CPU: the op's torch reference) trains the same weights as SDPA when no dropout
+    draws differ; off by default."""
+    kw = {"stage1_steps": 2, "stage2_steps": 2, **RUN}
+    plain = train_world_action(tiny(dropout=0.0), caches, tmp_path / "plain", **kw)
+    fused = train_world_action(tiny(dropout=0.0), caches, tmp_path / "fused", fused_attention=True, **kw)
+    assert not any(b.attn.fused_attention for b in plain.transformer.blocks)
+    assert all(b.attn.fused_attention for b in fused.transformer.blocks)
+    assert_same(params(fused), params(plain), atol=1e-4)
+
+
 def test_fused_branch_bias_switch_trains_as_the_fused_layer_norm_alone(caches, tmp_path):
     """``fused_branch_bias=True`` with the fused LayerNorm op (on CPU: its torch reference) trains the same weights
     as the op alone, dropout included (the same masks: the op draws them from the same seeds); off by default."""
