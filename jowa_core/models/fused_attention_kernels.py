@@ -7,7 +7,7 @@ blocks), causal, with dropout on the probabilities. Layout: queries, keys and va
 (B, T, C) without a copy, and the backward writes its gradient packed like the input. The log-sum-exp is kept in
 base 2 (``qk_scale`` = the softmax scale x log2 e), as is ``exp2``.
 
-Dropout: the keep flags of probabilities (row m, keys 8 g .. 8 g + 7) of head ``bh`` come from Philox call
+Dropout: the keep flags of probabilities (row m, keys 8 g .. 8 g + 7) of head ``bh`` come from Philox-4x32-7 call
 ``(bh * T + m) * cdiv(T, 8) + g`` of the seed, whose four 32-bit words give eight 16-bit uniforms (as
 ``fused_ln``'s packed mask). The forward stores them as one byte per call, (B H, T, cdiv(T, 8)) bytes, an eighth of
 a bf16 probability; the backward kernels read those bytes instead of running Philox again (they would each spend
@@ -22,9 +22,10 @@ import triton.language as tl
 def _draw(seed, bh, T, offs_m, start_n, p16, BLOCK_N: tl.constexpr):
     """Keys ``start_n ..`` (a multiple of 8) of rows ``offs_m``: ([BLOCK_M, BLOCK_N] keep flags, [BLOCK_M,
     BLOCK_N // 8] int32 flag bytes, bit j of byte g the flag of key 8 g + j). One Philox call per byte: its four
-    words' low and high 16-bit halves, each kept if >= p16 (p in 1/65536)."""
+    words' low and high 16-bit halves, each kept if >= p16 (p in 1/65536). Philox-4x32-7, as FlashAttention-2's
+    dropout (and PyTorch's copy of it) draws: 7 rounds pass BigCrush (Salmon et al. 2011), 10 add margin."""
     pk = (bh * T + offs_m)[:, None] * ((T + 7) // 8) + (start_n // 8 + tl.arange(0, BLOCK_N // 8))[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, pk)
+    r0, r1, r2, r3 = tl.randint4x(seed, pk, n_rounds=7)  # FlashAttention-2's dropout runs 7 Philox rounds too
     w0, w1 = r0.to(tl.int32, bitcast=True), r1.to(tl.int32, bitcast=True)
     w2, w3 = r2.to(tl.int32, bitcast=True), r3.to(tl.int32, bitcast=True)
     x0, x1 = ((w0 & 0xFFFF) >= p16).to(tl.int32), ((w1 & 0xFFFF) >= p16).to(tl.int32)
