@@ -12,10 +12,13 @@ takes about 37 ms on an H100 and 34 on an H200, at roughly 70 TFLOP/s:
   H200). This op reads q, k and v from the product's output and writes their gradient back packed, and its
   output is (B, T, C) for the projection as it is.
 
+The product's bias can hand its gradient to this op too (``qkv_bias``), which sums it as it writes the packed
+gradient, where autograd would spend a pass over that gradient on it.
+
 Dispatch as ``fused_ln``: Triton on CUDA for bf16/fp16 when triton imports; elsewhere a torch reference whose
 dropout flags come from a generator seeded with the same seed (so not the kernels' flags: the tests hand the
-kernels' flags to the reference). The flags depend only on (seed, head, query, key), so the backward redraws
-the forward's.
+kernels' flags to the reference). The Triton forward stores its flags as bits for the backward; the reference
+redraws them from the seed.
 """
 
 import functools
@@ -150,7 +153,8 @@ def _check(qkv: Tensor) -> Tensor:
     D = qkv.shape[-1]
     if D < 16 or D & (D - 1):
         raise ValueError(
-            f"causal_attention: the Triton kernels need a head size that is a power of two >= 16, got {D}."
+            f"causal_attention: the Triton kernels need a head size that is a power of two >= 16, got {D}; "
+            "leave WorldActionModel.use_fused_attention off for this model (every preset's head size is 16 or 64)."
         )
     if qkv.numel() >= 2**31:
         raise ValueError(f"causal_attention: {qkv.numel()} elements exceed the kernels' int32 offsets.")
