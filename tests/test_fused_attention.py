@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jowa_core.models.fused_attention import KernelConfig, _attention, _reference, causal_attention
+from jowa_core.models.fused_attention import KernelConfig, _attention, _check, _reference, causal_attention
 from tests.test_fused_ln import _model_and_batch
 
 
@@ -102,6 +102,8 @@ def test_dropout_follows_torch_manual_seed_and_bad_input_is_refused() -> None:
         causal_attention(qkv.reshape(2, 11, 6, 8), 0.1, True)
     with pytest.raises(ValueError, match="power of two >= 16"):
         KernelConfig(fwd_m=24)
+    with pytest.raises(ValueError, match="head size that is a power of two >= 16, got 24; leave"):
+        _check(torch.zeros(1, 4, 3, 2, 24))  # what the Triton path checks first
 
 
 def test_op_inside_torch_compile_gives_the_eager_result() -> None:
