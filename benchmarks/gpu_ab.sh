@@ -56,12 +56,14 @@ pt() {  # pt LIMIT ARGS...: one profile_train process (the step alone), its JSON
 cfg=$(mktemp -d)  # kernel configs outside $OUT, which brings back 8 files at most
 echo '{"packed_rng": true}' >"$cfg/packed_rng.json"
 echo '{"packed_rng": true, "recompute_mask": true}' >"$cfg/recompute_mask.json"
-faster() {  # faster KEY A B: 1 when micro.jsonl's line KEY=B runs at least 2 % faster than KEY=A (dropout on)
+faster() {  # faster KEY A B: 1 when micro.jsonl's line KEY=B runs at least 2 % faster than KEY=A (dropout on);
+    # A may list fallbacks, A1,A2: the first that ran (SDPA's cuDNN backend may refuse a machine's shapes)
     python3 -c "import json, sys
 key, a, b = sys.argv[2:]
 rows = [r for r in map(json.loads, open(sys.argv[1])) if key in r and 'ms_fwd_bwd' in r and r.get('dropout', 1)]
 ms = {r[key]: r['ms_fwd_bwd'] for r in rows}
-print(int(ms[a] / ms[b] >= 1.02))" "$OUT/micro.jsonl" "$@" 2>/dev/null || echo 0
+base = next(ms[x] for x in a.split(',') if x in ms)
+print(int(base / ms[b] >= 1.02))" "$OUT/micro.jsonl" "$@" 2>/dev/null || echo 0
 }
 mfus() { grep -c train_stage2_mfu "$OUT/loop.jsonl" 2>/dev/null || echo 0; }
 last_mfu() { grep train_stage2_mfu "$OUT/loop.jsonl" | tail -n 1 | grep -o '"value": [0-9.]*' | cut -d' ' -f2; }
@@ -86,7 +88,7 @@ if fits 60 "attention_backends"; then
         echo "attention_backends: failed or timed out"
     grep '"backend"' "$OUT/micro.jsonl" | cut -c1-160
 fi
-if [ "$(faster backend cudnn jowa_triton)" = 1 ]; then
+if [ "$(faster backend cudnn,flash,mem_efficient jowa_triton)" = 1 ]; then
     arm 90 --fused-attention
 else
     echo "skipped: loop --fused-attention (the op not 2 % faster than cuDNN alone, or no time)"
