@@ -289,6 +289,33 @@ def test_fused_layer_norm_recomputed_mask_trains_as_the_stored_one(device: torch
         assert torch.equal(a, e)
 
 
+def test_fused_layer_norm_h_bias_triton_matches_the_reference(device: torch.device) -> None:
+    """``h_bias`` on CUDA at jowa_150m's width: x_new and y as the reference given the kernel's mask, and the
+    backward's column sums of dh (the bias's gradient) against the reference's, with the packed mask stored."""
+    torch.manual_seed(13)
+    N, C, bf16, p = 4099, 768, torch.bfloat16, 0.1
+    x, h = torch.randn(N, C, device=device), torch.randn(N, C, device=device, dtype=bf16)
+    w, b, hb = (
+        1 + 0.3 * torch.randn(C, device=device),
+        0.3 * torch.randn(C, device=device),
+        torch.randn(C, device=device),
+    )
+    dy, dxn = torch.randn(N, C, device=device, dtype=bf16), torch.randn(N, C, device=device)
+    previous = fused_ln.set_kernel_config(replace(fused_ln.kernel_config(), packed_rng=True, recompute_mask=False))
+    try:
+        seed = torch.tensor([31], device=device)
+        xn, y, mean, rstd, mask = fused_ln._triton_forward(x, h, w, b, seed, p, 1e-5, bf16, hb)
+        ref = fused_ln._reference_forward(x, h, w, b, mask, p, 1e-5, bf16, hb)
+        torch.testing.assert_close(xn, ref[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(y, ref[1])
+        got = fused_ln._triton_backward(dy, dxn, xn, w, mean, rstd, mask, p, bf16, True, need_dhb=True)
+        want = fused_ln._reference_backward(dy, dxn, xn, w, mean, rstd, mask, p, bf16)
+        torch.testing.assert_close(got[1], want[1])  # dh, bf16
+        torch.testing.assert_close(got[4], want[4].float(), rtol=1e-4, atol=1e-3)  # its column sums, 4099 rows
+    finally:
+        fused_ln.set_kernel_config(previous)
+
+
 def test_bias_gelu_triton_matches_the_reference(device: torch.device) -> None:
     """The Triton kernels against the torch reference (exact erf) at jowa_150m's hidden width, bf16 h as under
     autocast: y and dh one bf16 rounding apart at most, the bias gradient's fp32 column sums to 1e-4 relative;
