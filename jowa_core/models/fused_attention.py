@@ -22,14 +22,13 @@ redraws them from the seed.
 """
 
 import functools
-import json
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from jowa_core.models.fused_ln import _cdiv, _on_device, triton_available
+from jowa_core.models.fused_ln import ConfigSlot, TileConfig, _cdiv, _on_device, triton_available
 
 # ---------------------------------------------------------------------------------------------
 # Pure-torch reference (CPU, no Triton, tests)
@@ -90,7 +89,7 @@ def _reference_backward(do: Tensor, qkv: Tensor, keep: Tensor | None, p: float) 
 
 
 @dataclass(frozen=True)
-class KernelConfig:
+class KernelConfig(TileConfig):
     """Tiles of the kernels (queries x keys per pass, warps, software-pipeline stages), the forward's and the
     backward's apart. Not yet swept on a GPU (``benchmarks/attention_sweep.py`` does): 64 x 64 on 4 warps,
     FlashAttention-2's choice for a head size of 64; jowa_150m's 296 tokens make 5 blocks of 64."""
@@ -104,39 +103,15 @@ class KernelConfig:
     fwd_stages: int = 2
     bwd_stages: int = 2
 
-    @classmethod
-    def from_json(cls, path: str) -> "KernelConfig":
-        """A config as ``benchmarks/attention_sweep.py --best`` writes it; missing fields keep the defaults."""
-        with open(path) as f:
-            fields = json.load(f)
-        unknown = set(fields) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{path}: unknown fused_attention KernelConfig fields {sorted(unknown)}; known: "
-                             f"{', '.join(cls.__dataclass_fields__)}.")  # fmt: skip
-        return cls(**fields)
+    NAME = "fused_attention KernelConfig"
 
     def __post_init__(self) -> None:
-        for name in ("fwd_m", "fwd_n", "fwd_warps", "bwd_m", "bwd_n", "bwd_warps", "fwd_stages", "bwd_stages"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"fused_attention KernelConfig.{name} must be an integer >= 1, got {v!r}.")
-        for name in ("fwd_m", "fwd_n", "bwd_m", "bwd_n"):
-            v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"fused_attention KernelConfig.{name} must be a power of two >= 16 (tl.dot), got {v}.")
+        blocks = ("fwd_m", "fwd_n", "bwd_m", "bwd_n")  # tl.dot needs 16 or more
+        self.check_integers((*blocks, "fwd_warps", "bwd_warps", "fwd_stages", "bwd_stages"), blocks, least_power=16)
 
 
-_CONFIG = [KernelConfig()]  # process-wide, like fused_ln's
-
-
-def kernel_config() -> KernelConfig:
-    return _CONFIG[0]
-
-
-def set_kernel_config(config: KernelConfig) -> KernelConfig:
-    """Use ``config`` for every later launch; returns the previous one."""
-    previous, _CONFIG[0] = _CONFIG[0], config
-    return previous
+_SLOT = ConfigSlot(KernelConfig())  # process-wide, as fused_ln's; benchmarks/attention_sweep.py writes --best
+kernel_config, set_kernel_config = _SLOT.get, _SLOT.set
 
 
 @functools.cache
@@ -166,10 +141,6 @@ def _check(qkv: Tensor) -> Tensor:
     return qkv
 
 
-def _dropout_args(seed: Tensor | None, p: float, fallback: Tensor) -> tuple[Tensor, int, float]:
-    return (fallback if seed is None else seed), round(p * 65536), 1.0 / (1.0 - p)
-
-
 def _triton_forward(qkv: Tensor, seed: Tensor | None, p: float) -> tuple[Tensor, Tensor, Tensor]:
     """(o, lse, flags): flags, the dropout's keep bits for the backward, (B H, T, cdiv(T, 8)) uint8 (empty without
     dropout; bytes past the causal edge unwritten)."""
@@ -178,14 +149,15 @@ def _triton_forward(qkv: Tensor, seed: Tensor | None, p: float) -> tuple[Tensor,
     cfg, k = kernel_config(), _kernels()
     o = qkv.new_empty(B, T, H, D)
     lse = torch.empty(B * H, T, device=qkv.device, dtype=torch.float32)
-    flags = torch.empty((B * H, T, _cdiv(T, 8)) if seed is not None else (0,), device=qkv.device, dtype=torch.uint8)
-    seed_arg, p16, drop_scale = _dropout_args(seed, p, lse)
+    dropout = seed is not None
+    flags = torch.empty((B * H, T, _cdiv(T, 8)) if dropout else (0,), device=qkv.device, dtype=torch.uint8)
     with _on_device(qkv):
         k.attn_fwd[(_cdiv(T, cfg.fwd_m), B * H)](
-            qkv, o, lse, seed_arg, flags if seed is not None else lse, T, H, qkv.stride(0), qkv.stride(1), o.stride(0),
-            o.stride(1),
-            1.0 / math.sqrt(D) * math.log2(math.e), p16, drop_scale if seed is not None else 1.0,
-            D=D, DROPOUT=seed is not None, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.fwd_warps,
+            # without dropout lse stands in for the pointers that a constexpr branch never reads
+            qkv, o, lse, seed if dropout else lse, flags if dropout else lse, T, H, qkv.stride(0), qkv.stride(1),
+            o.stride(0), o.stride(1), 1.0 / math.sqrt(D) * math.log2(math.e), round(p * 65536),
+            1.0 / (1.0 - p) if dropout else 1.0,
+            D=D, DROPOUT=dropout, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.fwd_warps,
             num_stages=cfg.fwd_stages,
         )  # fmt: skip
     return o, lse, flags

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from jowa_core.models.fused_ln import _cdiv, _compute_dtype, _on_device, triton_available
+from jowa_core.models.fused_ln import ConfigSlot, TileConfig, _cdiv, _compute_dtype, _on_device, triton_available
 
 # ---------------------------------------------------------------------------------------------
 # Pure-torch reference (CPU, no Triton, tests): exact erf
@@ -49,7 +49,7 @@ def _reference_backward(dy: Tensor, h: Tensor, bias: Tensor) -> tuple[Tensor, Te
 
 
 @dataclass(frozen=True)
-class KernelConfig:
+class KernelConfig(TileConfig):
     """Tiles: rows x columns per program and warps, for both kernels; the backward is persistent (each
     program strides down the rows of one column block, keeping one partial bias-gradient row), with about
     ``bwd_programs_per_sm`` programs per SM. Not yet swept on a GPU: 8 x 256 on 4 warps gives each thread 16
@@ -61,28 +61,14 @@ class KernelConfig:
     warps: int = 4
     bwd_programs_per_sm: int = 8
 
+    NAME = "bias_gelu KernelConfig"
+
     def __post_init__(self) -> None:
-        for name in ("rows", "cols", "warps", "bwd_programs_per_sm"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"bias_gelu KernelConfig.{name} must be an integer >= 1, got {v!r}.")
-        for name in ("rows", "cols", "warps"):
-            v = getattr(self, name)
-            if v & (v - 1):
-                raise ValueError(f"bias_gelu KernelConfig.{name} must be a power of two (Triton tiles), got {v}.")
+        self.check_integers(("rows", "cols", "warps", "bwd_programs_per_sm"), powers_of_two=("rows", "cols", "warps"))
 
 
-_CONFIG = [KernelConfig()]  # process-wide, like fused_ln's
-
-
-def kernel_config() -> KernelConfig:
-    return _CONFIG[0]
-
-
-def set_kernel_config(config: KernelConfig) -> KernelConfig:
-    """Use ``config`` for every later launch; returns the previous one."""
-    previous, _CONFIG[0] = _CONFIG[0], config
-    return previous
+_SLOT = ConfigSlot(KernelConfig())  # process-wide, as fused_ln's
+kernel_config, set_kernel_config = _SLOT.get, _SLOT.set
 
 
 @functools.cache

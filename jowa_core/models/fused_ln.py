@@ -23,9 +23,12 @@ import contextlib
 import functools
 import json
 from dataclasses import dataclass
+from typing import Generic, Self, TypeVar
 
 import torch
 from torch import Tensor
+
+C = TypeVar("C")
 
 # ---------------------------------------------------------------------------------------------
 # Pure-torch reference (CPU, no Triton, tests)
@@ -97,8 +100,55 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class TileConfig:
+    """What the fused ops' ``KernelConfig`` dataclasses share: loading one from JSON (as an op's sweep writes it
+    with ``--best``) and checking the integer fields Triton's tiles are made of."""
+
+    NAME = "KernelConfig"  # how errors name the class
+
+    @classmethod
+    def from_json(cls, path: str) -> Self:
+        """A config as an op's sweep writes it with ``--best``; missing fields keep the defaults."""
+        with open(path) as f:
+            fields = json.load(f)
+        unknown = set(fields) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown {cls.NAME} fields {sorted(unknown)}; known: "
+                             f"{', '.join(cls.__dataclass_fields__)}.")  # fmt: skip
+        return cls(**fields)
+
+    def check_integers(self, names: tuple[str, ...], powers_of_two: tuple[str, ...], least_power: int = 1) -> None:
+        """TypeError unless each of ``names`` is an int (a JSON config could hold 2.0 or true), ValueError if one is
+        below 1 or one of ``powers_of_two`` is not a power of two >= ``least_power``."""
+        for name in names:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{self.NAME}.{name} must be an integer, got {v!r}.")
+            if v < 1:
+                raise ValueError(f"{self.NAME}.{name} must be >= 1 (each of these fields is an integer >= 1), got {v}.")
+        for name in powers_of_two:
+            v = getattr(self, name)
+            if v < least_power or v & (v - 1):
+                raise ValueError(f"{self.NAME}.{name} must be a power of two >= {least_power} (Triton tiles), got {v}.")
+
+
+class ConfigSlot(Generic[C]):
+    """One op's process-wide ``KernelConfig``, like torch.backends flags: ``get`` it, or ``set`` another for every
+    later launch (benchmarks sweep tiles this way) and get the previous one back."""
+
+    def __init__(self, config: C) -> None:
+        self._config = config
+
+    def get(self) -> C:
+        return self._config
+
+    def set(self, config: C) -> C:
+        previous, self._config = self._config, config
+        return previous
+
+
 @dataclass(frozen=True)
-class KernelConfig:
+class KernelConfig(TileConfig):
     """Tile sizes of the Triton kernels: rows per tile, warps per program, and the backward's programs per
     SM (it is persistent: each program strides over row tiles and keeps one partial dweight/dbias row).
     The defaults are the fastest of ``benchmarks/fused_ln_sweep.py`` at jowa_150m's shape on an H100
@@ -126,42 +176,15 @@ class KernelConfig:
         for name in ("packed_rng", "recompute_mask"):  # a JSON config could hold "yes" or 1 (from_json)
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"KernelConfig.{name} must be true or false, got {getattr(self, name)!r}.")
-        for name in ("fwd_rows", "fwd_warps", "bwd_rows", "bwd_warps", "bwd_programs_per_sm"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise TypeError(f"KernelConfig.{name} must be an integer, got {getattr(self, name)!r}.")
-        for name in ("fwd_rows", "fwd_warps", "bwd_rows", "bwd_warps"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"KernelConfig.{name} must be a power of two >= 1 (Triton tiles), got {v}.")
-        if self.bwd_programs_per_sm < 1:
-            raise ValueError(f"KernelConfig.bwd_programs_per_sm must be >= 1, got {self.bwd_programs_per_sm}.")
+        tiles = ("fwd_rows", "fwd_warps", "bwd_rows", "bwd_warps")
+        self.check_integers((*tiles, "bwd_programs_per_sm"), powers_of_two=tiles)
         if self.recompute_mask and not self.packed_rng:
             raise ValueError("KernelConfig.recompute_mask needs packed_rng=True (the backward redraws the packed "
                              "mask; per-element Philox there would cost what it saves).")  # fmt: skip
 
-    @classmethod
-    def from_json(cls, path: str) -> "KernelConfig":
-        """A config as ``benchmarks/fused_ln_sweep.py --best`` writes it; missing fields keep the defaults."""
-        with open(path) as f:
-            fields = json.load(f)
-        unknown = set(fields) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{path}: unknown KernelConfig fields {sorted(unknown)}; known: "
-                             f"{', '.join(cls.__dataclass_fields__)}.")  # fmt: skip
-        return cls(**fields)
 
-
-_CONFIG = [KernelConfig()]  # process-wide, like torch.backends flags; set_kernel_config changes it
-
-
-def kernel_config() -> KernelConfig:
-    return _CONFIG[0]
-
-
-def set_kernel_config(config: KernelConfig) -> KernelConfig:
-    """Use ``config`` for every later launch (benchmarks sweep tiles this way); returns the previous one."""
-    previous, _CONFIG[0] = _CONFIG[0], config
-    return previous
+_SLOT = ConfigSlot(KernelConfig())  # benchmarks/fused_ln_sweep.py writes the --best that from_json reads
+kernel_config, set_kernel_config = _SLOT.get, _SLOT.set
 
 
 def _block_c(C: int) -> int:
