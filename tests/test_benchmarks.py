@@ -1,12 +1,12 @@
 """The benchmark suite's output: figure records and the README table (the timings themselves are not tested)."""
 
-import importlib.util
 import math
 
 import pytest
 
 from benchmarks.__main__ import SUITES, _figure, main, markdown_table
 from jowa_core.models.world_action import WorldActionModel
+from tests.triton_interpreter import needs_triton
 
 
 def test_figure_records_and_markdown_table():
@@ -209,7 +209,7 @@ def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path)
     )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton)")
+@needs_triton
 def test_fused_ln_isa_counts_the_forward_kernels_machine_code(capsys):
     """Compiled for sm_90 on the CPU: the packed mask needs fewer instructions and integer multiplies per thread
     (an eighth of the Philox calls), and the issue time follows from the count."""
@@ -231,7 +231,7 @@ def test_fused_ln_isa_counts_the_forward_kernels_machine_code(capsys):
     assert plain["bandwidth_ms_h200"] == pytest.approx(4096 * 768 * 13 / 1e9 / 4.3, abs=1e-3)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton)")
+@needs_triton
 def test_bias_gelu_isa_counts_both_kernels_against_inductors(capsys):
     """Compiled for sm_90 on the CPU: fused_gelu's kernels need fewer instructions per element than the inductor
     kernels they replace (its erf and reciprocal are cheaper), and each figure's issue time and bytes follow
@@ -254,7 +254,7 @@ def test_bias_gelu_isa_counts_both_kernels_against_inductors(capsys):
                                             rel=1e-2)  # fmt: skip
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton)")
+@needs_triton
 def test_attention_isa_counts_each_kernels_loop(capsys):
     """Compiled for sm_90 on the CPU: each attention kernel's loop uses Hopper's asynchronous matrix products, the
     dropout's flags add instructions, and the passes and times follow from the shape and the counts."""

@@ -3,12 +3,7 @@ gradients and dropout, the op inside ``torch.compile``, the model's switch, and 
 Triton's interpreter against the reference given the kernels' own dropout flags (skipped without triton)."""
 
 import functools
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -16,6 +11,7 @@ import torch.nn.functional as F
 
 from jowa_core.models.fused_attention import KernelConfig, _attention, _check, _reference, causal_attention
 from tests.test_fused_ln import _model_and_batch
+from tests.triton_interpreter import needs_triton, run_in_interpreter
 
 
 def _qkv(B=2, T=11, H=2, D=8, dtype=torch.float32, seed=0) -> torch.Tensor:
@@ -240,14 +236,6 @@ INTERPRETER_CHECK = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton)")
+@needs_triton
 def test_triton_kernels_match_the_reference_in_the_interpreter() -> None:
-    """TRITON_INTERPRET must be set before triton is imported, hence a fresh process."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    t0 = time.perf_counter()
-    run = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_CHECK], env=env, capture_output=True, text=True, timeout=400, check=False
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    assert "interpreter check passed" in run.stdout
-    print(f"interpreter check: {time.perf_counter() - t0:.1f} s")
+    run_in_interpreter(INTERPRETER_CHECK, timeout=400)

@@ -2,12 +2,7 @@
 ``F.gelu(h + b)``, the op inside ``torch.compile``, the model's switch, and the Triton kernels on CPU through
 Triton's interpreter, their accuracy measured against GELU in float64 (skipped without triton)."""
 
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -15,6 +10,7 @@ import torch.nn.functional as F
 
 from jowa_core.models.fused_gelu import KernelConfig, bias_gelu, set_kernel_config
 from tests.test_fused_ln import CFG, _model_and_batch
+from tests.triton_interpreter import needs_triton, run_in_interpreter
 
 
 def _inputs(N: int = 7, C: int = 12, dtype=torch.float32, seed: int = 0):
@@ -166,14 +162,6 @@ INTERPRETER_CHECK = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton)")
+@needs_triton
 def test_triton_kernels_match_the_reference_in_the_interpreter() -> None:
-    """TRITON_INTERPRET must be set before triton is imported, hence a fresh process."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    t0 = time.perf_counter()
-    run = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_CHECK], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    assert "interpreter check passed" in run.stdout
-    print(run.stdout.splitlines()[0], f"({time.perf_counter() - t0:.1f} s)")
+    print(run_in_interpreter(INTERPRETER_CHECK).splitlines()[0])  # the accuracy figures

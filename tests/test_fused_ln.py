@@ -2,12 +2,7 @@
 against plain torch, its dropout statistics and gradients, the model's switch, the op inside
 ``torch.compile``, and the Triton kernels on CPU through Triton's interpreter (skipped without triton)."""
 
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
-import time
 from dataclasses import replace
 
 import pytest
@@ -17,6 +12,7 @@ import torch.nn.functional as F
 from jowa_core.config import WorldActionConfig
 from jowa_core.models.fused_ln import _fused_forward, dropout_add_layer_norm
 from jowa_core.models.world_action import WorldActionModel
+from tests.triton_interpreter import needs_triton, run_in_interpreter
 
 
 def _inputs(N: int = 6, C: int = 16, h_dtype=torch.float32, dtype=torch.float32, seed: int = 0):
@@ -400,17 +396,9 @@ INTERPRETER_CHECK = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton)")
+@needs_triton
 def test_triton_kernels_match_the_reference_in_the_interpreter() -> None:
-    """TRITON_INTERPRET must be set before triton is imported, hence a fresh process."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    t0 = time.perf_counter()
-    run = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_CHECK], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    assert "interpreter check passed" in run.stdout
-    print(f"interpreter check: {time.perf_counter() - t0:.1f} s")
+    run_in_interpreter(INTERPRETER_CHECK)
 
 
 def test_kernel_config_rejects_tiles_triton_cannot_build_and_set_returns_the_previous() -> None:
