@@ -30,12 +30,17 @@ BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
             "mem_efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """jowa_150m's training attention, the default of every attention benchmark."""
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--tokens", type=int, default=296)
     ap.add_argument("--head-size", type=int, default=64)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_args(ap)
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--device", default="auto")

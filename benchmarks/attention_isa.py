@@ -21,12 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import triton
 
-from benchmarks.bias_gelu_isa import compile_sm90, loop_bodies
-from benchmarks.fused_ln_isa import CLOCK_HZ, SCHEDULERS, SMS, disassemble, sass_counts
+from benchmarks.attention_backends import add_shape_args
+from benchmarks.fused_ln_isa import (
+    CLOCK_HZ,
+    SCHEDULERS,
+    SMS,
+    compile_sm90,
+    disassemble,
+    loop_bodies,
+    nvdisasm_path,
+    sass_counts,  # fmt: skip
+)
 
 PEAK_FLOPS = 989e12
 _COMMON = {"T": "i32", "H": "i32", "s_b": "i32", "s_t": "i32", "s_o_b": "i32", "s_o_t": "i32", "qk_scale": "fp32"}
@@ -37,8 +45,9 @@ SIGNATURES = {
                       "DQKV": "*bf16", "DBIAS": "*fp32", **_COMMON, "sm_scale": "fp32", "drop_scale": "fp32",
                       "n_blocks": "i32"},
 }  # fmt: skip
-SIGNATURES["attn_bwd_dq"] = {**dict(list(SIGNATURES["attn_bwd_dkdv"].items())[:2]), "O": "*bf16",
-                             **dict(list(SIGNATURES["attn_bwd_dkdv"].items())[2:])}  # fmt: skip
+SIGNATURES["attn_bwd_dq"] = {"QKV": "*bf16", "DO": "*bf16", "O": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
+                             "FLAGS": "*u8", "DQKV": "*bf16", "DBIAS": "*fp32", **_COMMON, "sm_scale": "fp32",
+                             "drop_scale": "fp32", "n_blocks": "i32"}  # fmt: skip
 PRODUCTS = {"attn_fwd": 2, "attn_bwd_dkdv": 4, "attn_bwd_dq": 3}  # matrix products per pass
 
 
@@ -60,17 +69,12 @@ def causal_passes(tokens: int, block_m: int, block_n: int, kernel: str = "attn_f
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--tokens", type=int, default=296)
-    ap.add_argument("--head-size", type=int, default=64)
+    add_shape_args(ap)
     ap.add_argument("--layers", type=int, default=12)
     args = ap.parse_args(argv)
     from jowa_core.models import fused_attention, fused_attention_kernels
 
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    if not nvdisasm.exists():
-        raise SystemExit(f"attention_isa: {nvdisasm} is missing; it ships with triton's NVIDIA backend.")
+    nvdisasm = nvdisasm_path("attention_isa")
     cfg = fused_attention.kernel_config()
     D = args.head_size
     for name, sig in SIGNATURES.items():

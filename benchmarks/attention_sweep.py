@@ -22,6 +22,7 @@ from dataclasses import asdict, replace
 
 import torch
 
+from benchmarks.attention_backends import add_shape_args
 from benchmarks.fused_ln_sweep import time_ms
 from jowa_core.models import fused_attention as fa
 
@@ -34,10 +35,7 @@ BWD_TILES = [{"bwd_m": m, "bwd_n": n, "bwd_warps": w, "bwd_stages": s}
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--tokens", type=int, default=296)
-    ap.add_argument("--head-size", type=int, default=64)
+    add_shape_args(ap)
     ap.add_argument("--p", type=float, default=0.1)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--best", default=None, help="write the fastest KernelConfig here (JSON)")

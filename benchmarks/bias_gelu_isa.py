@@ -21,19 +21,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
-from pathlib import Path
 
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from benchmarks.fused_ln_isa import CLOCK_HZ, COPY_TB_S, SCHEDULERS, SMS, disassemble, sass_counts
+from benchmarks.fused_ln_isa import (
+    CLOCK_HZ,
+    COPY_TB_S,
+    SCHEDULERS,
+    SMS,
+    compile_sm90,
+    disassemble,
+    loop_bodies,
+    nvdisasm_path,  # fmt: skip
+    sass_counts,
+)
 
 XBLOCK, WARPS = 1024, 4  # inductor's pointwise blocks for this size
-_ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/")
-_LABEL = re.compile(r"^(\.L_x_\d+):", re.MULTILINE)
-_BACK_BRANCH = re.compile(r"/\*([0-9a-f]{4,})\*/[^\n]*\bBRA\b[^\n]*`\((\.L_x_\d+)\)")
 
 
 @triton.jit
@@ -53,26 +58,6 @@ def inductor_gelu_bwd(G, X, DX, n, XBLOCK: tl.constexpr):
     cdf = 0.5 * (1.0 + libdevice.erf(x * 0.7071067811865476))
     pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
     tl.store(DX + off, (g * (cdf + x * pdf)).to(tl.bfloat16), m)
-
-
-def compile_sm90(fn, signature: dict[str, str], consts: dict[str, int], warps: int) -> bytes:
-    """The cubin as a launch on aligned tensors and sizes divisible by 16 would build it (16-byte vectors)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = [*signature, *consts]
-    src = ASTSource(fn, {**signature, **dict.fromkeys(consts, "constexpr")},
-                    constexprs={(names.index(k),): v for k, v in consts.items()},
-                    attrs={(i,): [["tt.divisibility", 16]] for i in range(len(signature))})  # fmt: skip
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
-
-
-def loop_bodies(text: str) -> list[str]:
-    """The lines of each of the listing's loops (from a backward branch's label to the branch), in order."""
-    labels = {m.group(1): m.end() for m in _LABEL.finditer(text)}
-    bodies = [text[labels[m.group(2)] : m.end()] for m in _BACK_BRANCH.finditer(text)
-              if labels.get(m.group(2), len(text)) < m.start()]  # fmt: skip
-    return [b for b in bodies if len(_ADDRESS.findall(b)) > 1]  # not the "BRA to itself" trap after EXIT
 
 
 def loop_body(text: str) -> str:
@@ -98,9 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from jowa_core.models import fused_gelu, fused_gelu_kernels
 
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    if not nvdisasm.exists():
-        raise SystemExit(f"bias_gelu_isa: {nvdisasm} is missing; it ships with triton's NVIDIA backend.")
+    nvdisasm = nvdisasm_path("bias_gelu_isa")
     n = args.rows * args.width
     elements = n * args.layers
     bf16 = "*bf16"

@@ -30,6 +30,9 @@ BYTES_PER_ELEMENT = 13  # reads x (fp32) and h (bf16); writes x_new (fp32), y (b
 SIGNATURE = {"X": "*fp32", "H": "*bf16", "W": "*fp32", "B": "*fp32", "XN": "*fp32", "Y": "*bf16", "MEAN": "*fp32",
              "RSTD": "*fp32", "MASK": "*u8", "SEED": "*i64", "HB": "*fp32", "N": "i32", "C": "i32", "p": "fp32", "p16": "i32",
              "scale": "fp32", "eps": "fp32"}  # fmt: skip
+_ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/")
+_LABEL = re.compile(r"^(\.L_x_\d+):", re.MULTILINE)
+_BACK_BRANCH = re.compile(r"/\*([0-9a-f]{4,})\*/[^\n]*\bBRA\b[^\n]*`\((\.L_x_\d+)\)")
 _SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
@@ -52,11 +55,41 @@ def sass_counts(cubin: bytes, nvdisasm: Path, text: str | None = None) -> dict[s
     return counts
 
 
-def compile_forward(cfg, width: int) -> bytes:
-    """The forward kernel's cubin for sm_90, as ``_triton_forward`` would launch it (residual and dropout on)."""
+def compile_sm90(fn, signature: dict[str, str], consts: dict, warps: int, aligned: bool = True) -> bytes:
+    """``fn``'s cubin for sm_90. ``aligned``: as a launch on 16-byte-aligned tensors and sizes divisible by 16 builds
+    it (16-byte vectors), the case of every op's training shapes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    names = [*signature, *consts]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(signature))} if aligned else None
+    src = ASTSource(fn, {**signature, **dict.fromkeys(consts, "constexpr")},
+                    constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)  # fmt: skip
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
+
+
+def loop_bodies(text: str) -> list[str]:
+    """The lines of each of a listing's loops (from a backward branch's label to the branch), in order."""
+    labels = {m.group(1): m.end() for m in _LABEL.finditer(text)}
+    bodies = [text[labels[m.group(2)] : m.end()] for m in _BACK_BRANCH.finditer(text)
+              if labels.get(m.group(2), len(text)) < m.start()]  # fmt: skip
+    return [b for b in bodies if len(_ADDRESS.findall(b)) > 1]  # not the "BRA to itself" trap after EXIT
+
+
+def nvdisasm_path(prog: str) -> Path:
+    """triton's own ``nvdisasm``, or a usage error naming ``prog``."""
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if not path.exists():
+        raise SystemExit(f"{prog}: {path} is missing; it ships with triton's NVIDIA backend.")
+    return path
+
+
+def compile_forward(cfg, width: int) -> bytes:
+    """The forward kernel's cubin for sm_90, as ``_triton_forward`` would launch it (residual and dropout on)."""
+    import triton
 
     from jowa_core.models import fused_ln
 
@@ -65,11 +98,7 @@ def compile_forward(cfg, width: int) -> bytes:
     packed = cfg.packed_rng and block_c >= 8
     consts = {"HAS_X": True, "DROPOUT": True, "PACKED_RNG": packed, "STORE_MASK": not (packed and cfg.recompute_mask),
               "HAS_HB": False, "BLOCK_ROWS": cfg.fwd_rows, "BLOCK_C": block_c}  # fmt: skip
-    names = [*SIGNATURE, *consts]
-    src = ASTSource(fwd, {**SIGNATURE, **dict.fromkeys(consts, "constexpr")},
-                    constexprs={(names.index(k),): v for k, v in consts.items()})  # fmt: skip
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.fwd_warps})
-    return kernel.asm["cubin"]
+    return compile_sm90(fwd, SIGNATURE, consts, cfg.fwd_warps, aligned=False)  # the counts quoted since session 17
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,9 +110,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from jowa_core.models import fused_ln
 
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    if not nvdisasm.exists():
-        raise SystemExit(f"fused_ln_isa: {nvdisasm} is missing; it ships with triton's NVIDIA backend.")
+    nvdisasm = nvdisasm_path("fused_ln_isa")
     default = fused_ln.kernel_config()
     for packed, recompute in ((False, False), (True, False), (True, True)):
         cfg = replace(default, packed_rng=packed, recompute_mask=recompute)
