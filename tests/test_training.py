@@ -173,36 +173,26 @@ def test_fused_qkv_switch_trains_as_the_default(caches, tmp_path):
     assert_same(params(fused), params(plain), atol=1e-4)
 
 
-def test_fused_bias_gelu_switch_trains_as_the_default(caches, tmp_path):
-    """``fused_bias_gelu=True`` (on CPU: the op's torch reference) trains the same weights as ``nn.GELU`` after a
-    biased product, dropout included (the op draws nothing); off by default."""
-    kw = {"stage1_steps": 2, "stage2_steps": 2, **RUN}
-    plain = train_world_action(tiny(), caches, tmp_path / "plain", **kw)
-    fused = train_world_action(tiny(), caches, tmp_path / "fused", fused_bias_gelu=True, **kw)
-    assert not any(b.fused_bias_gelu for b in plain.transformer.blocks)
-    assert all(b.fused_bias_gelu for b in fused.transformer.blocks)
-    assert_same(params(fused), params(plain), atol=1e-4)
+# Each of session 18's switches trains the same weights as the recipe without it. On CPU the ops run their torch
+# references; both runs draw the same dropout masks, except that attention's op draws its own flags (so no
+# dropout there), and the branch biases ride on the fused LayerNorm op (so it is on in both runs).
+SWITCH_RUNS = {
+    "fused_bias_gelu": ({}, True, lambda block: block.fused_bias_gelu),
+    "fused_branch_bias": ({"fused_layer_norm": True}, True, lambda block: block.fused_branch_bias),
+    "fused_attention": ({}, False, lambda block: block.attn.fused_attention),
+}
 
 
-def test_fused_attention_switch_trains_as_sdpa_without_dropout(caches, tmp_path):
-    """``fused_attention=True`` (on CPU: the op's torch reference) trains the same weights as SDPA when no dropout
-    draws differ; off by default."""
-    kw = {"stage1_steps": 2, "stage2_steps": 2, **RUN}
-    plain = train_world_action(tiny(dropout=0.0), caches, tmp_path / "plain", **kw)
-    fused = train_world_action(tiny(dropout=0.0), caches, tmp_path / "fused", fused_attention=True, **kw)
-    assert not any(b.attn.fused_attention for b in plain.transformer.blocks)
-    assert all(b.attn.fused_attention for b in fused.transformer.blocks)
-    assert_same(params(fused), params(plain), atol=1e-4)
-
-
-def test_fused_branch_bias_switch_trains_as_the_fused_layer_norm_alone(caches, tmp_path):
-    """``fused_branch_bias=True`` with the fused LayerNorm op (on CPU: its torch reference) trains the same weights
-    as the op alone, dropout included (the same masks: the op draws them from the same seeds); off by default."""
-    kw = {"stage1_steps": 2, "stage2_steps": 2, "fused_layer_norm": True, **RUN}
-    plain = train_world_action(tiny(), caches, tmp_path / "plain", **kw)
-    fused = train_world_action(tiny(), caches, tmp_path / "fused", fused_branch_bias=True, **kw)
-    assert not any(b.fused_branch_bias for b in plain.transformer.blocks)
-    assert all(b.fused_branch_bias for b in fused.transformer.blocks)
+@pytest.mark.parametrize("switch", list(SWITCH_RUNS))
+def test_fused_switch_trains_as_the_recipe_without_it(caches, tmp_path, switch):
+    """``train_world_action(<switch>=True)`` trains the weights of the run without it; off by default."""
+    extra, dropout, is_on = SWITCH_RUNS[switch]
+    kw = {"stage1_steps": 2, "stage2_steps": 2, **extra, **RUN}
+    preset = tiny() if dropout else tiny(dropout=0.0)
+    plain = train_world_action(preset, caches, tmp_path / "plain", **kw)
+    fused = train_world_action(preset, caches, tmp_path / "fused", **{switch: True}, **kw)
+    assert not any(is_on(b) for b in plain.transformer.blocks)
+    assert all(is_on(b) for b in fused.transformer.blocks)
     assert_same(params(fused), params(plain), atol=1e-4)
 
 
