@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from jowa_core.models.fused_gelu import KernelConfig, bias_gelu, set_kernel_config
-from tests.test_fused_ln import CFG, _model_and_batch
+from tests.test_fused_ln import _model_and_batch, check_switch_under_autocast
 from tests.triton_interpreter import needs_triton, run_in_interpreter
 
 
@@ -105,15 +105,7 @@ def test_switch_is_the_same_function_with_the_same_gradients(fused_layer_norm: b
 
 
 def test_switch_keeps_the_dtypes_under_autocast() -> None:
-    model, tokens, tasks = _model_and_batch(CFG)
-    model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        off = model(tokens, tasks)
-        on = model.use_fused_bias_gelu(True)(tokens, tasks)
-    for name in ("hidden", "obs_logits", "q_logits"):
-        x, e = getattr(on, name), getattr(off, name)
-        assert x.dtype == e.dtype, name
-        assert ((x.double() - e.double()).norm() / e.double().norm()).item() < 1e-2, name
+    check_switch_under_autocast("use_fused_bias_gelu")
 
 
 # --- the Triton kernels, on CPU through Triton's interpreter ----------------------------------

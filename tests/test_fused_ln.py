@@ -246,18 +246,23 @@ def test_branch_bias_switch_is_the_same_function_with_the_same_gradients() -> No
     assert len(seen) == 1 + len(want) and seen[0] is None and all(s is w for s, w in zip(seen[1:], want))
 
 
-def test_switch_under_autocast_keeps_the_default_dtypes() -> None:
-    """bf16 autocast (CPU here): intermediate LayerNorms come out in bf16, ``hidden`` in fp32 as with
-    ``nn.LayerNorm``; values as the default path's up to bf16 rounding (relative error < 1e-2)."""
+def check_switch_under_autocast(switch: str) -> None:
+    """bf16 autocast (CPU here): the model with ``switch`` on gives the default path's dtypes (with the fused
+    LayerNorm op, intermediate LayerNorms come out in bf16, ``hidden`` in fp32 as with ``nn.LayerNorm``) and its
+    values up to bf16 rounding (relative error < 1e-2)."""
     model, tokens, tasks = _model_and_batch()
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         off = model(tokens, tasks)
-        on = model.use_fused_layer_norm(True)(tokens, tasks)
+        on = getattr(model, switch)(True)(tokens, tasks)
     for name in ("hidden", "obs_logits", "q_logits"):
         a, e = getattr(on, name), getattr(off, name)
         assert a.dtype == e.dtype, name
         assert ((a.double() - e.double()).norm() / e.double().norm()).item() < 1e-2, name
+
+
+def test_switch_under_autocast_keeps_the_default_dtypes() -> None:
+    check_switch_under_autocast("use_fused_layer_norm")
 
 
 @pytest.mark.parametrize("which", ["embed_pdrop", "resid_pdrop"])
