@@ -10,7 +10,8 @@ loop's A/B (``python -m benchmarks --sdpa-off cudnn``) needs a fresh compile. Wi
 output is checked against the math backend's (dropout draws differ by backend). One JSON line per backend and
 dropout. Beside SDPA's backends: ``jowa_triton``, ``jowa_core.models.fused_attention`` (the Triton flash-attention
 op the model uses with ``use_fused_attention``), fed the packed (B, T, 3, H, D) product it reads in training, its
-gradient packed too (on a CPU: its torch reference). On a CPU, flash and math on a small shape (a smoke run).
+gradient packed too (on a CPU: its torch reference); ``jowa_triton_onepass``, the same op with its one-kernel
+backward (``KernelConfig.bwd_onepass``). On a CPU, flash and math on a small shape (a smoke run).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -63,11 +65,19 @@ def main(argv: list[str] | None = None) -> None:
                 rec = {"backend": backend, "dropout": p, **info}
                 rec.update(_time_backend(sdpa, p, (q, k, v), dy, reference, args.reps, dev))
                 print(json.dumps(rec), flush=True)
+    from jowa_core.models import fused_attention
+
     packed = torch.stack((q, k, v), 2).transpose(1, 3).detach().contiguous().requires_grad_()  # (B, T, 3, H, D)
-    for p in (args.dropout, 0.0):
-        rec = {"backend": "jowa_triton", "dropout": p, **info}
-        rec.update(_time_fused(packed, p, dy.transpose(1, 2).contiguous(), reference, args.reps, dev))
-        print(json.dumps(rec), flush=True)
+    default = fused_attention.kernel_config()
+    try:
+        for backend, onepass in (("jowa_triton", False), ("jowa_triton_onepass", True)):
+            fused_attention.set_kernel_config(replace(default, bwd_onepass=onepass))
+            for p in (args.dropout, 0.0):
+                rec = {"backend": backend, "dropout": p, **info}
+                rec.update(_time_fused(packed, p, dy.transpose(1, 2).contiguous(), reference, args.reps, dev))
+                print(json.dumps(rec), flush=True)
+    finally:
+        fused_attention.set_kernel_config(default)
 
 
 def _time_fused(qkv: torch.Tensor, p: float, dy: torch.Tensor, reference, reps: int, dev: torch.device) -> dict:

@@ -14,7 +14,9 @@ one for blocks that cross the causal diagonal (masked), one for blocks seen whol
 The larger of the two bounds a kernel from below. An estimate, not a timing: memory stalls, the loop's prologue,
 and how far the asynchronous products overlap the rest are left out. cuDNN's kernels, which the step runs now,
 took 12.7 ms forward and 24.8 ms backward (with its two helper kernels) on an H100 (session 13's profile). One
-JSON line per kernel, with and without dropout.
+JSON line per kernel, with and without dropout; the backward is either ``attn_bwd_dq`` + ``attn_bwd_dkdv`` or
+``attn_bwd_onepass`` alone (``KernelConfig.bwd_onepass``). ``spill_sass``: local-memory loads and stores (spilled
+registers), in the loops over passes and in the whole kernel.
 """
 
 from __future__ import annotations
@@ -48,13 +50,27 @@ SIGNATURES = {
 SIGNATURES["attn_bwd_dq"] = {"QKV": "*bf16", "DO": "*bf16", "O": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
                              "FLAGS": "*u8", "DQKV": "*bf16", "DBIAS": "*fp32", **_COMMON, "sm_scale": "fp32",
                              "drop_scale": "fp32", "n_blocks": "i32"}  # fmt: skip
-PRODUCTS = {"attn_fwd": 2, "attn_bwd_dkdv": 4, "attn_bwd_dq": 3}  # matrix products per pass
+SIGNATURES["attn_bwd_onepass"] = {"QKV": "*bf16", "DO": "*bf16", "O": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
+                                  "FLAGS": "*u8", "DQKV": "*bf16", "DBIAS": "*fp32", "DQ_ACC": "*fp32", "T": "i32",
+                                  "H": "i32", "BH": "i32", "s_b": "i32", "s_t": "i32", "s_o_b": "i32", "s_o_t": "i32",
+                                  "qk_scale": "fp32", "sm_scale": "fp32", "drop_scale": "fp32", "n_blocks": "i32"}  # fmt: skip
+PRODUCTS = {"attn_fwd": 2, "attn_bwd_dkdv": 4, "attn_bwd_dq": 3, "attn_bwd_onepass": 5}  # matrix products per pass
+SPILLS = ("STL", "LDL")  # local-memory stores and loads: registers spilled
+
+
+def pass_loops(text: str, nvdisasm) -> list[dict[str, int]]:
+    """Opcode counts of a listing's loops over passes: the innermost loops that run matrix products (the one-pass
+    backward also loops over heads, key blocks, and rows for delta and dq, around or beside them)."""
+    bodies = loop_bodies(text)
+    inner = [b for b in bodies if not any(len(o) < len(b) and o in b for o in bodies)]
+    counts = [sass_counts(b"", nvdisasm, b) for b in inner]
+    return [c for c in counts if any("GMMA" in op for op in c)]
 
 
 def causal_passes(tokens: int, block_m: int, block_n: int, kernel: str = "attn_fwd") -> tuple[int, int]:
     """(masked, whole) passes per head of ``kernel``'s two loops, as its loop bounds count them."""
     masked = whole = 0
-    if kernel == "attn_bwd_dkdv":  # a program per key block, over query blocks
+    if kernel in ("attn_bwd_dkdv", "attn_bwd_onepass"):  # per key block, over the query blocks that see it
         for start_n in range(0, tokens, block_n):
             edge = -(-(start_n + block_n) // block_m) * block_m
             masked += len(range((start_n // block_m) * block_m, min(edge, tokens), block_m))
@@ -87,15 +103,20 @@ def main(argv: list[str] | None = None) -> None:
             if not fwd:  # the training recipe's: the QKV bias's gradient summed in the kernels
                 consts = {"D": D, "DROPOUT": dropout, "HAS_DBIAS": True, "BLOCK_M": bm, "BLOCK_N": bn}
             cubin = compile_sm90(getattr(fused_attention_kernels, name), sig, consts, warps)
-            loops = [sass_counts(b"", nvdisasm, b) for b in loop_bodies(disassemble(cubin, nvdisasm))]
+            text = disassemble(cubin, nvdisasm)
+            loops = pass_loops(text, nvdisasm)
             if len(loops) != 2:
-                raise SystemExit(f"attention_isa: expected two loops in {name}, found {len(loops)}.")
+                raise SystemExit(f"attention_isa: expected two loops over passes in {name}, found {len(loops)}.")
             short, long = sorted(sum(c.values()) for c in loops)
+            spills = {
+                "in_pass_loops": sum(n for c in loops for op, n in c.items() if op.startswith(SPILLS)),
+                "in_kernel": sum(n for op, n in sass_counts(b"", nvdisasm, text).items() if op.startswith(SPILLS)),
+            }
             warp_instr = (masked * long + whole * short) * warps
             print(json.dumps({
                 "kernel": name, "dropout": dropout, "tiles": [bm, bn, warps],
                 "loop_sass_per_thread": {"masked": long, "whole": short},
-                "hgmma_per_pass": sum(n for op, n in loops[0].items() if "GMMA" in op),
+                "hgmma_per_pass": sum(n for op, n in loops[0].items() if "GMMA" in op), "spill_sass": spills,
                 "passes_per_step": {"masked": masked, "whole": whole},
                 "issue_ms": round(warp_instr / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3, 2),
                 "tensor_ms": round(flops / PEAK_FLOPS * 1e3, 2), "triton": triton.__version__,

@@ -5,7 +5,8 @@
 At jowa_150m's attention shape (batch 512, 12 heads, 296 tokens of 64, bf16, causal, dropout 0.1; the packed
 (B, T, 3, H, D) product, the QKV bias's gradient summed in the backward as in training) it times, with CUDA events
 over ``--reps`` calls after warm-up, ``jowa_core.models.fused_attention``'s forward under each forward tile
-(queries x keys, warps, pipeline stages) and its backward (the three kernels) under each backward tile. A tile the
+(queries x keys, warps, pipeline stages) and its backward (the two kernels, or the one-pass kernel with 1, 2 or 4
+programs per SM) under each backward tile. A tile the
 GPU cannot run (too much shared memory, say) gets an ``error`` line. ``--best`` writes the fastest forward and
 backward tiles as one ``KernelConfig`` (JSON), which ``python -m benchmarks --fused-attention-config`` and
 ``benchmarks/profile_train.py --fused-attention-config`` read. CUDA only (``--device cpu``: a smoke run of the
@@ -29,8 +30,12 @@ from jowa_core.models import fused_attention as fa
 FWD_TILES = [{"fwd_m": m, "fwd_n": n, "fwd_warps": w, "fwd_stages": s}
              for m, n, w, s in itertools.product((64, 128), (32, 64), (4, 8), (2, 3))]  # fmt: skip
 BWD_BLOCKS = ((32, 64), (64, 32), (64, 64), (64, 128), (128, 64))
-BWD_TILES = [{"bwd_m": m, "bwd_n": n, "bwd_warps": w, "bwd_stages": s}
+BWD_TILES = [{"bwd_m": m, "bwd_n": n, "bwd_warps": w, "bwd_stages": s, "bwd_onepass": False, "bwd_programs_per_sm": 2}
              for (m, n), w, s in itertools.product(BWD_BLOCKS, (4, 8), (2, 3))]  # fmt: skip
+# the one-kernel backward: the tiles whose sm_90 code spills least (benchmarks.attention_isa), and how many heads
+# run at once per SM (its dq slots: programs x 80 KB, in L2)
+BWD_TILES += [{"bwd_m": m, "bwd_n": n, "bwd_warps": w, "bwd_stages": 2, "bwd_onepass": True, "bwd_programs_per_sm": k}
+              for (m, n, w), k in itertools.product(((64, 64, 4), (32, 64, 4), (128, 64, 8)), (1, 2, 4))]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,10 +6,12 @@
 #    a device sync;
 # 2. the CUDA tests of the new kernels against their references (fused_attention, fused_gelu, fused_ln's
 #    packed and redrawn masks and its h_bias), before any loop trusts them;
-# 3. attention alone at the training shape: each SDPA backend and the Triton flash-attention op
-#    (benchmarks/attention_backends.py: backend jowa_triton), forward and backward, with and without dropout;
-# 4. the loop with --fused-attention if the op beat cuDNN there by 2 % (with dropout; about 37 ms of an H100's
-#    step is attention and the copy of its three gradients into one, session 13 and 17 profiles);
+# 3. attention alone at the training shape: each SDPA backend and the Triton flash-attention op with either
+#    backward (benchmarks/attention_backends.py: backends jowa_triton, two kernels, and jowa_triton_onepass, one),
+#    forward and backward, with and without dropout;
+# 4. the loop with --fused-attention (and the faster backward) if the op beat cuDNN there by 2 % (with dropout;
+#    about 37 ms of an H100's step is attention and the copy of its three gradients into one, session 13 and 17
+#    profiles);
 # 5. the loop with the biases summed inside the fused ops' backwards: the bias + GELU op (--fused-bias-gelu) and
 #    the branch biases in the fused LayerNorm op (--fused-branch-bias), together;
 # 6. every arm that beat the default by 1 % or more, together;
@@ -56,6 +58,7 @@ pt() {  # pt LIMIT ARGS...: one profile_train process (the step alone), its JSON
 cfg=$(mktemp -d)  # kernel configs outside $OUT, which brings back 8 files at most
 echo '{"packed_rng": true}' >"$cfg/packed_rng.json"
 echo '{"packed_rng": true, "recompute_mask": true}' >"$cfg/recompute_mask.json"
+echo '{"bwd_onepass": true}' >"$cfg/onepass.json"
 faster() {  # faster KEY A B: 1 when micro.jsonl's line KEY=B runs at least 2 % faster than KEY=A (dropout on);
     # A may list fallbacks, A1,A2: the first that ran (SDPA's cuDNN backend may refuse a machine's shapes)
     python3 -c "import json, sys
@@ -88,10 +91,17 @@ if fits 60 "attention_backends"; then
         echo "attention_backends: failed or timed out"
     grep '"backend"' "$OUT/micro.jsonl" | cut -c1-160
 fi
-if [ "$(faster backend cudnn,flash,mem_efficient jowa_triton)" = 1 ]; then
-    arm 90 --fused-attention
+# the op with the faster of its two backwards alone: two kernels (jowa_triton) or one (jowa_triton_onepass)
+op=$(python3 -c "import json, sys
+ms = {r['backend']: r['ms_fwd_bwd'] for r in map(json.loads, open(sys.argv[1]))
+      if r.get('backend', '').startswith('jowa_triton') and 'ms_fwd_bwd' in r and r.get('dropout')}
+print(min(ms, key=ms.get) if ms else '')" "$OUT/micro.jsonl" 2>/dev/null)
+attn=(--fused-attention)
+[ "$op" = jowa_triton_onepass ] && attn+=(--fused-attention-config "$cfg/onepass.json")
+if [ -n "$op" ] && [ "$(faster backend cudnn,flash,mem_efficient "$op")" = 1 ]; then
+    arm 90 "${attn[@]}"
 else
-    echo "skipped: loop --fused-attention (the op not 2 % faster than cuDNN alone, or no time)"
+    echo "skipped: loop --fused-attention (the op (${op:-not timed}) not 2 % faster than cuDNN alone, or no time)"
 fi
 arm 90 --fused-bias-gelu --fused-branch-bias
 if [ "${#stack[@]}" -gt 2 ]; then  # more than one arm won
@@ -99,14 +109,15 @@ if [ "${#stack[@]}" -gt 2 ]; then  # more than one arm won
 else
     echo "skipped: the stacked run (winners: ${stack[*]:-none})"
 fi
-pt 150 --variants compile_loss_fused_ln_qkv compile_loss_fused_ln_qkv_gelu_bias_attn --profile
+att_cfg=("${attn[@]:1}")  # the attention op's backward as attention_backends chose it
+pt 150 --variants compile_loss_fused_ln_qkv compile_loss_fused_ln_qkv_gelu_bias_attn --profile "${att_cfg[@]}"
 winners=("${stack[@]}")  # the LayerNorm mask arms run on top of the winners so far, each on its own
 loop 90 "${winners[@]}" --fused-ln-config "$cfg/packed_rng.json"
 loop 60 "${winners[@]}" --fused-ln-config "$cfg/recompute_mask.json"
 loop 45
 fits 90 "the compiled model with each new switch" && timeout 90 python3 -m pytest -q -p no:cacheprovider \
     tests/test_gpu.py -k "fused_switch and (attention or gelu or branch)" 2>&1 | tail -n 4
-# the attention op's tiles (36 of them, a compile each), for the next call's --fused-attention-config
+# the attention op's tiles (45 of them, a compile each), for the next call's --fused-attention-config
 fits 120 "attention_sweep" && { timeout 120 python3 -m benchmarks.attention_sweep --best "$cfg/attention_best.json" \
     >>"$OUT/micro.jsonl" 2>>"$OUT/loop.err" || echo "attention_sweep: failed or timed out"; }
 grep '"part": "best"' "$OUT/micro.jsonl" | cut -c1-300

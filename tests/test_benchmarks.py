@@ -119,6 +119,7 @@ def test_attention_sweep_reports_every_tile_and_writes_a_loadable_best(tmp_path,
     from jowa_core.models.fused_attention import KernelConfig, kernel_config
 
     before = kernel_config()
+    assert sum(t["bwd_onepass"] for t in BWD_TILES) == 9  # the one-kernel backward's tiles and programs per SM
     argv = ["--device", "cpu", "--batch", "1", "--heads", "2", "--tokens", "20", "--head-size", "16", "--reps", "1"]
     sweep([*argv, "--best", str(tmp_path / "best.json")])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
@@ -268,11 +269,15 @@ def test_attention_isa_counts_each_kernels_loop(capsys):
     assert causal_passes(100, 32, 64, "attn_bwd_dkdv") == (4, 2)  # keys 0-63: 2 masked, 2 whole; keys 64-99: 2, 0
     isa(["--batch", "2", "--layers", "1"])
     recs = {(r["kernel"], r["dropout"]): r for r in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert len(recs) == 6
-    for name, products in (("attn_fwd", 2), ("attn_bwd_dkdv", 4), ("attn_bwd_dq", 3)):
+    assert len(recs) == 8
+    for name, products in (("attn_fwd", 2), ("attn_bwd_dkdv", 4), ("attn_bwd_dq", 3), ("attn_bwd_onepass", 5)):
         on, off = recs[(name, True)], recs[(name, False)]
         sass, passes = on["loop_sass_per_thread"], on["passes_per_step"]
         assert on["hgmma_per_pass"] > 0 and sass["masked"] > sass["whole"]
+        if name != "attn_fwd":  # the backwards' 64 x 64 x 64 products take 4 HGMMA (k = 16) each: 5 in one pass
+            assert on["hgmma_per_pass"] == 4 * products, name
+        if name != "attn_bwd_onepass":
+            assert on["spill_sass"] == {"in_pass_loops": 0, "in_kernel": 0}, name
         assert sass["whole"] > off["loop_sass_per_thread"]["whole"]  # the dropout's flags
         bm, bn, warps = on["tiles"]
         masked, whole = (n * 2 * 12 for n in causal_passes(296, bm, bn, name))
@@ -306,7 +311,8 @@ def test_attention_backends_times_each_backend_that_takes_the_shape(capsys):
 
     attention(["--batch", "2", "--heads", "2", "--tokens", "37", "--head-size", "16", "--reps", "1", "--device", "cpu"])
     recs = {(r["backend"], r["dropout"]): r for r in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert len(recs) == 10 and all("skipped" in recs[("cudnn", p)] for p in (0.0, 0.1))
-    assert recs[("jowa_triton", 0.0)]["max_abs_diff_vs_math"] < 1e-5 and recs[("jowa_triton", 0.1)]["ms_fwd_bwd"] > 0
+    assert len(recs) == 12 and all("skipped" in recs[("cudnn", p)] for p in (0.0, 0.1))
+    for op in ("jowa_triton", "jowa_triton_onepass"):  # the op with either backward
+        assert recs[(op, 0.0)]["max_abs_diff_vs_math"] < 1e-5 and recs[(op, 0.1)]["ms_fwd_bwd"] > 0
     assert recs[("flash", 0.0)]["max_abs_diff_vs_math"] < 1e-5 and recs[("math", 0.0)]["max_abs_diff_vs_math"] == 0.0
     assert recs[("math", 0.1)]["ms_fwd_bwd"] > 0 and "max_abs_diff_vs_math" not in recs[("math", 0.1)]

@@ -98,6 +98,10 @@ def test_dropout_follows_torch_manual_seed_and_bad_input_is_refused() -> None:
         causal_attention(qkv.reshape(2, 11, 6, 8), 0.1, True)
     with pytest.raises(ValueError, match="power of two >= 16"):
         KernelConfig(fwd_m=24)
+    with pytest.raises(TypeError, match="bwd_onepass must be true or false, got 1"):
+        KernelConfig(bwd_onepass=1)
+    with pytest.raises(ValueError, match="bwd_programs_per_sm must be >= 1"):
+        KernelConfig(bwd_programs_per_sm=0)
     with pytest.raises(ValueError, match="head size that is a power of two >= 16, got 24; leave"):
         _check(torch.zeros(1, 4, 3, 2, 24))  # what the Triton path checks first
 
@@ -170,6 +174,8 @@ def test_every_fused_switch_compiles_in_one_graph_and_matches_eager() -> None:
 
 INTERPRETER_CHECK = textwrap.dedent(
     """
+    from dataclasses import replace
+
     import torch
     from jowa_core.models import fused_attention as fa
 
@@ -177,42 +183,52 @@ INTERPRETER_CHECK = textwrap.dedent(
     # tiles smaller than the sequence (several query and key blocks, a part-filled last one); the forward's and the
     # backward's tiles differ, so the backward's redrawn flags are checked against the forward's on other tiles.
     # fp32 and fp16 (the interpreter has no bf16 matrix product; tests/test_gpu.py runs bf16 on CUDA)
+    # each backward both ways: the two kernels, and the one-pass kernel with 2 programs (off CUDA: 1 per "SM", 2
+    # SMs) for 3 or 4 heads, so a program takes a second head in the slot the first left at zero
     configs = [fa.KernelConfig(16, 16, 2, 16, 16, 2, 1, 1), fa.KernelConfig(32, 16, 2, 16, 32, 2, 1, 1)]
     shapes = [(2, 37, 2, 16), (1, 80, 3, 32)]
     for cfg in configs:
-        fa.set_kernel_config(cfg)
         for (B, T, H, D) in shapes:
             for dtype in (torch.float32, torch.float16):
                 qkv, do = torch.randn(B, T, 3, H, D).to(dtype), torch.randn(B, T, H, D).to(dtype)
                 for p in (0.0, 0.3):
+                    fa.set_kernel_config(cfg)
                     seed = torch.tensor([123]) if p > 0 else None
                     tag = f"{cfg} {(B, T, H, D)} {dtype} p={p}"
                     keep = fa.triton_keep(torch.tensor([123]), B, H, T, p) if p > 0 else None
                     o, lse, flags = fa._triton_forward(qkv, seed, p)
                     assert flags.shape == ((B * H, T, (T + 7) // 8) if p > 0 else (0,)), tag
                     ro, rlse = fa._reference(qkv, keep, p)
-                    dq, db = fa._triton_backward(do, qkv, o, lse, flags, p, need_dbias=True)
                     rdq, rdb = fa._reference_backward(do, qkv, keep, p)
-                    assert fa._triton_backward(do, qkv, o, lse, flags, p)[1].numel() == 0, tag
-                    torch.testing.assert_close(db, rdb.float(), rtol=1e-4, atol=1e-4 if dtype == torch.float32 else 2e-2,
-                                               msg=f"dbias {tag}")  # fmt: skip
                     tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float16 else {"rtol": 1e-5, "atol": 1e-5}
-                    assert o.shape == (B, T, H, D) and o.dtype == dtype and dq.shape == qkv.shape, tag
+                    assert o.shape == (B, T, H, D) and o.dtype == dtype, tag
                     torch.testing.assert_close(o, ro, **tol, msg=f"o {tag}")
                     torch.testing.assert_close(lse, rlse, rtol=1e-5, atol=1e-5, msg=f"lse {tag}")
-                    torch.testing.assert_close(dq, rdq, **{k: 4 * v for k, v in tol.items()}, msg=f"dqkv {tag}")
+                    for onepass in (False, True):
+                        fa.set_kernel_config(replace(cfg, bwd_onepass=onepass, bwd_programs_per_sm=1))
+                        dq, db = fa._triton_backward(do, qkv, o, lse, flags, p, need_dbias=True)
+                        assert fa._triton_backward(do, qkv, o, lse, flags, p)[1].numel() == 0, tag
+                        torch.testing.assert_close(db, rdb.float(), rtol=1e-4, atol=1e-4 if dtype == torch.float32 else 2e-2,
+                                                   msg=f"dbias {tag} onepass={onepass}")  # fmt: skip
+                        assert dq.shape == qkv.shape and dq.dtype == dtype, tag
+                        torch.testing.assert_close(dq, rdq, **{k: 4 * v for k, v in tol.items()},
+                                                   msg=f"dqkv {tag} onepass={onepass}")  # fmt: skip
     # the default tiles at jowa_150m's sequence and head size (296 tokens of 64: five blocks, the last part-filled)
-    fa.set_kernel_config(fa.KernelConfig())
     qkv, do = torch.randn(1, 296, 3, 1, 64), torch.randn(1, 296, 1, 64)
     for p in (0.0, 0.1):
+        fa.set_kernel_config(fa.KernelConfig())
         seed = torch.tensor([5]) if p > 0 else None
         keep = fa.triton_keep(torch.tensor([5]), 1, 1, 296, p) if p > 0 else None
         o, lse, flags = fa._triton_forward(qkv, seed, p)
-        dq, db = fa._triton_backward(do, qkv, o, lse, flags, p, need_dbias=True)
         ro, rlse = fa._reference(qkv, keep, p)
         rdq, rdb = fa._reference_backward(do, qkv, keep, p)
-        for name, a, e in (("o", o, ro), ("lse", lse, rlse), ("dqkv", dq, rdq), ("dbias", db, rdb)):
-            torch.testing.assert_close(a, e.float(), rtol=1e-5, atol=5e-5, msg=f"default tiles, 296 tokens: {name} p={p}")
+        for onepass in (False, True):
+            fa.set_kernel_config(fa.KernelConfig(bwd_onepass=onepass))
+            dq, db = fa._triton_backward(do, qkv, o, lse, flags, p, need_dbias=True)
+            for name, a, e in (("o", o, ro), ("lse", lse, rlse), ("dqkv", dq, rdq), ("dbias", db, rdb)):
+                torch.testing.assert_close(a, e.float(), rtol=1e-5, atol=5e-5,
+                                           msg=f"default tiles, 296 tokens: {name} p={p} onepass={onepass}")  # fmt: skip
+    fa.set_kernel_config(fa.KernelConfig())
     # a strided input (a slice of a wider product) reads as its contiguous copy
     wide = torch.randn(2, 37, 4, 2, 16)
     a = fa._triton_forward(wide[:, :, 1:], None, 0.0)[0]

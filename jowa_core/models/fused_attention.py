@@ -92,7 +92,12 @@ def _reference_backward(do: Tensor, qkv: Tensor, keep: Tensor | None, p: float) 
 class KernelConfig(TileConfig):
     """Tiles of the kernels (queries x keys per pass, warps, software-pipeline stages), the forward's and the
     backward's apart. Not yet swept on a GPU (``benchmarks/attention_sweep.py`` does): 64 x 64 on 4 warps,
-    FlashAttention-2's choice for a head size of 64; jowa_150m's 296 tokens make 5 blocks of 64."""
+    FlashAttention-2's choice for a head size of 64; jowa_150m's 296 tokens make 5 blocks of 64.
+
+    ``bwd_onepass``: the backward as one persistent kernel (``attn_bwd_onepass``), ``bwd_programs_per_sm``
+    programs per SM each owning a head at a time: 5 matrix products per pass instead of the two kernels' 7, at
+    the cost of dq's read-add-write in L2 and one program's passes over a head in series. Off until a GPU has
+    timed it against the two kernels."""
 
     fwd_m: int = 64
     fwd_n: int = 64
@@ -102,12 +107,17 @@ class KernelConfig(TileConfig):
     bwd_warps: int = 4
     fwd_stages: int = 2
     bwd_stages: int = 2
+    bwd_onepass: bool = False
+    bwd_programs_per_sm: int = 2
 
     NAME = "fused_attention KernelConfig"
 
     def __post_init__(self) -> None:
         blocks = ("fwd_m", "fwd_n", "bwd_m", "bwd_n")  # tl.dot needs 16 or more
-        self.check_integers((*blocks, "fwd_warps", "bwd_warps", "fwd_stages", "bwd_stages"), blocks, least_power=16)
+        self.check_integers((*blocks, "fwd_warps", "bwd_warps", "fwd_stages", "bwd_stages", "bwd_programs_per_sm"),
+                            blocks, least_power=16)  # fmt: skip
+        if not isinstance(self.bwd_onepass, bool):  # a JSON config could hold "yes" or 1 (from_json)
+            raise TypeError(f"{self.NAME}.bwd_onepass must be true or false, got {self.bwd_onepass!r}.")
 
 
 _SLOT = ConfigSlot(KernelConfig())  # process-wide, as fused_ln's; benchmarks/attention_sweep.py writes --best
@@ -187,6 +197,9 @@ def _triton_backward(
     }
     flags_arg = flags if dropout else lse  # a constexpr branch never reads it without dropout
     parts = torch.zeros((B, n_blocks, 3, H, D) if need_dbias else (0,), device=qkv.device, dtype=torch.float32)
+    if cfg.bwd_onepass:
+        _onepass_backward(do, qkv, o, lse, delta, flags_arg, dqkv, parts if need_dbias else lse, common, tiles)
+        return dqkv, parts.sum((0, 1)).reshape(-1) if need_dbias else parts
     with _on_device(qkv):
         k.attn_bwd_dq[(_cdiv(T, cfg.bwd_m), B * H)](  # first: it writes delta for the dk/dv kernel
             qkv, do, o, lse, delta, flags_arg, dqkv, parts if need_dbias else lse, *common, BLOCK_M=cfg.bwd_m,
@@ -197,6 +210,22 @@ def _triton_backward(
             BLOCK_N=cfg.bwd_n, **tiles,
         )  # fmt: skip
     return dqkv, parts.sum((0, 1)).reshape(-1) if need_dbias else parts
+
+
+def _onepass_backward(do, qkv, o, lse, delta, flags_arg, dqkv, parts, common, tiles) -> None:
+    """``KernelConfig.bwd_onepass``: one persistent kernel, a head per program at a time, with dq summed in
+    fp32 in a slot of its own per program (zeros in, zeros out); writes ``dqkv`` and the bias's ``parts``."""
+    B, T, _, H, D = qkv.shape
+    cfg = kernel_config()
+    sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count if qkv.is_cuda else 2
+    programs = max(1, min(B * H, cfg.bwd_programs_per_sm * sms))
+    slots = torch.zeros(programs, _cdiv(T, cfg.bwd_m) * cfg.bwd_m, D, device=qkv.device, dtype=torch.float32)
+    T_, H_, *rest = common
+    with _on_device(qkv):
+        _kernels().attn_bwd_onepass[(programs,)](
+            qkv, do, o, lse, delta, flags_arg, dqkv, parts, slots, T_, H_, B * H, *rest,
+            BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, **tiles,
+        )  # fmt: skip
 
 
 def triton_keep(seed: Tensor, B: int, H: int, T: int, p: float) -> Tensor:

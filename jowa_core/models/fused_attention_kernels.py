@@ -12,6 +12,9 @@ Dropout: the keep flags of probabilities (row m, keys 8 g .. 8 g + 7) of head ``
 ``fused_ln``'s packed mask). The forward stores them as one byte per call, (B H, T, cdiv(T, 8)) bytes, an eighth of
 a bf16 probability; the backward kernels read those bytes instead of running Philox again (they would each spend
 as many instructions on it as the forward).
+
+The backward is either two kernels (``attn_bwd_dq``, then ``attn_bwd_dkdv``: 7 matrix products per pass between
+them) or one persistent kernel that owns a head at a time (``attn_bwd_onepass``: 5, with dq summed in L2).
 """
 
 import triton
@@ -108,13 +111,18 @@ def attn_fwd(QKV, O, LSE, SEED, FLAGS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, p
 
 
 @triton.jit
-def _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, bh, T, s_t, s_o_t, qk_scale, drop_scale, offs_n,
-               start_n, start_m, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):  # fmt: skip
+def _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, DQ_ACC, bh, T, s_t, s_o_t, qk_scale, drop_scale,
+               offs_n, start_n, start_m, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, ACC_DQ: tl.constexpr = False):  # fmt: skip
     """One block of queries against the kernel's keys. Rows past T read lse = +inf, so their probabilities are 0
-    without a mask; ``MASKED`` adds the causal one, for blocks that cross the diagonal."""
+    without a mask; ``MASKED`` adds the causal one, for blocks that cross the diagonal. ``ACC_DQ``: also add this
+    pass's dS K to the rows' fp32 dq in ``DQ_ACC`` (a (rows, D) slot that only this program touches)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = offs_m < T
+    if ACC_DQ:  # loaded first, so its latency hides behind the products below
+        D: tl.constexpr = k.shape[1]
+        dq_ptrs = DQ_ACC + offs_m[:, None] * D + tl.arange(0, D)[None, :]
+        dq_acc = tl.load(dq_ptrs)
     q = tl.load(base + offs_m[:, None] * s_t, mask=rows[:, None], other=0.0)
     do = tl.load(do_base + offs_m[:, None] * s_o_t, mask=rows[:, None], other=0.0)
     lse = tl.load(LSE + bh * T + offs_m, mask=rows, other=float("inf"))
@@ -131,8 +139,10 @@ def _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, bh, T, s_t, s_o_t
     else:
         pd = p
     dv += tl.dot(tl.trans(pd.to(do.dtype)), do)
-    ds = p * (dp - delta[:, None])
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    ds = (p * (dp - delta[:, None])).to(q.dtype)
+    dk += tl.dot(tl.trans(ds), q)
+    if ACC_DQ:
+        tl.store(dq_ptrs, tl.dot(ds, k, acc=dq_acc))
     return dk, dv
 
 
@@ -156,11 +166,11 @@ def attn_bwd_dkdv(QKV, DO, LSE, DELTA, FLAGS, DQKV, DBIAS, T, H, s_b, s_t, s_o_b
     do_base = DO + b * s_o_b + h * D + offs_d[None, :]
     whole = ((start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M  # query blocks from here see every key
     for start_m in range((start_n // BLOCK_M) * BLOCK_M, tl.minimum(whole, T), BLOCK_M):
-        dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, bh, T, s_t, s_o_t, qk_scale, drop_scale,
-                            offs_n, start_n, start_m, DROPOUT, True, BLOCK_M, BLOCK_N)  # fmt: skip
+        dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, DELTA, bh, T, s_t, s_o_t, qk_scale,
+                            drop_scale, offs_n, start_n, start_m, DROPOUT, True, BLOCK_M, BLOCK_N)  # fmt: skip
     for start_m in range(whole, T, BLOCK_M):
-        dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, bh, T, s_t, s_o_t, qk_scale, drop_scale,
-                            offs_n, start_n, start_m, DROPOUT, False, BLOCK_M, BLOCK_N)  # fmt: skip
+        dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, DELTA, bh, T, s_t, s_o_t, qk_scale,
+                            drop_scale, offs_n, start_n, start_m, DROPOUT, False, BLOCK_M, BLOCK_N)  # fmt: skip
     dk = dk * sm_scale
     out = DQKV + b * s_b + h * D + offs_n[:, None] * s_t + offs_d[None, :]
     tl.store(out + H * D, dk.to(DQKV.dtype.element_ty), mask=kv_mask)
@@ -169,6 +179,77 @@ def attn_bwd_dkdv(QKV, DO, LSE, DELTA, FLAGS, DQKV, DBIAS, T, H, s_b, s_t, s_o_b
         part = DBIAS + ((b * n_blocks + tl.program_id(0)) * 3 * H + h) * D + offs_d
         tl.store(part + H * D, tl.sum(dk, 0))
         tl.store(part + 2 * H * D, tl.sum(dv, 0))
+
+
+@triton.jit
+def attn_bwd_onepass(QKV, DO, O, LSE, DELTA, FLAGS, DQKV, DBIAS, DQ_ACC, T, H, BH, s_b, s_t, s_o_b, s_o_t, qk_scale,
+                     sm_scale, drop_scale, n_blocks, D: tl.constexpr, DROPOUT: tl.constexpr, HAS_DBIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """The whole backward of one head per program, in one kernel: 5 matrix products per pass where the dq and
+    dk/dv kernels run 7 between them (the dq kernel computes the scores and dP again). A head's 296 tokens are
+    few, so one program can own the head: over key blocks (dk, dv in registers), then over the query blocks that
+    see them, adding each pass's dS K to the rows' dq in fp32 in ``DQ_ACC``, the program's own (cdiv(T, BLOCK_M)
+    BLOCK_M, D) slot, which stays in L2. With no other program writing there, no atomics: a barrier after each
+    key block orders one block's read-add-write of a row after the last's. Persistent: the programs stride over
+    the B H heads, so the slots (programs x 80 KB at jowa_150m's shape) stay few enough for L2. Slots start at
+    zero and are left at zero. ``delta`` is computed first, for the head's rows. The bias's column sums go to
+    ``DBIAS`` as the two kernels' (B, n_blocks, 3, H, D) partial sums: dk's and dv's summed over the key blocks
+    (this order of the code compiles to the fewest instructions per pass for sm_90: 932 / 827 with dropout,
+    ``benchmarks.attention_isa``), dq's one per query block."""
+    pid = tl.program_id(0)
+    offs_d = tl.arange(0, D)
+    t_pad = tl.cdiv(T, BLOCK_M) * BLOCK_M
+    acc = DQ_ACC + pid * t_pad * D
+    for bh in range(pid, BH, tl.num_programs(0)):
+        b, h = bh // H, bh % H
+        base = QKV + b * s_b + h * D + offs_d[None, :]
+        do_base = DO + b * s_o_b + h * D + offs_d[None, :]
+        for start_m in range(0, T, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            rows = offs_m < T
+            o_offs = b * s_o_b + h * D + offs_m[:, None] * s_o_t + offs_d[None, :]
+            o = tl.load(O + o_offs, mask=rows[:, None], other=0.0).to(tl.float32)
+            do = tl.load(DO + o_offs, mask=rows[:, None], other=0.0).to(tl.float32)
+            tl.store(DELTA + bh * T + offs_m, tl.sum(o * do, 1), mask=rows)
+        tl.debug_barrier()  # the passes read other rows' delta than this thread wrote
+        dk_sum = tl.zeros((D,), tl.float32)
+        dv_sum = tl.zeros((D,), tl.float32)
+        for start_n in range(0, T, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kv_mask = (offs_n < T)[:, None]
+            k = tl.load(base + H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+            v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+            dk = tl.zeros((BLOCK_N, D), tl.float32)
+            dv = tl.zeros((BLOCK_N, D), tl.float32)
+            whole = ((start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M  # query blocks from here see every key
+            for start_m in range((start_n // BLOCK_M) * BLOCK_M, tl.minimum(whole, T), BLOCK_M):
+                dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, acc, bh, T, s_t, s_o_t, qk_scale,
+                                    drop_scale, offs_n, start_n, start_m, DROPOUT, True, BLOCK_M, BLOCK_N, True)  # fmt: skip
+            for start_m in range(whole, T, BLOCK_M):
+                dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, acc, bh, T, s_t, s_o_t, qk_scale,
+                                    drop_scale, offs_n, start_n, start_m, DROPOUT, False, BLOCK_M, BLOCK_N, True)  # fmt: skip
+            tl.debug_barrier()  # the next key block's passes read the dq rows that other threads wrote
+            dk = dk * sm_scale
+            out = DQKV + b * s_b + h * D + offs_n[:, None] * s_t + offs_d[None, :]
+            tl.store(out + H * D, dk.to(DQKV.dtype.element_ty), mask=kv_mask)
+            tl.store(out + 2 * H * D, dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+            dk_sum += tl.sum(dk, 0)
+            dv_sum += tl.sum(dv, 0)
+        if HAS_DBIAS:  # rows past T hold zeros
+            part = DBIAS + (b * n_blocks * 3 * H + h) * D + offs_d
+            tl.store(part + H * D, dk_sum)
+            tl.store(part + 2 * H * D, dv_sum)
+        for start_m in range(0, T, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            dq = tl.load(acc + offs_m[:, None] * D + offs_d[None, :]) * sm_scale  # rows past T hold zeros
+            out = DQKV + b * s_b + h * D + offs_m[:, None] * s_t + offs_d[None, :]
+            tl.store(out, dq.to(DQKV.dtype.element_ty), mask=(offs_m < T)[:, None])
+            if HAS_DBIAS:
+                tl.store(DBIAS + ((b * n_blocks + start_m // BLOCK_M) * 3 * H + h) * D + offs_d, tl.sum(dq, 0))
+        tl.debug_barrier()  # every row read before any is cleared
+        for start_m in range(0, T, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            tl.store(acc + offs_m[:, None] * D + offs_d[None, :], tl.zeros((BLOCK_M, D), tl.float32))
 
 
 @triton.jit
