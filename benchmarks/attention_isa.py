@@ -16,7 +16,8 @@ and how far the asynchronous products overlap the rest are left out. cuDNN's ker
 took 12.7 ms forward and 24.8 ms backward (with its two helper kernels) on an H100 (session 13's profile). One
 JSON line per kernel, with and without dropout; the backward is either ``attn_bwd_dq`` + ``attn_bwd_dkdv`` or
 ``attn_bwd_onepass`` alone (``KernelConfig.bwd_onepass``). ``spill_sass``: local-memory loads and stores (spilled
-registers), in the loops over passes and in the whole kernel.
+registers), in the loops over passes and in the whole kernel; ``bar_sync`` and ``shared_memory_ops``: a thread's
+barriers and shared-memory accesses per pass, where warps wait on each other (the issue time leaves them out).
 """
 
 from __future__ import annotations
@@ -107,7 +108,13 @@ def main(argv: list[str] | None = None) -> None:
             loops = pass_loops(text, nvdisasm)
             if len(loops) != 2:
                 raise SystemExit(f"attention_isa: expected two loops over passes in {name}, found {len(loops)}.")
-            short, long = sorted(sum(c.values()) for c in loops)
+            short_loop, long_loop = sorted(loops, key=lambda c: sum(c.values()))
+            short, long = sum(short_loop.values()), sum(long_loop.values())
+            stalls = {  # barriers and shared-memory accesses a thread, per pass: data moved between threads
+                kind: {"masked": sum(n for op, n in long_loop.items() if op.startswith(prefixes)),
+                       "whole": sum(n for op, n in short_loop.items() if op.startswith(prefixes))}
+                for kind, prefixes in (("bar_sync", ("BAR.SYNC",)), ("shared_memory_ops", ("LDS", "STS")))
+            }  # fmt: skip
             spills = {
                 "in_pass_loops": sum(n for c in loops for op, n in c.items() if op.startswith(SPILLS)),
                 "in_kernel": sum(n for op, n in sass_counts(b"", nvdisasm, text).items() if op.startswith(SPILLS)),
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({
                 "kernel": name, "dropout": dropout, "tiles": [bm, bn, warps],
                 "loop_sass_per_thread": {"masked": long, "whole": short},
-                "hgmma_per_pass": sum(n for op, n in loops[0].items() if "GMMA" in op), "spill_sass": spills,
+                "hgmma_per_pass": sum(n for op, n in loops[0].items() if "GMMA" in op), "spill_sass": spills, **stalls,
                 "passes_per_step": {"masked": masked, "whole": whole},
                 "issue_ms": round(warp_instr / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3, 2),
                 "tensor_ms": round(flops / PEAK_FLOPS * 1e3, 2), "triton": triton.__version__,

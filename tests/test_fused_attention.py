@@ -98,6 +98,8 @@ def test_dropout_follows_torch_manual_seed_and_bad_input_is_refused() -> None:
         causal_attention(qkv.reshape(2, 11, 6, 8), 0.1, True)
     with pytest.raises(ValueError, match="power of two >= 16"):
         KernelConfig(fwd_m=24)
+    with pytest.raises(ValueError, match="bwd_n must be 32 or more .* got 16"):
+        KernelConfig(bwd_n=16)
     with pytest.raises(TypeError, match="bwd_onepass must be true or false, got 1"):
         KernelConfig(bwd_onepass=1)
     with pytest.raises(ValueError, match="bwd_programs_per_sm must be >= 1"):
@@ -185,7 +187,7 @@ INTERPRETER_CHECK = textwrap.dedent(
     # fp32 and fp16 (the interpreter has no bf16 matrix product; tests/test_gpu.py runs bf16 on CUDA)
     # each backward both ways: the two kernels, and the one-pass kernel with 2 programs (off CUDA: 1 per "SM", 2
     # SMs) for 3 or 4 heads, so a program takes a second head in the slot the first left at zero
-    configs = [fa.KernelConfig(16, 16, 2, 16, 16, 2, 1, 1), fa.KernelConfig(32, 16, 2, 16, 32, 2, 1, 1)]
+    configs = [fa.KernelConfig(16, 32, 2, 64, 32, 2, 1, 1), fa.KernelConfig(32, 64, 2, 16, 32, 2, 1, 1)]
     shapes = [(2, 37, 2, 16), (1, 80, 3, 32)]
     for cfg in configs:
         for (B, T, H, D) in shapes:
@@ -197,7 +199,7 @@ INTERPRETER_CHECK = textwrap.dedent(
                     tag = f"{cfg} {(B, T, H, D)} {dtype} p={p}"
                     keep = fa.triton_keep(torch.tensor([123]), B, H, T, p) if p > 0 else None
                     o, lse, flags = fa._triton_forward(qkv, seed, p)
-                    assert flags.shape == ((B * H, T, (T + 7) // 8) if p > 0 else (0,)), tag
+                    assert flags.shape == ((B * H, T, 4 * ((T + 31) // 32)) if p > 0 else (0,)), tag
                     ro, rlse = fa._reference(qkv, keep, p)
                     rdq, rdb = fa._reference_backward(do, qkv, keep, p)
                     tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float16 else {"rtol": 1e-5, "atol": 1e-5}
@@ -233,6 +235,16 @@ INTERPRETER_CHECK = textwrap.dedent(
     wide = torch.randn(2, 37, 4, 2, 16)
     a = fa._triton_forward(wide[:, :, 1:], None, 0.0)[0]
     assert torch.equal(a, fa._triton_forward(wide[:, :, 1:].contiguous(), None, 0.0)[0])
+    # the stored flags' layout: key 32 s + 8 c + 2 q + e of row m is bit 2 c + e of row m's byte 4 s + q (written
+    # for the keys each row sees)
+    fa.set_kernel_config(fa.KernelConfig(64, 32, 4, 64, 64, 4, 2, 2))
+    B, T, H = 1, 80, 2
+    flags = fa._triton_forward(torch.randn(B, T, 3, H, 16), torch.tensor([9]), 0.25)[2].long()
+    n = torch.arange(T)
+    bits = (flags[:, :, (n // 32) * 4 + (n % 8) // 2] >> (2 * ((n % 32) // 8) + n % 2)) & 1
+    seen = torch.ones(T, T, dtype=torch.bool).tril()
+    assert torch.equal(bits.bool()[:, seen], fa.triton_keep(torch.tensor([9]), B, H, T, 0.25).reshape(B * H, T, T)[:, seen])
+    fa.set_kernel_config(fa.KernelConfig())
     # the flags: kept share, the same seed the same, another seed others, rows and heads apart, neighbours (which
     # share Philox words) as if independent
     p = 0.1
@@ -241,8 +253,10 @@ INTERPRETER_CHECK = textwrap.dedent(
     other = fa.triton_keep(torch.tensor([8]), 2, 3, 96, p).float()
     assert abs((keep != other).float().mean().item() - 2 * p * (1 - p)) < 0.01
     assert abs(keep.mean().item() - (1 - p)) < 0.005, keep.mean().item()  # 55,296 draws: sd 0.0013
-    for j in range(8):
-        assert abs(keep[..., j::8].mean().item() - (1 - p)) < 0.015, j
+    n = torch.arange(96)
+    for j in range(8):  # each of a call's 8 bits: keys 32 s + 8 c + 2 q + e hold bit 2 c + e
+        cols = n[((n % 32) // 8 == j // 2) & (n % 2 == j % 2)]
+        assert abs(keep[..., cols].mean().item() - (1 - p)) < 0.015, j
     pairs = (keep[..., 1:] == keep[..., :-1]).float().mean().item()
     assert abs(pairs - (p * p + (1 - p) ** 2)) < 0.01, pairs
     rows = keep.reshape(-1, 96)

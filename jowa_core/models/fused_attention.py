@@ -116,6 +116,10 @@ class KernelConfig(TileConfig):
         blocks = ("fwd_m", "fwd_n", "bwd_m", "bwd_n")  # tl.dot needs 16 or more
         self.check_integers((*blocks, "fwd_warps", "bwd_warps", "fwd_stages", "bwd_stages", "bwd_programs_per_sm"),
                             blocks, least_power=16)  # fmt: skip
+        for name in ("fwd_n", "bwd_n"):  # a dropout call draws keys in spans of 32 (fused_attention_kernels)
+            if getattr(self, name) < 32:
+                raise ValueError(f"{self.NAME}.{name} must be 32 or more (keys are drawn for dropout in spans of 32), "
+                                 f"got {getattr(self, name)}.")  # fmt: skip
         if not isinstance(self.bwd_onepass, bool):  # a JSON config could hold "yes" or 1 (from_json)
             raise TypeError(f"{self.NAME}.bwd_onepass must be true or false, got {self.bwd_onepass!r}.")
 
@@ -132,6 +136,11 @@ def _kernels():
     return fused_attention_kernels
 
 
+def _flag_bytes(T: int) -> int:
+    """Dropout flag bytes per query row: one per Philox call, 4 calls per 32 keys (fused_attention_kernels)."""
+    return 4 * _cdiv(T, 32)
+
+
 def _check(qkv: Tensor) -> Tensor:
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"causal_attention: qkv must be (B, T, 3, H, D), got {tuple(qkv.shape)}.")
@@ -144,7 +153,7 @@ def _check(qkv: Tensor) -> Tensor:
     if qkv.numel() >= 2**31:
         raise ValueError(f"causal_attention: {qkv.numel()} elements exceed the kernels' int32 offsets.")
     B, T, _, H, _ = qkv.shape
-    if B * H * T * _cdiv(T, 8) >= 2**31:
+    if B * H * T * _flag_bytes(T) >= 2**31:
         raise ValueError("causal_attention: too many probabilities for the dropout's int32 Philox offsets.")
     if qkv.stride(4) != 1 or qkv.stride(3) != D or qkv.stride(2) != H * D:
         qkv = qkv.contiguous()  # the kernels step through (3, H, D) as one contiguous row
@@ -152,7 +161,7 @@ def _check(qkv: Tensor) -> Tensor:
 
 
 def _triton_forward(qkv: Tensor, seed: Tensor | None, p: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(o, lse, flags): flags, the dropout's keep bits for the backward, (B H, T, cdiv(T, 8)) uint8 (empty without
+    """(o, lse, flags): flags, the dropout's keep bits for the backward, (B H, T, 4 cdiv(T, 32)) uint8 (empty without
     dropout; bytes past the causal edge unwritten)."""
     qkv = _check(qkv)
     B, T, _, H, D = qkv.shape
@@ -160,7 +169,7 @@ def _triton_forward(qkv: Tensor, seed: Tensor | None, p: float) -> tuple[Tensor,
     o = qkv.new_empty(B, T, H, D)
     lse = torch.empty(B * H, T, device=qkv.device, dtype=torch.float32)
     dropout = seed is not None
-    flags = torch.empty((B * H, T, _cdiv(T, 8)) if dropout else (0,), device=qkv.device, dtype=torch.uint8)
+    flags = torch.empty((B * H, T, _flag_bytes(T)) if dropout else (0,), device=qkv.device, dtype=torch.uint8)
     with _on_device(qkv):
         k.attn_fwd[(_cdiv(T, cfg.fwd_m), B * H)](
             # without dropout lse stands in for the pointers that a constexpr branch never reads
@@ -232,7 +241,7 @@ def triton_keep(seed: Tensor, B: int, H: int, T: int, p: float) -> Tensor:
     """The (B, H, T, T) keep flags the forward kernel draws for ``seed`` (for tests and the reference)."""
     keep = torch.empty(B * H, T, T, device=seed.device, dtype=torch.uint8)
     with _on_device(seed):
-        _kernels().attn_dropout_keep[(_cdiv(T, 16), B * H)](seed, keep, T, round(p * 65536), BLOCK_M=16, BLOCK_N=16)
+        _kernels().attn_dropout_keep[(_cdiv(T, 16), B * H)](seed, keep, T, round(p * 65536), BLOCK_M=16, BLOCK_N=32)
     return keep.view(B, H, T, T).bool()
 
 
@@ -247,7 +256,7 @@ def _use_triton(t: Tensor) -> bool:
 def _flag_shape(qkv: Tensor, seed: Tensor | None) -> tuple[int, ...]:
     """The Triton forward's keep-bit bytes (the reference redraws from the seed instead and keeps none)."""
     B, T, _, H, _ = qkv.shape
-    return (B * H, T, _cdiv(T, 8)) if seed is not None and _use_triton(qkv) else (0,)
+    return (B * H, T, _flag_bytes(T)) if seed is not None and _use_triton(qkv) else (0,)
 
 
 @torch.library.custom_op("jowa::causal_attention", mutates_args=())

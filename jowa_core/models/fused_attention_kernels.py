@@ -7,11 +7,16 @@ blocks), causal, with dropout on the probabilities. Layout: queries, keys and va
 (B, T, C) without a copy, and the backward writes its gradient packed like the input. The log-sum-exp is kept in
 base 2 (``qk_scale`` = the softmax scale x log2 e), as is ``exp2``.
 
-Dropout: the keep flags of probabilities (row m, keys 8 g .. 8 g + 7) of head ``bh`` come from Philox-4x32-7 call
-``(bh * T + m) * cdiv(T, 8) + g`` of the seed, whose four 32-bit words give eight 16-bit uniforms (as
-``fused_ln``'s packed mask). The forward stores them as one byte per call, (B H, T, cdiv(T, 8)) bytes, an eighth of
-a bf16 probability; the backward kernels read those bytes instead of running Philox again (they would each spend
-as many instructions on it as the forward).
+Dropout: the keep flags of head ``bh``'s probabilities come from Philox-4x32-7 calls of the seed, whose four
+32-bit words give eight 16-bit uniforms (as ``fused_ln``'s packed mask). Call ``(bh * T + m) * G + 4 s + q`` (G =
+4 cdiv(T, 32) calls a row) draws row m's keys 32 s + 8 c + 2 q + e (c < 4, e < 2): the low (e = 0) and high (e =
+1) halves of word c. Those are the keys that one thread holds in the accumulator of Hopper's (and Ampere's) matrix
+products, where lane l holds columns 8 c + 2 (l % 4) + e of its rows, so each thread draws and reads its own flags:
+no exchange through shared memory (with consecutive keys per call, the forward spent 9 more barriers and about 55
+more shared-memory accesses a thread on each pass). Keys are therefore taken in blocks of 32 or more. The forward
+stores the flags as one byte per call (bit 2 c + e), (B H, T, G) bytes, an eighth of a bf16 probability; the
+backward kernels read those bytes instead of running Philox again (they would each spend as many instructions on
+it as the forward).
 
 The backward is either two kernels (``attn_bwd_dq``, then ``attn_bwd_dkdv``: 7 matrix products per pass between
 them) or one persistent kernel that owns a head at a time (``attn_bwd_onepass``: 5, with dq summed in L2).
@@ -23,38 +28,47 @@ import triton.language as tl
 
 @triton.jit
 def _draw(seed, bh, T, offs_m, start_n, p16, BLOCK_N: tl.constexpr):
-    """Keys ``start_n ..`` (a multiple of 8) of rows ``offs_m``: ([BLOCK_M, BLOCK_N] keep flags, [BLOCK_M,
-    BLOCK_N // 8] int32 flag bytes, bit j of byte g the flag of key 8 g + j). One Philox call per byte: its four
-    words' low and high 16-bit halves, each kept if >= p16 (p in 1/65536). Philox-4x32-7, as FlashAttention-2's
-    dropout (and PyTorch's copy of it) draws: 7 rounds pass BigCrush (Salmon et al. 2011), 10 add margin."""
-    pk = (bh * T + offs_m)[:, None] * ((T + 7) // 8) + (start_n // 8 + tl.arange(0, BLOCK_N // 8))[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, pk, n_rounds=7)  # FlashAttention-2's dropout runs 7 Philox rounds too
+    """Keys ``start_n ..`` (multiples of 32) of rows ``offs_m``: ([BLOCK_M, BLOCK_N] keep flags, [BLOCK_M,
+    BLOCK_N // 8] int32 flag bytes as stored). Each 16-bit half of a call's words is kept if >= p16 (p in 1/65536).
+    Philox-4x32-7, as FlashAttention-2's dropout (and PyTorch's copy of it) draws: 7 rounds pass BigCrush (Salmon
+    et al. 2011), 10 add margin."""
+    S: tl.constexpr = BLOCK_N // 32
+    calls = (start_n // 32 + tl.arange(0, S))[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    pk = (bh * T + offs_m)[:, None, None] * (((T + 31) // 32) * 4) + calls  # [BLOCK_M, S, 4]: (row, span, quad)
+    r0, r1, r2, r3 = tl.randint4x(seed, pk, n_rounds=7)
     w0, w1 = r0.to(tl.int32, bitcast=True), r1.to(tl.int32, bitcast=True)
     w2, w3 = r2.to(tl.int32, bitcast=True), r3.to(tl.int32, bitcast=True)
-    x0, x1 = ((w0 & 0xFFFF) >= p16).to(tl.int32), ((w1 & 0xFFFF) >= p16).to(tl.int32)
-    x2, x3 = ((w2 & 0xFFFF) >= p16).to(tl.int32), ((w3 & 0xFFFF) >= p16).to(tl.int32)
-    x4, x5 = (((w0 >> 16) & 0xFFFF) >= p16).to(tl.int32), (((w1 >> 16) & 0xFFFF) >= p16).to(tl.int32)
-    x6, x7 = (((w2 >> 16) & 0xFFFF) >= p16).to(tl.int32), (((w3 >> 16) & 0xFFFF) >= p16).to(tl.int32)
-    # the interleave tree puts x0, x4, x2, x6, x1, x5, x3, x7 on keys 8 g .. 8 g + 7; the byte's bits follow it
-    lo = tl.interleave(tl.interleave(x0, x1), tl.interleave(x2, x3))
-    keep = tl.interleave(lo, tl.interleave(tl.interleave(x4, x5), tl.interleave(x6, x7))) != 0
-    byte = x0 | (x4 << 1) | (x2 << 2) | (x6 << 3) | (x1 << 4) | (x5 << 5) | (x3 << 6) | (x7 << 7)
-    return keep, byte
+    l0, l1 = ((w0 & 0xFFFF) >= p16).to(tl.int32), ((w1 & 0xFFFF) >= p16).to(tl.int32)
+    l2, l3 = ((w2 & 0xFFFF) >= p16).to(tl.int32), ((w3 & 0xFFFF) >= p16).to(tl.int32)
+    h0, h1 = (((w0 >> 16) & 0xFFFF) >= p16).to(tl.int32), (((w1 >> 16) & 0xFFFF) >= p16).to(tl.int32)
+    h2, h3 = (((w2 >> 16) & 0xFFFF) >= p16).to(tl.int32), (((w3 >> 16) & 0xFFFF) >= p16).to(tl.int32)
+    byte = l0 | (h0 << 1) | (l1 << 2) | (h1 << 3) | (l2 << 4) | (h2 << 5) | (l3 << 6) | (h3 << 7)
+    M: tl.constexpr = offs_m.shape[0]
+    return _spread(l0, h0, l1, h1, l2, h2, l3, h3, M, BLOCK_N), tl.reshape(byte, (M, BLOCK_N // 8))
+
+
+@triton.jit
+def _spread(x0, x1, x2, x3, x4, x5, x6, x7, M: tl.constexpr, N: tl.constexpr):
+    """[M, N] flags from the eight [M, N // 32, 4] (row, span, quad) ones of a call's bits: bit 2 c + e of call
+    (m, s, q) is key 32 s + 8 c + 2 q + e. Joins, a permutation and a reshape, which lay the bits out as the
+    products' accumulators hold them, so none crosses threads."""
+    z = tl.join(tl.join(tl.join(x0, x1), tl.join(x2, x3)), tl.join(tl.join(x4, x5), tl.join(x6, x7)))
+    return tl.reshape(tl.permute(z, (0, 1, 5, 4, 2, 3)), (M, N)) != 0  # (.., q, e, c % 2, c // 2) -> (.., c, q, e)
 
 
 @triton.jit
 def _unpack(byte):
-    """[BLOCK_M, 8 x width] keep flags from [BLOCK_M, width] flag bytes: key 8 g + j reads bit j of byte g."""
+    """[BLOCK_M, 8 x width] keep flags from [BLOCK_M, width] flag bytes as ``_draw`` stores them."""
     M: tl.constexpr = byte.shape[0]
     W: tl.constexpr = byte.shape[1]
-    bits = (byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
-    return tl.reshape(bits, (M, W * 8)) != 0
+    b = tl.reshape(byte, (M, W // 4, 4))
+    return _spread(b & 1, b & 2, b & 4, b & 8, b & 16, b & 32, b & 64, b & 128, M, W * 8)
 
 
 @triton.jit
 def _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N: tl.constexpr):
     """Pointers to the flag bytes of rows ``offs_m`` and keys ``start_n ..``, and where they lie in the tensor."""
-    groups = (T + 7) // 8
+    groups = ((T + 31) // 32) * 4
     g = start_n // 8 + tl.arange(0, BLOCK_N // 8)
     return FLAGS + (bh * T + offs_m)[:, None] * groups + g[None, :], (offs_m < T)[:, None] & (g < groups)[None, :]
 
@@ -123,6 +137,11 @@ def _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, DQ_ACC, bh, T, s_
         D: tl.constexpr = k.shape[1]
         dq_ptrs = DQ_ACC + offs_m[:, None] * D + tl.arange(0, D)[None, :]
         dq_acc = tl.load(dq_ptrs)
+    # flags past the causal edge were never written: p is 0 there, so they do not matter. The one-pass kernel
+    # loads them first, the dk/dv kernel late: each order compiles shorter for its kernel (benchmarks.attention_isa)
+    ptrs, inside = _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
+    if DROPOUT and ACC_DQ:
+        flag_bytes = tl.load(ptrs, mask=inside, other=0).to(tl.int32)
     q = tl.load(base + offs_m[:, None] * s_t, mask=rows[:, None], other=0.0)
     do = tl.load(do_base + offs_m[:, None] * s_o_t, mask=rows[:, None], other=0.0)
     lse = tl.load(LSE + bh * T + offs_m, mask=rows, other=float("inf"))
@@ -131,9 +150,10 @@ def _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, DQ_ACC, bh, T, s_
     if MASKED:
         p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v))
-    if DROPOUT:  # flags past the causal edge were never written: p is 0 there, so they do not matter
-        ptrs, inside = _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
-        keep = _unpack(tl.load(ptrs, mask=inside, other=0).to(tl.int32))
+    if DROPOUT:
+        if not ACC_DQ:
+            flag_bytes = tl.load(ptrs, mask=inside, other=0).to(tl.int32)
+        keep = _unpack(flag_bytes)
         pd = tl.where(keep, p * drop_scale, 0.0)
         dp = tl.where(keep, dp * drop_scale, 0.0)
     else:
