@@ -1,6 +1,7 @@
 """The Triton flash-attention kernels' machine code for Hopper, counted without a GPU.
 
     python -m benchmarks.attention_isa [--batch 512] [--heads 12] [--tokens 296] [--layers 12]
+                                       [--fused-attention-config JSON]
 
 Triton compiles ``jowa_core.models.fused_attention``'s forward and its two backward kernels for sm_90 on the CPU
 (bf16, head size 64, the default tiles), and ``nvdisasm`` lists the SASS of each kernel's two loops over blocks:
@@ -17,7 +18,9 @@ took 12.7 ms forward and 24.8 ms backward (with its two helper kernels) on an H1
 JSON line per kernel, with and without dropout; the backward is either ``attn_bwd_dq`` + ``attn_bwd_dkdv`` or
 ``attn_bwd_onepass`` alone (``KernelConfig.bwd_onepass``). ``spill_sass``: local-memory loads and stores (spilled
 registers), in the loops over passes and in the whole kernel; ``bar_sync`` and ``shared_memory_ops``: a thread's
-barriers and shared-memory accesses per pass, where warps wait on each other (the issue time leaves them out).
+barriers and shared-memory accesses per pass, where warps wait on each other (the issue time leaves them out);
+``registers`` a thread, spill ``stack_bytes`` (``cuobjdump``) and the ``programs_per_sm`` those registers allow
+(the forward honours ``KernelConfig.fwd_maxnreg``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from benchmarks.fused_ln_isa import (
     disassemble,
     loop_bodies,
     nvdisasm_path,
+    programs_per_sm,
+    resource_usage,
     sass_counts,  # fmt: skip
 )
 
@@ -88,9 +93,25 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_args(ap)
     ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--fused-attention-config", default=None, metavar="JSON",
+                    help="count the kernels under this KernelConfig (as attention_sweep --best writes it)")  # fmt: skip
     args = ap.parse_args(argv)
     from jowa_core.models import fused_attention, fused_attention_kernels
 
+    if args.fused_attention_config:
+        from benchmarks.profile_train import apply_fused_attention_config
+
+        previous = fused_attention.kernel_config()
+        apply_fused_attention_config(args.fused_attention_config, ap)
+        try:
+            _count(args, fused_attention, fused_attention_kernels)
+        finally:
+            fused_attention.set_kernel_config(previous)
+    else:
+        _count(args, fused_attention, fused_attention_kernels)
+
+
+def _count(args, fused_attention, fused_attention_kernels) -> None:
     nvdisasm = nvdisasm_path("attention_isa")
     cfg = fused_attention.kernel_config()
     D = args.head_size
@@ -103,8 +124,11 @@ def main(argv: list[str] | None = None) -> None:
             consts = {"D": D, "DROPOUT": dropout, "BLOCK_M": bm, "BLOCK_N": bn}
             if not fwd:  # the training recipe's: the QKV bias's gradient summed in the kernels
                 consts = {"D": D, "DROPOUT": dropout, "HAS_DBIAS": True, "BLOCK_M": bm, "BLOCK_N": bn}
-            cubin = compile_sm90(getattr(fused_attention_kernels, name), sig, consts, warps)
+            maxnreg = cfg.fwd_maxnreg if fwd else 0
+            cubin = compile_sm90(getattr(fused_attention_kernels, name), sig, consts, warps, maxnreg=maxnreg or None)
             text = disassemble(cubin, nvdisasm)
+            usage = resource_usage(cubin, nvdisasm)
+            usage["programs_per_sm"] = programs_per_sm(usage["registers"], warps)
             loops = pass_loops(text, nvdisasm)
             if len(loops) != 2:
                 raise SystemExit(f"attention_isa: expected two loops over passes in {name}, found {len(loops)}.")
@@ -124,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                 "kernel": name, "dropout": dropout, "tiles": [bm, bn, warps],
                 "loop_sass_per_thread": {"masked": long, "whole": short},
                 "hgmma_per_pass": sum(n for op, n in loops[0].items() if "GMMA" in op), "spill_sass": spills, **stalls,
+                **usage,
                 "passes_per_step": {"masked": masked, "whole": whole},
                 "issue_ms": round(warp_instr / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3, 2),
                 "tensor_ms": round(flops / PEAK_FLOPS * 1e3, 2), "triton": triton.__version__,

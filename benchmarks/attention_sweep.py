@@ -27,8 +27,10 @@ from benchmarks.attention_backends import add_shape_args
 from benchmarks.fused_ln_sweep import time_ms
 from jowa_core.models import fused_attention as fa
 
-FWD_TILES = [{"fwd_m": m, "fwd_n": n, "fwd_warps": w, "fwd_stages": s}
+FWD_TILES = [{"fwd_m": m, "fwd_n": n, "fwd_warps": w, "fwd_stages": s, "fwd_maxnreg": 0}
              for m, n, w, s in itertools.product((64, 128), (32, 64), (4, 8), (2, 3))]  # fmt: skip
+# the default tile held to 168 registers a thread: three programs an SM instead of two (KernelConfig.fwd_maxnreg)
+FWD_TILES += [{"fwd_m": 64, "fwd_n": 64, "fwd_warps": 4, "fwd_stages": s, "fwd_maxnreg": 168} for s in (2, 3)]
 BWD_BLOCKS = ((32, 64), (64, 32), (64, 64), (64, 128), (128, 64))
 BWD_TILES = [{"bwd_m": m, "bwd_n": n, "bwd_warps": w, "bwd_stages": s, "bwd_onepass": False, "bwd_programs_per_sm": 2}
              for (m, n), w, s in itertools.product(BWD_BLOCKS, (4, 8), (2, 3))]  # fmt: skip

@@ -43,6 +43,25 @@ def disassemble(cubin: bytes, nvdisasm: Path) -> str:
         return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
+def resource_usage(cubin: bytes, nvdisasm: Path) -> dict[str, int]:
+    """Registers a thread and spill stack bytes of a one-kernel cubin (``cuobjdump``, beside ``nvdisasm``), and the
+    programs of ``warps`` warps that the registers let share an SM: ``programs_per_sm(regs, warps)``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(nvdisasm.with_name("cuobjdump")), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    if m is None:
+        raise SystemExit(f"cuobjdump gave no resource usage: {out[:200]!r}")
+    return {"registers": int(m.group(1)), "stack_bytes": int(m.group(2))}
+
+
+def programs_per_sm(registers: int, warps: int, sm_registers: int = 65536) -> int:
+    """Programs that fit an SM's register file: a warp's registers are allocated 256 at a time (8 a thread)."""
+    return sm_registers // (warps * 32 * -(-registers // 8) * 8)
+
+
 def sass_counts(cubin: bytes, nvdisasm: Path, text: str | None = None) -> dict[str, int]:
     """Instructions of one kernel's listing (or of ``text``, a part of it) by opcode (NOPs, the padding after
     EXIT, left out)."""
@@ -55,9 +74,11 @@ def sass_counts(cubin: bytes, nvdisasm: Path, text: str | None = None) -> dict[s
     return counts
 
 
-def compile_sm90(fn, signature: dict[str, str], consts: dict, warps: int, aligned: bool = True) -> bytes:
+def compile_sm90(
+    fn, signature: dict[str, str], consts: dict, warps: int, aligned: bool = True, maxnreg: int | None = None
+) -> bytes:
     """``fn``'s cubin for sm_90. ``aligned``: as a launch on 16-byte-aligned tensors and sizes divisible by 16 builds
-    it (16-byte vectors), the case of every op's training shapes."""
+    it (16-byte vectors), the case of every op's training shapes; ``maxnreg``: the launch option of that name."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -66,7 +87,8 @@ def compile_sm90(fn, signature: dict[str, str], consts: dict, warps: int, aligne
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(signature))} if aligned else None
     src = ASTSource(fn, {**signature, **dict.fromkeys(consts, "constexpr")},
                     constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)  # fmt: skip
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
+    options = {"num_warps": warps} | ({"maxnreg": maxnreg} if maxnreg else {})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 
 def loop_bodies(text: str) -> list[str]:

@@ -117,7 +117,7 @@ loop 60 "${winners[@]}" --fused-ln-config "$cfg/recompute_mask.json"
 loop 45
 fits 90 "the compiled model with each new switch" && timeout 90 python3 -m pytest -q -p no:cacheprovider \
     tests/test_gpu.py -k "fused_switch and (attention or gelu or branch)" 2>&1 | tail -n 4
-# the attention op's tiles (42 of them, a compile each), for the next call's --fused-attention-config
+# the attention op's tiles (44 of them, a compile each), for the next call's --fused-attention-config
 fits 120 "attention_sweep" && { timeout 120 python3 -m benchmarks.attention_sweep --best "$cfg/attention_best.json" \
     >>"$OUT/micro.jsonl" 2>>"$OUT/loop.err" || echo "attention_sweep: failed or timed out"; }
 grep '"part": "best"' "$OUT/micro.jsonl" | cut -c1-300

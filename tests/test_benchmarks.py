@@ -256,12 +256,12 @@ def test_bias_gelu_isa_counts_both_kernels_against_inductors(capsys):
 
 
 @needs_triton
-def test_attention_isa_counts_each_kernels_loop(capsys):
+def test_attention_isa_counts_each_kernels_loop(tmp_path, capsys):
     """Compiled for sm_90 on the CPU: each attention kernel's loop uses Hopper's asynchronous matrix products, the
     dropout's flags add instructions, and the passes and times follow from the shape and the counts."""
     import json
 
-    from benchmarks.attention_isa import CLOCK_HZ, PEAK_FLOPS, SCHEDULERS, SMS, causal_passes
+    from benchmarks.attention_isa import CLOCK_HZ, PEAK_FLOPS, SCHEDULERS, SMS, causal_passes, programs_per_sm
     from benchmarks.attention_isa import main as isa
 
     assert causal_passes(296, 64, 64) == (5, 10) and causal_passes(296, 64, 64, "attn_bwd_dkdv") == (5, 10)
@@ -286,6 +286,13 @@ def test_attention_isa_counts_each_kernels_loop(capsys):
         assert on["issue_ms"] == pytest.approx(issue, abs=0.006)
         flops = (masked + whole) * products * 2 * bm * bn * 64
         assert on["tensor_ms"] == pytest.approx(flops / PEAK_FLOPS * 1e3, abs=0.006)
+        assert 0 < on["registers"] <= 255 and on["programs_per_sm"] == programs_per_sm(on["registers"], warps)
+    assert [programs_per_sm(r, w) for r, w in ((178, 4), (168, 4), (255, 4), (255, 8))] == [2, 3, 2, 1]
+    # the forward held to 168 registers (KernelConfig.fwd_maxnreg): three programs an SM
+    (tmp_path / "cfg.json").write_text('{"fwd_maxnreg": 168}')
+    isa(["--batch", "2", "--layers", "1", "--fused-attention-config", str(tmp_path / "cfg.json")])
+    fwd = [r for r in map(json.loads, capsys.readouterr().out.splitlines()) if r["kernel"] == "attn_fwd"]
+    assert all(r["registers"] <= 168 and r["programs_per_sm"] == 3 for r in fwd), fwd
 
 
 def test_mlp_autotune_times_variants_that_compute_the_same_gradients(capsys):

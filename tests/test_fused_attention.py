@@ -100,6 +100,8 @@ def test_dropout_follows_torch_manual_seed_and_bad_input_is_refused() -> None:
         KernelConfig(fwd_m=24)
     with pytest.raises(ValueError, match="bwd_n must be 32 or more .* got 16"):
         KernelConfig(bwd_n=16)
+    with pytest.raises(ValueError, match="fwd_maxnreg must be 0 .* got 300"):
+        KernelConfig(fwd_maxnreg=300)
     with pytest.raises(TypeError, match="bwd_onepass must be true or false, got 1"):
         KernelConfig(bwd_onepass=1)
     with pytest.raises(ValueError, match="bwd_programs_per_sm must be >= 1"):
@@ -237,7 +239,7 @@ INTERPRETER_CHECK = textwrap.dedent(
     assert torch.equal(a, fa._triton_forward(wide[:, :, 1:].contiguous(), None, 0.0)[0])
     # the stored flags' layout: key 32 s + 8 c + 2 q + e of row m is bit 2 c + e of row m's byte 4 s + q (written
     # for the keys each row sees)
-    fa.set_kernel_config(fa.KernelConfig(64, 32, 4, 64, 64, 4, 2, 2))
+    fa.set_kernel_config(fa.KernelConfig(64, 32, 4, 64, 64, 4, 2, 2, fwd_maxnreg=168))  # a launch option on CUDA
     B, T, H = 1, 80, 2
     flags = fa._triton_forward(torch.randn(B, T, 3, H, 16), torch.tensor([9]), 0.25)[2].long()
     n = torch.arange(T)

@@ -97,7 +97,12 @@ class KernelConfig(TileConfig):
     ``bwd_onepass``: the backward as one persistent kernel (``attn_bwd_onepass``), ``bwd_programs_per_sm``
     programs per SM each owning a head at a time: 5 matrix products per pass instead of the two kernels' 7, at
     the cost of dq's read-add-write in L2 and one program's passes over a head in series. Off until a GPU has
-    timed it against the two kernels."""
+    timed it against the two kernels.
+
+    ``fwd_maxnreg``: registers a thread of the forward may use (0: the compiler's choice, 178 for the default
+    tiles on sm_90). At 168, three programs of 4 warps share an SM's 65,536 registers instead of two, and the
+    forward's loops compile to as many instructions with no spills (``benchmarks.attention_isa``): more warps
+    to hide its latencies. Off until a GPU has timed it (``attention_sweep`` does)."""
 
     fwd_m: int = 64
     fwd_n: int = 64
@@ -109,6 +114,7 @@ class KernelConfig(TileConfig):
     bwd_stages: int = 2
     bwd_onepass: bool = False
     bwd_programs_per_sm: int = 2
+    fwd_maxnreg: int = 0
 
     NAME = "fused_attention KernelConfig"
 
@@ -122,6 +128,10 @@ class KernelConfig(TileConfig):
                                  f"got {getattr(self, name)}.")  # fmt: skip
         if not isinstance(self.bwd_onepass, bool):  # a JSON config could hold "yes" or 1 (from_json)
             raise TypeError(f"{self.NAME}.bwd_onepass must be true or false, got {self.bwd_onepass!r}.")
+        r = self.fwd_maxnreg
+        if isinstance(r, bool) or not isinstance(r, int) or not (r == 0 or 64 <= r <= 255):
+            raise ValueError(f"{self.NAME}.fwd_maxnreg must be 0 (the compiler's choice) or 64 to 255 registers, "
+                             f"got {r!r}.")  # fmt: skip
 
 
 _SLOT = ConfigSlot(KernelConfig())  # process-wide, as fused_ln's; benchmarks/attention_sweep.py writes --best
@@ -177,7 +187,7 @@ def _triton_forward(qkv: Tensor, seed: Tensor | None, p: float) -> tuple[Tensor,
             o.stride(0), o.stride(1), 1.0 / math.sqrt(D) * math.log2(math.e), round(p * 65536),
             1.0 / (1.0 - p) if dropout else 1.0,
             D=D, DROPOUT=dropout, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.fwd_warps,
-            num_stages=cfg.fwd_stages,
+            num_stages=cfg.fwd_stages, maxnreg=cfg.fwd_maxnreg or None,
         )  # fmt: skip
     return o, lse, flags
 
