@@ -11,7 +11,8 @@ output is checked against the math backend's (dropout draws differ by backend). 
 dropout. Beside SDPA's backends: ``jowa_triton``, ``jowa_core.models.fused_attention`` (the Triton flash-attention
 op the model uses with ``use_fused_attention``), fed the packed (B, T, 3, H, D) product it reads in training, its
 gradient packed too (on a CPU: its torch reference); ``jowa_triton_onepass``, the same op with its one-kernel
-backward (``KernelConfig.bwd_onepass``). On a CPU, flash and math on a small shape (a smoke run).
+backward (``KernelConfig.bwd_onepass``); ``jowa_triton_fwd168``, with its forward held to 168 registers
+(``KernelConfig.fwd_maxnreg``). On a CPU, flash and math on a small shape (a smoke run).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from jowa_core.runtime import resolve_device
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "mem_efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
+
+
+# the Triton op under its KernelConfig, and with each change not yet timed on a GPU (benchmarks/gpu_ab.sh picks)
+FUSED_VARIANTS = {"jowa_triton": {}, "jowa_triton_onepass": {"bwd_onepass": True},
+                  "jowa_triton_fwd168": {"fwd_maxnreg": 168}}  # fmt: skip
 
 
 def add_shape_args(ap: argparse.ArgumentParser) -> None:
@@ -70,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     packed = torch.stack((q, k, v), 2).transpose(1, 3).detach().contiguous().requires_grad_()  # (B, T, 3, H, D)
     default = fused_attention.kernel_config()
     try:
-        for backend, onepass in (("jowa_triton", False), ("jowa_triton_onepass", True)):
-            fused_attention.set_kernel_config(replace(default, bwd_onepass=onepass))
+        for backend, changes in FUSED_VARIANTS.items():
+            fused_attention.set_kernel_config(replace(default, **changes))
             for p in (args.dropout, 0.0):
                 rec = {"backend": backend, "dropout": p, **info}
                 rec.update(_time_fused(packed, p, dy.transpose(1, 2).contiguous(), reference, args.reps, dev))

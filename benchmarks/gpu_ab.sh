@@ -6,12 +6,12 @@
 #    a device sync;
 # 2. the CUDA tests of the new kernels against their references (fused_attention, fused_gelu, fused_ln's
 #    packed and redrawn masks and its h_bias), before any loop trusts them;
-# 3. attention alone at the training shape: each SDPA backend and the Triton flash-attention op with either
-#    backward (benchmarks/attention_backends.py: backends jowa_triton, two kernels, and jowa_triton_onepass, one),
-#    forward and backward, with and without dropout;
-# 4. the loop with --fused-attention (and the faster backward) if the op beat cuDNN there by 2 % (with dropout;
-#    about 37 ms of an H100's step is attention and the copy of its three gradients into one, session 13 and 17
-#    profiles);
+# 3. attention alone at the training shape: each SDPA backend and the Triton flash-attention op, with its
+#    untimed config changes (benchmarks/attention_backends.py: jowa_triton; jowa_triton_onepass, the one-kernel
+#    backward; jowa_triton_fwd168, the forward at 168 registers), forward and backward, with and without dropout;
+# 4. the loop with --fused-attention under the faster of each change, if the op beat cuDNN there by 2 % (with
+#    dropout; about 37 ms of an H100's step is attention and the copy of its three gradients into one, session 13
+#    and 17 profiles);
 # 5. the loop with the biases summed inside the fused ops' backwards: the bias + GELU op (--fused-bias-gelu) and
 #    the branch biases in the fused LayerNorm op (--fused-branch-bias), together;
 # 6. every arm that beat the default by 1 % or more, together;
@@ -58,16 +58,6 @@ pt() {  # pt LIMIT ARGS...: one profile_train process (the step alone), its JSON
 cfg=$(mktemp -d)  # kernel configs outside $OUT, which brings back 8 files at most
 echo '{"packed_rng": true}' >"$cfg/packed_rng.json"
 echo '{"packed_rng": true, "recompute_mask": true}' >"$cfg/recompute_mask.json"
-echo '{"bwd_onepass": true}' >"$cfg/onepass.json"
-faster() {  # faster KEY A B: 1 when micro.jsonl's line KEY=B runs at least 2 % faster than KEY=A (dropout on);
-    # A may list fallbacks, A1,A2: the first that ran (SDPA's cuDNN backend may refuse a machine's shapes)
-    python3 -c "import json, sys
-key, a, b = sys.argv[2:]
-rows = [r for r in map(json.loads, open(sys.argv[1])) if key in r and 'ms_fwd_bwd' in r and r.get('dropout', 1)]
-ms = {r[key]: r['ms_fwd_bwd'] for r in rows}
-base = next(ms[x] for x in a.split(',') if x in ms)
-print(int(base / ms[b] >= 1.02))" "$OUT/micro.jsonl" "$@" 2>/dev/null || echo 0
-}
 mfus() { grep -c train_stage2_mfu "$OUT/loop.jsonl" 2>/dev/null || echo 0; }
 last_mfu() { grep train_stage2_mfu "$OUT/loop.jsonl" | tail -n 1 | grep -o '"value": [0-9.]*' | cut -d' ' -f2; }
 stack=()
@@ -91,14 +81,24 @@ if fits 60 "attention_backends"; then
         echo "attention_backends: failed or timed out"
     grep '"backend"' "$OUT/micro.jsonl" | cut -c1-160
 fi
-# the op with the faster of its two backwards alone: two kernels (jowa_triton) or one (jowa_triton_onepass)
+# the op's config from attention alone: the faster backward (two kernels, jowa_triton, or one, jowa_triton_onepass)
+# and the faster forward (the compiler's registers, or 168: jowa_triton_fwd168), each against jowa_triton
 op=$(python3 -c "import json, sys
 ms = {r['backend']: r['ms_fwd_bwd'] for r in map(json.loads, open(sys.argv[1]))
       if r.get('backend', '').startswith('jowa_triton') and 'ms_fwd_bwd' in r and r.get('dropout')}
-print(min(ms, key=ms.get) if ms else '')" "$OUT/micro.jsonl" 2>/dev/null)
-attn=(--fused-attention)
-[ "$op" = jowa_triton_onepass ] && attn+=(--fused-attention-config "$cfg/onepass.json")
-if [ -n "$op" ] && [ "$(faster backend cudnn,flash,mem_efficient "$op")" = 1 ]; then
+if 'jowa_triton' in ms:
+    cfg = {'bwd_onepass': ms.get('jowa_triton_onepass', 1e9) < ms['jowa_triton'],
+           'fwd_maxnreg': 168 if ms.get('jowa_triton_fwd168', 1e9) < ms['jowa_triton'] else 0}
+    json.dump(cfg, open(sys.argv[2], 'w'))
+    best = ms['jowa_triton'] - sum(max(0.0, ms['jowa_triton'] - ms.get(k, 1e9)) for k in ms if k != 'jowa_triton')
+    print(json.dumps(cfg).replace(' ', ''), round(best, 3))" "$OUT/micro.jsonl" "$cfg/attention.json" 2>/dev/null)
+attn=(--fused-attention --fused-attention-config "$cfg/attention.json")
+if [ -n "$op" ] && [ "$(python3 -c "import json, sys
+rows = [r for r in map(json.loads, open(sys.argv[1])) if 'ms_fwd_bwd' in r and r.get('dropout')]
+ms = {r['backend']: r['ms_fwd_bwd'] for r in rows}
+base = next(ms[x] for x in ('cudnn', 'flash', 'mem_efficient') if x in ms)
+print(int(base / float(sys.argv[2]) >= 1.02))" "$OUT/micro.jsonl" "${op#* }" 2>/dev/null)" = 1 ]; then
+    echo "attention op config ${op% *} (about ${op#* } ms forward + backward alone)"
     arm 90 "${attn[@]}"
 else
     echo "skipped: loop --fused-attention (the op (${op:-not timed}) not 2 % faster than cuDNN alone, or no time)"
@@ -109,7 +109,8 @@ if [ "${#stack[@]}" -gt 2 ]; then  # more than one arm won
 else
     echo "skipped: the stacked run (winners: ${stack[*]:-none})"
 fi
-att_cfg=("${attn[@]:1}")  # the attention op's backward as attention_backends chose it
+att_cfg=()  # the attention op's config as attention_backends chose it
+[ -s "$cfg/attention.json" ] && att_cfg=(--fused-attention-config "$cfg/attention.json")
 pt 150 --variants compile_loss_fused_ln_qkv compile_loss_fused_ln_qkv_gelu_bias_attn --profile "${att_cfg[@]}"
 winners=("${stack[@]}")  # the LayerNorm mask arms run on top of the winners so far, each on its own
 loop 90 "${winners[@]}" --fused-ln-config "$cfg/packed_rng.json"
