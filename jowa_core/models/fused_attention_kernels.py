@@ -79,8 +79,8 @@ def _fwd_pass(acc, l_i, m_i, q, base, SEED, FLAGS, bh, T, H, s_t, qk_scale, p16,
     """One block of keys for the forward's online softmax; ``MASKED``: the block crosses the causal diagonal (or
     the sequence's end), so the mask applies; the blocks before it are seen whole and skip it."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_mask = (offs_n < T)[:, None]
-    k = tl.load(base + H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+    kv_mask = (offs_n < T)[:, None] if MASKED else None  # keys before the diagonal block all lie inside T
+    k = tl.load(base + H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0 if MASKED else None)
     s = tl.dot(q, tl.trans(k)) * qk_scale
     if MASKED:
         s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
@@ -93,7 +93,7 @@ def _fwd_pass(acc, l_i, m_i, q, base, SEED, FLAGS, bh, T, H, s_t, qk_scale, p16,
         ptrs, inside = _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
         tl.store(ptrs, byte.to(tl.uint8), mask=inside)
         p = tl.where(keep, p, 0.0)
-    v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+    v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0 if MASKED else None)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_new
 
@@ -277,9 +277,9 @@ def _dq_pass(dq, q, do, lse, delta, base, FLAGS, bh, T, H, s_t, qk_scale, drop_s
              D: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """One block of keys against the kernel's queries (rows past T: lse = +inf, so p = 0)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_mask = (offs_n < T)[:, None]
-    k = tl.load(base + H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
-    v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+    kv_mask = (offs_n < T)[:, None] if MASKED else None  # keys before the diagonal block all lie inside T
+    k = tl.load(base + H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0 if MASKED else None)
+    v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0 if MASKED else None)
     p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
     if MASKED:
         p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
