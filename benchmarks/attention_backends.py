@@ -1,6 +1,6 @@
 """Causal attention at the training shape on each SDPA backend, forward and backward, with and without dropout.
 
-    python -m benchmarks.attention_backends [--batch 512] [--reps 20]
+    python -m benchmarks.attention_backends [--batch 512] [--reps 20] [--backends cudnn,flash,jowa_triton]
 
 jowa_150m's training attention: batch 512, 12 heads, 296 tokens, head size 64, bf16, causal, dropout 0.1 on the
 probabilities (as the official model has it). Attention is about 35 ms of its step on an H200, and the step
@@ -52,7 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--backends", default=",".join([*BACKENDS, *FUSED_VARIANTS]),
+                    help="comma-separated rows to time (default: all)")  # fmt: skip
     args = ap.parse_args(argv)
+    chosen = args.backends.split(",")
+    unknown = sorted(set(chosen) - set(BACKENDS) - set(FUSED_VARIANTS))
+    if unknown:
+        ap.error(f"--backends: unknown {unknown}; choose from {', '.join([*BACKENDS, *FUSED_VARIANTS])}.")
     dev = resolve_device(args.device)
     cuda = dev.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -67,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     with warnings.catch_warnings():  # each refusing backend warns why; its JSON line says it once
         warnings.filterwarnings("ignore", message=".*(not used because|do not support non-zero dropout).*")
         for backend, sdpa in BACKENDS.items():
+            if backend not in chosen:
+                continue
             for p in (args.dropout, 0.0):
                 rec = {"backend": backend, "dropout": p, **info}
                 rec.update(_time_backend(sdpa, p, (q, k, v), dy, reference, args.reps, dev))
@@ -77,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     default = fused_attention.kernel_config()
     try:
         for backend, changes in FUSED_VARIANTS.items():
+            if backend not in chosen:
+                continue
             fused_attention.set_kernel_config(replace(default, **changes))
             for p in (args.dropout, 0.0):
                 rec = {"backend": backend, "dropout": p, **info}

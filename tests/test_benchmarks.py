@@ -316,10 +316,17 @@ def test_attention_backends_times_each_backend_that_takes_the_shape(capsys):
 
     from benchmarks.attention_backends import main as attention
 
-    attention(["--batch", "2", "--heads", "2", "--tokens", "37", "--head-size", "16", "--reps", "1", "--device", "cpu"])
+    argv = ["--batch", "2", "--heads", "2", "--tokens", "37", "--head-size", "16", "--reps", "1", "--device", "cpu"]
+    attention(argv)
     recs = {(r["backend"], r["dropout"]): r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert len(recs) == 14 and all("skipped" in recs[("cudnn", p)] for p in (0.0, 0.1))
     for op in ("jowa_triton", "jowa_triton_onepass", "jowa_triton_fwd168"):  # the op in each KernelConfig variant
         assert recs[(op, 0.0)]["max_abs_diff_vs_math"] < 1e-5 and recs[(op, 0.1)]["ms_fwd_bwd"] > 0
     assert recs[("flash", 0.0)]["max_abs_diff_vs_math"] < 1e-5 and recs[("math", 0.0)]["max_abs_diff_vs_math"] == 0.0
     assert recs[("math", 0.1)]["ms_fwd_bwd"] > 0 and "max_abs_diff_vs_math" not in recs[("math", 0.1)]
+    attention([*argv, "--backends", "flash,jowa_triton_onepass"])  # the rows asked for, and only those
+    rows = {r["backend"] for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows == {"flash", "jowa_triton_onepass"}
+    with pytest.raises(SystemExit):
+        attention([*argv, "--backends", "flash,cudnnn"])
+    assert "unknown ['cudnnn']" in capsys.readouterr().err
