@@ -4,8 +4,9 @@
 # before session 17 read high). Session 18 wrote three ops no GPU has run; most important first:
 # 1. the default recipe (fused LayerNorm op, one QKV product): the first loop figure with the clock read after
 #    a device sync;
-# 2. the CUDA tests of the new kernels against their references (fused_attention, fused_gelu, fused_ln's
-#    packed and redrawn masks and its h_bias), before any loop trusts them;
+# 2. the CUDA tests of the new kernels against their references (fused_attention in each config, fused_gelu,
+#    fused_ln's packed and redrawn masks and its h_bias), before any loop trusts them: every later arm leaves out
+#    the kernels whose tests did not pass;
 # 3. attention alone at the training shape: each SDPA backend and the Triton flash-attention op, with its
 #    untimed config changes (benchmarks/attention_backends.py: jowa_triton; jowa_triton_onepass, the one-kernel
 #    backward; jowa_triton_fwd168, the forward at 168 registers), forward and backward, with and without dropout;
@@ -73,14 +74,25 @@ loop 150
 base=$(last_mfu)
 # the kernels' first GPU check against their references (the interpreter tests ran on CPU only); the compiled
 # model with each new switch (a compile each) comes last, while time is left
-fits 90 "the CUDA tests of the new kernels" && timeout 90 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_gpu.py -k "triton_matches or recomputed_mask" 2>&1 | tail -n 4
-# attention alone (eager, seconds): SDPA's backends and the Triton op
+# Each arm below runs only with the kernels whose tests passed here (a test that did not run counts as failed).
+tests=$(mktemp)
+fits 90 "the CUDA tests of the new kernels" && timeout 90 python3 -m pytest -v -p no:cacheprovider \
+    tests/test_gpu.py -k "triton_matches or recomputed_mask" >"$tests" 2>&1
+grep -E "(PASSED|FAILED|ERROR)" "$tests" | sed -E 's/^tests\/test_gpu.py:://; s/ +\[ *[0-9]+%\]//' | tr '\n' ' '
+tail -n 1 "$tests"
+ok() {  # ok TEST...: whether each of these test ids passed
+    local t
+    for t in "$@"; do grep -qF "test_gpu.py::$t PASSED" "$tests" || return 1; done
+}
+attn_test=test_fused_attention_triton_matches_the_reference
+rows=cudnn,flash  # cuDNN (the step's backend) and flash (its fallback); math and memory-efficient left out for time
+ok "$attn_test[0.0-default]" "$attn_test[0.1-default]" && rows+=,jowa_triton
+ok "$attn_test[0.0-onepass]" "$attn_test[0.1-onepass]" && rows+=,jowa_triton_onepass
+ok "$attn_test[0.0-fwd168]" "$attn_test[0.1-fwd168]" && rows+=,jowa_triton_fwd168
+# attention alone (eager, seconds): SDPA's backends and the Triton op in each config that passed its test
 if fits 60 "attention_backends"; then
-    # cuDNN (the step's backend) and flash (its fallback) against the op; math and memory-efficient left out for time
-    timeout 60 python3 -m benchmarks.attention_backends --device cuda \
-        --backends cudnn,flash,jowa_triton,jowa_triton_onepass,jowa_triton_fwd168 >>"$OUT/micro.jsonl" 2>>"$OUT/loop.err" ||
-        echo "attention_backends: failed or timed out"
+    timeout 60 python3 -m benchmarks.attention_backends --device cuda --backends "$rows" >>"$OUT/micro.jsonl" \
+        2>>"$OUT/loop.err" || echo "attention_backends: failed or timed out"
     grep '"backend"' "$OUT/micro.jsonl" | cut -c1-160
 fi
 # the op's config from attention alone: the faster backward (two kernels, jowa_triton, or one, jowa_triton_onepass)
@@ -105,7 +117,10 @@ print(int(base / float(sys.argv[2]) >= 1.02))" "$OUT/micro.jsonl" "${op#* }" 2>/
 else
     echo "skipped: loop --fused-attention (the op (${op:-not timed}) not 2 % faster than cuDNN alone, or no time)"
 fi
-arm 90 --fused-bias-gelu --fused-branch-bias
+biases=()
+ok test_bias_gelu_triton_matches_the_reference && biases+=(--fused-bias-gelu)
+ok test_fused_layer_norm_h_bias_triton_matches_the_reference && biases+=(--fused-branch-bias)
+if [ "${#biases[@]}" -gt 0 ]; then arm 90 "${biases[@]}"; else echo "skipped: the bias arms (their tests failed)"; fi
 if [ "${#stack[@]}" -gt 2 ]; then  # more than one arm won
     loop 60 "${stack[@]}"
 else
@@ -113,10 +128,18 @@ else
 fi
 att_cfg=()  # the attention op's config as attention_backends chose it
 [ -s "$cfg/attention.json" ] && att_cfg=(--fused-attention-config "$cfg/attention.json")
-pt 150 --variants compile_loss_fused_ln_qkv compile_loss_fused_ln_qkv_gelu_bias_attn --profile "${att_cfg[@]}"
+variants=(compile_loss_fused_ln_qkv)  # and with every new op, if each passed its test
+ok "$attn_test[0.1-default]" test_bias_gelu_triton_matches_the_reference \
+    test_fused_layer_norm_h_bias_triton_matches_the_reference && variants+=(compile_loss_fused_ln_qkv_gelu_bias_attn)
+pt 150 --variants "${variants[@]}" --profile "${att_cfg[@]}"
 winners=("${stack[@]}")  # the LayerNorm mask arms run on top of the winners so far, each on its own
-loop 90 "${winners[@]}" --fused-ln-config "$cfg/packed_rng.json"
-loop 60 "${winners[@]}" --fused-ln-config "$cfg/recompute_mask.json"
+if ok "test_fused_layer_norm_triton_matches_the_reference[0.1-True]"; then
+    loop 90 "${winners[@]}" --fused-ln-config "$cfg/packed_rng.json"
+    ok test_fused_layer_norm_recomputed_mask_trains_as_the_stored_one &&
+        loop 60 "${winners[@]}" --fused-ln-config "$cfg/recompute_mask.json"
+else
+    echo "skipped: the packed and redrawn LayerNorm masks (their tests failed)"
+fi
 loop 45
 fits 90 "the compiled model with each new switch" && timeout 90 python3 -m pytest -q -p no:cacheprovider \
     tests/test_gpu.py -k "fused_switch and (attention or gelu or branch)" 2>&1 | tail -n 4

@@ -337,13 +337,19 @@ def test_bias_gelu_triton_matches_the_reference(device: torch.device) -> None:
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-3)  # both sum in fp32, in other orders
 
 
+# the attention op's KernelConfig changes that no GPU has timed yet; benchmarks/gpu_ab.sh leaves out any that fails
+ATTENTION_CONFIGS = {"default": {}, "onepass": {"bwd_onepass": True, "bwd_programs_per_sm": 1},
+                     "fwd168": {"fwd_maxnreg": 168}}  # fmt: skip
+
+
+@pytest.mark.parametrize("config", list(ATTENTION_CONFIGS))
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_fused_attention_triton_matches_the_reference(device: torch.device, p: float) -> None:
+def test_fused_attention_triton_matches_the_reference(device: torch.device, p: float, config: str) -> None:
     """The Triton flash-attention kernels against the fp32 torch reference given the kernels' own dropout flags, at
-    jowa_150m's attention shape (12 heads of 64, 296 tokens; batch 4), bf16 as under autocast: the output to bf16
+    jowa_150m's attention shape (12 heads of 64, 296 tokens; batch 16), bf16 as under autocast: the output to bf16
     rounding, the base-2 log-sum-exp to 1e-4, the packed gradient to 1 % of its norm; and through the public op
-    and autograd with the default tiles. The backward both ways: the two kernels, and the one-pass kernel with one
-    program per SM, fewer than the 192 heads, so programs take second heads in their dq slots."""
+    and autograd. Under each config: the default; the one-pass backward with one program per SM, fewer than the 192
+    heads, so programs take second heads in their dq slots; the forward held to 168 registers."""
     torch.manual_seed(12)
     B, T, H, D = 16, 296, 12, 64
     qkv = torch.randn(B, T, 3, H, D, device=device).to(torch.bfloat16)
@@ -352,32 +358,31 @@ def test_fused_attention_triton_matches_the_reference(device: torch.device, p: f
     keep = fused_attention.triton_keep(seed, B, H, T, p) if p > 0 else None
     if keep is not None:
         assert abs(keep.float().mean().item() - (1 - p)) < 2e-3
-    o, lse, flags = fused_attention._triton_forward(qkv, seed, p)
-    ro, rlse = fused_attention._reference(qkv.float(), keep, p)
-    torch.testing.assert_close(o.float(), ro, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(lse, rlse, rtol=1e-4, atol=1e-3)
-    want, want_dbias = fused_attention._reference_backward(do.float(), qkv.float(), keep, p)
     default = fused_attention.kernel_config()
+    fused_attention.set_kernel_config(replace(default, **ATTENTION_CONFIGS[config]))
     try:
-        for onepass in (False, True):
-            fused_attention.set_kernel_config(replace(default, bwd_onepass=onepass, bwd_programs_per_sm=1))
-            got, dbias = fused_attention._triton_backward(do, qkv, o, lse, flags, p, need_dbias=True)
-            got = got.float()
-            assert _rel(dbias, want_dbias) < 1e-2, onepass
-            assert _rel(got, want) < 1e-2, onepass
-            for i in range(3):  # queries, keys and values each
-                assert _rel(got[:, :, i], want[:, :, i]) < 1e-2, (onepass, i)
+        o, lse, flags = fused_attention._triton_forward(qkv, seed, p)
+        ro, rlse = fused_attention._reference(qkv.float(), keep, p)
+        torch.testing.assert_close(o.float(), ro, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(lse, rlse, rtol=1e-4, atol=1e-3)
+        want, want_dbias = fused_attention._reference_backward(do.float(), qkv.float(), keep, p)
+        got, dbias = fused_attention._triton_backward(do, qkv, o, lse, flags, p, need_dbias=True)
+        got = got.float()
+        assert _rel(dbias, want_dbias) < 1e-2
+        assert _rel(got, want) < 1e-2
+        for i in range(3):  # queries, keys and values each
+            assert _rel(got[:, :, i], want[:, :, i]) < 1e-2, i
+        assert fused_attention._use_triton(qkv)
+        leaves = qkv.clone().requires_grad_()
+        y = fused_attention.causal_attention(leaves, 0.0, True)
+        q, k, v = leaves.permute(2, 0, 3, 1, 4)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        assert _rel(y.float(), ref.float()) < 1e-2
+        g1 = torch.autograd.grad(y, leaves, do)[0]
+        g2 = torch.autograd.grad(ref, leaves, do)[0]
+        assert _rel(g1.float(), g2.float()) < 2e-2
     finally:
         fused_attention.set_kernel_config(default)
-    assert fused_attention._use_triton(qkv)
-    leaves = qkv.clone().requires_grad_()
-    y = fused_attention.causal_attention(leaves, 0.0, True)
-    q, k, v = leaves.permute(2, 0, 3, 1, 4)
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
-    assert _rel(y.float(), ref.float()) < 1e-2
-    g1 = torch.autograd.grad(y, leaves, do)[0]
-    g2 = torch.autograd.grad(ref, leaves, do)[0]
-    assert _rel(g1.float(), g2.float()) < 2e-2
 
 
 def _check_fused_layer_norm_kernels(device: torch.device, p: float) -> None:
