@@ -99,7 +99,7 @@ class KernelConfig(TileConfig):
     the cost of dq's read-add-write in L2 and one program's passes over a head in series. Off until a GPU has
     timed it against the two kernels.
 
-    ``fwd_maxnreg``: registers a thread of the forward may use (0: the compiler's choice, 180 for the default
+    ``fwd_maxnreg``: registers a thread of the forward may use (0: the compiler's choice, 172 for the default
     tiles on sm_90). At 168, three programs of 4 warps share an SM's 65,536 registers instead of two, and the
     forward's loops compile to as many instructions with no spills (``benchmarks.attention_isa``): more warps
     to hide its latencies. Off until a GPU has timed it (``attention_sweep`` does)."""

@@ -36,12 +36,12 @@ def _draw(seed, bh, T, offs_m, start_n, p16, BLOCK_N: tl.constexpr):
     calls = (start_n // 32 + tl.arange(0, S))[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
     pk = (bh * T + offs_m)[:, None, None] * (((T + 31) // 32) * 4) + calls  # [BLOCK_M, S, 4]: (row, span, quad)
     r0, r1, r2, r3 = tl.randint4x(seed, pk, n_rounds=7)
-    w0, w1 = r0.to(tl.int32, bitcast=True), r1.to(tl.int32, bitcast=True)
-    w2, w3 = r2.to(tl.int32, bitcast=True), r3.to(tl.int32, bitcast=True)
-    l0, l1 = ((w0 & 0xFFFF) >= p16).to(tl.int32), ((w1 & 0xFFFF) >= p16).to(tl.int32)
-    l2, l3 = ((w2 & 0xFFFF) >= p16).to(tl.int32), ((w3 & 0xFFFF) >= p16).to(tl.int32)
-    h0, h1 = (((w0 >> 16) & 0xFFFF) >= p16).to(tl.int32), (((w1 >> 16) & 0xFFFF) >= p16).to(tl.int32)
-    h2, h3 = (((w2 >> 16) & 0xFFFF) >= p16).to(tl.int32), (((w3 >> 16) & 0xFFFF) >= p16).to(tl.int32)
+    # a 16-bit half is >= p16 iff its word, shifted so that half leads, is >= p16 << 16 (unsigned): no extraction
+    t = p16.to(tl.uint32) << 16
+    l0, l1 = ((r0 << 16) >= t).to(tl.int32), ((r1 << 16) >= t).to(tl.int32)
+    l2, l3 = ((r2 << 16) >= t).to(tl.int32), ((r3 << 16) >= t).to(tl.int32)
+    h0, h1 = (r0 >= t).to(tl.int32), (r1 >= t).to(tl.int32)
+    h2, h3 = (r2 >= t).to(tl.int32), (r3 >= t).to(tl.int32)
     byte = l0 | (h0 << 1) | (l1 << 2) | (h1 << 3) | (l2 << 4) | (h2 << 5) | (l3 << 6) | (h3 << 7)
     M: tl.constexpr = offs_m.shape[0]
     return _spread(l0, h0, l1, h1, l2, h2, l3, h3, M, BLOCK_N), tl.reshape(byte, (M, BLOCK_N // 8))
