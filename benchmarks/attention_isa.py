@@ -57,9 +57,8 @@ SIGNATURES["attn_bwd_dq"] = {"QKV": "*bf16", "DO": "*bf16", "O": "*bf16", "LSE":
                              "FLAGS": "*u8", "DQKV": "*bf16", "DBIAS": "*fp32", **_COMMON, "sm_scale": "fp32",
                              "drop_scale": "fp32", "n_blocks": "i32"}  # fmt: skip
 SIGNATURES["attn_bwd_onepass"] = {"QKV": "*bf16", "DO": "*bf16", "O": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
-                                  "FLAGS": "*u8", "DQKV": "*bf16", "DBIAS": "*fp32", "DQ_ACC": "*fp32", "T": "i32",
-                                  "H": "i32", "BH": "i32", "s_b": "i32", "s_t": "i32", "s_o_b": "i32", "s_o_t": "i32",
-                                  "qk_scale": "fp32", "sm_scale": "fp32", "drop_scale": "fp32", "n_blocks": "i32"}  # fmt: skip
+                                  "FLAGS": "*u8", "DQKV": "*bf16", "DBIAS": "*fp32", "DQ_ACC": "*fp32", **_COMMON,
+                                  "sm_scale": "fp32", "drop_scale": "fp32", "n_blocks": "i32", "BH": "i32"}  # fmt: skip
 PRODUCTS = {"attn_fwd": 2, "attn_bwd_dkdv": 4, "attn_bwd_dq": 3, "attn_bwd_onepass": 5}  # matrix products per pass
 SPILLS = ("STL", "LDL")  # local-memory stores and loads: registers spilled
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from jowa_core.models.fused_ln import ConfigSlot, TileConfig, _cdiv, _on_device, triton_available
+from jowa_core.models.fused_ln import ConfigSlot, TileConfig, _cdiv, _on_device, _sm_count, triton_available
 
 # ---------------------------------------------------------------------------------------------
 # Pure-torch reference (CPU, no Triton, tests)
@@ -126,8 +126,7 @@ class KernelConfig(TileConfig):
             if getattr(self, name) < 32:
                 raise ValueError(f"{self.NAME}.{name} must be 32 or more (keys are drawn for dropout in spans of 32), "
                                  f"got {getattr(self, name)}.")  # fmt: skip
-        if not isinstance(self.bwd_onepass, bool):  # a JSON config could hold "yes" or 1 (from_json)
-            raise TypeError(f"{self.NAME}.bwd_onepass must be true or false, got {self.bwd_onepass!r}.")
+        self.check_booleans(("bwd_onepass",))
         r = self.fwd_maxnreg
         if isinstance(r, bool) or not isinstance(r, int) or not (r == 0 or 64 <= r <= 255):
             raise ValueError(f"{self.NAME}.fwd_maxnreg must be 0 (the compiler's choice) or 64 to 255 registers, "
@@ -216,35 +215,23 @@ def _triton_backward(
     }
     flags_arg = flags if dropout else lse  # a constexpr branch never reads it without dropout
     parts = torch.zeros((B, n_blocks, 3, H, D) if need_dbias else (0,), device=qkv.device, dtype=torch.float32)
-    if cfg.bwd_onepass:
-        _onepass_backward(do, qkv, o, lse, delta, flags_arg, dqkv, parts if need_dbias else lse, common, tiles)
-        return dqkv, parts.sum((0, 1)).reshape(-1) if need_dbias else parts
+    parts_arg = parts if need_dbias else lse
+    blocks = {"BLOCK_M": cfg.bwd_m, "BLOCK_N": cfg.bwd_n}
     with _on_device(qkv):
-        k.attn_bwd_dq[(_cdiv(T, cfg.bwd_m), B * H)](  # first: it writes delta for the dk/dv kernel
-            qkv, do, o, lse, delta, flags_arg, dqkv, parts if need_dbias else lse, *common, BLOCK_M=cfg.bwd_m,
-            BLOCK_N=cfg.bwd_n, **tiles,
-        )  # fmt: skip
-        k.attn_bwd_dkdv[(_cdiv(T, cfg.bwd_n), B * H)](
-            qkv, do, lse, delta, flags_arg, dqkv, parts if need_dbias else lse, *common, BLOCK_M=cfg.bwd_m,
-            BLOCK_N=cfg.bwd_n, **tiles,
-        )  # fmt: skip
+        if cfg.bwd_onepass:  # persistent, a head per program at a time, dq summed in fp32 in a slot per program
+            programs = max(1, min(B * H, cfg.bwd_programs_per_sm * _sm_count(qkv)))
+            slots = torch.zeros(programs, _cdiv(T, cfg.bwd_m) * cfg.bwd_m, D, device=qkv.device, dtype=torch.float32)
+            k.attn_bwd_onepass[(programs,)](
+                qkv, do, o, lse, delta, flags_arg, dqkv, parts_arg, slots, *common, B * H, **blocks, **tiles
+            )  # the slots start at zero and the kernel leaves them so
+        else:
+            k.attn_bwd_dq[(_cdiv(T, cfg.bwd_m), B * H)](  # first: it writes delta for the dk/dv kernel
+                qkv, do, o, lse, delta, flags_arg, dqkv, parts_arg, *common, **blocks, **tiles
+            )
+            k.attn_bwd_dkdv[(_cdiv(T, cfg.bwd_n), B * H)](
+                qkv, do, lse, delta, flags_arg, dqkv, parts_arg, *common, **blocks, **tiles
+            )
     return dqkv, parts.sum((0, 1)).reshape(-1) if need_dbias else parts
-
-
-def _onepass_backward(do, qkv, o, lse, delta, flags_arg, dqkv, parts, common, tiles) -> None:
-    """``KernelConfig.bwd_onepass``: one persistent kernel, a head per program at a time, with dq summed in
-    fp32 in a slot of its own per program (zeros in, zeros out); writes ``dqkv`` and the bias's ``parts``."""
-    B, T, _, H, D = qkv.shape
-    cfg = kernel_config()
-    sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count if qkv.is_cuda else 2
-    programs = max(1, min(B * H, cfg.bwd_programs_per_sm * sms))
-    slots = torch.zeros(programs, _cdiv(T, cfg.bwd_m) * cfg.bwd_m, D, device=qkv.device, dtype=torch.float32)
-    T_, H_, *rest = common
-    with _on_device(qkv):
-        _kernels().attn_bwd_onepass[(programs,)](
-            qkv, do, o, lse, delta, flags_arg, dqkv, parts, slots, T_, H_, B * H, *rest,
-            BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, **tiles,
-        )  # fmt: skip
 
 
 def triton_keep(seed: Tensor, B: int, H: int, T: int, p: float) -> Tensor:

@@ -167,34 +167,47 @@ def _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, DQ_ACC, bh, T, s_
 
 
 @triton.jit
-def attn_bwd_dkdv(QKV, DO, LSE, DELTA, FLAGS, DQKV, DBIAS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, sm_scale,
-                  drop_scale, n_blocks, D: tl.constexpr, DROPOUT: tl.constexpr, HAS_DBIAS: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """One block of keys: dk and dv summed over the query blocks that see it (causal: from the block's start);
-    with ``HAS_DBIAS`` also their column sums, this block's share of the key and value biases' gradients."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
+def _key_block(base, do_base, DQKV, LSE, DELTA, FLAGS, DQ_ACC, b, h, bh, T, H, s_b, s_t, s_o_t, qk_scale, sm_scale,
+               drop_scale, start_n, D: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, ACC_DQ: tl.constexpr):  # fmt: skip
+    """Keys ``start_n ..``: dk and dv summed over the query blocks that see them (causal: from the block's start),
+    written to DQKV and returned (for the bias sums); ``ACC_DQ`` as ``_dkdv_pass``, then a barrier."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    base = QKV + b * s_b + h * D + offs_d[None, :]
     kv_mask = (offs_n < T)[:, None]
     k = tl.load(base + H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
     v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, D), tl.float32)
     dv = tl.zeros((BLOCK_N, D), tl.float32)
-    do_base = DO + b * s_o_b + h * D + offs_d[None, :]
     whole = ((start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M  # query blocks from here see every key
     for start_m in range((start_n // BLOCK_M) * BLOCK_M, tl.minimum(whole, T), BLOCK_M):
-        dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, DELTA, bh, T, s_t, s_o_t, qk_scale,
-                            drop_scale, offs_n, start_n, start_m, DROPOUT, True, BLOCK_M, BLOCK_N)  # fmt: skip
+        dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, DQ_ACC, bh, T, s_t, s_o_t, qk_scale,
+                            drop_scale, offs_n, start_n, start_m, DROPOUT, True, BLOCK_M, BLOCK_N, ACC_DQ)  # fmt: skip
     for start_m in range(whole, T, BLOCK_M):
-        dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, DELTA, bh, T, s_t, s_o_t, qk_scale,
-                            drop_scale, offs_n, start_n, start_m, DROPOUT, False, BLOCK_M, BLOCK_N)  # fmt: skip
+        dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, DQ_ACC, bh, T, s_t, s_o_t, qk_scale,
+                            drop_scale, offs_n, start_n, start_m, DROPOUT, False, BLOCK_M, BLOCK_N, ACC_DQ)  # fmt: skip
+    if ACC_DQ:
+        tl.debug_barrier()  # the next key block's passes read the dq rows that other threads wrote
     dk = dk * sm_scale
     out = DQKV + b * s_b + h * D + offs_n[:, None] * s_t + offs_d[None, :]
     tl.store(out + H * D, dk.to(DQKV.dtype.element_ty), mask=kv_mask)
     tl.store(out + 2 * H * D, dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv(QKV, DO, LSE, DELTA, FLAGS, DQKV, DBIAS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, sm_scale,
+                  drop_scale, n_blocks, D: tl.constexpr, DROPOUT: tl.constexpr, HAS_DBIAS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """One block of keys (``_key_block``); with ``HAS_DBIAS`` also dk's and dv's column sums, this block's share
+    of the key and value biases' gradients."""
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_d = tl.arange(0, D)
+    base = QKV + b * s_b + h * D + offs_d[None, :]
+    do_base = DO + b * s_o_b + h * D + offs_d[None, :]
+    dk, dv = _key_block(base, do_base, DQKV, LSE, DELTA, FLAGS, DELTA, b, h, bh, T, H, s_b, s_t, s_o_t, qk_scale,
+                        sm_scale, drop_scale, tl.program_id(0) * BLOCK_N, D, DROPOUT, BLOCK_M, BLOCK_N, False)  # fmt: skip
     if HAS_DBIAS:  # (B, n_blocks, 3, H, D) partial sums; rows past T hold zeros
         part = DBIAS + ((b * n_blocks + tl.program_id(0)) * 3 * H + h) * D + offs_d
         tl.store(part + H * D, tl.sum(dk, 0))
@@ -202,8 +215,8 @@ def attn_bwd_dkdv(QKV, DO, LSE, DELTA, FLAGS, DQKV, DBIAS, T, H, s_b, s_t, s_o_b
 
 
 @triton.jit
-def attn_bwd_onepass(QKV, DO, O, LSE, DELTA, FLAGS, DQKV, DBIAS, DQ_ACC, T, H, BH, s_b, s_t, s_o_b, s_o_t, qk_scale,
-                     sm_scale, drop_scale, n_blocks, D: tl.constexpr, DROPOUT: tl.constexpr, HAS_DBIAS: tl.constexpr,
+def attn_bwd_onepass(QKV, DO, O, LSE, DELTA, FLAGS, DQKV, DBIAS, DQ_ACC, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale,
+                     sm_scale, drop_scale, n_blocks, BH, D: tl.constexpr, DROPOUT: tl.constexpr, HAS_DBIAS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """The whole backward of one head per program, in one kernel: 5 matrix products per pass where the dq and
     dk/dv kernels run 7 between them (the dq kernel computes the scores and dP again). A head's 296 tokens are
@@ -214,8 +227,8 @@ def attn_bwd_onepass(QKV, DO, O, LSE, DELTA, FLAGS, DQKV, DBIAS, DQ_ACC, T, H, B
     the B H heads, so the slots (programs x 80 KB at jowa_150m's shape) stay few enough for L2. Slots start at
     zero and are left at zero. ``delta`` is computed first, for the head's rows. The bias's column sums go to
     ``DBIAS`` as the two kernels' (B, n_blocks, 3, H, D) partial sums: dk's and dv's summed over the key blocks
-    (this order of the code compiles to the fewest instructions per pass for sm_90: 932 / 827 with dropout,
-    ``benchmarks.attention_isa``), dq's one per query block."""
+    (carried across key blocks, not stored per block: that order compiles to fewer instructions per pass for
+    sm_90, ``benchmarks.attention_isa``), dq's one per query block."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D)
     t_pad = tl.cdiv(T, BLOCK_M) * BLOCK_M
@@ -235,24 +248,8 @@ def attn_bwd_onepass(QKV, DO, O, LSE, DELTA, FLAGS, DQKV, DBIAS, DQ_ACC, T, H, B
         dk_sum = tl.zeros((D,), tl.float32)
         dv_sum = tl.zeros((D,), tl.float32)
         for start_n in range(0, T, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            kv_mask = (offs_n < T)[:, None]
-            k = tl.load(base + H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
-            v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
-            dk = tl.zeros((BLOCK_N, D), tl.float32)
-            dv = tl.zeros((BLOCK_N, D), tl.float32)
-            whole = ((start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M  # query blocks from here see every key
-            for start_m in range((start_n // BLOCK_M) * BLOCK_M, tl.minimum(whole, T), BLOCK_M):
-                dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, acc, bh, T, s_t, s_o_t, qk_scale,
-                                    drop_scale, offs_n, start_n, start_m, DROPOUT, True, BLOCK_M, BLOCK_N, True)  # fmt: skip
-            for start_m in range(whole, T, BLOCK_M):
-                dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, acc, bh, T, s_t, s_o_t, qk_scale,
-                                    drop_scale, offs_n, start_n, start_m, DROPOUT, False, BLOCK_M, BLOCK_N, True)  # fmt: skip
-            tl.debug_barrier()  # the next key block's passes read the dq rows that other threads wrote
-            dk = dk * sm_scale
-            out = DQKV + b * s_b + h * D + offs_n[:, None] * s_t + offs_d[None, :]
-            tl.store(out + H * D, dk.to(DQKV.dtype.element_ty), mask=kv_mask)
-            tl.store(out + 2 * H * D, dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+            dk, dv = _key_block(base, do_base, DQKV, LSE, DELTA, FLAGS, acc, b, h, bh, T, H, s_b, s_t, s_o_t,
+                                qk_scale, sm_scale, drop_scale, start_n, D, DROPOUT, BLOCK_M, BLOCK_N, True)  # fmt: skip
             dk_sum += tl.sum(dk, 0)
             dv_sum += tl.sum(dv, 0)
         if HAS_DBIAS:  # rows past T hold zeros

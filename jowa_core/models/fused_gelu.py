@@ -22,7 +22,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from jowa_core.models.fused_ln import ConfigSlot, TileConfig, _cdiv, _compute_dtype, _on_device, triton_available
+from jowa_core.models.fused_ln import (
+    ConfigSlot,
+    TileConfig,
+    _cdiv,
+    _compute_dtype,
+    _on_device,
+    _sm_count,
+    triton_available,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Pure-torch reference (CPU, no Triton, tests): exact erf
@@ -105,7 +113,7 @@ def _triton_backward(dy: Tensor, h: Tensor, bias: Tensor) -> tuple[Tensor, Tenso
     N, C = h.shape
     cfg = kernel_config()
     col_blocks = _cdiv(C, cfg.cols)
-    sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 2
+    sms = _sm_count(h)
     # enough programs to fill the GPU a few times over, few enough that the partial sums stay small
     grid_rows = max(1, min(_cdiv(N, cfg.rows), _cdiv(cfg.bwd_programs_per_sm * sms, col_blocks)))
     dh = torch.empty_like(h)

@@ -117,6 +117,12 @@ class TileConfig:
                              f"{', '.join(cls.__dataclass_fields__)}.")  # fmt: skip
         return cls(**fields)
 
+    def check_booleans(self, names: tuple[str, ...]) -> None:
+        """TypeError unless each of ``names`` is a bool (a JSON config could hold "yes" or 1)."""
+        for name in names:
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{self.NAME}.{name} must be true or false, got {getattr(self, name)!r}.")
+
     def check_integers(self, names: tuple[str, ...], powers_of_two: tuple[str, ...], least_power: int = 1) -> None:
         """TypeError unless each of ``names`` is an int (a JSON config could hold 2.0 or true), ValueError if one is
         below 1 or one of ``powers_of_two`` is not a power of two >= ``least_power``."""
@@ -173,9 +179,7 @@ class KernelConfig(TileConfig):
     recompute_mask: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("packed_rng", "recompute_mask"):  # a JSON config could hold "yes" or 1 (from_json)
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"KernelConfig.{name} must be true or false, got {getattr(self, name)!r}.")
+        self.check_booleans(("packed_rng", "recompute_mask"))
         tiles = ("fwd_rows", "fwd_warps", "bwd_rows", "bwd_warps")
         self.check_integers((*tiles, "bwd_programs_per_sm"), powers_of_two=tiles)
         if self.recompute_mask and not self.packed_rng:
@@ -289,6 +293,11 @@ def _kernels():
     return dropout_add_layer_norm_fwd, dropout_add_layer_norm_bwd  # names as profilers show them
 
 
+def _sm_count(t: Tensor) -> int:
+    """Streaming multiprocessors of t's GPU, for the persistent kernels' grids; 2 for the interpreter on CPU."""
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 2
+
+
 def _on_device(t: Tensor):
     """Launch on t's GPU (Triton launches on the current device); nothing to do for the interpreter."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -340,7 +349,7 @@ def _triton_backward(
     cfg, block_c = kernel_config(), _block_c(C)
     rows, warps = cfg.bwd_rows, cfg.bwd_warps
     # enough programs to fill the GPU a few times over, few enough that the partial sums stay small
-    sms = torch.cuda.get_device_properties(x_new.device).multi_processor_count if x_new.is_cuda else 2
+    sms = _sm_count(x_new)
     grid = max(1, min(_cdiv(N, rows), cfg.bwd_programs_per_sm * sms))
     dx = torch.empty_like(x_new) if need_dx else x_new.new_empty(0)
     dh = torch.empty_like(x_new, dtype=h_dtype)

@@ -311,6 +311,10 @@ class SelfAttention(nn.Module):
         qkv = F.linear(x, w, b.detach() if detach_bias else b).view(B, T, 3, self.num_heads, C // self.num_heads)
         return qkv, b
 
+    def _project(self, y: torch.Tensor, bias: bool) -> torch.Tensor:
+        """The output projection, without its bias when the fused LayerNorm op adds it (``Block.fused_branch_bias``)."""
+        return self.proj(y) if bias else F.linear(y, self.proj.weight)
+
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values (B, h, T, hd) of x (B, T, C)."""
         B, T, C = x.shape
@@ -332,7 +336,7 @@ class SelfAttention(nn.Module):
         if cache is None and self.fused_attention:
             qkv, b = self._packed_qkv(x, detach_bias=True)
             y = causal_attention(qkv, self.attn_pdrop, self.training, qkv_bias=b).reshape(B, T, C)
-            return self.proj(y) if proj_bias else F.linear(y, self.proj.weight)
+            return self._project(y, proj_bias)
         q, k, v = self._qkv(x)  # (B, h, T, hd)
         start = 0
         dropout_p = self.attn_pdrop if self.training else 0.0
@@ -344,7 +348,7 @@ class SelfAttention(nn.Module):
                 if dropout_p:
                     raise ValueError("a cache with a shared prefix is for inference: put the model in eval mode.")
                 y = shared_prefix_attention(q, k, v, cache, layer).transpose(1, 2).reshape(B, T, C)
-                return self.proj(y) if proj_bias else F.linear(y, self.proj.weight)
+                return self._project(y, proj_bias)
         if start == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif T == 1:  # one new token sees every cached one
@@ -355,7 +359,7 @@ class SelfAttention(nn.Module):
             mask = kpos.unsqueeze(0) <= qpos.unsqueeze(1)  # (T, start + T) bool, True = attend
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return self.proj(y) if proj_bias else F.linear(y, self.proj.weight)
+        return self._project(y, proj_bias)
 
     def static_step(
         self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
