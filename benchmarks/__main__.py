@@ -89,10 +89,8 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
         tag = {"batch_size": batch, "steps_timed": steps, "compile": compile_, "fused_ln": fused,
                "fused_qkv": fused_qkv, "fused_bias_gelu": args.fused_bias_gelu,
                "fused_branch_bias": args.fused_branch_bias, "fused_attention": args.fused_attention, "amp": "bf16" if cuda else "fp32",
-               **({"inductor": args.inductor} if args.inductor else {}),
-               **({"sdpa_off": args.sdpa_off} if args.sdpa_off else {}),
-               **({"fused_ln_config": args.fused_ln_config} if args.fused_ln_config else {}),
-               **({"fused_attention_config": args.fused_attention_config} if args.fused_attention_config else {})}  # fmt: skip
+               **{k: getattr(args, k) for k in ("inductor", "sdpa_off", "fused_ln_config", "fused_attention_config")
+                  if getattr(args, k)}}  # fmt: skip
         yield _figure("train_stage2_tokens_per_s", rec["tokens_per_s"], "tokens/s", name, **tag)
         yield _figure("train_stage2_samples_per_s", rec["samples_per_s"], "segments/s", name, **tag)
         if cuda:

@@ -32,11 +32,9 @@ import triton
 
 from benchmarks.attention_backends import add_shape_args
 from benchmarks.fused_ln_isa import (
-    CLOCK_HZ,
-    SCHEDULERS,
-    SMS,
     compile_sm90,
     disassemble,
+    issue_ms,
     loop_bodies,
     nvdisasm_path,
     programs_per_sm,
@@ -95,19 +93,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fused-attention-config", default=None, metavar="JSON",
                     help="count the kernels under this KernelConfig (as attention_sweep --best writes it)")  # fmt: skip
     args = ap.parse_args(argv)
+    from benchmarks.profile_train import apply_fused_attention_config
     from jowa_core.models import fused_attention, fused_attention_kernels
 
+    previous = fused_attention.kernel_config()
     if args.fused_attention_config:
-        from benchmarks.profile_train import apply_fused_attention_config
-
-        previous = fused_attention.kernel_config()
         apply_fused_attention_config(args.fused_attention_config, ap)
-        try:
-            _count(args, fused_attention, fused_attention_kernels)
-        finally:
-            fused_attention.set_kernel_config(previous)
-    else:
+    try:
         _count(args, fused_attention, fused_attention_kernels)
+    finally:
+        fused_attention.set_kernel_config(previous)
 
 
 def _count(args, fused_attention, fused_attention_kernels) -> None:
@@ -120,9 +115,8 @@ def _count(args, fused_attention, fused_attention_kernels) -> None:
         masked, whole = (n * args.batch * args.heads * args.layers for n in causal_passes(args.tokens, bm, bn, name))
         flops = (masked + whole) * PRODUCTS[name] * 2 * bm * bn * D
         for dropout in (True, False):
-            consts = {"D": D, "DROPOUT": dropout, "BLOCK_M": bm, "BLOCK_N": bn}
-            if not fwd:  # the training recipe's: the QKV bias's gradient summed in the kernels
-                consts = {"D": D, "DROPOUT": dropout, "HAS_DBIAS": True, "BLOCK_M": bm, "BLOCK_N": bn}
+            # the backwards as in training: the QKV bias's gradient summed in the kernels
+            consts = {"D": D, "DROPOUT": dropout, **({} if fwd else {"HAS_DBIAS": True}), "BLOCK_M": bm, "BLOCK_N": bn}
             maxnreg = cfg.fwd_maxnreg if fwd else 0
             cubin = compile_sm90(getattr(fused_attention_kernels, name), sig, consts, warps, maxnreg=maxnreg or None)
             text = disassemble(cubin, nvdisasm)
@@ -149,7 +143,7 @@ def _count(args, fused_attention, fused_attention_kernels) -> None:
                 "hgmma_per_pass": sum(n for op, n in loops[0].items() if "GMMA" in op), "spill_sass": spills, **stalls,
                 **usage,
                 "passes_per_step": {"masked": masked, "whole": whole},
-                "issue_ms": round(warp_instr / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3, 2),
+                "issue_ms": round(issue_ms(warp_instr), 2),
                 "tensor_ms": round(flops / PEAK_FLOPS * 1e3, 2), "triton": triton.__version__,
                 "shape": [args.batch, args.heads, args.tokens, D], "layers": args.layers,
             }), flush=True)  # fmt: skip

@@ -27,12 +27,10 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from benchmarks.fused_ln_isa import (
-    CLOCK_HZ,
     COPY_TB_S,
-    SCHEDULERS,
-    SMS,
     compile_sm90,
     disassemble,
+    issue_ms,
     loop_bodies,
     nvdisasm_path,  # fmt: skip
     sass_counts,
@@ -70,9 +68,8 @@ def loop_body(text: str) -> str:
 
 def figure(kernel: str, per_thread: int, programs: int, warps: int, elements: int, bytes_per_element: int) -> dict:
     gigabytes = elements * bytes_per_element / 1e9
-    issue_ms = programs * warps * per_thread / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3
     return {"kernel": kernel, "sass_per_thread": per_thread, "sass_per_element": round(per_thread * 32 * warps * programs / elements, 2),
-            "issue_ms": round(issue_ms, 3), **{f"bandwidth_ms_{k}": round(gigabytes / tb, 3) for k, tb in COPY_TB_S.items()}}  # fmt: skip
+            "issue_ms": round(issue_ms(programs * warps * per_thread), 3), **{f"bandwidth_ms_{k}": round(gigabytes / tb, 3) for k, tb in COPY_TB_S.items()}}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,6 +36,11 @@ _BACK_BRANCH = re.compile(r"/\*([0-9a-f]{4,})\*/[^\n]*\bBRA\b[^\n]*`\((\.L_x_\d+
 _SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
+def issue_ms(warp_instructions: float) -> float:
+    """Milliseconds for every scheduler of the GPU to issue this many warp instructions, one a cycle each."""
+    return warp_instructions / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3
+
+
 def disassemble(cubin: bytes, nvdisasm: Path) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             "sass_per_thread": per_thread,
             "integer_multiplies": sum(n for op, n in counts.items() if op.startswith(("IMAD", "IMUL"))),
             "shared_memory_ops": sum(n for op, n in counts.items() if op.startswith(("LDS", "STS"))),
-            "issue_ms": round(warp_instr / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3, 3),
+            "issue_ms": round(issue_ms(warp_instr), 3),
             **{f"bandwidth_ms_{k}": round(gigabytes / tb_s, 3) for k, tb_s in COPY_TB_S.items()},
         }), flush=True)  # fmt: skip
 

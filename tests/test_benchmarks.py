@@ -239,8 +239,8 @@ def test_bias_gelu_isa_counts_both_kernels_against_inductors(capsys):
     from the counts and the shape."""
     import json
 
-    from benchmarks.bias_gelu_isa import CLOCK_HZ, SCHEDULERS, SMS
     from benchmarks.bias_gelu_isa import main as isa
+    from benchmarks.fused_ln_isa import CLOCK_HZ, SCHEDULERS, SMS
 
     isa(["--rows", "4096", "--width", "3072", "--layers", "12"])
     ind_fwd, ind_bwd, fwd, bwd = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
@@ -261,8 +261,9 @@ def test_attention_isa_counts_each_kernels_loop(tmp_path, capsys):
     dropout's flags add instructions, and the passes and times follow from the shape and the counts."""
     import json
 
-    from benchmarks.attention_isa import CLOCK_HZ, PEAK_FLOPS, SCHEDULERS, SMS, causal_passes, programs_per_sm
+    from benchmarks.attention_isa import PEAK_FLOPS, causal_passes, programs_per_sm
     from benchmarks.attention_isa import main as isa
+    from benchmarks.fused_ln_isa import CLOCK_HZ, SCHEDULERS, SMS
 
     assert causal_passes(296, 64, 64) == (5, 10) and causal_passes(296, 64, 64, "attn_bwd_dkdv") == (5, 10)
     assert causal_passes(64, 64, 64) == (1, 0) and causal_passes(100, 32, 64) == (4, 2)
