@@ -62,13 +62,14 @@ echo '{"packed_rng": true, "recompute_mask": true}' >"$cfg/recompute_mask.json"
 mfus() { grep -c train_stage2_mfu "$OUT/loop.jsonl" 2>/dev/null || echo 0; }
 last_mfu() { grep train_stage2_mfu "$OUT/loop.jsonl" | tail -n 1 | grep -o '"value": [0-9.]*' | cut -d' ' -f2; }
 stack=()
+wins=0  # arms in the stack (an arm's ARGS may be several words)
 arm() {  # arm LIMIT ARGS...: a loop run with ARGS, whose ARGS join the stacked run if it beats the default by 1 %
     local n
     n=$(mfus)
     loop "$@"
     [ "$(mfus)" -gt "$n" ] && [ -n "${base:-}" ] &&
         python3 -c "import sys; sys.exit(float(sys.argv[1]) < 1.01 * float(sys.argv[2]))" "$(last_mfu)" "$base" &&
-        stack+=("${@:2}") && echo "  joins the stack: ${*:2}"
+        stack+=("${@:2}") && wins=$((wins + 1)) && echo "  joins the stack: ${*:2}"
 }
 loop 150
 base=$(last_mfu)
@@ -121,7 +122,7 @@ biases=()
 ok test_bias_gelu_triton_matches_the_reference && biases+=(--fused-bias-gelu)
 ok test_fused_layer_norm_h_bias_triton_matches_the_reference && biases+=(--fused-branch-bias)
 if [ "${#biases[@]}" -gt 0 ]; then arm 90 "${biases[@]}"; else echo "skipped: the bias arms (their tests failed)"; fi
-if [ "${#stack[@]}" -gt 2 ]; then  # more than one arm won
+if [ "$wins" -gt 1 ]; then
     loop 60 "${stack[@]}"
 else
     echo "skipped: the stacked run (winners: ${stack[*]:-none})"
