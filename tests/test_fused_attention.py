@@ -2,6 +2,7 @@
 gradients and dropout, the op inside ``torch.compile``, the model's switch, and the Triton kernels on CPU through
 Triton's interpreter against the reference given the kernels' own dropout flags (skipped without triton)."""
 
+import contextlib
 import functools
 import textwrap
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from jowa_core.models.fused_attention import KernelConfig, _attention, _check, _reference, causal_attention
-from tests.test_fused_ln import _model_and_batch
+from tests.test_fused_ln import _model_and_batch, switch_runs
 from tests.triton_interpreter import needs_triton, run_in_interpreter
 
 
@@ -129,19 +130,15 @@ def test_switch_is_the_same_function_with_the_same_gradients(fused_layer_norm: b
     model, tokens, tasks = _model_and_batch()
     model.use_fused_layer_norm(fused_layer_norm)
     keys = set(model.state_dict())
-    runs = []
-    for fused in (False, True):
-        model.use_fused_attention(fused).zero_grad()
+
+    @contextlib.contextmanager
+    def sdpa_calls():
         calls: list[int] = []
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(F, "scaled_dot_product_attention", functools.partial(_counted, calls))
-            out = model(tokens, tasks)
-        (out.obs_logits.logsumexp(-1).mean() + out.q_logits.mean()).backward()
-        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
-        with torch.no_grad():
-            cached = model(tokens, tasks, model.empty_cache(2)).hidden
-        runs.append((out, grads, cached, len(calls)))
-    (a, ga, ca, na), (b, gb, cb, nb) = runs
+            yield calls
+
+    (a, ga, ca, na), (b, gb, cb, nb) = switch_runs(model, tokens, tasks, "use_fused_attention", sdpa_calls)
     assert na > 0 and nb == 0 and set(model.state_dict()) == keys
     for name in ("hidden", "obs_logits", "q_logits"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=1e-5)

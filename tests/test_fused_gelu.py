@@ -2,6 +2,7 @@
 ``F.gelu(h + b)``, the op inside ``torch.compile``, the model's switch, and the Triton kernels on CPU through
 Triton's interpreter, their accuracy measured against GELU in float64 (skipped without triton)."""
 
+import contextlib
 import textwrap
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from jowa_core.models.fused_gelu import KernelConfig, bias_gelu, set_kernel_config
-from tests.test_fused_ln import _model_and_batch, check_switch_under_autocast
+from tests.test_fused_ln import _model_and_batch, check_switch_under_autocast, switch_runs
 from tests.triton_interpreter import needs_triton, run_in_interpreter
 
 
@@ -80,20 +81,17 @@ def test_switch_is_the_same_function_with_the_same_gradients(fused_layer_norm: b
     model, tokens, tasks = _model_and_batch()
     model.use_fused_layer_norm(fused_layer_norm)
     keys = set(model.state_dict())
-    runs = []
-    for fused in (False, True):
-        seen = []
-        hook = model.transformer.blocks[1].mlp[0].register_forward_hook(lambda *_, seen=seen: seen.append(1))
-        model.use_fused_bias_gelu(fused).zero_grad()
-        out = model(tokens, tasks)
-        (out.obs_logits.logsumexp(-1).mean() + out.q_logits.mean()).backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        with torch.no_grad():
-            cache = model.empty_cache(2)
-            cached = model(tokens, tasks, cache).hidden
+
+    @contextlib.contextmanager
+    def first_linear_calls():
+        seen: list[int] = []
+        hook = model.transformer.blocks[1].mlp[0].register_forward_hook(lambda *_: seen.append(1))
+        yield seen
         hook.remove()
-        runs.append((out, grads, cached, len(seen)))
-    (a, ga, ca, na), (b, gb, cb, nb) = runs
+
+    (a, ga, ca, na), (b, gb, cb, nb) = switch_runs(
+        model, tokens, tasks, "use_fused_bias_gelu", first_linear_calls, count_cached=True
+    )
     assert na > 0 and nb == 0 and set(model.state_dict()) == keys
     assert all(blk.fused_bias_gelu for blk in model.transformer.blocks)
     for name in ("hidden", "obs_logits", "q_logits"):

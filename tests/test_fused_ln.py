@@ -2,6 +2,7 @@
 against plain torch, its dropout statistics and gradients, the model's switch, the op inside
 ``torch.compile``, and the Triton kernels on CPU through Triton's interpreter (skipped without triton)."""
 
+import contextlib
 import textwrap
 from dataclasses import replace
 
@@ -188,6 +189,23 @@ def _out_and_grads(model: WorldActionModel, tokens, tasks, fused: bool):
     out = model(tokens, tasks)
     (out.obs_logits.square().mean() + out.q_logits.mean() + out.reward_logits.mean()).backward()
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def switch_runs(model: WorldActionModel, tokens, tasks, switch: str, counting, count_cached: bool = False) -> list:
+    """(outputs, parameter gradients, the cached path's hidden states, calls counted) with ``switch`` off, then on:
+    ``counting()`` is a context manager yielding the list that the path the switch replaces appends to, over the
+    window forward (and the cached one with ``count_cached``)."""
+    runs = []
+    for on in (False, True):
+        getattr(model, switch)(on).zero_grad()
+        with counting() as calls:
+            out = model(tokens, tasks)
+            (out.obs_logits.logsumexp(-1).mean() + out.q_logits.mean()).backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            with torch.no_grad(), contextlib.nullcontext() if count_cached else counting():
+                cached = model(tokens, tasks, model.empty_cache(2)).hidden
+        runs.append((out, grads, cached, len(calls)))
+    return runs
 
 
 # Tolerance: on CPU in fp32 the fused path runs the same aten kernels in the same order (it is
