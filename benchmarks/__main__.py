@@ -65,9 +65,11 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
 
     cuda = device.type == "cuda"
     compile_ = cuda and not args.no_compile
-    fused, fused_qkv = fused_switches(device, False if args.no_fused_ln else None, args.fused_qkv)
+    switches = (False if args.no_fused_ln else None, args.fused_qkv, args.fused_bias_gelu, args.fused_branch_bias,
+                args.fused_attention)  # fmt: skip
     for name in presets:
         p = preset(name)
+        fused = fused_switches(device, *switches, head_size=p.model.head_dim)
         p = replace(p, train=replace(p.train, life_start_share=0.0))  # the synthetic caches have no lives
         batch = args.batch_size or (p.train.batch_size // 4 if cuda else 8)
         steps = args.steps or (20 if cuda else 3)
@@ -81,14 +83,13 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
             train_world_action(p, caches, Path(tmp) / "run", stage1_steps=0, stage2_steps=2 * steps,
                                batch_size=batch, log_every=steps, save_every=10**9, device=device, resume=False,
                                progress=False, num_threads=args.threads, keep_last=1, compile=compile_,
-                               fused_layer_norm=fused, fused_qkv=fused_qkv,
-                               fused_bias_gelu=args.fused_bias_gelu,
-                               fused_branch_bias=args.fused_branch_bias,
-                               fused_attention=args.fused_attention)  # fmt: skip
+                               fused_layer_norm=fused.layer_norm, fused_qkv=fused.qkv,
+                               fused_bias_gelu=fused.bias_gelu, fused_branch_bias=fused.branch_bias,
+                               fused_attention=fused.attention)  # fmt: skip
             rec = read_metrics(Path(tmp) / "run")[-1]  # the second interval: warm-up and compilation excluded
-        tag = {"batch_size": batch, "steps_timed": steps, "compile": compile_, "fused_ln": fused,
-               "fused_qkv": fused_qkv, "fused_bias_gelu": args.fused_bias_gelu,
-               "fused_branch_bias": args.fused_branch_bias, "fused_attention": args.fused_attention, "amp": "bf16" if cuda else "fp32",
+        tag = {"batch_size": batch, "steps_timed": steps, "compile": compile_, "fused_ln": fused.layer_norm,
+               "fused_qkv": fused.qkv, "fused_bias_gelu": fused.bias_gelu, "fused_branch_bias": fused.branch_bias,
+               "fused_attention": fused.attention, "amp": "bf16" if cuda else "fp32",
                **{k: getattr(args, k) for k in ("inductor", "sdpa_off", "fused_ln_config", "fused_attention_config")
                   if getattr(args, k)}}  # fmt: skip
         yield _figure("train_stage2_tokens_per_s", rec["tokens_per_s"], "tokens/s", name, **tag)
@@ -274,12 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="train: one product for queries, keys and values (default: on CUDA only)",
     )
-    ap.add_argument("--fused-bias-gelu", action="store_true",
-                    help="train: each MLP's first bias add and GELU as one op (fused_gelu; off by default)")  # fmt: skip
-    ap.add_argument("--fused-branch-bias", action="store_true",
-                    help="train: each residual branch's last bias inside the fused LayerNorm op (off by default)")  # fmt: skip
-    ap.add_argument("--fused-attention", action="store_true",
-                    help="train: the Triton flash-attention op on the packed QKV product (off by default)")  # fmt: skip
+    ap.add_argument("--fused-bias-gelu", action=argparse.BooleanOptionalAction, default=None,
+                    help="train: each MLP's first bias add and GELU as one op (fused_gelu; default: on CUDA only)")  # fmt: skip
+    ap.add_argument("--fused-branch-bias", action=argparse.BooleanOptionalAction, default=None,
+                    help="train: each residual branch's last bias inside the fused LayerNorm op (default: with it)")  # fmt: skip
+    ap.add_argument("--fused-attention", action=argparse.BooleanOptionalAction, default=None,
+                    help="train: the Triton flash-attention op on the packed QKV product (default: on CUDA only)")  # fmt: skip
     ap.add_argument(
         "--reference",
         action=argparse.BooleanOptionalAction,

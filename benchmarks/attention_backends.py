@@ -11,8 +11,8 @@ output is checked against the math backend's (dropout draws differ by backend). 
 dropout. Beside SDPA's backends: ``jowa_triton``, ``jowa_core.models.fused_attention`` (the Triton flash-attention
 op the model uses with ``use_fused_attention``), fed the packed (B, T, 3, H, D) product it reads in training, its
 gradient packed too (on a CPU: its torch reference); ``jowa_triton_onepass``, the same op with its one-kernel
-backward (``KernelConfig.bwd_onepass``); ``jowa_triton_fwd168``, with its forward held to 168 registers
-(``KernelConfig.fwd_maxnreg``). On a CPU, flash and math on a small shape (a smoke run).
+backward (``KernelConfig.bwd_onepass``); ``jowa_triton_untuned``, in session 18's config before the sweep
+(the compiler's registers for the forward, 2 pipeline stages). On a CPU, flash and math on a small shape (a smoke run).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
 
 # the Triton op under its KernelConfig, and with each change not yet timed on a GPU (benchmarks/gpu_ab.sh picks)
 FUSED_VARIANTS = {"jowa_triton": {}, "jowa_triton_onepass": {"bwd_onepass": True},
-                  "jowa_triton_fwd168": {"fwd_maxnreg": 168}}  # fmt: skip
+                  "jowa_triton_untuned": {"fwd_maxnreg": 0, "fwd_stages": 2, "bwd_stages": 2}}  # fmt: skip
 
 
 def add_shape_args(ap: argparse.ArgumentParser) -> None:

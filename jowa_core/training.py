@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -330,13 +330,41 @@ def stage2_lr_factor(step: int, train_cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
 
 
-def fused_switches(device: torch.device, fused_layer_norm: bool | None, fused_qkv: bool | None) -> tuple[bool, bool]:
-    """The loop's two implementation switches with None resolved: each on for CUDA, where each was a measured
-    win for jowa_150m (README Performance), and off elsewhere (the fused LayerNorm op also needs triton)."""
+class FusedSwitches(NamedTuple):
+    """The training loop's implementation switches, resolved: same function, same parameters and checkpoints."""
+
+    layer_norm: bool
+    qkv: bool
+    bias_gelu: bool
+    branch_bias: bool
+    attention: bool
+
+
+def fused_switches(
+    device: torch.device,
+    fused_layer_norm: bool | None = None,
+    fused_qkv: bool | None = None,
+    fused_bias_gelu: bool | None = None,
+    fused_branch_bias: bool | None = None,
+    fused_attention: bool | None = None,
+    *,
+    head_size: int | None = None,
+) -> FusedSwitches:
+    """The loop's switches with None resolved: each on for CUDA, where each was a measured win for jowa_150m
+    (README Performance), and off elsewhere. The Triton ops also need triton; the branch biases need the fused
+    LayerNorm op they ride in; the attention op needs a ``head_size`` that is a power of two >= 16 (every
+    preset's). A given value wins."""
     cuda = device.type == "cuda"
-    if fused_layer_norm is None:
-        fused_layer_norm = cuda and fused_ln.triton_available()
-    return fused_layer_norm, cuda if fused_qkv is None else fused_qkv
+    triton_ok = cuda and fused_ln.triton_available()
+    ln = triton_ok if fused_layer_norm is None else fused_layer_norm
+    heads_ok = head_size is None or (head_size >= 16 and head_size & (head_size - 1) == 0)
+    return FusedSwitches(
+        layer_norm=ln,
+        qkv=cuda if fused_qkv is None else fused_qkv,
+        bias_gelu=triton_ok if fused_bias_gelu is None else fused_bias_gelu,
+        branch_bias=(triton_ok and ln) if fused_branch_bias is None else fused_branch_bias,
+        attention=(triton_ok and heads_ok) if fused_attention is None else fused_attention,
+    )
 
 
 def set_stage(model: WorldActionModel, stage: int) -> None:
@@ -526,9 +554,9 @@ def train_world_action(
     compile: bool = False,
     fused_layer_norm: bool | None = None,
     fused_qkv: bool | None = None,
-    fused_bias_gelu: bool = False,
-    fused_branch_bias: bool = False,
-    fused_attention: bool = False,
+    fused_bias_gelu: bool | None = None,
+    fused_branch_bias: bool | None = None,
+    fused_attention: bool | None = None,
     stride: int = 4,
     data_split: str = "per_rank",
     clip_rewards: bool = True,
@@ -565,11 +593,14 @@ def train_world_action(
             (``WorldActionModel.use_fused_qkv``); None: on for CUDA (jowa_150m's loop 1.0 % faster on an H200,
             1.3 % on an H100, README Performance), off on CPU, where it is not reliably faster.
         fused_bias_gelu: each MLP's first bias add and GELU as one op with a fused backward
-            (``WorldActionModel.use_fused_bias_gelu``); off until a GPU has timed it.
+            (``WorldActionModel.use_fused_bias_gelu``); None: on for CUDA when triton imports, off on CPU.
         fused_branch_bias: with the fused LayerNorm op, each residual branch's last bias added inside it, its
-            gradient summed in the op's backward (``WorldActionModel.use_fused_branch_bias``); off until timed.
+            gradient summed in the op's backward (``WorldActionModel.use_fused_branch_bias``); None: on with the
+            fused LayerNorm op.
         fused_attention: the Triton flash-attention op on the packed QKV product
-            (``WorldActionModel.use_fused_attention``); off until timed.
+            (``WorldActionModel.use_fused_attention``); None: on for CUDA when triton imports. With the two
+            above and the LayerNorm op's packed dropout mask, jowa_150m's loop went from 36.0 % to 39.0 % MFU on
+            an H100 (README Performance, session 20).
         stride: distance between segment starts (4 for pretraining).
         data_split: "per_rank" (each rank draws its own batches) or "global" (each rank slices the
             same global batch, so results do not depend on the world size; ``GlobalBatchSlices``).
@@ -635,9 +666,9 @@ def _train(
     compile: bool,
     fused_layer_norm: bool | None,
     fused_qkv: bool | None,
-    fused_bias_gelu: bool,
-    fused_branch_bias: bool,
-    fused_attention: bool,
+    fused_bias_gelu: bool | None,
+    fused_branch_bias: bool | None,
+    fused_attention: bool | None,
     stop_at_step: int | None,
 ) -> WorldActionModel:
     tc, mc = p.train, p.model
@@ -709,10 +740,11 @@ def _train(
             truncate_jsonl(metrics_path, step)
     else:
         seed_everything(_rank_seed(tc.seed, info.rank))
-    fused_layer_norm, fused_qkv = fused_switches(dev, fused_layer_norm, fused_qkv)
-    model.to(dev).train().use_fused_layer_norm(fused_layer_norm).use_fused_qkv(fused_qkv)
-    model.use_fused_bias_gelu(fused_bias_gelu).use_fused_branch_bias(fused_branch_bias)
-    model.use_fused_attention(fused_attention)
+    fused = fused_switches(dev, fused_layer_norm, fused_qkv, fused_bias_gelu, fused_branch_bias, fused_attention,
+                           head_size=mc.head_dim)  # fmt: skip
+    model.to(dev).train().use_fused_layer_norm(fused.layer_norm).use_fused_qkv(fused.qkv)
+    model.use_fused_bias_gelu(fused.bias_gelu).use_fused_branch_bias(fused.branch_bias)
+    model.use_fused_attention(fused.attention)
     if step >= total_steps or (stop_at_step is not None and step >= stop_at_step):
         return model.eval()
 

@@ -103,7 +103,8 @@ def test_fused_ln_sweep_reports_every_tile_and_writes_a_loadable_best(tmp_path, 
     # backward = (forward + backward) - forward: at this size on a busy CPU the difference can be noise
     assert all(x["fwd_ms"] > 0 and isinstance(x["bwd_ms"], float) and "error" not in x for x in tiles)
     assert len({json.dumps(x["config"], sort_keys=True) for x in tiles}) == 55  # the default is in both grids
-    assert sum(x["config"]["packed_rng"] for x in tiles) == 12  # the forward's 12 tiles, packed
+    assert sum(x["config"]["packed_rng"] for x in tiles[:24]) == 12  # half the forward's 24 tiles, packed
+    assert all(x["config"]["packed_rng"] == before.packed_rng for x in tiles[24:])  # the backward's: the default's
     best = KernelConfig(**json.loads((tmp_path / "best.json").read_text()))
     assert best == KernelConfig(**lines[-1]["config"])
     assert kernel_config() == before  # the sweep puts the process's tiles back
@@ -268,7 +269,8 @@ def test_attention_isa_counts_each_kernels_loop(tmp_path, capsys):
     assert causal_passes(296, 64, 64) == (5, 10) and causal_passes(296, 64, 64, "attn_bwd_dkdv") == (5, 10)
     assert causal_passes(64, 64, 64) == (1, 0) and causal_passes(100, 32, 64) == (4, 2)
     assert causal_passes(100, 32, 64, "attn_bwd_dkdv") == (4, 2)  # keys 0-63: 2 masked, 2 whole; keys 64-99: 2, 0
-    isa(["--batch", "2", "--layers", "1"])
+    (tmp_path / "regs.json").write_text('{"fwd_maxnreg": 0}')  # the compiler's registers: no spill anywhere
+    isa(["--batch", "2", "--layers", "1", "--fused-attention-config", str(tmp_path / "regs.json")])
     recs = {(r["kernel"], r["dropout"]): r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert len(recs) == 8
     for name, products in (("attn_fwd", 2), ("attn_bwd_dkdv", 4), ("attn_bwd_dq", 3), ("attn_bwd_onepass", 5)):
@@ -289,11 +291,12 @@ def test_attention_isa_counts_each_kernels_loop(tmp_path, capsys):
         assert on["tensor_ms"] == pytest.approx(flops / PEAK_FLOPS * 1e3, abs=0.006)
         assert 0 < on["registers"] <= 255 and on["programs_per_sm"] == programs_per_sm(on["registers"], warps)
     assert [programs_per_sm(r, w) for r, w in ((178, 4), (168, 4), (255, 4), (255, 8))] == [2, 3, 2, 1]
-    # the forward held to 168 registers (KernelConfig.fwd_maxnreg): three programs an SM
-    (tmp_path / "cfg.json").write_text('{"fwd_maxnreg": 168}')
-    isa(["--batch", "2", "--layers", "1", "--fused-attention-config", str(tmp_path / "cfg.json")])
+    # the default forward, held to 168 registers (KernelConfig.fwd_maxnreg): three programs an SM, no spill in
+    # its loops (Triton 3.9 spills 4 instructions' worth outside them, 3.6 none)
+    isa(["--batch", "2", "--layers", "1"])
     fwd = [r for r in map(json.loads, capsys.readouterr().out.splitlines()) if r["kernel"] == "attn_fwd"]
     assert all(r["registers"] <= 168 and r["programs_per_sm"] == 3 for r in fwd), fwd
+    assert all(r["spill_sass"]["in_pass_loops"] == 0 for r in fwd), fwd
 
 
 def test_mlp_autotune_times_variants_that_compute_the_same_gradients(capsys):
@@ -321,7 +324,7 @@ def test_attention_backends_times_each_backend_that_takes_the_shape(capsys):
     attention(argv)
     recs = {(r["backend"], r["dropout"]): r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert len(recs) == 14 and all("skipped" in recs[("cudnn", p)] for p in (0.0, 0.1))
-    for op in ("jowa_triton", "jowa_triton_onepass", "jowa_triton_fwd168"):  # the op in each KernelConfig variant
+    for op in ("jowa_triton", "jowa_triton_onepass", "jowa_triton_untuned"):  # the op in each KernelConfig variant
         assert recs[(op, 0.0)]["max_abs_diff_vs_math"] < 1e-5 and recs[(op, 0.1)]["ms_fwd_bwd"] > 0
     assert recs[("flash", 0.0)]["max_abs_diff_vs_math"] < 1e-5 and recs[("math", 0.0)]["max_abs_diff_vs_math"] == 0.0
     assert recs[("math", 0.1)]["ms_fwd_bwd"] > 0 and "max_abs_diff_vs_math" not in recs[("math", 0.1)]

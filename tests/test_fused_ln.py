@@ -430,7 +430,7 @@ def test_kernel_config_rejects_tiles_triton_cannot_build_and_set_returns_the_pre
     with pytest.raises(ValueError, match="bwd_rows must be a power of two"):
         f.KernelConfig(bwd_rows=3)
     with pytest.raises(ValueError, match="recompute_mask needs packed_rng=True"):
-        f.KernelConfig(recompute_mask=True)
+        f.KernelConfig(packed_rng=False, recompute_mask=True)
     with pytest.raises(TypeError, match="packed_rng must be true or false, got 'yes'"):
         f.KernelConfig(packed_rng="yes")
     with pytest.raises(TypeError, match="fwd_rows must be an integer, got 2.0"):

@@ -142,18 +142,24 @@ def test_fused_layer_norm_switch_trains_as_the_default_without_dropout(caches, t
 
 
 def test_fused_switches_default_on_for_cuda_only(monkeypatch):
-    """None means: on for CUDA (the fused LayerNorm op only when triton imports), off on CPU; a given value wins."""
+    """None means: on for CUDA (the Triton ops only when triton imports, the branch biases only inside the fused
+    LayerNorm op, the attention op only for a head size the kernels take), off on CPU; a given value wins."""
     from jowa_core.models import fused_ln
-    from jowa_core.training import fused_switches
+    from jowa_core.training import FusedSwitches, fused_switches
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     monkeypatch.setattr(fused_ln, "triton_available", lambda: True)
-    assert fused_switches(cuda, None, None) == (True, True)
-    assert fused_switches(cpu, None, None) == (False, False)
-    assert fused_switches(cuda, False, False) == (False, False)
-    assert fused_switches(cpu, True, True) == (True, True)
+    assert fused_switches(cuda) == FusedSwitches(True, True, True, True, True)
+    assert fused_switches(cuda, head_size=64) == fused_switches(cuda, head_size=16) == fused_switches(cuda)
+    assert fused_switches(cpu) == FusedSwitches(False, False, False, False, False)
+    assert fused_switches(cuda, False, False, False, False, False) == FusedSwitches(False, False, False, False, False)
+    assert fused_switches(cpu, True, True, True, True, True) == FusedSwitches(True, True, True, True, True)
+    assert fused_switches(cuda, fused_layer_norm=False) == FusedSwitches(False, True, True, False, True)
+    assert fused_switches(cuda, head_size=48).attention is False
+    assert fused_switches(cuda, head_size=8).attention is False
+    assert fused_switches(cuda, fused_attention=True, head_size=48).attention is True
     monkeypatch.setattr(fused_ln, "triton_available", lambda: False)
-    assert fused_switches(cuda, None, None) == (False, True)
+    assert fused_switches(cuda) == FusedSwitches(False, True, False, False, False)
 
 
 def test_fused_qkv_switch_trains_as_the_default(caches, tmp_path):
