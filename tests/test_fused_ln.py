@@ -327,10 +327,10 @@ INTERPRETER_CHECK = textwrap.dedent(
     # C = 48: BLOCK_C 64 with masked columns; N = 37 leaves a part-filled block. C = 768: jowa_150m's width.
     # Tiles: the defaults (1-2 rows a program, as tuned on an H100) and 8 rows with 2 programs per "SM"
     # (2 on CPU), so that the backward's programs stride over several blocks.
-    # packed_rng: the mask from 8 flags per Philox call.
-    packed = f.KernelConfig(packed_rng=True)
-    cases = [(f.KernelConfig(), 37, 48), (f.KernelConfig(), 9, 768), (f.KernelConfig(8, 2, 8, 4, 1), 37, 48),
-             (packed, 37, 48), (packed, 9, 768)]
+    # packed_rng (the default): the mask from 8 flags per Philox call; per_element: one call per flag.
+    packed, per_element = f.KernelConfig(packed_rng=True), f.KernelConfig(packed_rng=False)
+    small = f.KernelConfig(8, 2, 8, 4, 1, packed_rng=False)
+    cases = [(per_element, 37, 48), (per_element, 9, 768), (small, 37, 48), (packed, 37, 48), (packed, 9, 768)]
     for cfg, N, C in cases:
         f.set_kernel_config(cfg)
         for h_dtype in (torch.float32, torch.bfloat16):
@@ -363,7 +363,7 @@ INTERPRETER_CHECK = textwrap.dedent(
                                 close(a, e, f"{name} {tag} dxn={g_in is not None}")
     # h_bias: added to h before the dropout; the backward sums dh's columns for its gradient (need_dhb)
     redraw = f.KernelConfig(packed_rng=True, recompute_mask=True)
-    for cfg, N, C in ((f.KernelConfig(), 37, 48), (f.KernelConfig(8, 2, 8, 4, 1), 37, 48), (redraw, 9, 768)):
+    for cfg, N, C in ((per_element, 37, 48), (small, 37, 48), (redraw, 9, 768)):
         f.set_kernel_config(cfg)
         x, h, w, b = torch.randn(N, C), torch.randn(N, C).to(torch.bfloat16), 1 + 0.3 * torch.randn(C), torch.randn(C)
         hb, dy, dxn = torch.randn(C), torch.randn(N, C).to(torch.bfloat16), torch.randn(N, C)
