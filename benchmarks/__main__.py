@@ -90,8 +90,8 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
         tag = {"batch_size": batch, "steps_timed": steps, "compile": compile_, "fused_ln": fused.layer_norm,
                "fused_qkv": fused.qkv, "fused_bias_gelu": fused.bias_gelu, "fused_branch_bias": fused.branch_bias,
                "fused_attention": fused.attention, "amp": "bf16" if cuda else "fp32",
-               **{k: getattr(args, k) for k in ("inductor", "sdpa_off", "fused_ln_config", "fused_attention_config")
-                  if getattr(args, k)}}  # fmt: skip
+               **{k: getattr(args, k) for k in ("inductor", "sdpa_off", "fused_ln_config", "fused_attention_config",
+                                                "fused_gelu_config") if getattr(args, k)}}  # fmt: skip
         yield _figure("train_stage2_tokens_per_s", rec["tokens_per_s"], "tokens/s", name, **tag)
         yield _figure("train_stage2_samples_per_s", rec["samples_per_s"], "segments/s", name, **tag)
         if cuda:
@@ -241,7 +241,7 @@ SUITE_FNS = {"train": train_suite, "planner": planner_suite, "tokenizer": tokeni
 def markdown_table(figures: list[Figure]) -> str:
     """The README's Performance table: one row per figure, the settings that matter in 'details'."""
     keep = ("envs", "batch_size", "workers", "compile", "fused_ln", "fused_qkv", "fused_bias_gelu", "fused_branch_bias",
-            "fused_attention", "inductor", "sdpa_off",
+            "fused_attention", "inductor", "sdpa_off", "fused_gelu_config",
             "fused_ln_config", "fused_attention_config", "cuda_graphs", "shared_history", "amp", "actions_match", "skipped")  # fmt: skip
     lines = ["| figure | preset | value | unit | details |", "| --- | --- | ---: | --- | --- |"]
     for f in figures:
@@ -296,11 +296,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="train: a fused_ln.KernelConfig (fields as benchmarks.fused_ln_sweep --best writes)")  # fmt: skip
     ap.add_argument("--fused-attention-config", default=None, metavar="JSON",
                     help="train: a fused_attention.KernelConfig (as benchmarks.attention_sweep --best writes)")  # fmt: skip
+    ap.add_argument("--fused-gelu-config", default=None, metavar="JSON",
+                    help="train: a fused_gelu.KernelConfig (as benchmarks.bias_gelu_sweep --best writes)")  # fmt: skip
     ap.add_argument("--jsonl", type=Path, default=None, help="also append every figure to this file")
     ap.add_argument("--markdown", type=Path, default=None, help="write the markdown table here at the end")
     args = ap.parse_args(argv)
-    if args.inductor or args.sdpa_off or args.fused_ln_config or args.fused_attention_config:  # profile_train's
-        from benchmarks import profile_train as pt  # switches, for the loop-level A/B
+    if args.inductor or args.sdpa_off or args.fused_ln_config or args.fused_attention_config or args.fused_gelu_config:
+        from benchmarks import profile_train as pt  # profile_train's switches, for the loop-level A/B
 
         pt.apply_inductor_settings(args.inductor)
         pt.disable_sdpa_backends(args.sdpa_off)
@@ -308,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             pt.apply_fused_ln_config(args.fused_ln_config, ap)
         if args.fused_attention_config:
             pt.apply_fused_attention_config(args.fused_attention_config, ap)
+        if args.fused_gelu_config:
+            pt.apply_fused_gelu_config(args.fused_gelu_config, ap)
     device = resolve_device(args.device)
     presets = args.preset or (list(PRESETS) if device.type == "cuda" else ["tiny", "jowa_40m"])
     if args.threads:

@@ -1,14 +1,15 @@
 """The fused dropout + add + LayerNorm op alone, against inductor's kernels for the same pattern, tile by tile.
 
-    python -m benchmarks.fused_ln_sweep [--rows 151552] [--width 768] [--best best.json]
+    python -m benchmarks.fused_ln_sweep [--rows 151552] [--width 768] [--grids fwd,bwd] [--best best.json]
 
 At jowa_150m's training shape (batch 512 x 296 tokens = 151,552 rows of 768; fp32 residual stream, bf16
 branch, dropout 0.1) it times, with CUDA events over ``--reps`` calls after warm-up: inductor's compiled
 ``x + dropout(h)`` then ``layer_norm`` (forward, and forward + backward), then ``jowa_core.models.fused_ln``
 forward and backward under every ``KernelConfig`` of the sweep (the forward's tiles with and without
-``packed_rng``). One JSON line per figure, with the bytes each pass must move and the bandwidth that
-implies; ``--best`` writes the fastest config as JSON, which ``benchmarks.profile_train --fused-ln-config``
-and ``python -m benchmarks --fused-ln-config`` read. CUDA only.
+``packed_rng``; ``--grids bwd`` times the backward's alone, keeping the default forward). One JSON line per
+figure, with the bytes each pass must move and the bandwidth that implies; ``--best`` writes the fastest config
+as JSON, which ``benchmarks.profile_train --fused-ln-config`` and ``python -m benchmarks --fused-ln-config``
+read. CUDA only.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--best", default=None, help="write the fastest KernelConfig here (JSON)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (torch reference, eager)")
+    ap.add_argument("--grids", default="fwd,bwd", choices=("fwd,bwd", "fwd", "bwd"),
+                    help="the tiles to time: the forward's, the backward's or both (the other keeps the default's)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fused_ln_sweep times Triton kernels on a CUDA device; none is available here "
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         replace(default, bwd_rows=r, bwd_warps=wp, bwd_programs_per_sm=k)
         for r, wp, k in itertools.product((1, 2, 4, 8), (4, 8), (2, 4, 8, 16))
     ]
+    grids = args.grids.split(",")
+    fwd_grid, bwd_grid = (fwd_grid if "fwd" in grids else []), (bwd_grid if "bwd" in grids else [])
     for cfg in fwd_grid + bwd_grid:
         fused_ln.set_kernel_config(cfg)
         try:
@@ -114,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     fused_ln.set_kernel_config(default)
     if not results:
         raise SystemExit("fused_ln_sweep: no config ran; see the errors above.")
-    fwd_best = min((r for r in results if r[0] in fwd_grid), key=lambda r: r[1])[0]
-    bwd_best = min((r for r in results if r[0] in bwd_grid), key=lambda r: r[2])[0]
+    fwd_best = min((r for r in results if r[0] in fwd_grid), key=lambda r: r[1], default=(default,))[0]
+    bwd_best = min((r for r in results if r[0] in bwd_grid), key=lambda r: r[2], default=(default,))[0]
     best = KernelConfig(fwd_best.fwd_rows, fwd_best.fwd_warps, bwd_best.bwd_rows, bwd_best.bwd_warps,
                         bwd_best.bwd_programs_per_sm, fwd_best.packed_rng)  # fmt: skip
     emit(impl="fused_ln_best", config=asdict(best))

@@ -116,9 +116,9 @@ def disable_sdpa_backends(names: list[str]) -> list[str]:
 
 
 def apply_kernel_config(module, path: str, ap: argparse.ArgumentParser, flag: str):
-    """``--fused-ln-config`` / ``--fused-attention-config``: the process's tiles and switches of ``module``
-    (``fused_ln``, ``fused_attention``) from a JSON ``KernelConfig``, as that op's sweep writes it with ``--best``;
-    a file it cannot read is a usage error of ``ap``."""
+    """``--fused-ln-config`` / ``--fused-attention-config`` / ``--fused-gelu-config``: the process's tiles and
+    switches of ``module`` (``fused_ln``, ``fused_attention``, ``fused_gelu``) from a JSON ``KernelConfig``, as
+    that op's sweep writes it with ``--best``; a file it cannot read is a usage error of ``ap``."""
     try:
         cfg = module.KernelConfig.from_json(path)
     except (OSError, ValueError, TypeError) as e:
@@ -135,6 +135,12 @@ def apply_fused_attention_config(path: str, ap: argparse.ArgumentParser):
     from jowa_core.models import fused_attention
 
     return apply_kernel_config(fused_attention, path, ap, "--fused-attention-config")
+
+
+def apply_fused_gelu_config(path: str, ap: argparse.ArgumentParser):
+    from jowa_core.models import fused_gelu
+
+    return apply_kernel_config(fused_gelu, path, ap, "--fused-gelu-config")
 
 
 def run_variant(
@@ -252,11 +258,14 @@ def main() -> None:
                     help="a KernelConfig for the fused_ln variants, as benchmarks.fused_ln_sweep --best writes it")  # fmt: skip
     ap.add_argument("--fused-attention-config", default=None, metavar="JSON",
                     help="a KernelConfig for the *_attn variants, as benchmarks.attention_sweep --best writes it")  # fmt: skip
+    ap.add_argument("--fused-gelu-config", default=None, metavar="JSON",
+                    help="a KernelConfig for the *_gelu* variants, as benchmarks.bias_gelu_sweep --best writes")  # fmt: skip
     args = ap.parse_args()
     apply_inductor_settings(args.inductor)
     disable_sdpa_backends(args.sdpa_off)
     fused_cfg = apply_fused_ln_config(args.fused_ln_config, ap) if args.fused_ln_config else None
     attn_cfg = apply_fused_attention_config(args.fused_attention_config, ap) if args.fused_attention_config else None
+    gelu_cfg = apply_fused_gelu_config(args.fused_gelu_config, ap) if args.fused_gelu_config else None
     dev = resolve_device(args.device)
     p = preset(args.preset)
     B = args.batch_size or (p.train.batch_size if dev.type == "cuda" else 8)
@@ -275,6 +284,7 @@ def main() -> None:
         **({"sdpa_off": args.sdpa_off} if args.sdpa_off else {}),
         **({"fused_ln_config": vars(fused_cfg)} if fused_cfg else {}),
         **({"fused_attention_config": vars(attn_cfg)} if attn_cfg else {}),
+        **({"fused_gelu_config": vars(gelu_cfg)} if gelu_cfg else {}),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
     }
     for v in args.variants:

@@ -108,6 +108,13 @@ def test_fused_ln_sweep_reports_every_tile_and_writes_a_loadable_best(tmp_path, 
     best = KernelConfig(**json.loads((tmp_path / "best.json").read_text()))
     assert best == KernelConfig(**lines[-1]["config"])
     assert kernel_config() == before  # the sweep puts the process's tiles back
+    # --grids bwd: the backward's 32 tiles alone; the best keeps the default's forward
+    sweep(["--device", "cpu", "--rows", "16", "--width", "8", "--reps", "1", "--grids", "bwd"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["impl"] for x in lines] == ["inductor"] + ["fused_ln"] * 32 + ["fused_ln_best"]
+    assert all(x["config"]["fwd_rows"] == before.fwd_rows and x["config"]["packed_rng"] == before.packed_rng
+               for x in lines[1:])  # fmt: skip
+    assert kernel_config() == before
 
 
 def test_attention_sweep_reports_every_tile_and_writes_a_loadable_best(tmp_path, capsys):
@@ -150,25 +157,27 @@ def test_train_suite_runs_the_tiny_preset_on_cpu(capsys):
 
 
 def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path):
-    """``--inductor``, ``--sdpa-off`` and ``--fused-ln-config`` (the loop-level A/B of profile_train's switches)
-    take effect for the process and are written beside every training figure; ``--fused-qkv`` overrides the
-    device default, and ``--fused-bias-gelu`` reaches the loop."""
+    """``--inductor``, ``--sdpa-off`` and the fused ops' ``--fused-*-config`` (the loop-level A/B of profile_train's
+    switches) take effect for the process and are written beside every training figure; ``--fused-qkv`` overrides
+    the device default, and ``--fused-bias-gelu`` reaches the loop."""
     import json
 
     import torch
     import torch._inductor.config as inductor_config
 
-    from jowa_core.models import fused_attention, fused_ln
+    from jowa_core.models import fused_attention, fused_gelu, fused_ln
 
     cfg = tmp_path / "packed.json"
     cfg.write_text('{"packed_rng": true}')
     attn = tmp_path / "attention.json"
     attn.write_text('{"fwd_m": 128, "bwd_stages": 3}')
+    gelu = tmp_path / "gelu.json"
+    gelu.write_text('{"rows": 16, "warps": 8, "bwd_programs_per_sm": 2}')
     before = inductor_config.aggressive_fusion, torch.backends.cuda.cudnn_sdp_enabled(), fused_ln.kernel_config()
-    attn_before = fused_attention.kernel_config()
+    attn_before, gelu_before = fused_attention.kernel_config(), fused_gelu.kernel_config()
     try:
         argv = ["--suite", "train", "--preset", "tiny", "--steps", "1", "--fused-qkv", "--fused-ln-config", str(cfg),
-                "--fused-attention-config", str(attn)]  # fmt: skip
+                "--fused-attention-config", str(attn), "--fused-gelu-config", str(gelu)]  # fmt: skip
         seen = []
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(WorldActionModel, "use_fused_bias_gelu", lambda m, on=True: seen.append(on) or m)
@@ -185,8 +194,10 @@ def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path)
         assert inductor_config.aggressive_fusion is True and not torch.backends.cuda.cudnn_sdp_enabled()
         assert fused_ln.kernel_config() == fused_ln.KernelConfig(packed_rng=True)
         assert fused_attention.kernel_config() == fused_attention.KernelConfig(fwd_m=128, bwd_stages=3)
+        assert fused_gelu.kernel_config() == fused_gelu.KernelConfig(rows=16, warps=8, bwd_programs_per_sm=2)
     finally:
         fused_attention.set_kernel_config(attn_before)
+        fused_gelu.set_kernel_config(gelu_before)
         inductor_config.aggressive_fusion = before[0]
         torch.backends.cuda.enable_cudnn_sdp(before[1])
         fused_ln.set_kernel_config(before[2])
@@ -194,7 +205,8 @@ def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path)
     train = [f for f in figs if f["name"].startswith("train_")]
     assert train and all(f["inductor"] == ["aggressive_fusion=1"] and f["sdpa_off"] == ["cudnn"] for f in train)
     assert all(f["fused_qkv"] is True and f["fused_ln_config"] == str(cfg) for f in train)
-    assert all(f["fused_attention_config"] == str(attn) for f in train)
+    assert all(f["fused_attention_config"] == str(attn) and f["fused_gelu_config"] == str(gelu) for f in train)
+    assert f"fused_gelu_config={gelu}" in markdown_table(train)
     assert all(f["fused_bias_gelu"] is True and f["fused_branch_bias"] is True for f in train)
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(["--suite", "train", "--preset", "tiny", "--steps", "1", "--inductor", "no_such_setting=1"])
@@ -209,6 +221,12 @@ def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path)
     assert (
         "--fused-attention-config: fused_attention KernelConfig.fwd_m must be a power of two" in capsys.readouterr().err
     )
+    gelu.write_text('{"warps": 3}')
+    with pytest.raises(SystemExit) as exc:
+        main(["--suite", "train", "--preset", "tiny", "--steps", "1", "--fused-gelu-config", str(gelu)])
+    assert exc.value.code == 2
+    assert "--fused-gelu-config: bias_gelu KernelConfig.warps must be a power of two" in capsys.readouterr().err
+    assert fused_gelu.kernel_config() == gelu_before
 
 
 @needs_triton
@@ -334,3 +352,90 @@ def test_attention_backends_times_each_backend_that_takes_the_shape(capsys):
     with pytest.raises(SystemExit):
         attention([*argv, "--backends", "flash,cudnnn"])
     assert "unknown ['cudnnn']" in capsys.readouterr().err
+
+
+def test_bias_gelu_sweep_reports_every_tile_and_writes_a_loadable_best(tmp_path, capsys):
+    """The CPU smoke run (torch reference, eager): one line for inductor's pattern, one per tile of 4 to 64 elements
+    a thread and one per programs-per-SM count, then the best: the tile fastest forward + backward (both kernels
+    use it) with the programs per SM fastest backward, written as a KernelConfig ``--fused-gelu-config`` reads."""
+    import itertools
+    import json
+
+    from benchmarks.bias_gelu_sweep import main as sweep
+    from jowa_core.models.fused_gelu import KernelConfig, kernel_config, set_kernel_config
+
+    odd = KernelConfig(rows=2, cols=64, warps=1, bwd_programs_per_sm=3)  # not the default: the grids build on it
+    before = set_kernel_config(odd)
+    try:
+        sweep(["--device", "cpu", "--rows", "16", "--width", "8", "--reps", "1", "--best", str(tmp_path / "best.json")])
+        assert kernel_config() == odd  # the sweep puts the process's config back
+    finally:
+        set_kernel_config(before)
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    tiles = [(r, c, w) for r, c, w in itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8))
+             if 4 <= r * c / (32 * w) <= 64]  # fmt: skip
+    assert len(tiles) == 31  # of 36, left out: 4 x 128 on 8 warps (2 elements a thread), 4 with 128 or 256
+    assert [x["impl"] for x in lines] == ["inductor"] + ["bias_gelu"] * (len(tiles) + 5) + ["bias_gelu_best"]
+    fused = lines[1:-1]
+    assert all(x["fwd_ms"] > 0 and x["bwd_ms"] > 0 and "error" not in x for x in fused)
+    assert all(x["fwd_gb"] == round(16 * 8 * 4 / 1e9, 3) and x["device_name"] == "cpu" for x in fused)
+    tile_lines, programs_lines = fused[: len(tiles)], fused[len(tiles) :]
+    assert {x["grid"] for x in tile_lines} == {"tile"} and {x["grid"] for x in programs_lines} == {"programs"}
+    assert [(x["config"]["rows"], x["config"]["cols"], x["config"]["warps"]) for x in tile_lines] == tiles
+    assert all(x["config"]["bwd_programs_per_sm"] == 3 for x in tile_lines)
+    assert [x["config"] for x in programs_lines] == [
+        {"rows": 2, "cols": 64, "warps": 1, "bwd_programs_per_sm": k} for k in (2, 4, 8, 16, 32)
+    ]
+    best = KernelConfig.from_json(str(tmp_path / "best.json"))
+    assert best == KernelConfig(**lines[-1]["config"])
+    fastest_tile = min(tile_lines, key=lambda x: x["fwd_ms"] + x["bwd_ms"])  # to the printed 3 decimals
+    fastest_pair = fastest_tile["fwd_ms"] + fastest_tile["bwd_ms"]
+    assert any(
+        (best.rows, best.cols, best.warps) == (x["config"]["rows"], x["config"]["cols"], x["config"]["warps"])
+        for x in tile_lines
+        if x["fwd_ms"] + x["bwd_ms"] <= fastest_pair + 2e-3
+    )
+    fastest_bwd = min(x["bwd_ms"] for x in programs_lines)
+    assert best.bwd_programs_per_sm in {
+        x["config"]["bwd_programs_per_sm"] for x in programs_lines if x["bwd_ms"] <= fastest_bwd + 1e-3
+    }
+    assert lines[-1]["programs_bwd_ms"] == fastest_bwd
+
+
+def test_profile_train_applies_and_records_a_fused_gelu_config(tmp_path, capsys, monkeypatch):
+    """``--fused-gelu-config``: a bias_gelu_sweep ``--best`` file sets the process's fused_gelu tiles and is written
+    beside every variant's figures; a file that does not hold a KernelConfig is a usage error."""
+    import json
+    import sys
+
+    from benchmarks import profile_train
+    from jowa_core.models import fused_gelu
+
+    cfg = tmp_path / "gelu.json"
+    cfg.write_text('{"rows": 16, "cols": 128, "bwd_programs_per_sm": 4}')
+    argv = ["profile_train", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--variants", "eager",
+            "--batch-size", "2", "--fused-gelu-config", str(cfg)]  # fmt: skip
+    before = fused_gelu.kernel_config()
+    try:
+        monkeypatch.setattr(sys, "argv", argv)
+        profile_train.main()
+        applied = fused_gelu.KernelConfig(rows=16, cols=128, bwd_programs_per_sm=4)
+        assert fused_gelu.kernel_config() == applied
+        (out,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+        assert out["variant"] == "eager" and out["fused_gelu_config"] == vars(applied)
+        fused_gelu.set_kernel_config(before)
+        for bad, message in (('{"tile": 8}', "unknown bias_gelu KernelConfig fields ['tile']"),
+                             ('{"cols": 96}', "KernelConfig.cols must be a power of two")):  # fmt: skip
+            cfg.write_text(bad)
+            with pytest.raises(SystemExit) as exc:
+                profile_train.main()
+            assert exc.value.code == 2
+            err = capsys.readouterr().err
+            assert "--fused-gelu-config: " in err and message in err
+            assert fused_gelu.kernel_config() == before
+        monkeypatch.setattr(sys, "argv", argv[:-2] + ["--fused-gelu-config", str(tmp_path / "missing.json")])
+        with pytest.raises(SystemExit):
+            profile_train.main()
+        assert "No such file" in capsys.readouterr().err
+    finally:
+        fused_gelu.set_kernel_config(before)
