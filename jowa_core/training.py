@@ -353,11 +353,12 @@ def fused_switches(
     """The loop's switches with None resolved: each on for CUDA, where each was a measured win for jowa_150m
     (README Performance), and off elsewhere. The Triton ops also need triton; the branch biases need the fused
     LayerNorm op they ride in; the attention op needs a ``head_size`` that is a power of two >= 16 (every
-    preset's). A given value wins."""
+    preset's) and a GPU of compute capability 8.0 or newer (its bf16 tensor-core products). A given value wins."""
     cuda = device.type == "cuda"
     triton_ok = cuda and fused_ln.triton_available()
     ln = triton_ok if fused_layer_norm is None else fused_layer_norm
     heads_ok = head_size is None or (head_size >= 16 and head_size & (head_size - 1) == 0)
+    heads_ok = heads_ok and triton_ok and torch.cuda.get_device_capability(device) >= (8, 0)
     return FusedSwitches(
         layer_norm=ln,
         qkv=cuda if fused_qkv is None else fused_qkv,

@@ -149,6 +149,7 @@ def test_fused_switches_default_on_for_cuda_only(monkeypatch):
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     monkeypatch.setattr(fused_ln, "triton_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert fused_switches(cuda) == FusedSwitches(True, True, True, True, True)
     assert fused_switches(cuda, head_size=64) == fused_switches(cuda, head_size=16) == fused_switches(cuda)
     assert fused_switches(cpu) == FusedSwitches(False, False, False, False, False)
@@ -158,6 +159,9 @@ def test_fused_switches_default_on_for_cuda_only(monkeypatch):
     assert fused_switches(cuda, head_size=48).attention is False
     assert fused_switches(cuda, head_size=8).attention is False
     assert fused_switches(cuda, fused_attention=True, head_size=48).attention is True
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no bf16 MMA
+    assert fused_switches(cuda) == FusedSwitches(True, True, True, True, False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(fused_ln, "triton_available", lambda: False)
     assert fused_switches(cuda) == FusedSwitches(False, True, False, False, False)
 
