@@ -3,16 +3,16 @@
     python -m benchmarks.attention_backends [--batch 512] [--reps 20] [--backends cudnn,flash,jowa_triton]
 
 jowa_150m's training attention: batch 512, 12 heads, 296 tokens, head size 64, bf16, causal, dropout 0.1 on the
-probabilities (as the official model has it). Attention is about 35 ms of its step on an H200, and the step
-runs on cuDNN's kernel, SDPA's first choice. This times each backend that takes the shape (cuDNN, flash,
+probabilities (as the official model has it). Attention was about 35 ms of its step on an H200 on cuDNN's
+kernel, SDPA's first choice; since session 20 the step runs the Triton op instead. This times each backend that takes the shape (cuDNN, flash,
 memory-efficient, math) under ``torch.nn.attention.sdpa_kernel``, eagerly: a minute where the training
 loop's A/B (``python -m benchmarks --sdpa-off cudnn``) needs a fresh compile. Without dropout each backend's
 output is checked against the math backend's (dropout draws differ by backend). One JSON line per backend and
 dropout. Beside SDPA's backends: ``jowa_triton``, ``jowa_core.models.fused_attention`` (the Triton flash-attention
 op the model uses with ``use_fused_attention``), fed the packed (B, T, 3, H, D) product it reads in training, its
-gradient packed too (on a CPU: its torch reference); ``jowa_triton_onepass``, the same op with its one-kernel
-backward (``KernelConfig.bwd_onepass``); ``jowa_triton_untuned``, in session 18's config before the sweep
-(the compiler's registers for the forward, 2 pipeline stages). On a CPU, flash and math on a small shape (a smoke run).
+gradient packed too (on a CPU: its torch reference); ``jowa_triton_untuned``, the same op in session 18's config
+before the sweep (the compiler's registers for the forward, 2 pipeline stages). On a CPU, flash and math on a
+small shape (a smoke run).
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
             "mem_efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
 
 
-# the Triton op under its KernelConfig, and with each change not yet timed on a GPU (benchmarks/gpu_ab.sh picks)
-FUSED_VARIANTS = {"jowa_triton": {}, "jowa_triton_onepass": {"bwd_onepass": True},
-                  "jowa_triton_untuned": {"fwd_maxnreg": 0, "fwd_stages": 2, "bwd_stages": 2}}  # fmt: skip
+# the Triton op under its KernelConfig, and under session 18's config before the sweep
+FUSED_VARIANTS = {"jowa_triton": {}, "jowa_triton_untuned": {"fwd_maxnreg": 0, "fwd_stages": 2, "bwd_stages": 2}}
 
 
 def add_shape_args(ap: argparse.ArgumentParser) -> None:

@@ -13,10 +13,10 @@ one for blocks that cross the causal diagonal (masked), one for blocks seen whol
 - tensor time: the passes' matrix-product FLOPs (2 per pass forward, 4 and 3 in the backward kernels) at the
   989 TFLOP/s dense bf16 peak of an H100 SXM and an H200.
 The larger of the two bounds a kernel from below. An estimate, not a timing: memory stalls, the loop's prologue,
-and how far the asynchronous products overlap the rest are left out. cuDNN's kernels, which the step runs now,
-took 12.7 ms forward and 24.8 ms backward (with its two helper kernels) on an H100 (session 13's profile). One
-JSON line per kernel, with and without dropout; the backward is either ``attn_bwd_dq`` + ``attn_bwd_dkdv`` or
-``attn_bwd_onepass`` alone (``KernelConfig.bwd_onepass``). ``spill_sass``: local-memory loads and stores (spilled
+and how far the asynchronous products overlap the rest are left out. cuDNN's kernels, which the step ran until
+session 20, took 12.7 ms forward and 24.8 ms backward (with its two helper kernels) on an H100 (session 13's
+profile); these took 10.0, 13.3 (dk/dv) and 11.0 (dq) in session 20's. One JSON line per kernel, with and
+without dropout. ``spill_sass``: local-memory loads and stores (spilled
 registers), in the loops over passes and in the whole kernel; ``bar_sync`` and ``shared_memory_ops``: a thread's
 barriers and shared-memory accesses per pass, where warps wait on each other (the issue time leaves them out);
 ``registers`` a thread, spill ``stack_bytes`` (``cuobjdump``) and the ``programs_per_sm`` those registers allow
@@ -54,16 +54,12 @@ SIGNATURES = {
 SIGNATURES["attn_bwd_dq"] = {"QKV": "*bf16", "DO": "*bf16", "O": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
                              "FLAGS": "*u8", "DQKV": "*bf16", "DBIAS": "*fp32", **_COMMON, "sm_scale": "fp32",
                              "drop_scale": "fp32", "n_blocks": "i32"}  # fmt: skip
-SIGNATURES["attn_bwd_onepass"] = {"QKV": "*bf16", "DO": "*bf16", "O": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
-                                  "FLAGS": "*u8", "DQKV": "*bf16", "DBIAS": "*fp32", "DQ_ACC": "*fp32", **_COMMON,
-                                  "sm_scale": "fp32", "drop_scale": "fp32", "n_blocks": "i32", "BH": "i32"}  # fmt: skip
-PRODUCTS = {"attn_fwd": 2, "attn_bwd_dkdv": 4, "attn_bwd_dq": 3, "attn_bwd_onepass": 5}  # matrix products per pass
+PRODUCTS = {"attn_fwd": 2, "attn_bwd_dkdv": 4, "attn_bwd_dq": 3}  # matrix products per pass
 SPILLS = ("STL", "LDL")  # local-memory stores and loads: registers spilled
 
 
 def pass_loops(text: str, nvdisasm) -> list[dict[str, int]]:
-    """Opcode counts of a listing's loops over passes: the innermost loops that run matrix products (the one-pass
-    backward also loops over heads, key blocks, and rows for delta and dq, around or beside them)."""
+    """Opcode counts of a listing's loops over passes: the innermost loops that run matrix products."""
     bodies = loop_bodies(text)
     inner = [b for b in bodies if not any(len(o) < len(b) and o in b for o in bodies)]
     counts = [sass_counts(b"", nvdisasm, b) for b in inner]
@@ -73,7 +69,7 @@ def pass_loops(text: str, nvdisasm) -> list[dict[str, int]]:
 def causal_passes(tokens: int, block_m: int, block_n: int, kernel: str = "attn_fwd") -> tuple[int, int]:
     """(masked, whole) passes per head of ``kernel``'s two loops, as its loop bounds count them."""
     masked = whole = 0
-    if kernel in ("attn_bwd_dkdv", "attn_bwd_onepass"):  # per key block, over the query blocks that see it
+    if kernel == "attn_bwd_dkdv":  # per key block, over the query blocks that see it
         for start_n in range(0, tokens, block_n):
             edge = -(-(start_n + block_n) // block_m) * block_m
             masked += len(range((start_n // block_m) * block_m, min(edge, tokens), block_m))

@@ -5,9 +5,7 @@
 At jowa_150m's attention shape (batch 512, 12 heads, 296 tokens of 64, bf16, causal, dropout 0.1; the packed
 (B, T, 3, H, D) product, the QKV bias's gradient summed in the backward as in training) it times, with CUDA events
 over ``--reps`` calls after warm-up, ``jowa_core.models.fused_attention``'s forward under each forward tile
-(queries x keys, warps, pipeline stages) and its backward (the two kernels, or the one-pass kernel with 1 or 2
-programs per SM) under each backward tile. A tile the
-GPU cannot run (too much shared memory, say) gets an ``error`` line. ``--best`` writes the fastest forward and
+(queries x keys, warps, pipeline stages) and its backward under each backward tile. A tile the GPU cannot run (too much shared memory, say) gets an ``error`` line. ``--best`` writes the fastest forward and
 backward tiles as one ``KernelConfig`` (JSON), which ``python -m benchmarks --fused-attention-config`` and
 ``benchmarks/profile_train.py --fused-attention-config`` read. CUDA only (``--device cpu``: a smoke run of the
 script on the torch reference, where tiles change nothing).
@@ -32,14 +30,8 @@ FWD_TILES = [{"fwd_m": m, "fwd_n": n, "fwd_warps": w, "fwd_stages": s, "fwd_maxn
 # the default tile held to 168 registers a thread: three programs an SM instead of two (KernelConfig.fwd_maxnreg)
 FWD_TILES += [{"fwd_m": 64, "fwd_n": 64, "fwd_warps": 4, "fwd_stages": s, "fwd_maxnreg": 168} for s in (2, 3)]
 BWD_BLOCKS = ((32, 64), (64, 32), (64, 64), (64, 128), (128, 64))
-BWD_TILES = [{"bwd_m": m, "bwd_n": n, "bwd_warps": w, "bwd_stages": s, "bwd_onepass": False, "bwd_programs_per_sm": 2}
+BWD_TILES = [{"bwd_m": m, "bwd_n": n, "bwd_warps": w, "bwd_stages": s}
              for (m, n), w, s in itertools.product(BWD_BLOCKS, (4, 8), (2, 3))]  # fmt: skip
-# the one-kernel backward: the tiles whose sm_90 code spills least (benchmarks.attention_isa), and how many heads
-# run at once per SM (its dq slots: programs x 80 KB, in L2). Each tile takes 255 registers a thread, so two
-# programs of 4 warps fit an SM, one of 8.
-ONEPASS = (((64, 64, 4), 1), ((64, 64, 4), 2), ((32, 64, 4), 1), ((32, 64, 4), 2), ((128, 64, 8), 1), ((64, 64, 8), 1))
-BWD_TILES += [{"bwd_m": m, "bwd_n": n, "bwd_warps": w, "bwd_stages": 2, "bwd_onepass": True, "bwd_programs_per_sm": k}
-              for (m, n, w), k in ONEPASS]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

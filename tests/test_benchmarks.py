@@ -127,7 +127,7 @@ def test_attention_sweep_reports_every_tile_and_writes_a_loadable_best(tmp_path,
     from jowa_core.models.fused_attention import KernelConfig, kernel_config
 
     before = kernel_config()
-    assert sum(t["bwd_onepass"] for t in BWD_TILES) == 6  # the one-kernel backward's tiles and programs per SM
+    assert len(FWD_TILES) == 18 and len(BWD_TILES) == 20
     argv = ["--device", "cpu", "--batch", "1", "--heads", "2", "--tokens", "20", "--head-size", "16", "--reps", "1"]
     sweep([*argv, "--best", str(tmp_path / "best.json")])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
@@ -290,15 +290,14 @@ def test_attention_isa_counts_each_kernels_loop(tmp_path, capsys):
     (tmp_path / "regs.json").write_text('{"fwd_maxnreg": 0}')  # the compiler's registers: no spill anywhere
     isa(["--batch", "2", "--layers", "1", "--fused-attention-config", str(tmp_path / "regs.json")])
     recs = {(r["kernel"], r["dropout"]): r for r in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert len(recs) == 8
-    for name, products in (("attn_fwd", 2), ("attn_bwd_dkdv", 4), ("attn_bwd_dq", 3), ("attn_bwd_onepass", 5)):
+    assert len(recs) == 6
+    for name, products in (("attn_fwd", 2), ("attn_bwd_dkdv", 4), ("attn_bwd_dq", 3)):
         on, off = recs[(name, True)], recs[(name, False)]
         sass, passes = on["loop_sass_per_thread"], on["passes_per_step"]
         assert on["hgmma_per_pass"] > 0 and sass["masked"] > sass["whole"]
-        if name != "attn_fwd":  # the backwards' 64 x 64 x 64 products take 4 HGMMA (k = 16) each: 5 in one pass
+        if name != "attn_fwd":  # the backwards' 64 x 64 x 64 products take 4 HGMMA (k = 16) each
             assert on["hgmma_per_pass"] == 4 * products, name
-        if name != "attn_bwd_onepass":
-            assert on["spill_sass"] == {"in_pass_loops": 0, "in_kernel": 0}, name
+        assert on["spill_sass"] == {"in_pass_loops": 0, "in_kernel": 0}, name
         assert sass["whole"] > off["loop_sass_per_thread"]["whole"]  # the dropout's flags
         bm, bn, warps = on["tiles"]
         masked, whole = (n * 2 * 12 for n in causal_passes(296, bm, bn, name))
@@ -341,14 +340,14 @@ def test_attention_backends_times_each_backend_that_takes_the_shape(capsys):
     argv = ["--batch", "2", "--heads", "2", "--tokens", "37", "--head-size", "16", "--reps", "1", "--device", "cpu"]
     attention(argv)
     recs = {(r["backend"], r["dropout"]): r for r in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert len(recs) == 14 and all("skipped" in recs[("cudnn", p)] for p in (0.0, 0.1))
-    for op in ("jowa_triton", "jowa_triton_onepass", "jowa_triton_untuned"):  # the op in each KernelConfig variant
+    assert len(recs) == 12 and all("skipped" in recs[("cudnn", p)] for p in (0.0, 0.1))
+    for op in ("jowa_triton", "jowa_triton_untuned"):  # the op in each KernelConfig variant
         assert recs[(op, 0.0)]["max_abs_diff_vs_math"] < 1e-5 and recs[(op, 0.1)]["ms_fwd_bwd"] > 0
     assert recs[("flash", 0.0)]["max_abs_diff_vs_math"] < 1e-5 and recs[("math", 0.0)]["max_abs_diff_vs_math"] == 0.0
     assert recs[("math", 0.1)]["ms_fwd_bwd"] > 0 and "max_abs_diff_vs_math" not in recs[("math", 0.1)]
-    attention([*argv, "--backends", "flash,jowa_triton_onepass"])  # the rows asked for, and only those
+    attention([*argv, "--backends", "flash,jowa_triton_untuned"])  # the rows asked for, and only those
     rows = {r["backend"] for r in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert rows == {"flash", "jowa_triton_onepass"}
+    assert rows == {"flash", "jowa_triton_untuned"}
     with pytest.raises(SystemExit):
         attention([*argv, "--backends", "flash,cudnnn"])
     assert "unknown ['cudnnn']" in capsys.readouterr().err

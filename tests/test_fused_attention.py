@@ -103,10 +103,8 @@ def test_dropout_follows_torch_manual_seed_and_bad_input_is_refused() -> None:
         KernelConfig(bwd_n=16)
     with pytest.raises(ValueError, match="fwd_maxnreg must be 0 .* got 300"):
         KernelConfig(fwd_maxnreg=300)
-    with pytest.raises(TypeError, match="bwd_onepass must be true or false, got 1"):
-        KernelConfig(bwd_onepass=1)
-    with pytest.raises(ValueError, match="bwd_programs_per_sm must be >= 1"):
-        KernelConfig(bwd_programs_per_sm=0)
+    with pytest.raises(ValueError, match="bwd_stages must be >= 1"):
+        KernelConfig(bwd_stages=0)
     with pytest.raises(ValueError, match="head size that is a power of two >= 16, got 24; leave"):
         _check(torch.zeros(1, 4, 3, 2, 24))  # what the Triton path checks first
 
@@ -175,8 +173,6 @@ def test_every_fused_switch_compiles_in_one_graph_and_matches_eager() -> None:
 
 INTERPRETER_CHECK = textwrap.dedent(
     """
-    from dataclasses import replace
-
     import torch
     from jowa_core.models import fused_attention as fa
 
@@ -184,8 +180,6 @@ INTERPRETER_CHECK = textwrap.dedent(
     # tiles smaller than the sequence (several query and key blocks, a part-filled last one); the forward's and the
     # backward's tiles differ, so the backward's redrawn flags are checked against the forward's on other tiles.
     # fp32 and fp16 (the interpreter has no bf16 matrix product; tests/test_gpu.py runs bf16 on CUDA)
-    # each backward both ways: the two kernels, and the one-pass kernel with 2 programs (off CUDA: 1 per "SM", 2
-    # SMs) for 3 or 4 heads, so a program takes a second head in the slot the first left at zero
     configs = [fa.KernelConfig(16, 32, 2, 64, 32, 2, 1, 1), fa.KernelConfig(32, 64, 2, 16, 32, 2, 1, 1)]
     shapes = [(2, 37, 2, 16), (1, 80, 3, 32)]
     for cfg in configs:
@@ -205,15 +199,12 @@ INTERPRETER_CHECK = textwrap.dedent(
                     assert o.shape == (B, T, H, D) and o.dtype == dtype, tag
                     torch.testing.assert_close(o, ro, **tol, msg=f"o {tag}")
                     torch.testing.assert_close(lse, rlse, rtol=1e-5, atol=1e-5, msg=f"lse {tag}")
-                    for onepass in (False, True):
-                        fa.set_kernel_config(replace(cfg, bwd_onepass=onepass, bwd_programs_per_sm=1))
-                        dq, db = fa._triton_backward(do, qkv, o, lse, flags, p, need_dbias=True)
-                        assert fa._triton_backward(do, qkv, o, lse, flags, p)[1].numel() == 0, tag
-                        torch.testing.assert_close(db, rdb.float(), rtol=1e-4, atol=1e-4 if dtype == torch.float32 else 2e-2,
-                                                   msg=f"dbias {tag} onepass={onepass}")  # fmt: skip
-                        assert dq.shape == qkv.shape and dq.dtype == dtype, tag
-                        torch.testing.assert_close(dq, rdq, **{k: 4 * v for k, v in tol.items()},
-                                                   msg=f"dqkv {tag} onepass={onepass}")  # fmt: skip
+                    dq, db = fa._triton_backward(do, qkv, o, lse, flags, p, need_dbias=True)
+                    assert fa._triton_backward(do, qkv, o, lse, flags, p)[1].numel() == 0, tag
+                    torch.testing.assert_close(db, rdb.float(), rtol=1e-4, atol=1e-4 if dtype == torch.float32 else 2e-2,
+                                               msg=f"dbias {tag}")  # fmt: skip
+                    assert dq.shape == qkv.shape and dq.dtype == dtype, tag
+                    torch.testing.assert_close(dq, rdq, **{k: 4 * v for k, v in tol.items()}, msg=f"dqkv {tag}")
     # the default tiles at jowa_150m's sequence and head size (296 tokens of 64: five blocks, the last part-filled)
     qkv, do = torch.randn(1, 296, 3, 1, 64), torch.randn(1, 296, 1, 64)
     for p in (0.0, 0.1):
@@ -223,12 +214,9 @@ INTERPRETER_CHECK = textwrap.dedent(
         o, lse, flags = fa._triton_forward(qkv, seed, p)
         ro, rlse = fa._reference(qkv, keep, p)
         rdq, rdb = fa._reference_backward(do, qkv, keep, p)
-        for onepass in (False, True):
-            fa.set_kernel_config(fa.KernelConfig(bwd_onepass=onepass))
-            dq, db = fa._triton_backward(do, qkv, o, lse, flags, p, need_dbias=True)
-            for name, a, e in (("o", o, ro), ("lse", lse, rlse), ("dqkv", dq, rdq), ("dbias", db, rdb)):
-                torch.testing.assert_close(a, e.float(), rtol=1e-5, atol=5e-5,
-                                           msg=f"default tiles, 296 tokens: {name} p={p} onepass={onepass}")  # fmt: skip
+        dq, db = fa._triton_backward(do, qkv, o, lse, flags, p, need_dbias=True)
+        for name, a, e in (("o", o, ro), ("lse", lse, rlse), ("dqkv", dq, rdq), ("dbias", db, rdb)):
+            torch.testing.assert_close(a, e.float(), rtol=1e-5, atol=5e-5, msg=f"default tiles, 296 tokens: {name} p={p}")
     fa.set_kernel_config(fa.KernelConfig())
     # a strided input (a slice of a wider product) reads as its contiguous copy
     wide = torch.randn(2, 37, 4, 2, 16)

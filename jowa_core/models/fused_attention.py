@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from jowa_core.models.fused_ln import ConfigSlot, TileConfig, _cdiv, _on_device, _sm_count, triton_available
+from jowa_core.models.fused_ln import ConfigSlot, TileConfig, _cdiv, _on_device, triton_available
 
 # ---------------------------------------------------------------------------------------------
 # Pure-torch reference (CPU, no Triton, tests)
@@ -96,11 +96,6 @@ class KernelConfig(TileConfig):
     backward took 2.896 ms): 64 x 64 on 4 warps, FlashAttention-2's choice for a head size of 64, in 3 stages;
     jowa_150m's 296 tokens make 5 blocks of 64.
 
-    ``bwd_onepass``: the backward as one persistent kernel (``attn_bwd_onepass``), ``bwd_programs_per_sm``
-    programs per SM each owning a head at a time: 5 matrix products per pass instead of the two kernels' 7, at
-    the cost of dq's read-add-write in L2 and one program's passes over a head in series. Off: on an H100 it
-    took 3.64 ms against the two kernels' 1.84 (session 20).
-
     ``fwd_maxnreg``: registers a thread of the forward may use (0: the compiler's choice, 172 for these tiles on
     sm_90). At 168, three programs of 4 warps share an SM's 65,536 registers instead of two, and the forward's
     loops compile to as many instructions with no spills (``benchmarks.attention_isa``): 0.868 -> 0.739 ms
@@ -114,21 +109,17 @@ class KernelConfig(TileConfig):
     bwd_warps: int = 4
     fwd_stages: int = 3
     bwd_stages: int = 3
-    bwd_onepass: bool = False
-    bwd_programs_per_sm: int = 2
     fwd_maxnreg: int = 168
 
     NAME = "fused_attention KernelConfig"
 
     def __post_init__(self) -> None:
         blocks = ("fwd_m", "fwd_n", "bwd_m", "bwd_n")  # tl.dot needs 16 or more
-        self.check_integers((*blocks, "fwd_warps", "bwd_warps", "fwd_stages", "bwd_stages", "bwd_programs_per_sm"),
-                            blocks, least_power=16)  # fmt: skip
+        self.check_integers((*blocks, "fwd_warps", "bwd_warps", "fwd_stages", "bwd_stages"), blocks, least_power=16)
         for name in ("fwd_n", "bwd_n"):  # a dropout call draws keys in spans of 32 (fused_attention_kernels)
             if getattr(self, name) < 32:
                 raise ValueError(f"{self.NAME}.{name} must be 32 or more (keys are drawn for dropout in spans of 32), "
                                  f"got {getattr(self, name)}.")  # fmt: skip
-        self.check_booleans(("bwd_onepass",))
         r = self.fwd_maxnreg
         if isinstance(r, bool) or not isinstance(r, int) or not (r == 0 or 64 <= r <= 255):
             raise ValueError(f"{self.NAME}.fwd_maxnreg must be 0 (the compiler's choice) or 64 to 255 registers, "
@@ -220,19 +211,12 @@ def _triton_backward(
     parts_arg = parts if need_dbias else lse
     blocks = {"BLOCK_M": cfg.bwd_m, "BLOCK_N": cfg.bwd_n}
     with _on_device(qkv):
-        if cfg.bwd_onepass:  # persistent, a head per program at a time, dq summed in fp32 in a slot per program
-            programs = max(1, min(B * H, cfg.bwd_programs_per_sm * _sm_count(qkv)))
-            slots = torch.zeros(programs, _cdiv(T, cfg.bwd_m) * cfg.bwd_m, D, device=qkv.device, dtype=torch.float32)
-            k.attn_bwd_onepass[(programs,)](
-                qkv, do, o, lse, delta, flags_arg, dqkv, parts_arg, slots, *common, B * H, **blocks, **tiles
-            )  # the slots start at zero and the kernel leaves them so
-        else:
-            k.attn_bwd_dq[(_cdiv(T, cfg.bwd_m), B * H)](  # first: it writes delta for the dk/dv kernel
-                qkv, do, o, lse, delta, flags_arg, dqkv, parts_arg, *common, **blocks, **tiles
-            )
-            k.attn_bwd_dkdv[(_cdiv(T, cfg.bwd_n), B * H)](
-                qkv, do, lse, delta, flags_arg, dqkv, parts_arg, *common, **blocks, **tiles
-            )
+        k.attn_bwd_dq[(_cdiv(T, cfg.bwd_m), B * H)](  # first: it writes delta for the dk/dv kernel
+            qkv, do, o, lse, delta, flags_arg, dqkv, parts_arg, *common, **blocks, **tiles
+        )
+        k.attn_bwd_dkdv[(_cdiv(T, cfg.bwd_n), B * H)](
+            qkv, do, lse, delta, flags_arg, dqkv, parts_arg, *common, **blocks, **tiles
+        )
     return dqkv, parts.sum((0, 1)).reshape(-1) if need_dbias else parts
 
 

@@ -18,8 +18,9 @@ stores the flags as one byte per call (bit 2 c + e), (B H, T, G) bytes, an eight
 backward kernels read those bytes instead of running Philox again (they would each spend as many instructions on
 it as the forward).
 
-The backward is either two kernels (``attn_bwd_dq``, then ``attn_bwd_dkdv``: 7 matrix products per pass between
-them) or one persistent kernel that owns a head at a time (``attn_bwd_onepass``: 5, with dq summed in L2).
+The backward is two kernels, ``attn_bwd_dq`` then ``attn_bwd_dkdv``: 7 matrix products per pass between them. A
+persistent kernel that owned a head at a time, with 5 products a pass and dq summed in fp32 in L2, ran 1.8 times
+slower on an H100 (session 20: 3.3 ms against 1.84 a layer at jowa_150m's shape) and was removed.
 """
 
 import triton
@@ -125,23 +126,13 @@ def attn_fwd(QKV, O, LSE, SEED, FLAGS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, p
 
 
 @triton.jit
-def _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, DQ_ACC, bh, T, s_t, s_o_t, qk_scale, drop_scale,
-               offs_n, start_n, start_m, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, ACC_DQ: tl.constexpr = False):  # fmt: skip
+def _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, bh, T, s_t, s_o_t, qk_scale, drop_scale, offs_n,
+               start_n, start_m, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):  # fmt: skip
     """One block of queries against the kernel's keys. Rows past T read lse = +inf, so their probabilities are 0
-    without a mask; ``MASKED`` adds the causal one, for blocks that cross the diagonal. ``ACC_DQ``: also add this
-    pass's dS K to the rows' fp32 dq in ``DQ_ACC`` (a (rows, D) slot that only this program touches)."""
+    without a mask; ``MASKED`` adds the causal one, for blocks that cross the diagonal."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = offs_m < T
-    if ACC_DQ:  # loaded first, so its latency hides behind the products below
-        D: tl.constexpr = k.shape[1]
-        dq_ptrs = DQ_ACC + offs_m[:, None] * D + tl.arange(0, D)[None, :]
-        dq_acc = tl.load(dq_ptrs)
-    # flags past the causal edge were never written: p is 0 there, so they do not matter. The one-pass kernel
-    # loads them first, the dk/dv kernel late: each order compiles shorter for its kernel (benchmarks.attention_isa)
-    ptrs, inside = _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
-    if DROPOUT and ACC_DQ:
-        flag_bytes = tl.load(ptrs, mask=inside, other=0).to(tl.int32)
     q = tl.load(base + offs_m[:, None] * s_t, mask=rows[:, None], other=0.0)
     do = tl.load(do_base + offs_m[:, None] * s_o_t, mask=rows[:, None], other=0.0)
     lse = tl.load(LSE + bh * T + offs_m, mask=rows, other=float("inf"))
@@ -150,10 +141,9 @@ def _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, DQ_ACC, bh, T, s_
     if MASKED:
         p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v))
-    if DROPOUT:
-        if not ACC_DQ:
-            flag_bytes = tl.load(ptrs, mask=inside, other=0).to(tl.int32)
-        keep = _unpack(flag_bytes)
+    if DROPOUT:  # flags past the causal edge were never written: p is 0 there, so they do not matter
+        ptrs, inside = _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
+        keep = _unpack(tl.load(ptrs, mask=inside, other=0).to(tl.int32))
         pd = tl.where(keep, p * drop_scale, 0.0)
         dp = tl.where(keep, dp * drop_scale, 0.0)
     else:
@@ -161,37 +151,6 @@ def _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, DQ_ACC, bh, T, s_
     dv += tl.dot(tl.trans(pd.to(do.dtype)), do)
     ds = (p * (dp - delta[:, None])).to(q.dtype)
     dk += tl.dot(tl.trans(ds), q)
-    if ACC_DQ:
-        tl.store(dq_ptrs, tl.dot(ds, k, acc=dq_acc))
-    return dk, dv
-
-
-@triton.jit
-def _key_block(base, do_base, DQKV, LSE, DELTA, FLAGS, DQ_ACC, b, h, bh, T, H, s_b, s_t, s_o_t, qk_scale, sm_scale,
-               drop_scale, start_n, D: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, ACC_DQ: tl.constexpr):  # fmt: skip
-    """Keys ``start_n ..``: dk and dv summed over the query blocks that see them (causal: from the block's start),
-    written to DQKV and returned (for the bias sums); ``ACC_DQ`` as ``_dkdv_pass``, then a barrier."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    kv_mask = (offs_n < T)[:, None]
-    k = tl.load(base + H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
-    v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
-    dk = tl.zeros((BLOCK_N, D), tl.float32)
-    dv = tl.zeros((BLOCK_N, D), tl.float32)
-    whole = ((start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M  # query blocks from here see every key
-    for start_m in range((start_n // BLOCK_M) * BLOCK_M, tl.minimum(whole, T), BLOCK_M):
-        dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, DQ_ACC, bh, T, s_t, s_o_t, qk_scale,
-                            drop_scale, offs_n, start_n, start_m, DROPOUT, True, BLOCK_M, BLOCK_N, ACC_DQ)  # fmt: skip
-    for start_m in range(whole, T, BLOCK_M):
-        dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, DQ_ACC, bh, T, s_t, s_o_t, qk_scale,
-                            drop_scale, offs_n, start_n, start_m, DROPOUT, False, BLOCK_M, BLOCK_N, ACC_DQ)  # fmt: skip
-    if ACC_DQ:
-        tl.debug_barrier()  # the next key block's passes read the dq rows that other threads wrote
-    dk = dk * sm_scale
-    out = DQKV + b * s_b + h * D + offs_n[:, None] * s_t + offs_d[None, :]
-    tl.store(out + H * D, dk.to(DQKV.dtype.element_ty), mask=kv_mask)
-    tl.store(out + 2 * H * D, dv.to(DQKV.dtype.element_ty), mask=kv_mask)
     return dk, dv
 
 
@@ -199,74 +158,35 @@ def _key_block(base, do_base, DQKV, LSE, DELTA, FLAGS, DQ_ACC, b, h, bh, T, H, s
 def attn_bwd_dkdv(QKV, DO, LSE, DELTA, FLAGS, DQKV, DBIAS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, sm_scale,
                   drop_scale, n_blocks, D: tl.constexpr, DROPOUT: tl.constexpr, HAS_DBIAS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """One block of keys (``_key_block``); with ``HAS_DBIAS`` also dk's and dv's column sums, this block's share
-    of the key and value biases' gradients."""
+    """One block of keys: dk and dv summed over the query blocks that see them (causal: from the block's start);
+    with ``HAS_DBIAS`` also their column sums, this block's share of the key and value biases' gradients."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     offs_d = tl.arange(0, D)
     base = QKV + b * s_b + h * D + offs_d[None, :]
     do_base = DO + b * s_o_b + h * D + offs_d[None, :]
-    dk, dv = _key_block(base, do_base, DQKV, LSE, DELTA, FLAGS, DELTA, b, h, bh, T, H, s_b, s_t, s_o_t, qk_scale,
-                        sm_scale, drop_scale, tl.program_id(0) * BLOCK_N, D, DROPOUT, BLOCK_M, BLOCK_N, False)  # fmt: skip
+    start_n = tl.program_id(0) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_mask = (offs_n < T)[:, None]
+    k = tl.load(base + H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+    v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, D), tl.float32)
+    dv = tl.zeros((BLOCK_N, D), tl.float32)
+    whole = ((start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M  # query blocks from here see every key
+    for start_m in range((start_n // BLOCK_M) * BLOCK_M, tl.minimum(whole, T), BLOCK_M):
+        dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, bh, T, s_t, s_o_t, qk_scale, drop_scale,
+                            offs_n, start_n, start_m, DROPOUT, True, BLOCK_M, BLOCK_N)  # fmt: skip
+    for start_m in range(whole, T, BLOCK_M):
+        dk, dv = _dkdv_pass(dk, dv, k, v, base, do_base, LSE, DELTA, FLAGS, bh, T, s_t, s_o_t, qk_scale, drop_scale,
+                            offs_n, start_n, start_m, DROPOUT, False, BLOCK_M, BLOCK_N)  # fmt: skip
+    dk = dk * sm_scale
+    out = DQKV + b * s_b + h * D + offs_n[:, None] * s_t + offs_d[None, :]
+    tl.store(out + H * D, dk.to(DQKV.dtype.element_ty), mask=kv_mask)
+    tl.store(out + 2 * H * D, dv.to(DQKV.dtype.element_ty), mask=kv_mask)
     if HAS_DBIAS:  # (B, n_blocks, 3, H, D) partial sums; rows past T hold zeros
         part = DBIAS + ((b * n_blocks + tl.program_id(0)) * 3 * H + h) * D + offs_d
         tl.store(part + H * D, tl.sum(dk, 0))
         tl.store(part + 2 * H * D, tl.sum(dv, 0))
-
-
-@triton.jit
-def attn_bwd_onepass(QKV, DO, O, LSE, DELTA, FLAGS, DQKV, DBIAS, DQ_ACC, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale,
-                     sm_scale, drop_scale, n_blocks, BH, D: tl.constexpr, DROPOUT: tl.constexpr, HAS_DBIAS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """The whole backward of one head per program, in one kernel: 5 matrix products per pass where the dq and
-    dk/dv kernels run 7 between them (the dq kernel computes the scores and dP again). A head's 296 tokens are
-    few, so one program can own the head: over key blocks (dk, dv in registers), then over the query blocks that
-    see them, adding each pass's dS K to the rows' dq in fp32 in ``DQ_ACC``, the program's own (cdiv(T, BLOCK_M)
-    BLOCK_M, D) slot, which stays in L2. With no other program writing there, no atomics: a barrier after each
-    key block orders one block's read-add-write of a row after the last's. Persistent: the programs stride over
-    the B H heads, so the slots (programs x 80 KB at jowa_150m's shape) stay few enough for L2. Slots start at
-    zero and are left at zero. ``delta`` is computed first, for the head's rows. The bias's column sums go to
-    ``DBIAS`` as the two kernels' (B, n_blocks, 3, H, D) partial sums: dk's and dv's summed over the key blocks
-    (carried across key blocks, not stored per block: that order compiles to fewer instructions per pass for
-    sm_90, ``benchmarks.attention_isa``), dq's one per query block."""
-    pid = tl.program_id(0)
-    offs_d = tl.arange(0, D)
-    t_pad = tl.cdiv(T, BLOCK_M) * BLOCK_M
-    acc = DQ_ACC + pid * t_pad * D
-    for bh in range(pid, BH, tl.num_programs(0)):
-        b, h = bh // H, bh % H
-        base = QKV + b * s_b + h * D + offs_d[None, :]
-        do_base = DO + b * s_o_b + h * D + offs_d[None, :]
-        for start_m in range(0, T, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            rows = offs_m < T
-            o_offs = b * s_o_b + h * D + offs_m[:, None] * s_o_t + offs_d[None, :]
-            o = tl.load(O + o_offs, mask=rows[:, None], other=0.0).to(tl.float32)
-            do = tl.load(DO + o_offs, mask=rows[:, None], other=0.0).to(tl.float32)
-            tl.store(DELTA + bh * T + offs_m, tl.sum(o * do, 1), mask=rows)
-        tl.debug_barrier()  # the passes read other rows' delta than this thread wrote
-        dk_sum = tl.zeros((D,), tl.float32)
-        dv_sum = tl.zeros((D,), tl.float32)
-        for start_n in range(0, T, BLOCK_N):
-            dk, dv = _key_block(base, do_base, DQKV, LSE, DELTA, FLAGS, acc, b, h, bh, T, H, s_b, s_t, s_o_t,
-                                qk_scale, sm_scale, drop_scale, start_n, D, DROPOUT, BLOCK_M, BLOCK_N, True)  # fmt: skip
-            dk_sum += tl.sum(dk, 0)
-            dv_sum += tl.sum(dv, 0)
-        if HAS_DBIAS:  # rows past T hold zeros
-            part = DBIAS + (b * n_blocks * 3 * H + h) * D + offs_d
-            tl.store(part + H * D, dk_sum)
-            tl.store(part + 2 * H * D, dv_sum)
-        for start_m in range(0, T, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            dq = tl.load(acc + offs_m[:, None] * D + offs_d[None, :]) * sm_scale  # rows past T hold zeros
-            out = DQKV + b * s_b + h * D + offs_m[:, None] * s_t + offs_d[None, :]
-            tl.store(out, dq.to(DQKV.dtype.element_ty), mask=(offs_m < T)[:, None])
-            if HAS_DBIAS:
-                tl.store(DBIAS + ((b * n_blocks + start_m // BLOCK_M) * 3 * H + h) * D + offs_d, tl.sum(dq, 0))
-        tl.debug_barrier()  # every row read before any is cleared
-        for start_m in range(0, T, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            tl.store(acc + offs_m[:, None] * D + offs_d[None, :], tl.zeros((BLOCK_M, D), tl.float32))
 
 
 @triton.jit
