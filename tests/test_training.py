@@ -206,6 +206,20 @@ def test_fused_switch_trains_as_the_recipe_without_it(caches, tmp_path, switch):
     assert_same(params(fused), params(plain), atol=1e-4)
 
 
+def test_every_switch_together_trains_as_none_without_dropout(caches, tmp_path):
+    """The CUDA default since session 20, all five switches on at once (here their torch references), trains the
+    weights of the run with all five off when no dropout draws differ: the ops compose (the branch biases inside the
+    fused LayerNorm op, the attention op on the fused QKV product, the bias + GELU op between)."""
+    kw = {"stage1_steps": 2, "stage2_steps": 2, **RUN}
+    switches = ("fused_layer_norm", "fused_qkv", "fused_bias_gelu", "fused_branch_bias", "fused_attention")
+    plain = train_world_action(tiny(dropout=0.0), caches, tmp_path / "plain", **dict.fromkeys(switches, False), **kw)
+    fused = train_world_action(tiny(dropout=0.0), caches, tmp_path / "fused", **dict.fromkeys(switches, True), **kw)
+    block = fused.transformer.blocks[0]
+    assert fused.transformer.fused_layer_norm and block.attn.fused_qkv and block.attn.fused_attention
+    assert block.fused_bias_gelu and block.fused_branch_bias
+    assert_same(params(fused), params(plain), atol=1e-4)
+
+
 def test_cosine_stage2_schedule_decays_both_learning_rates_to_zero_and_resumes_exactly(caches, tmp_path):
     """``lr_schedule_stage2="cosine"``: stage 1 keeps its rate; the step that starts with k of stage 2's n steps
     done runs at lr * (1 + cos(pi k / n)) / 2, for the world and the critic groups alike; stopping and resuming
