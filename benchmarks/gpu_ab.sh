@@ -18,7 +18,7 @@
 # 7. the step alone with its kernels (profile_train --profile) under the winners;
 # 8. the default again, for drift;
 # 9. the compiled model's CUDA tests with each switch, now the defaults (not yet run on a GPU), if time is left.
-# Starts nothing new after 480 s, so it fits one 600 s call.
+# Each step runs only if its time limit still ends by 560 s (END), so the script fits one 600 s call.
 #   bash benchmarks/gpu_ab.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -29,8 +29,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 # clocks and power every 5 s, to tell a throttled machine from a slow recipe
 nvidia-smi dmon -s pc -d 5 >"$OUT/dmon.txt" 2>&1 &
 dmon=$!
-fits() {  # fits SECONDS: whether a step that may take that long still ends by 480 s
-    [ $((SECONDS + $1)) -le 480 ] || { echo "skipped (${SECONDS} s gone): ${*:2}"; return 1; }
+END=${END:-560}  # every step is bounded by its timeout, so the script ends by about END s: a 600 s call's limit
+fits() {  # fits SECONDS: whether a step that may take that long still ends by END
+    [ $((SECONDS + $1)) -le "$END" ] || { echo "skipped (${SECONDS} s gone): ${*:2}"; return 1; }
 }
 loop() {  # loop LIMIT ARGS...: one training-loop run, its figures appended to loop.jsonl
     local limit=$1 t0=$SECONDS
@@ -74,8 +75,8 @@ else
     echo "skipped: the redrawn LayerNorm mask (its test did not pass)"
 fi
 # the bias + GELU op's tiles, then the loop with the best if it is not the default
-if ok test_bias_gelu_triton_matches_the_reference && fits 60 "bias_gelu_sweep"; then
-    timeout 60 python3 -m benchmarks.bias_gelu_sweep --best "$cfg/gelu.json" >>"$OUT/micro.jsonl" \
+if ok test_bias_gelu_triton_matches_the_reference && fits 90 "bias_gelu_sweep"; then
+    timeout 90 python3 -m benchmarks.bias_gelu_sweep --reps 10 --best "$cfg/gelu.json" >>"$OUT/micro.jsonl" \
         2>>"$OUT/loop.err" || echo "bias_gelu_sweep: failed or timed out"
     grep '"bias_gelu_best"' "$OUT/micro.jsonl" | cut -c1-200
     if [ -s "$cfg/gelu.json" ] && python3 -c "import sys
@@ -88,8 +89,8 @@ sys.exit(KernelConfig.from_json(sys.argv[1]) == KernelConfig())" "$cfg/gelu.json
 fi
 # the fused LayerNorm op's tiles (the mask stored), then the loop with the best, redrawing the mask if that won
 if fits 90 "fused_ln_sweep"; then
-    timeout 90 python3 -m benchmarks.fused_ln_sweep --grids bwd --best "$cfg/ln.json" >>"$OUT/micro.jsonl" \
-        2>>"$OUT/loop.err" || echo "fused_ln_sweep: failed or timed out"
+    timeout 90 python3 -m benchmarks.fused_ln_sweep --grids bwd --reps 10 --best "$cfg/ln.json" \
+        >>"$OUT/micro.jsonl" 2>>"$OUT/loop.err" || echo "fused_ln_sweep: failed or timed out"
     grep '"fused_ln_best"' "$OUT/micro.jsonl" | cut -c1-240
     if [ -s "$cfg/ln.json" ] && python3 -c "import json, sys
 from jowa_core.models.fused_ln import KernelConfig
