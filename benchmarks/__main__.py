@@ -90,6 +90,7 @@ def train_suite(presets: list[str], device: torch.device, args: argparse.Namespa
         tag = {"batch_size": batch, "steps_timed": steps, "compile": compile_, "fused_ln": fused.layer_norm,
                "fused_qkv": fused.qkv, "fused_bias_gelu": fused.bias_gelu, "fused_branch_bias": fused.branch_bias,
                "fused_attention": fused.attention, "amp": "bf16" if cuda else "fp32",
+               **({"blas": torch.backends.cuda.preferred_blas_library().name.lower()} if cuda else {}),
                **{k: getattr(args, k) for k in ("inductor", "sdpa_off", "fused_ln_config", "fused_attention_config",
                                                 "fused_gelu_config") if getattr(args, k)}}  # fmt: skip
         yield _figure("train_stage2_tokens_per_s", rec["tokens_per_s"], "tokens/s", name, **tag)
@@ -242,7 +243,7 @@ def markdown_table(figures: list[Figure]) -> str:
     """The README's Performance table: one row per figure, the settings that matter in 'details'."""
     keep = ("envs", "batch_size", "workers", "compile", "fused_ln", "fused_qkv", "fused_bias_gelu", "fused_branch_bias",
             "fused_attention", "inductor", "sdpa_off", "fused_gelu_config",
-            "fused_ln_config", "fused_attention_config", "cuda_graphs", "shared_history", "amp", "actions_match", "skipped")  # fmt: skip
+            "fused_ln_config", "fused_attention_config", "blas", "cuda_graphs", "shared_history", "amp", "actions_match", "skipped")  # fmt: skip
     lines = ["| figure | preset | value | unit | details |", "| --- | --- | ---: | --- | --- |"]
     for f in figures:
         details = ", ".join(f"{k}={f[k]}" for k in keep if k in f)

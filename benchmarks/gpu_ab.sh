@@ -12,12 +12,13 @@
 # 3. the loop with the LayerNorm mask redrawn in the backward (recompute_mask);
 # 4. the bias + GELU op's tiles alone (benchmarks/bias_gelu_sweep.py), then the loop with the best of them, if they
 #    differ from the default;
-# 5. the fused LayerNorm op's backward tiles alone (benchmarks/fused_ln_sweep.py --grids bwd; its forward is at its
+# 5. the matrix products through cuBLASLt's heuristics (TORCH_BLAS_PREFER_CUBLASLT=1);
+# 6. the fused LayerNorm op's backward tiles alone (benchmarks/fused_ln_sweep.py --grids bwd; its forward is at its
 #    bandwidth floor), then the loop with the best of them (and the redrawn mask, if that won);
-# 6. every arm that beat the default by 0.5 % or more, together;
-# 7. the step alone with its kernels (profile_train --profile) under the winners;
-# 8. the default again, for drift;
-# 9. the compiled model's CUDA tests with each switch, now the defaults (not yet run on a GPU), if time is left.
+# 7. every arm that beat the default by 0.5 % or more, together;
+# 8. the step alone with its kernels (profile_train --profile) under the winners;
+# 9. the default again, for drift;
+# 10. the compiled model's CUDA tests with each switch, now the defaults (not yet run on a GPU), if time is left.
 # Each step runs only if its time limit still ends by 560 s (END), so the script fits one 600 s call.
 #   bash benchmarks/gpu_ab.sh
 set -u
@@ -33,13 +34,15 @@ END=${END:-560}  # every step is bounded by its timeout, so the script ends by a
 fits() {  # fits SECONDS: whether a step that may take that long still ends by END
     [ $((SECONDS + $1)) -le "$END" ] || { echo "skipped (${SECONDS} s gone): ${*:2}"; return 1; }
 }
+loop_env=()  # environment settings (NAME=VALUE) for the next loops
 loop() {  # loop LIMIT ARGS...: one training-loop run, its figures appended to loop.jsonl
     local limit=$1 t0=$SECONDS
     shift
     fits "$limit" "loop $*" || return 0
-    timeout "$limit" python3 -m benchmarks --device cuda --suite train --preset jowa_150m --steps 20 --batch-size 512 \
-        "$@" --jsonl "$OUT/loop.jsonl" >/dev/null 2>>"$OUT/loop.err" || echo "loop $*: failed or timed out"
-    echo "loop ${*:-(default)}: $((SECONDS - t0)) s, MFU $(last_mfu)"
+    timeout "$limit" env "${loop_env[@]}" python3 -m benchmarks --device cuda --suite train --preset jowa_150m \
+        --steps 20 --batch-size 512 "$@" --jsonl "$OUT/loop.jsonl" >/dev/null 2>>"$OUT/loop.err" ||
+        echo "loop $*: failed or timed out"
+    echo "loop ${loop_env[*]} ${*:-(default)}: $((SECONDS - t0)) s, MFU $(last_mfu)"
 }
 mfus() { grep -c train_stage2_mfu "$OUT/loop.jsonl" 2>/dev/null || echo 0; }
 last_mfu() { grep train_stage2_mfu "$OUT/loop.jsonl" | tail -n 1 | grep -o '"value": [0-9.]*' | cut -d' ' -f2; }
@@ -87,6 +90,14 @@ sys.exit(KernelConfig.from_json(sys.argv[1]) == KernelConfig())" "$cfg/gelu.json
         won "$n" && gelu_cfg=(--fused-gelu-config "$cfg/gelu.json") && echo "  joins the stack"
     fi
 fi
+# the matrix products (about 110 ms of the step, 72 % of the tensor peak) through cuBLASLt's heuristics instead of
+# cuBLAS's (PyTorch's TORCH_BLAS_PREFER_CUBLASLT): one environment variable, no code
+blas=()
+n=$(mfus)
+loop_env=(TORCH_BLAS_PREFER_CUBLASLT=1)
+loop 90
+won "$n" && blas=("${loop_env[@]}") && echo "  joins the stack"
+loop_env=()
 # the fused LayerNorm op's tiles (the mask stored), then the loop with the best, redrawing the mask if that won
 if fits 90 "fused_ln_sweep"; then
     timeout 90 python3 -m benchmarks.fused_ln_sweep --grids bwd --reps 10 --best "$cfg/ln.json" \
@@ -104,16 +115,18 @@ sys.exit(KernelConfig(**c) == KernelConfig(packed_rng=True, recompute_mask=sys.a
     fi
 fi
 winners=("${gelu_cfg[@]}" "${ln_cfg[@]}")
-if [ "${#gelu_cfg[@]}" -gt 0 ] && [ "${#ln_cfg[@]}" -gt 0 ]; then
+if [ $(( (${#gelu_cfg[@]} > 0) + (${#ln_cfg[@]} > 0) + (${#blas[@]} > 0) )) -gt 1 ]; then
+    loop_env=("${blas[@]}")
     loop 60 "${winners[@]}"
+    loop_env=()
 else
-    echo "skipped: the stacked run (winners: ${winners[*]:-none})"
+    echo "skipped: the stacked run (winners: ${blas[*]} ${winners[*]})"
 fi
 # the step alone, its kernels sorted, under the winners
 if fits 90 "profile_train"; then
-    timeout 90 python3 -m benchmarks.profile_train --device cuda --preset jowa_150m --batch-size 512 --steps 10 \
-        --variants compile_loss_fused_ln_qkv_gelu_bias_attn --profile "${winners[@]}" >>"$OUT/step.jsonl" \
-        2>>"$OUT/loop.err" || echo "profile_train: failed or timed out"
+    timeout 90 env "${blas[@]}" python3 -m benchmarks.profile_train --device cuda --preset jowa_150m \
+        --batch-size 512 --steps 10 --variants compile_loss_fused_ln_qkv_gelu_bias_attn --profile "${winners[@]}" \
+        >>"$OUT/step.jsonl" 2>>"$OUT/loop.err" || echo "profile_train: failed or timed out"
     tail -n 1 "$OUT/step.jsonl" | cut -c1-600
 fi
 loop 45
