@@ -354,8 +354,8 @@ def test_fused_attention_triton_matches_the_reference(device: torch.device, p: f
     """The Triton flash-attention kernels against the fp32 torch reference given the kernels' own dropout flags, at
     jowa_150m's attention shape (12 heads of 64, 296 tokens; batch 16), bf16 as under autocast: the output to bf16
     rounding, the base-2 log-sum-exp to 1e-4, the packed gradient to 1 % of its norm; and through the public op
-    and autograd. Under each config: the default; the one-pass backward with one program per SM, fewer than the 192
-    heads, so programs take second heads in their dq slots; the forward held to 168 registers."""
+    and autograd, also at the tiny preset's head size of 16. Under each config: the default (168 forward registers,
+    3 stages, since session 20) and session 18's."""
     torch.manual_seed(12)
     B, T, H, D = 16, 296, 12, 64
     qkv = torch.randn(B, T, 3, H, D, device=device).to(torch.bfloat16)
@@ -387,6 +387,15 @@ def test_fused_attention_triton_matches_the_reference(device: torch.device, p: f
         g1 = torch.autograd.grad(y, leaves, do)[0]
         g2 = torch.autograd.grad(ref, leaves, do)[0]
         assert _rel(g1.float(), g2.float()) < 2e-2
+        # the tiny preset's heads (4 of 16; 80 tokens: two key blocks, the last part-filled), on by default on CUDA
+        small = torch.randn(4, 80, 3, 4, 16, device=device).to(torch.bfloat16).requires_grad_()
+        y = fused_attention.causal_attention(small, 0.0, True)
+        q, k, v = small.permute(2, 0, 3, 1, 4)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        assert _rel(y.float(), ref.float()) < 1e-2
+        d_small = torch.randn_like(y)
+        g1, g2 = (torch.autograd.grad(out, small, d_small)[0].float() for out in (y, ref))
+        assert _rel(g1, g2) < 2e-2
     finally:
         fused_attention.set_kernel_config(default)
 
