@@ -90,7 +90,7 @@ sys.exit(KernelConfig.from_json(sys.argv[1]) == KernelConfig())" "$cfg/gelu.json
         won "$n" && gelu_cfg=(--fused-gelu-config "$cfg/gelu.json") && echo "  joins the stack"
     fi
 fi
-# the matrix products (about 110 ms of the step, 72 % of the tensor peak) through cuBLASLt's heuristics instead of
+# the matrix products (about 110 ms of the step; under 86 at the tensor peak) through cuBLASLt's heuristics, not
 # cuBLAS's (PyTorch's TORCH_BLAS_PREFER_CUBLASLT): one environment variable, no code
 blas=()
 n=$(mfus)
