@@ -60,6 +60,7 @@ from jowa_core.data.token_cache import open_token_cache
 from jowa_core.games import action_masks
 from jowa_core.losses import LossTerms, joint_loss
 from jowa_core.models import fused_ln
+from jowa_core.models.fused_attention import takes_head_size
 from jowa_core.models.world_action import WorldActionModel
 from jowa_core.runtime import (
     available_cores,
@@ -357,14 +358,14 @@ def fused_switches(
     cuda = device.type == "cuda"
     triton_ok = cuda and fused_ln.triton_available()
     ln = triton_ok if fused_layer_norm is None else fused_layer_norm
-    heads_ok = head_size is None or (head_size >= 16 and head_size & (head_size - 1) == 0)
-    heads_ok = heads_ok and triton_ok and torch.cuda.get_device_capability(device) >= (8, 0)
+    attention_ok = (triton_ok and (head_size is None or takes_head_size(head_size))
+                    and torch.cuda.get_device_capability(device) >= (8, 0))  # fmt: skip
     return FusedSwitches(
         layer_norm=ln,
         qkv=cuda if fused_qkv is None else fused_qkv,
         bias_gelu=triton_ok if fused_bias_gelu is None else fused_bias_gelu,
         branch_bias=(triton_ok and ln) if fused_branch_bias is None else fused_branch_bias,
-        attention=(triton_ok and heads_ok) if fused_attention is None else fused_attention,
+        attention=attention_ok if fused_attention is None else fused_attention,
     )
 
 
@@ -635,12 +636,11 @@ def train_world_action(
     info, dev = init_distributed(device)
     finished = False
     try:
+        fused = fused_switches(dev, fused_layer_norm, fused_qkv, fused_bias_gelu, fused_branch_bias, fused_attention,
+                               head_size=p.model.head_dim)  # fmt: skip
         model = _train(p, token_caches, Path(run_dir), info, dev, total_steps=total_steps, options=options,
                        resume=resume, progress=progress, keep_last=keep_last, num_workers=num_workers,
-                       num_threads=num_threads, compile=compile, fused_layer_norm=fused_layer_norm,
-                       fused_qkv=fused_qkv, fused_bias_gelu=fused_bias_gelu,
-                       fused_branch_bias=fused_branch_bias, fused_attention=fused_attention,
-                       stop_at_step=stop_at_step)  # fmt: skip
+                       num_threads=num_threads, compile=compile, fused=fused, stop_at_step=stop_at_step)  # fmt: skip
         finished = True
         return model
     finally:
@@ -665,11 +665,7 @@ def _train(
     num_workers: int | None,
     num_threads: int | None,
     compile: bool,
-    fused_layer_norm: bool | None,
-    fused_qkv: bool | None,
-    fused_bias_gelu: bool | None,
-    fused_branch_bias: bool | None,
-    fused_attention: bool | None,
+    fused: FusedSwitches,
     stop_at_step: int | None,
 ) -> WorldActionModel:
     tc, mc = p.train, p.model
@@ -741,8 +737,6 @@ def _train(
             truncate_jsonl(metrics_path, step)
     else:
         seed_everything(_rank_seed(tc.seed, info.rank))
-    fused = fused_switches(dev, fused_layer_norm, fused_qkv, fused_bias_gelu, fused_branch_bias, fused_attention,
-                           head_size=mc.head_dim)  # fmt: skip
     model.to(dev).train().use_fused_layer_norm(fused.layer_norm).use_fused_qkv(fused.qkv)
     model.use_fused_bias_gelu(fused.bias_gelu).use_fused_branch_bias(fused.branch_bias)
     model.use_fused_attention(fused.attention)

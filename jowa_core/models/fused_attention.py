@@ -143,11 +143,16 @@ def _flag_bytes(T: int) -> int:
     return 4 * _cdiv(T, 32)
 
 
+def takes_head_size(D: int) -> bool:
+    """Whether the Triton kernels take heads of size D: a power of two >= 16 (tl.dot's least; every preset's)."""
+    return D >= 16 and D & (D - 1) == 0
+
+
 def _check(qkv: Tensor) -> Tensor:
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"causal_attention: qkv must be (B, T, 3, H, D), got {tuple(qkv.shape)}.")
     D = qkv.shape[-1]
-    if D < 16 or D & (D - 1):
+    if not takes_head_size(D):
         raise ValueError(
             f"causal_attention: the Triton kernels need a head size that is a power of two >= 16, got {D}; "
             "leave WorldActionModel.use_fused_attention off for this model (every preset's head size is 16 or 64)."
