@@ -307,12 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pt.apply_inductor_settings(args.inductor)
         pt.disable_sdpa_backends(args.sdpa_off)
-        if args.fused_ln_config:
-            pt.apply_fused_ln_config(args.fused_ln_config, ap)
-        if args.fused_attention_config:
-            pt.apply_fused_attention_config(args.fused_attention_config, ap)
-        if args.fused_gelu_config:
-            pt.apply_fused_gelu_config(args.fused_gelu_config, ap)
+        pt.apply_kernel_configs(args, ap)
     device = resolve_device(args.device)
     presets = args.preset or (list(PRESETS) if device.type == "cuda" else ["tiny", "jowa_40m"])
     if args.threads:

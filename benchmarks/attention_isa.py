@@ -89,12 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fused-attention-config", default=None, metavar="JSON",
                     help="count the kernels under this KernelConfig (as attention_sweep --best writes it)")  # fmt: skip
     args = ap.parse_args(argv)
-    from benchmarks.profile_train import apply_fused_attention_config
+    from benchmarks.profile_train import apply_kernel_configs
     from jowa_core.models import fused_attention, fused_attention_kernels
 
     previous = fused_attention.kernel_config()
-    if args.fused_attention_config:
-        apply_fused_attention_config(args.fused_attention_config, ap)
+    apply_kernel_configs(args, ap)
     try:
         _count(args, fused_attention, fused_attention_kernels)
     finally:

@@ -30,6 +30,7 @@ steps, the GPU's busy share of the wall time and the kernels by share of GPU tim
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import tempfile
@@ -45,7 +46,6 @@ from benchmarks.train_throughput import counted_flops_per_sample
 from jowa_core.config import preset
 from jowa_core.data.segments import SegmentSampler
 from jowa_core.games import action_masks
-from jowa_core.models import fused_ln
 from jowa_core.models.world_action import WorldActionModel
 from jowa_core.runtime import resolve_device
 from jowa_core.training import Batch, make_sources, param_groups, set_stage, step_loss, to_batches
@@ -115,32 +115,28 @@ def disable_sdpa_backends(names: list[str]) -> list[str]:
     return list(names)
 
 
-def apply_kernel_config(module, path: str, ap: argparse.ArgumentParser, flag: str):
-    """``--fused-ln-config`` / ``--fused-attention-config`` / ``--fused-gelu-config``: the process's tiles and
-    switches of ``module`` (``fused_ln``, ``fused_attention``, ``fused_gelu``) from a JSON ``KernelConfig``, as
-    that op's sweep writes it with ``--best``; a file it cannot read is a usage error of ``ap``."""
-    try:
-        cfg = module.KernelConfig.from_json(path)
-    except (OSError, ValueError, TypeError) as e:
-        ap.error(f"{flag}: {e}")
-    module.set_kernel_config(cfg)
-    return cfg
+KERNEL_CONFIGS = {"fused_ln_config": "fused_ln", "fused_attention_config": "fused_attention",
+                  "fused_gelu_config": "fused_gelu"}  # fmt: skip
+"""Each ``--fused-*-config`` flag's argparse name and the ``jowa_core.models`` op whose ``KernelConfig`` it sets."""
 
 
-def apply_fused_ln_config(path: str, ap: argparse.ArgumentParser) -> fused_ln.KernelConfig:
-    return apply_kernel_config(fused_ln, path, ap, "--fused-ln-config")
-
-
-def apply_fused_attention_config(path: str, ap: argparse.ArgumentParser):
-    from jowa_core.models import fused_attention
-
-    return apply_kernel_config(fused_attention, path, ap, "--fused-attention-config")
-
-
-def apply_fused_gelu_config(path: str, ap: argparse.ArgumentParser):
-    from jowa_core.models import fused_gelu
-
-    return apply_kernel_config(fused_gelu, path, ap, "--fused-gelu-config")
+def apply_kernel_configs(args: argparse.Namespace, ap: argparse.ArgumentParser) -> dict:
+    """``--fused-ln-config`` / ``--fused-attention-config`` / ``--fused-gelu-config``, those ``args`` has and gives:
+    the process's tiles and switches of each op from a JSON ``KernelConfig``, as that op's sweep writes it with
+    ``--best``; a file it cannot read is a usage error of ``ap``. Returns {flag's name: the config applied}."""
+    applied = {}
+    for name, op in KERNEL_CONFIGS.items():
+        path = getattr(args, name, None)
+        if not path:
+            continue
+        module = importlib.import_module(f"jowa_core.models.{op}")
+        try:
+            cfg = module.KernelConfig.from_json(path)
+        except (OSError, ValueError, TypeError) as e:
+            ap.error(f"--{name.replace('_', '-')}: {e}")
+        module.set_kernel_config(cfg)
+        applied[name] = cfg
+    return applied
 
 
 def run_variant(
@@ -263,9 +259,7 @@ def main() -> None:
     args = ap.parse_args()
     apply_inductor_settings(args.inductor)
     disable_sdpa_backends(args.sdpa_off)
-    fused_cfg = apply_fused_ln_config(args.fused_ln_config, ap) if args.fused_ln_config else None
-    attn_cfg = apply_fused_attention_config(args.fused_attention_config, ap) if args.fused_attention_config else None
-    gelu_cfg = apply_fused_gelu_config(args.fused_gelu_config, ap) if args.fused_gelu_config else None
+    kernel_configs = apply_kernel_configs(args, ap)
     dev = resolve_device(args.device)
     p = preset(args.preset)
     B = args.batch_size or (p.train.batch_size if dev.type == "cuda" else 8)
@@ -282,9 +276,7 @@ def main() -> None:
         "torch": torch.__version__,
         "inductor": args.inductor,
         **({"sdpa_off": args.sdpa_off} if args.sdpa_off else {}),
-        **({"fused_ln_config": vars(fused_cfg)} if fused_cfg else {}),
-        **({"fused_attention_config": vars(attn_cfg)} if attn_cfg else {}),
-        **({"fused_gelu_config": vars(gelu_cfg)} if gelu_cfg else {}),
+        **{name: vars(cfg) for name, cfg in kernel_configs.items()},
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
     }
     for v in args.variants:
