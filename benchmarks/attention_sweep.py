@@ -22,7 +22,7 @@ from dataclasses import asdict, replace
 import torch
 
 from benchmarks.attention_backends import add_shape_args
-from benchmarks.fused_ln_sweep import time_ms
+from benchmarks.fused_ln_sweep import time_configs, time_ms
 from jowa_core.models import fused_attention as fa
 
 FWD_TILES = [{"fwd_m": m, "fwd_n": n, "fwd_warps": w, "fwd_stages": s, "fwd_maxnreg": 0}
@@ -57,28 +57,23 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__, "shape": [B, H, T, D], "dropout": p}  # fmt: skip
     previous = fa.kernel_config()
     best: dict[str, tuple[float, dict]] = {}
-    try:
-        for part, tiles in (("fwd", FWD_TILES), ("bwd", BWD_TILES)):
-            for tile in tiles:
-                cfg = replace(previous, **tile)
-                fa.set_kernel_config(cfg)
-                rec = {"part": part, "config": asdict(cfg), **info}
-                try:
-                    saved = fa._attention(qkv, seed, p, bias)
-                    if part == "fwd":
-                        ms = time_ms(lambda: fa._attention(qkv, seed, p, bias), args.reps, dev)
-                    else:
-                        ms = time_ms(functools.partial(fa._attention_backward, do, qkv, *saved, seed, p, True),
-                                     args.reps, dev)  # fmt: skip
-                except Exception as e:  # noqa: BLE001 - a tile the GPU cannot run is a figure, not the sweep's end
-                    rec["error"] = f"{type(e).__name__}: {e}"[:300]
-                else:
-                    rec["ms"] = round(ms, 3)
-                    if part not in best or ms < best[part][0]:
-                        best[part] = (ms, tile)
-                print(json.dumps(rec), flush=True)
-    finally:
-        fa.set_kernel_config(previous)
+    for part, tiles in (("fwd", FWD_TILES), ("bwd", BWD_TILES)):
+
+        def measure(part: str = part) -> float:
+            saved = fa._attention(qkv, seed, p, bias)
+            if part == "fwd":
+                return time_ms(lambda: fa._attention(qkv, seed, p, bias), args.reps, dev)
+            return time_ms(functools.partial(fa._attention_backward, do, qkv, *saved, seed, p, True), args.reps, dev)
+
+        for tile, (cfg, ms, e) in zip(tiles, time_configs(fa, [replace(previous, **t) for t in tiles], measure)):
+            rec = {"part": part, "config": asdict(cfg), **info}
+            if e is not None:  # a tile the GPU cannot run is a figure, not the sweep's end
+                rec["error"] = f"{type(e).__name__}: {e}"[:300]
+            else:
+                rec["ms"] = round(ms, 3)
+                if part not in best or ms < best[part][0]:
+                    best[part] = (ms, tile)
+            print(json.dumps(rec), flush=True)
     if len(best) == 2:
         cfg = replace(previous, **best["fwd"][1], **best["bwd"][1])
         print(json.dumps({"part": "best", "config": asdict(cfg), "fwd_ms": round(best["fwd"][0], 3),

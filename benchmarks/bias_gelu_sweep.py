@@ -29,7 +29,7 @@ from dataclasses import asdict, replace
 import torch
 import torch.nn.functional as F
 
-from benchmarks.fused_ln_sweep import time_ms
+from benchmarks.fused_ln_sweep import time_configs, time_ms
 from jowa_core.models import fused_gelu
 
 ROWS, COLS, WARPS = (4, 8, 16, 32), (128, 256, 512), (2, 4, 8)
@@ -107,21 +107,20 @@ def main(argv: list[str] | None = None) -> None:
     tiles, programs = tile_grid(previous), programs_grid(previous)
     results: dict[str, list[tuple[fused_gelu.KernelConfig, float, float]]] = {"tile": [], "programs": []}
     hd = h.detach()
-    try:
-        for grid, cfg in [("tile", c) for c in tiles] + [("programs", c) for c in programs]:
-            fused_gelu.set_kernel_config(cfg)
-            try:
-                with torch.no_grad():
-                    f_ms = time_ms(lambda: fused_gelu.bias_gelu(hd, b), reps, dev)
-                    # the backward op alone, as autograd calls it (dh in bf16, the bias gradient in fp32)
-                    b_ms = time_ms(lambda: fused_gelu._bias_gelu_backward(dy, hd, b), reps, dev)
-            except Exception as e:  # noqa: BLE001 - a tile that does not compile is a result too
-                emit(impl="bias_gelu", grid=grid, config=asdict(cfg), error=f"{type(e).__name__}: {str(e)[:200]}")
-                continue
-            results[grid].append((cfg, f_ms, b_ms))
-            emit(impl="bias_gelu", grid=grid, config=asdict(cfg), **figures(f_ms, b_ms))
-    finally:
-        fused_gelu.set_kernel_config(previous)
+
+    def measure() -> tuple[float, float]:
+        with torch.no_grad():
+            f_ms = time_ms(lambda: fused_gelu.bias_gelu(hd, b), reps, dev)
+            # the backward op alone, as autograd calls it (dh in bf16, the bias gradient in fp32)
+            return f_ms, time_ms(lambda: fused_gelu._bias_gelu_backward(dy, hd, b), reps, dev)
+
+    for i, (cfg, ms, e) in enumerate(time_configs(fused_gelu, tiles + programs, measure)):
+        grid = "tile" if i < len(tiles) else "programs"  # the default is in both grids
+        if e is not None:
+            emit(impl="bias_gelu", grid=grid, config=asdict(cfg), error=f"{type(e).__name__}: {str(e)[:200]}")
+            continue
+        results[grid].append((cfg, *ms))
+        emit(impl="bias_gelu", grid=grid, config=asdict(cfg), **figures(*ms))
     if not results["tile"] or not results["programs"]:
         raise SystemExit("bias_gelu_sweep: no tile or no programs-per-SM config ran; see the errors above.")
     # both kernels read rows, cols and warps: one tile for the pair; only the backward reads the programs per SM

@@ -18,7 +18,9 @@ import argparse
 import itertools
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,22 @@ def time_ms(fn, reps: int, dev: torch.device) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def time_configs(module, configs: list, measure: Callable[[], Any]) -> Iterator[tuple[Any, Any, Exception | None]]:
+    """(config, ``measure()``'s result or None, its exception or None) for each config set as ``module``'s process-wide
+    ``KernelConfig`` in turn (a tile that does not compile, for registers or shared memory, is a result too); the
+    process's config is put back at the end, however the loop ends. What every op's tile sweep shares."""
+    previous = module.kernel_config()
+    try:
+        for cfg in configs:
+            module.set_kernel_config(cfg)
+            try:
+                yield cfg, measure(), None
+            except Exception as e:  # noqa: BLE001 - reported by the caller as that config's figure
+                yield cfg, None, e
+    finally:
+        module.set_kernel_config(previous)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,19 +122,20 @@ def main(argv: list[str] | None = None) -> None:
     ]
     grids = args.grids.split(",")
     fwd_grid, bwd_grid = (fwd_grid if "fwd" in grids else []), (bwd_grid if "bwd" in grids else [])
-    for cfg in fwd_grid + bwd_grid:
-        fused_ln.set_kernel_config(cfg)
-        try:
-            with torch.no_grad():
-                f_ms = time_ms(lambda: fused(x, h, w, b), args.reps, dev)
-            fb_ms = time_ms(lambda: backward(fused), args.reps, dev)
-        except Exception as e:  # noqa: BLE001 - a tile that does not compile (registers, shared memory) is a result too
+
+    def measure() -> tuple[float, float]:
+        with torch.no_grad():
+            f_ms = time_ms(lambda: fused(x, h, w, b), args.reps, dev)
+        return f_ms, time_ms(lambda: backward(fused), args.reps, dev) - f_ms
+
+    for cfg, ms, e in time_configs(fused_ln, fwd_grid + bwd_grid, measure):
+        if e is not None:
             emit(impl="fused_ln", config=asdict(cfg), error=f"{type(e).__name__}: {str(e)[:200]}")
             continue
-        results.append((cfg, f_ms, fb_ms - f_ms))
-        emit(impl="fused_ln", config=asdict(cfg), fwd_ms=round(f_ms, 3), bwd_ms=round(fb_ms - f_ms, 3),
-             fwd_tb_s=round(gb_fwd / f_ms, 2), bwd_tb_s=round(gb_bwd / (fb_ms - f_ms), 2))  # fmt: skip
-    fused_ln.set_kernel_config(default)
+        f_ms, b_ms = ms
+        results.append((cfg, f_ms, b_ms))
+        emit(impl="fused_ln", config=asdict(cfg), fwd_ms=round(f_ms, 3), bwd_ms=round(b_ms, 3),
+             fwd_tb_s=round(gb_fwd / f_ms, 2), bwd_tb_s=round(gb_bwd / b_ms, 2))  # fmt: skip
     if not results:
         raise SystemExit("fused_ln_sweep: no config ran; see the errors above.")
     fwd_best = min((r for r in results if r[0] in fwd_grid), key=lambda r: r[1], default=(default,))[0]
