@@ -438,3 +438,27 @@ def test_profile_train_applies_and_records_a_fused_gelu_config(tmp_path, capsys,
         assert "No such file" in capsys.readouterr().err
     finally:
         fused_gelu.set_kernel_config(before)
+
+
+def test_time_configs_reports_a_failing_config_and_puts_the_process_config_back():
+    """A config whose timing raises is yielded with its error and the sweep goes on; the process's config is put back
+    after the last one, and also when the caller stops early."""
+    from benchmarks.fused_ln_sweep import time_configs
+    from jowa_core.models import fused_gelu
+
+    before = fused_gelu.kernel_config()
+    configs = [fused_gelu.KernelConfig(rows=r) for r in (2, 4, 16)]
+
+    def measure() -> int:
+        if fused_gelu.kernel_config().rows == 4:
+            raise RuntimeError("out of shared memory")
+        return fused_gelu.kernel_config().rows
+
+    got = [(cfg.rows, ms, None if e is None else str(e)) for cfg, ms, e in time_configs(fused_gelu, configs, measure)]
+    assert got == [(2, 2, None), (4, None, "out of shared memory"), (16, 16, None)]
+    assert fused_gelu.kernel_config() == before
+    sweep = time_configs(fused_gelu, configs, measure)
+    next(sweep)
+    assert fused_gelu.kernel_config() == configs[0]
+    sweep.close()
+    assert fused_gelu.kernel_config() == before
