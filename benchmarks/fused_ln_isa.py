@@ -41,21 +41,22 @@ def issue_ms(warp_instructions: float) -> float:
     return warp_instructions / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3
 
 
-def disassemble(cubin: bytes, nvdisasm: Path) -> str:
+def _run_on_cubin(cubin: bytes, *command: str) -> str:
+    """The output of ``command`` with the cubin's file path appended (nvdisasm and cuobjdump read files)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([*command, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def disassemble(cubin: bytes, nvdisasm: Path) -> str:
+    return _run_on_cubin(cubin, str(nvdisasm), "-c")
 
 
 def resource_usage(cubin: bytes, nvdisasm: Path) -> dict[str, int]:
     """Registers a thread and spill stack bytes of a one-kernel cubin (``cuobjdump``, beside ``nvdisasm``), and the
     programs of ``warps`` warps that the registers let share an SM: ``programs_per_sm(regs, warps)``."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([str(nvdisasm.with_name("cuobjdump")), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = _run_on_cubin(cubin, str(nvdisasm.with_name("cuobjdump")), "--dump-resource-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+)", out)
     if m is None:
         raise SystemExit(f"cuobjdump gave no resource usage: {out[:200]!r}")
