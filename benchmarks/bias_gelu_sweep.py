@@ -29,7 +29,7 @@ from dataclasses import asdict, replace
 import torch
 import torch.nn.functional as F
 
-from benchmarks.fused_ln_sweep import time_configs, time_ms
+from benchmarks.fused_ln_sweep import time_configs, time_ms, write_best
 from jowa_core.models import fused_gelu
 
 ROWS, COLS, WARPS = (4, 8, 16, 32), (128, 256, 512), (2, 4, 8)
@@ -114,6 +114,15 @@ def main(argv: list[str] | None = None) -> None:
             # the backward op alone, as autograd calls it (dh in bf16, the bias gradient in fp32)
             return f_ms, time_ms(lambda: fused_gelu._bias_gelu_backward(dy, hd, b), reps, dev)
 
+    def best_so_far() -> tuple[fused_gelu.KernelConfig, float, float, float | None]:
+        # both kernels read rows, cols and warps: one tile for the pair; only the backward reads the programs per
+        # SM (the tile's own until the programs grid has run)
+        tile, tile_f, tile_b = min(results["tile"], key=lambda r: r[1] + r[2])
+        if not results["programs"]:
+            return tile, tile_f, tile_b, None
+        per_sm, _, per_sm_b = min(results["programs"], key=lambda r: r[2])
+        return replace(tile, bwd_programs_per_sm=per_sm.bwd_programs_per_sm), tile_f, tile_b, per_sm_b
+
     for i, (cfg, ms, e) in enumerate(time_configs(fused_gelu, tiles + programs, measure)):
         grid = "tile" if i < len(tiles) else "programs"  # the default is in both grids
         if e is not None:
@@ -121,17 +130,13 @@ def main(argv: list[str] | None = None) -> None:
             continue
         results[grid].append((cfg, *ms))
         emit(impl="bias_gelu", grid=grid, config=asdict(cfg), **figures(*ms))
+        if args.best and results["tile"]:  # after every config: a sweep cut short still leaves its best so far
+            write_best(args.best, best_so_far()[0])
     if not results["tile"] or not results["programs"]:
         raise SystemExit("bias_gelu_sweep: no tile or no programs-per-SM config ran; see the errors above.")
-    # both kernels read rows, cols and warps: one tile for the pair; only the backward reads the programs per SM
-    tile, tile_f, tile_b = min(results["tile"], key=lambda r: r[1] + r[2])
-    per_sm, _, per_sm_b = min(results["programs"], key=lambda r: r[2])
-    best = replace(tile, bwd_programs_per_sm=per_sm.bwd_programs_per_sm)
+    best, tile_f, tile_b, per_sm_b = best_so_far()
     emit(impl="bias_gelu_best", config=asdict(best), tile_fwd_ms=round(tile_f, 3), tile_bwd_ms=round(tile_b, 3),
          programs_bwd_ms=round(per_sm_b, 3))  # fmt: skip
-    if args.best:
-        with open(args.best, "w") as f:
-            json.dump(asdict(best), f)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
@@ -45,6 +46,14 @@ def time_ms(fn, reps: int, dev: torch.device) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def write_best(path: str, config: Any) -> None:
+    """Replace ``path`` with ``config`` as JSON in one rename, so a sweep killed mid-write leaves the last best."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(asdict(config), f)
+    os.replace(tmp, path)
 
 
 def time_configs(module, configs: list, measure: Callable[[], Any]) -> Iterator[tuple[Any, Any, Exception | None]]:
@@ -128,6 +137,12 @@ def main(argv: list[str] | None = None) -> None:
             f_ms = time_ms(lambda: fused(x, h, w, b), args.reps, dev)
         return f_ms, time_ms(lambda: backward(fused), args.reps, dev) - f_ms
 
+    def best_so_far() -> KernelConfig:
+        fwd_best = min((r for r in results if r[0] in fwd_grid), key=lambda r: r[1], default=(default,))[0]
+        bwd_best = min((r for r in results if r[0] in bwd_grid), key=lambda r: r[2], default=(default,))[0]
+        return KernelConfig(fwd_best.fwd_rows, fwd_best.fwd_warps, bwd_best.bwd_rows, bwd_best.bwd_warps,
+                            bwd_best.bwd_programs_per_sm, fwd_best.packed_rng)  # fmt: skip
+
     for cfg, ms, e in time_configs(fused_ln, fwd_grid + bwd_grid, measure):
         if e is not None:
             emit(impl="fused_ln", config=asdict(cfg), error=f"{type(e).__name__}: {str(e)[:200]}")
@@ -136,16 +151,11 @@ def main(argv: list[str] | None = None) -> None:
         results.append((cfg, f_ms, b_ms))
         emit(impl="fused_ln", config=asdict(cfg), fwd_ms=round(f_ms, 3), bwd_ms=round(b_ms, 3),
              fwd_tb_s=round(gb_fwd / f_ms, 2), bwd_tb_s=round(gb_bwd / b_ms, 2))  # fmt: skip
+        if args.best:  # after every config, so a sweep cut short by a time limit still leaves its best so far
+            write_best(args.best, best_so_far())
     if not results:
         raise SystemExit("fused_ln_sweep: no config ran; see the errors above.")
-    fwd_best = min((r for r in results if r[0] in fwd_grid), key=lambda r: r[1], default=(default,))[0]
-    bwd_best = min((r for r in results if r[0] in bwd_grid), key=lambda r: r[2], default=(default,))[0]
-    best = KernelConfig(fwd_best.fwd_rows, fwd_best.fwd_warps, bwd_best.bwd_rows, bwd_best.bwd_warps,
-                        bwd_best.bwd_programs_per_sm, fwd_best.packed_rng)  # fmt: skip
-    emit(impl="fused_ln_best", config=asdict(best))
-    if args.best:
-        with open(args.best, "w") as f:
-            json.dump(asdict(best), f)
+    emit(impl="fused_ln_best", config=asdict(best_so_far()))
 
 
 if __name__ == "__main__":

@@ -462,3 +462,34 @@ def test_time_configs_reports_a_failing_config_and_puts_the_process_config_back(
     assert fused_gelu.kernel_config() == configs[0]
     sweep.close()
     assert fused_gelu.kernel_config() == before
+
+
+@pytest.mark.parametrize("module", ["fused_ln_sweep", "bias_gelu_sweep"])
+def test_a_sweep_cut_short_leaves_its_best_so_far(module, tmp_path, monkeypatch, capsys):
+    """A device call's time limit can kill a sweep mid-grid: ``--best`` must then hold the fastest config among those
+    timed (written whole after each one), not nothing, so the next step of the script can still use it."""
+    import importlib
+    import json
+
+    sweep = importlib.import_module(f"benchmarks.{module}")
+    real = sweep.time_configs
+
+    def killed_after_four(*args, **kwargs):
+        for i, row in enumerate(real(*args, **kwargs)):
+            if i == 4:
+                raise KeyboardInterrupt  # what the limit's signal does to the sweep
+            yield row
+
+    monkeypatch.setattr(sweep, "time_configs", killed_after_four)
+    best = tmp_path / "best.json"
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main(["--device", "cpu", "--rows", "16", "--width", "8", "--reps", "1", "--best", str(best)])
+    timed = [json.loads(x) for x in capsys.readouterr().out.splitlines()][1:]
+    assert len(timed) == 4 and not any(x["impl"].endswith("_best") for x in timed)
+    written = json.loads(best.read_text())
+    key = (lambda x: x["fwd_ms"]) if module == "fused_ln_sweep" else (lambda x: x["fwd_ms"] + x["bwd_ms"])
+    fastest = min(key(x) for x in timed)
+    # the forward's fastest tile (fused_ln: its first four configs are forward tiles) or the pair's fastest tile
+    fields = ("fwd_rows", "fwd_warps", "packed_rng") if module == "fused_ln_sweep" else ("rows", "cols", "warps")
+    assert any(all(written[f] == x["config"][f] for f in fields) for x in timed if key(x) <= fastest + 2e-3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json"]  # no partial temporary left behind
