@@ -166,6 +166,50 @@ def test_op_inside_torch_compile_gives_the_eager_result() -> None:
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_the_mask_choice_is_an_argument_of_the_traced_op() -> None:
+    """``recompute_mask`` turns the op's mask output from (N, C) into an empty tensor. The choice must reach
+    torch.compile as an argument of the traced call, not a global read inside the op: then each choice traces its
+    own graph, which inductor caches on disk by the graph's code (on an H100 in session 21, a graph traced and
+    cached with the mask stored was reused by a run that left it out, and failed inductor's stride check)."""
+    from jowa_core.models import fused_ln
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    x, h, w, b = (t.detach() for t in _inputs(8, 24))
+    previous = fused_ln.kernel_config()
+    try:
+        for recompute in (False, True):
+            fused_ln.set_kernel_config(replace(previous, packed_rng=True, recompute_mask=recompute))
+            torch._dynamo.reset()
+            f = torch.compile(lambda *a: dropout_add_layer_norm(*a, 0.1, True), backend=record, fullgraph=True)
+            torch.manual_seed(3)
+            got = f(x, h, w, b)
+            torch.manual_seed(3)
+            for a, e in zip(got, dropout_add_layer_norm(x, h, w, b, 0.1, True)):
+                torch.testing.assert_close(a, e, rtol=0, atol=0)  # on CPU the reference stores the mask either way
+    finally:
+        fused_ln.set_kernel_config(previous)
+        torch._dynamo.reset()
+    calls = [[ln for ln in g.splitlines() if "jowa.dropout_add_layer_norm" in ln] for g in graphs]
+    assert [len(c) for c in calls] == [1, 1] and calls[0] != calls[1]
+    assert "torch.float32, None, True)" in calls[0][0] and "torch.float32, None, False)" in calls[1][0]
+
+
+@pytest.mark.parametrize("store_mask", [True, False])
+def test_op_registration_passes_torch_library_opcheck(store_mask: bool) -> None:
+    """The fake (torch.compile's shapes), the schema and the autograd registration against the real op on CPU,
+    where the reference stores the mask whatever ``store_mask`` asks (only the Triton kernels can redraw it)."""
+    x, h, w, b = _inputs(8, 24)
+    seed = torch.tensor([5])
+    args = (x, h, w, b, seed, 0.25, 1e-5, torch.float32, None, store_mask)
+    torch.library.opcheck(_fused_forward, args)
+    assert _fused_forward(*args)[4].shape == (8, 24)
+
+
 # --- the model's switch ------------------------------------------------------------------------
 
 CFG = WorldActionConfig(num_layers=2, num_heads=2, embed_dim=32, max_blocks=3, obs_vocab_size=24, q_mlp_dim=16,
@@ -410,6 +454,12 @@ INTERPRETER_CHECK = textwrap.dedent(
         f.set_kernel_config(f.KernelConfig(packed_rng=True, recompute_mask=True, bwd_rows=rows))
         redrawn = f._triton_forward(x, h, w, b, seed, 0.3, 1e-5, torch.float32)
         assert redrawn[4].numel() == 0 and all(torch.equal(a, e) for a, e in zip(redrawn[:4], stored[:4]))
+        # store_mask=False, the op's argument: no mask, and the packed draw the backward redraws, even where the
+        # process's config says per-element draws
+        f.set_kernel_config(f.KernelConfig(packed_rng=False, bwd_rows=rows))
+        asked = f._triton_forward(x, h, w, b, seed, 0.3, 1e-5, torch.float32, store_mask=False)
+        assert asked[4].numel() == 0 and all(torch.equal(a, e) for a, e in zip(asked[:4], stored[:4])), (N, C)
+        f.set_kernel_config(f.KernelConfig(packed_rng=True, recompute_mask=True, bwd_rows=rows))
         got = f._triton_backward(dy, dxn, *redrawn[0:1], w, *redrawn[2:4], None, 0.3, torch.float32, seed=seed)
         assert all(torch.equal(a, e) for a, e in zip(got, want)), (N, C)
         assert not torch.equal(got[1], f._triton_backward(dy, dxn, *redrawn[0:1], w, *redrawn[2:4], None, 0.3,

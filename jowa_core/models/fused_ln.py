@@ -305,18 +305,20 @@ def _on_device(t: Tensor):
 
 def _triton_forward(
     x: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor, seed: Tensor | None, p: float, eps: float,
-    out_dtype: torch.dtype, h_bias: Tensor | None = None,
+    out_dtype: torch.dtype, h_bias: Tensor | None = None, store_mask: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(x_new, y, mean, rstd, mask) for 2-D (N, C) inputs; mask is empty without dropout and when the
-    backward recomputes it (``KernelConfig.recompute_mask``)."""
+    """(x_new, y, mean, rstd, mask) for 2-D (N, C) inputs; mask is empty without dropout and when the backward
+    redraws it: ``store_mask`` False (None: ``not KernelConfig.recompute_mask``), which draws the packed mask,
+    the one the backward can redraw, whatever ``packed_rng`` says."""
     x, h = None if x is None else x.contiguous(), h.contiguous()  # the kernels assume row-major rows
     N, C = h.shape
     if N * C >= 2**31:
         raise ValueError(f"dropout_add_layer_norm: {N} x {C} elements exceed the kernels' int32 offsets.")
     cfg, block_c = kernel_config(), _block_c(C)
     rows, warps = cfg.fwd_rows, cfg.fwd_warps
-    packed = cfg.packed_rng and block_c >= 8  # 8 columns per Philox call
-    store = seed is not None and not (packed and cfg.recompute_mask)
+    store_mask = not cfg.recompute_mask if store_mask is None else store_mask
+    packed = (cfg.packed_rng or not store_mask) and block_c >= 8  # 8 columns per Philox call
+    store = seed is not None and (store_mask or not packed)
     x_new = torch.empty_like(h, dtype=h.dtype if x is None else x.dtype)
     y = torch.empty_like(h, dtype=out_dtype)
     mean = torch.empty(N, device=h.device, dtype=torch.float32)
@@ -380,30 +382,35 @@ def _use_triton(t: Tensor) -> bool:
 @torch.library.custom_op("jowa::dropout_add_layer_norm", mutates_args=())
 def _fused_forward(
     x: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor, seed: Tensor | None, p: float, eps: float,
-    out_dtype: torch.dtype, h_bias: Tensor | None = None,
+    out_dtype: torch.dtype, h_bias: Tensor | None = None, store_mask: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(x_new, y, mean, rstd, mask) for 2-D (N, C) inputs; dropout with probability p iff ``seed`` is given
     (a 1-element int64 tensor), the mask (uint8 (N, C), empty without dropout) returned for the backward.
-    ``h_bias`` (C,), added to h first, comes last with a default, as the backward's ``seed`` does."""
+    ``h_bias`` (C,), added to h first, comes last with a default, as the backward's ``seed`` does.
+
+    ``store_mask`` False asks for no mask, for the backward to redraw (the Triton kernels' packed draw only; the
+    reference stores it anyway). It is an argument, not the process's KernelConfig read inside, because the mask's
+    shape must be fixed where torch.compile traces the op: a compiled graph (and inductor's on-disk cache of it,
+    whose key holds the op's arguments but no Python global) must not meet a mask of another shape at run time."""
     if _use_triton(h):
-        return _triton_forward(x, h, weight, bias, seed, p, eps, out_dtype, h_bias)
+        return _triton_forward(x, h, weight, bias, seed, p, eps, out_dtype, h_bias, store_mask)
     mask = None if seed is None else _reference_mask(h, seed, p)
     x_new, y, mean, rstd = _reference_forward(x, h, weight, bias, mask, p, eps, out_dtype, h_bias)
     return x_new, y, mean, rstd, h.new_empty(0, dtype=torch.uint8) if mask is None else mask
 
 
-def _recomputes_mask(h: Tensor) -> bool:
-    """Whether the forward on h leaves the mask to the backward (Triton's packed draw only)."""
-    cfg = kernel_config()
-    return cfg.recompute_mask and cfg.packed_rng and _use_triton(h) and _block_c(h.shape[-1]) >= 8
+def _stores_mask(h: Tensor, seed: Tensor | None, store_mask: bool) -> bool:
+    """Whether the forward on h returns its (N, C) mask: with dropout, unless asked not to where the backward can
+    redraw it (the Triton kernels' packed draw, 8 columns or more)."""
+    return seed is not None and (store_mask or not (_use_triton(h) and _block_c(h.shape[-1]) >= 8))
 
 
 @_fused_forward.register_fake
-def _(x, h, weight, bias, seed, p, eps, out_dtype, h_bias=None):
+def _(x, h, weight, bias, seed, p, eps, out_dtype, h_bias=None, store_mask=True):
     N, C = h.shape
     res_dtype = h.dtype if x is None else x.dtype
     stat = h.new_empty(N, dtype=_compute_dtype(res_dtype))
-    mask = h.new_empty((N, C) if seed is not None and not _recomputes_mask(h) else (0,), dtype=torch.uint8)
+    mask = h.new_empty((N, C) if _stores_mask(h, seed, store_mask) else (0,), dtype=torch.uint8)
     return torch.empty_like(h, dtype=res_dtype), torch.empty_like(h, dtype=out_dtype), stat, stat.clone(), mask
 
 
@@ -435,7 +442,7 @@ def _(dy, dxn, x_new, weight, mean, rstd, mask, p, h_dtype, need_dx, seed=None, 
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, h, weight, _bias, seed, p, _eps, _out_dtype, h_bias = inputs
+    x, h, weight, _bias, seed, p, _eps, _out_dtype, h_bias, _store_mask = inputs
     x_new, _y, mean, rstd, mask = output
     ctx.save_for_backward(x_new, weight, mean, rstd, mask, seed)
     ctx.p, ctx.h_dtype, ctx.has_x = p, h.dtype, x is not None
@@ -450,7 +457,8 @@ def _backward(ctx, dxn, dy, _dmean, _drstd, _dmask):
     dx, dh, dw, db, dhb = _fused_backward(
         dy, dxn, x_new, weight, mean, rstd, mask, ctx.p, ctx.h_dtype, ctx.has_x, seed, need_dhb
     )
-    return dx if ctx.has_x else None, dh, dw, db, None, None, None, None, dhb.to(ctx.hb_dtype) if need_dhb else None
+    dhb = dhb.to(ctx.hb_dtype) if need_dhb else None
+    return dx if ctx.has_x else None, dh, dw, db, None, None, None, None, dhb, None
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -484,8 +492,10 @@ def dropout_add_layer_norm(
     C = h.shape[-1]
     # the seed comes from torch's generator on h's device, so torch.manual_seed makes runs repeat
     seed = torch.randint(2**62, (1,), device=h.device) if p > 0 else None
+    # read here, in Python, so that torch.compile bakes the choice into the graph it traces
+    store_mask = not kernel_config().recompute_mask
     x_new, y, *_ = _fused_forward(
         None if x is None else x.reshape(-1, C).contiguous(), h.reshape(-1, C).contiguous(), weight, bias, seed, p,
-        float(eps), out_dtype or h.dtype, h_bias,
+        float(eps), out_dtype or h.dtype, h_bias, store_mask,
     )  # fmt: skip
     return x_new.view(h.shape), y.view(h.shape)
