@@ -3,14 +3,15 @@
     python -m benchmarks.bias_gelu_sweep [--rows 151552] [--width 3072] [--reps 20] [--device cuda|cpu]
                                          [--best best.json]
 
-Why: ``jowa_core.models.fused_gelu.KernelConfig``'s default tile (8 x 256 on 4 warps, 8 backward programs per
-SM) was chosen from instruction counts (``benchmarks/bias_gelu_isa.py``), not from timings; this sweep times it.
+Why: ``jowa_core.models.fused_gelu.KernelConfig``'s first default tile (8 x 256 on 4 warps, 8 backward programs
+per SM) was chosen from instruction counts (``benchmarks/bias_gelu_isa.py``), not from timings; this sweep timed
+it and gave today's default (16 x 128 on 2 warps, 32 programs per SM, H100, session 21).
 At jowa_150m's MLP shape (batch 512 x 296 tokens = 151,552 rows of 3072; h, the bias-free product, in bf16 as
 autocast makes it, the bias an fp32 parameter, as ``Block.mlp_branch`` calls ``bias_gelu``) it times, with CUDA
 events over ``--reps`` calls after warm-up: inductor's compiled ``gelu(h.float() + b).to(bf16)`` (forward, and
 forward + backward: its backward is the difference), then ``fused_gelu``'s forward and its backward op alone
 under every ``KernelConfig`` of two grids: the tiles (rows x columns, warps; both kernels share them) with the
-default programs per SM, and the default tile with 2 to 32 backward programs per SM. One JSON line per figure,
+default programs per SM, and the default tile with 2 to 64 backward programs per SM. One JSON line per figure,
 with the bytes each pass must move and the bandwidth that implies; a tile that does not compile gets an
 ``error`` line. The fastest tile (forward + backward) and the fastest programs per SM (backward) make one
 ``KernelConfig``, printed as ``bias_gelu_best`` and written as JSON by ``--best``, which
@@ -33,7 +34,7 @@ from benchmarks.fused_ln_sweep import time_configs, time_ms, write_best
 from jowa_core.models import fused_gelu
 
 ROWS, COLS, WARPS = (4, 8, 16, 32), (128, 256, 512), (2, 4, 8)
-PROGRAMS_PER_SM = (2, 4, 8, 16, 32)
+PROGRAMS_PER_SM = (2, 4, 8, 16, 32, 64)
 
 
 def elements_per_thread(rows: int, cols: int, warps: int) -> float:

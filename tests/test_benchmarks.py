@@ -374,7 +374,7 @@ def test_bias_gelu_sweep_reports_every_tile_and_writes_a_loadable_best(tmp_path,
     tiles = [(r, c, w) for r, c, w in itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8))
              if 4 <= r * c / (32 * w) <= 64]  # fmt: skip
     assert len(tiles) == 31  # of 36, left out: 4 x 128 on 8 warps (2 elements a thread), 4 with 128 or 256
-    assert [x["impl"] for x in lines] == ["inductor"] + ["bias_gelu"] * (len(tiles) + 5) + ["bias_gelu_best"]
+    assert [x["impl"] for x in lines] == ["inductor"] + ["bias_gelu"] * (len(tiles) + 6) + ["bias_gelu_best"]
     fused = lines[1:-1]
     assert all(x["fwd_ms"] > 0 and x["bwd_ms"] > 0 and "error" not in x for x in fused)
     assert all(x["fwd_gb"] == round(16 * 8 * 4 / 1e9, 3) and x["device_name"] == "cpu" for x in fused)
@@ -383,7 +383,7 @@ def test_bias_gelu_sweep_reports_every_tile_and_writes_a_loadable_best(tmp_path,
     assert [(x["config"]["rows"], x["config"]["cols"], x["config"]["warps"]) for x in tile_lines] == tiles
     assert all(x["config"]["bwd_programs_per_sm"] == 3 for x in tile_lines)
     assert [x["config"] for x in programs_lines] == [
-        {"rows": 2, "cols": 64, "warps": 1, "bwd_programs_per_sm": k} for k in (2, 4, 8, 16, 32)
+        {"rows": 2, "cols": 64, "warps": 1, "bwd_programs_per_sm": k} for k in (2, 4, 8, 16, 32, 64)
     ]
     best = KernelConfig.from_json(str(tmp_path / "best.json"))
     assert best == KernelConfig(**lines[-1]["config"])
