@@ -1,12 +1,16 @@
 """The fused dropout + add + LayerNorm op alone, against inductor's kernels for the same pattern, tile by tile.
 
-    python -m benchmarks.fused_ln_sweep [--rows 151552] [--width 768] [--grids fwd,bwd] [--best best.json]
+    python -m benchmarks.fused_ln_sweep [--rows 151552] [--width 768] [--grids fwd,bwd] [--no-h-bias]
+                                        [--best best.json]
 
 At jowa_150m's training shape (batch 512 x 296 tokens = 151,552 rows of 768; fp32 residual stream, bf16
 branch, dropout 0.1) it times, with CUDA events over ``--reps`` calls after warm-up: inductor's compiled
 ``x + dropout(h)`` then ``layer_norm`` (forward, and forward + backward), then ``jowa_core.models.fused_ln``
 forward and backward under every ``KernelConfig`` of the sweep (the forward's tiles with and without
-``packed_rng``; ``--grids bwd`` times the backward's alone, keeping the default forward). One JSON line per
+``packed_rng``; ``--grids bwd`` times the backward's alone, keeping the default forward). The op gets the branch's
+bias (``h_bias``) and the backward sums its gradient, as every block's two calls do in the training loop on CUDA
+(``fused_branch_bias``); ``--no-h-bias`` times the op without it. Session 21's sweep timed it without, and its best
+backward tile, 10 % faster alone, made the loop 3 ms slower. One JSON line per
 figure, with the bytes each pass must move and the bandwidth that implies; ``--best`` writes the fastest config
 as JSON, which ``benchmarks.profile_train --fused-ln-config`` and ``python -m benchmarks --fused-ln-config``
 read. CUDA only.
@@ -78,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--p", type=float, default=0.1)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--no-h-bias", action="store_true",
+                    help="time the op without the branch's bias (the loop passes it: fused_branch_bias)")  # fmt: skip
     ap.add_argument("--best", default=None, help="write the fastest KernelConfig here (JSON)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (torch reference, eager)")
     ap.add_argument("--grids", default="fwd,bwd", choices=("fwd,bwd", "fwd", "bwd"),
@@ -92,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     h = torch.randn(N, C, device=dev, dtype=bf16, requires_grad=True)
     w = (1 + 0.1 * torch.randn(C, device=dev)).requires_grad_()
     b = (0.1 * torch.randn(C, device=dev)).requires_grad_()
+    hb = None if args.no_h_bias else (0.1 * torch.randn(C, device=dev)).requires_grad_()
     dxn, dy = torch.randn(N, C, device=dev), torch.randn(N, C, device=dev, dtype=bf16)
     # bytes per element each pass must move: forward reads x (4) and h (2), writes x_new (4), y (2), mask (1);
     # backward reads dy (2), dxn (4), x_new (4), mask (1), writes dx (4), dh (2)
@@ -99,22 +106,25 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
     def emit(**kv) -> None:
-        print(json.dumps({"device_name": name, "rows": N, "width": C, "p": p, **kv}), flush=True)
+        print(json.dumps({"device_name": name, "rows": N, "width": C, "p": p, "h_bias": hb is not None, **kv}),
+              flush=True)  # fmt: skip
 
-    def inductor(x, h, w, b):
-        xn = x + F.dropout(h, p, True)
+    def inductor(x, h, w, b, hb):
+        xn = x + F.dropout(h if hb is None else h + hb, p, True)
         return xn, F.layer_norm(xn, (C,), w, b).to(bf16)
 
-    def fused(x, h, w, b):
-        return fused_ln.dropout_add_layer_norm(x, h, w, b, p, True)
+    def fused(x, h, w, b, hb):
+        return fused_ln.dropout_add_layer_norm(x, h, w, b, p, True, h_bias=hb)
+
+    leaves = tuple(t for t in (x, h, w, b, hb) if t is not None)
 
     def backward(fn):
-        xn, y = fn(x, h, w, b)
-        torch.autograd.grad((xn, y), (x, h, w, b), (dxn, dy))  # no .grad accumulation in the timing
+        xn, y = fn(x, h, w, b, hb)
+        torch.autograd.grad((xn, y), leaves, (dxn, dy))  # no .grad accumulation in the timing
 
     compiled = torch.compile(inductor) if dev.type == "cuda" else inductor
     with torch.no_grad():
-        f_ms = time_ms(lambda: compiled(x, h, w, b), args.reps, dev)
+        f_ms = time_ms(lambda: compiled(x, h, w, b, hb), args.reps, dev)
     fb_ms = time_ms(lambda: backward(compiled), args.reps, dev)
     emit(impl="inductor", fwd_ms=round(f_ms, 3), bwd_ms=round(fb_ms - f_ms, 3), fwd_tb_s=round(gb_fwd / f_ms, 2),
          bwd_tb_s=round(gb_bwd / (fb_ms - f_ms), 2))  # fmt: skip
@@ -134,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def measure() -> tuple[float, float]:
         with torch.no_grad():
-            f_ms = time_ms(lambda: fused(x, h, w, b), args.reps, dev)
+            f_ms = time_ms(lambda: fused(x, h, w, b, hb), args.reps, dev)
         return f_ms, time_ms(lambda: backward(fused), args.reps, dev) - f_ms
 
     def best_so_far() -> KernelConfig:

@@ -12,9 +12,10 @@
 # 2. the kernels' CUDA tests, their output kept (tests.txt): the recompute test, and the compiled op with the mask
 #    stored then redrawn in one process (session 21's failure); the recompute arm runs only if both passed;
 # 3. recompute_mask against the default, alternated (redraw, default, redraw), so that drift cannot decide it;
-# 4. the bias + GELU sweep again around the new default (now with 64 programs per SM), then the loop with its best
-#    if that differs from the default;
-# 5. the winners together, if two won;
+# 4. the fused LayerNorm op's backward tiles, now timed with the branch's bias as the loop passes it (session 21's
+#    sweep left it out, and its best tile lost 3 ms in the loop), then the loop with its best (with the redrawn
+#    mask, if that won) if it differs from the default; the bias + GELU op is within 0.4 ms of its floor;
+# 5. the default again, for drift;
 # 6. the step alone with its kernels (profile_train --profile) under the winners;
 # 7. the MLP alone with inductor's max-autotune products against its default ones (mlp_autotune, never run on a
 #    GPU), if time is left.
@@ -51,7 +52,7 @@ beats() {  # beats A B: whether MFU A is 0.5 % or more above B (both given)
 # measure ARGS...: the loop once with ARGS, its MFU in $got if it gave one
 measure() { local n; n=$(mfus); got=""; loop "$@" && [ "$(mfus)" -gt "$n" ] && got=$(last_mfu); return 0; }
 cfg=$(mktemp -d)  # kernel configs outside $OUT, which brings back 8 files at most
-winners=()
+winners=() redraws=()
 measure 150
 defaults=("$got")
 # the kernels' CUDA tests (with their tracebacks); the compiled model's tests come last, while time is left
@@ -69,7 +70,6 @@ ok() {  # ok TEST...: whether each of these test ids passed
 echo '{"recompute_mask": true}' >"$cfg/redraw.json"
 if ok test_fused_layer_norm_recomputed_mask_trains_as_the_stored_one \
     test_fused_layer_norm_compiled_with_and_without_the_stored_mask_in_one_process; then
-    redraws=()
     measure 90 --fused-ln-config "$cfg/redraw.json" && redraws+=("$got")
     measure 45 && defaults+=("$got")
     measure 45 --fused-ln-config "$cfg/redraw.json" && redraws+=("$got")
@@ -80,23 +80,26 @@ else
     echo "skipped: the redrawn LayerNorm mask (its tests did not pass)"
 fi
 base=$(mean "${defaults[@]}")
-# the bias + GELU op's tiles around the new default, then the loop with the best if it is not the default
-if ok test_bias_gelu_triton_matches_the_reference && fits 90 "bias_gelu_sweep"; then
-    timeout 90 python3 -m benchmarks.bias_gelu_sweep --reps 10 --best "$cfg/gelu.json" >>"$OUT/micro.jsonl" \
-        2>>"$OUT/loop.err" || echo "bias_gelu_sweep: failed or timed out"
-    grep '"bias_gelu_best"' "$OUT/micro.jsonl" | cut -c1-200
-    if [ -s "$cfg/gelu.json" ] && python3 -c "import sys
-from jowa_core.models.fused_gelu import KernelConfig
-sys.exit(KernelConfig.from_json(sys.argv[1]) == KernelConfig())" "$cfg/gelu.json"; then
-        measure 60 --fused-gelu-config "$cfg/gelu.json"
-        beats "$got" "$base" && winners+=(--fused-gelu-config "$cfg/gelu.json") && echo "  joins the stack"
+# the fused LayerNorm op's backward tiles with the branch's bias, then the loop with the best if it is not the default
+redraw=false
+[ ${#winners[@]} -gt 0 ] && redraw=true
+if fits 90 "fused_ln_sweep"; then
+    timeout 90 python3 -m benchmarks.fused_ln_sweep --grids bwd --reps 10 --best "$cfg/ln.json" \
+        >>"$OUT/micro.jsonl" 2>>"$OUT/loop.err" || echo "fused_ln_sweep: failed or timed out"
+    grep '"fused_ln_best"' "$OUT/micro.jsonl" | cut -c1-260
+    if [ -s "$cfg/ln.json" ] && python3 -c "import json, sys
+from jowa_core.models.fused_ln import KernelConfig
+c = {**json.load(open(sys.argv[1])), 'recompute_mask': sys.argv[2] == 'true'}
+json.dump(c, open(sys.argv[1], 'w'))
+sys.exit(KernelConfig(**c) == KernelConfig(recompute_mask=sys.argv[2] == 'true'))" "$cfg/ln.json" "$redraw"; then
+        measure 60 --fused-ln-config "$cfg/ln.json"  # with the redrawn mask if that won: it must beat that arm
+        ref=$base
+        $redraw && ref=$(mean "${redraws[@]}")
+        beats "$got" "$ref" && winners=(--fused-ln-config "$cfg/ln.json") && echo "  replaces the LayerNorm arm"
     fi
 fi
-if [ ${#winners[@]} -gt 2 ]; then
-    measure 60 "${winners[@]}"
-else
-    echo "skipped: the stacked run (winners: ${winners[*]})"
-fi
+echo "winners: ${winners[*]:-none}"
+measure 45 && defaults+=("$got") && echo "defaults: ${defaults[*]}"
 # the step alone, its kernels sorted, under the winners
 if fits 90 "profile_train"; then
     timeout 90 python3 -m benchmarks.profile_train --device cuda --preset jowa_150m --batch-size 512 --steps 10 \

@@ -108,10 +108,12 @@ def test_fused_ln_sweep_reports_every_tile_and_writes_a_loadable_best(tmp_path, 
     best = KernelConfig(**json.loads((tmp_path / "best.json").read_text()))
     assert best == KernelConfig(**lines[-1]["config"])
     assert kernel_config() == before  # the sweep puts the process's tiles back
+    assert all(x["h_bias"] for x in lines)  # the branch's bias, as the training loop passes it on CUDA
     # --grids bwd: the backward's 32 tiles alone; the best keeps the default's forward
-    sweep(["--device", "cpu", "--rows", "16", "--width", "8", "--reps", "1", "--grids", "bwd"])
+    sweep(["--device", "cpu", "--rows", "16", "--width", "8", "--reps", "1", "--grids", "bwd", "--no-h-bias"])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["impl"] for x in lines] == ["inductor"] + ["fused_ln"] * 32 + ["fused_ln_best"]
+    assert not any(x["h_bias"] for x in lines)
     assert all(x["config"]["fwd_rows"] == before.fwd_rows and x["config"]["packed_rng"] == before.packed_rng
                for x in lines[1:])  # fmt: skip
     assert kernel_config() == before
