@@ -212,7 +212,10 @@ def _triton_backward(
         "num_stages": cfg.bwd_stages,
     }
     flags_arg = flags if dropout else lse  # a constexpr branch never reads it without dropout
-    parts = torch.zeros((B, n_blocks, 3, H, D) if need_dbias else (0,), device=qkv.device, dtype=torch.float32)
+    # each part is written by one program when both kernels have n_blocks blocks; otherwise the blocks that one
+    # kernel lacks must hold zeros
+    alloc = torch.empty if _cdiv(T, cfg.bwd_m) == _cdiv(T, cfg.bwd_n) else torch.zeros
+    parts = alloc((B, n_blocks, 3, H, D) if need_dbias else (0,), device=qkv.device, dtype=torch.float32)
     parts_arg = parts if need_dbias else lse
     blocks = {"BLOCK_M": cfg.bwd_m, "BLOCK_N": cfg.bwd_n}
     with _on_device(qkv):

@@ -355,9 +355,10 @@ def _triton_backward(
     grid = max(1, min(_cdiv(N, rows), cfg.bwd_programs_per_sm * sms))
     dx = torch.empty_like(x_new) if need_dx else x_new.new_empty(0)
     dh = torch.empty_like(x_new, dtype=h_dtype)
-    dw = torch.empty(grid, C, device=x_new.device, dtype=torch.float32)
-    db = torch.empty_like(dw)
-    dhb = torch.empty_like(dw) if need_dhb else dw
+    # the programs' partial sums of dweight, dbias (and dh_bias) in one buffer, summed by one reduction: three
+    # small reductions a call were three launches, each too small to fill the GPU
+    parts = torch.empty(3 if need_dhb else 2, grid, C, device=x_new.device, dtype=torch.float32)
+    dw, db, dhb = parts[0], parts[1], parts[-1]
     _, bwd = _kernels()
     with _on_device(x_new):
         bwd[(grid,)](
@@ -367,8 +368,9 @@ def _triton_backward(
             HAS_DXN=dxn is not None, HAS_DX=need_dx, DROPOUT=mask is not None or seed is not None,
             RECOMPUTE_MASK=seed is not None, HAS_HB=need_dhb, BLOCK_ROWS=rows, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
-    dhb_sum = dhb.sum(0) if need_dhb else dw.new_empty(0)
-    return dx, dh, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), dhb_sum
+    sums = parts.sum(1)
+    dhb_sum = sums[2] if need_dhb else sums.new_empty(0)
+    return dx, dh, sums[0].to(weight.dtype), sums[1].to(weight.dtype), dhb_sum
 
 
 # ---------------------------------------------------------------------------------------------
