@@ -16,7 +16,8 @@
 #    sweep left it out, and its best tile lost 3 ms in the loop), then the loop with its best (with the redrawn
 #    mask, if that won) if it differs from the default; the bias + GELU op is within 0.4 ms of its floor;
 # 5. the default again, for drift;
-# 6. the step alone with its kernels (profile_train --profile) under the winners;
+# 6. the step alone with its kernels (profile_train --profile) under the winners, then the LayerNorm backward and
+#    the attention kernels under Nsight Compute (ncu.txt), if ncu is there;
 # 7. the MLP alone with inductor's max-autotune products against its default ones (mlp_autotune, never run on a
 #    GPU), if time is left.
 # Each step runs only if its time limit still ends by 560 s (END), so the script fits one 600 s call.
@@ -26,7 +27,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader  # into the caller's log
 # clocks and power every 5 s, to tell a throttled machine from a slow recipe
 nvidia-smi dmon -s pc -d 5 >"$OUT/dmon.txt" 2>&1 &
 dmon=$!
@@ -106,6 +107,18 @@ if fits 90 "profile_train"; then
         --variants compile_loss_fused_ln_qkv_gelu_bias_attn --profile "${winners[@]}" \
         >>"$OUT/step.jsonl" 2>>"$OUT/loop.err" || echo "profile_train: failed or timed out"
     tail -n 1 "$OUT/step.jsonl" | cut -c1-600
+fi
+# the LayerNorm backward and the attention backward (the first 6 in the backward pass) under Nsight Compute
+if command -v ncu >/dev/null && fits 120 "ncu"; then
+    timeout 120 ncu --nvtx --nvtx-include "timed_steps/" \
+        --kernel-name "regex:dropout_add_layer_norm_bwd|attn_bwd_dkdv|attn_bwd_dq" --launch-count 6 \
+        --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section ComputeWorkloadAnalysis --section WarpStateStats --section MemoryWorkloadAnalysis \
+        python3 -m benchmarks.profile_train --device cuda --preset jowa_150m --batch-size 512 --steps 1 \
+        --variants compile_loss_fused_ln_qkv_gelu_bias_attn "${winners[@]}" >"$OUT/ncu.txt" 2>&1 ||
+        echo "ncu: failed or timed out"
+    grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per" "$OUT/ncu.txt" |
+        head -40
 fi
 # the MLP's products through inductor's max-autotune (Triton templates where they win) against cuBLAS's
 fits 120 "mlp_autotune" && { timeout 120 python3 -m benchmarks.mlp_autotune >>"$OUT/micro.jsonl" \
