@@ -1,16 +1,23 @@
-"""The fused_ln forward kernel's machine code for Hopper, counted without a GPU.
+"""The fused_ln kernels' machine code for Hopper, counted without a GPU.
 
-    python -m benchmarks.fused_ln_isa [--rows 151552] [--width 768]
+    python -m benchmarks.fused_ln_isa [--rows 151552] [--width 768] [--kernels fwd,bwd] [--unaligned]
 
-Triton compiles ``jowa_core.models.fused_ln``'s forward kernel for sm_90 on the CPU, and ``nvdisasm`` (shipped
-with triton) lists its SASS. The forward kernel has no loop, so each thread runs its listing once. So the
-count gives the time the SMs need to issue a call (programs x warps x instructions, over 132 SMs x 4 schedulers
-at 1.98 GHz, one warp-instruction per scheduler and clock). That is set beside the time the call's bytes take at
-a copy's bandwidth on an H100 (3.0 TB/s) and an H200 (4.3 TB/s). A kernel whose issue time exceeds its
-bandwidth time is bound by its instructions: the case for ``KernelConfig.packed_rng``, whose Philox work is an
-eighth of the per-element one. An estimate, not a timing: memory stalls and dual issue are left out. One JSON
-line per configuration: per-element Philox, packed, and packed with the mask left to the backward
-(``recompute_mask``, one byte less to write).
+Triton compiles ``jowa_core.models.fused_ln``'s kernels for sm_90 on the CPU, and ``nvdisasm`` (shipped with
+triton) lists their SASS. They are compiled as the launch at jowa_150m's shape specializes them: pointers 16-byte
+aligned, and the row count and width multiples of 16, so that rows load as 16-byte vectors. ``--unaligned``
+compiles them without those facts; the forward's counts quoted before session 21 were taken that way (scalar
+loads, about 1.5 times the instructions).
+
+The forward kernel has no loop, so each thread runs its listing once. The backward's persistent loop runs once
+per block of rows; its body is counted. Either count gives the time the SMs need to issue a call (warp
+instructions over 132 SMs x 4 schedulers at 1.98 GHz, one warp-instruction per scheduler and clock), set beside
+the time the call's bytes take at a copy's bandwidth on an H100 (3.0 TB/s) and an H200 (4.3 TB/s). A kernel whose
+issue time exceeds its bandwidth time is bound by its instructions: the case for ``KernelConfig.packed_rng``,
+whose Philox work is an eighth of the per-element one. An estimate, not a timing: memory stalls and dual issue
+are left out. Each line also gives the registers a thread, the programs an SM holds, and the warps whose columns
+all lie past the width (a row is a power-of-two block: 1024 columns for 768). One JSON line per configuration:
+forward with per-element Philox, packed, and packed with the mask left to the backward (``recompute_mask``, one
+byte less to write); backward with the mask read and redrawn, each with the branch's bias as the loop passes it.
 """
 
 from __future__ import annotations
@@ -23,13 +30,18 @@ import subprocess
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.98e9  # H100 SXM and H200: the same SM count and boost clock
 COPY_TB_S = {"h100": 3.0, "h200": 4.3}  # device-to-device copies measured on the lent machines
 BYTES_PER_ELEMENT = 13  # reads x (fp32) and h (bf16); writes x_new (fp32), y (bf16) and the mask (uint8, 1)
+BWD_BYTES_PER_ELEMENT = 17  # reads dy (bf16), dxn (fp32), x_new (fp32), the mask (1); writes dx (fp32), dh (bf16)
 SIGNATURE = {"X": "*fp32", "H": "*bf16", "W": "*fp32", "B": "*fp32", "XN": "*fp32", "Y": "*bf16", "MEAN": "*fp32",
              "RSTD": "*fp32", "MASK": "*u8", "SEED": "*i64", "HB": "*fp32", "N": "i32", "C": "i32", "p": "fp32", "p16": "i32",
              "scale": "fp32", "eps": "fp32"}  # fmt: skip
+BWD_SIGNATURE = {"DY": "*bf16", "DXN": "*fp32", "XN": "*fp32", "W": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32",
+                 "MASK": "*u8", "SEED": "*i64", "DX": "*fp32", "DH": "*bf16", "DW": "*fp32", "DB": "*fp32",
+                 "DHB": "*fp32", "N": "i32", "C": "i32", "p16": "i32", "scale": "fp32"}  # fmt: skip
 _ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/")
 _LABEL = re.compile(r"^(\.L_x_\d+):", re.MULTILINE)
 _BACK_BRANCH = re.compile(r"/\*([0-9a-f]{4,})\*/[^\n]*\bBRA\b[^\n]*`\((\.L_x_\d+)\)")
@@ -81,10 +93,12 @@ def sass_counts(cubin: bytes, nvdisasm: Path, text: str | None = None) -> dict[s
 
 
 def compile_sm90(
-    fn, signature: dict[str, str], consts: dict, warps: int, aligned: bool = True, maxnreg: int | None = None
-) -> bytes:
-    """``fn``'s cubin for sm_90. ``aligned``: as a launch on 16-byte-aligned tensors and sizes divisible by 16 builds
-    it (16-byte vectors), the case of every op's training shapes; ``maxnreg``: the launch option of that name."""
+    fn, signature: dict[str, str], consts: dict, warps: int, aligned: bool = True, maxnreg: int | None = None,
+    asm: str = "cubin",
+) -> Any:  # fmt: skip
+    """``fn``'s cubin for sm_90 (``asm="all"``: every stage's text, the ``ttgir`` among them, and the cubin).
+    ``aligned``: as a launch on 16-byte-aligned tensors and sizes divisible by 16 builds it (16-byte vectors), the
+    case of every op's training shapes; ``maxnreg``: the launch option of that name."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -94,7 +108,26 @@ def compile_sm90(
     src = ASTSource(fn, {**signature, **dict.fromkeys(consts, "constexpr")},
                     constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)  # fmt: skip
     options = {"num_warps": warps} | ({"maxnreg": maxnreg} if maxnreg else {})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+    stages = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm
+    return stages if asm == "all" else stages[asm]
+
+
+_BLOCKED = re.compile(r"(#blocked\d*) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = \[([\d, ]+)\], "
+                      r"warpsPerCTA = \[([\d, ]+)\]")  # fmt: skip
+
+
+def idle_warps(ttgir: str, block_c: int, width: int) -> int:
+    """Warps of a program whose columns of the first [rows, block_c] fp32 load (the residual stream's) all lie at or
+    past ``width``: they hold registers and issue instructions for masked elements only."""
+    use = re.search(rf"tt\.load .*: tensor<\d+x{block_c}x!tt\.ptr<f32>, (#blocked\d*)>", ttgir)
+    if use is None:
+        raise SystemExit(f"fused_ln_isa: no [rows, {block_c}] fp32 tile in the kernel's TTGIR")
+    layouts = {m.group(1): [[int(v) for v in g.split(",")] for g in m.groups()[1:]] for m in _BLOCKED.finditer(ttgir)}
+    (_, per_thread), (_, lanes), (warp_rows, warp_cols) = layouts[use.group(1)]
+    span = per_thread * lanes  # columns one warp covers in one repeat of the layout
+    repeat = span * warp_cols
+    idle = sum(all(r * repeat + w * span >= width for r in range(-(-block_c // repeat))) for w in range(warp_cols))
+    return idle * warp_rows
 
 
 def loop_bodies(text: str) -> list[str]:
@@ -115,8 +148,8 @@ def nvdisasm_path(prog: str) -> Path:
     return path
 
 
-def compile_forward(cfg, width: int) -> bytes:
-    """The forward kernel's cubin for sm_90, as ``_triton_forward`` would launch it (residual and dropout on)."""
+def compile_forward(cfg, width: int, aligned: bool = True, h_bias: bool = False) -> dict:
+    """The forward kernel's stages for sm_90, as ``_triton_forward`` would launch it (residual and dropout on)."""
     import triton
 
     from jowa_core.models import fused_ln
@@ -125,35 +158,78 @@ def compile_forward(cfg, width: int) -> bytes:
     block_c = triton.next_power_of_2(width)
     packed = cfg.packed_rng and block_c >= 8
     consts = {"HAS_X": True, "DROPOUT": True, "PACKED_RNG": packed, "STORE_MASK": not (packed and cfg.recompute_mask),
-              "HAS_HB": False, "BLOCK_ROWS": cfg.fwd_rows, "BLOCK_C": block_c}  # fmt: skip
-    return compile_sm90(fwd, SIGNATURE, consts, cfg.fwd_warps, aligned=False)  # the counts quoted since session 17
+              "HAS_HB": h_bias, "BLOCK_ROWS": cfg.fwd_rows, "BLOCK_C": block_c}  # fmt: skip
+    return compile_sm90(fwd, SIGNATURE, consts, cfg.fwd_warps, aligned=aligned, asm="all")
+
+
+def compile_backward(cfg, width: int, aligned: bool = True, h_bias: bool = True) -> dict:
+    """The backward kernel's stages for sm_90, as ``_triton_backward`` would launch it inside a block (dx and the
+    residual's gradient, dropout; the mask read, or redrawn under ``recompute_mask``)."""
+    import triton
+
+    from jowa_core.models import fused_ln
+
+    _, bwd = fused_ln._kernels()
+    consts = {"HAS_DXN": True, "HAS_DX": True, "DROPOUT": True, "RECOMPUTE_MASK": cfg.recompute_mask,
+              "HAS_HB": h_bias, "BLOCK_ROWS": cfg.bwd_rows, "BLOCK_C": triton.next_power_of_2(width)}  # fmt: skip
+    return compile_sm90(bwd, BWD_SIGNATURE, consts, cfg.bwd_warps, aligned=aligned, asm="all")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=151_552, help="rows per call (jowa_150m: 512 x 296 tokens)")
     ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--kernels", default="fwd,bwd", help="fwd, bwd or both (comma-separated)")
+    ap.add_argument("--unaligned", action="store_true",
+                    help="compile without the launch's alignment facts (scalar loads; the pre-session-21 figures)")  # fmt: skip
     args = ap.parse_args(argv)
+    kernels = args.kernels.split(",")
+    if not kernels or set(kernels) - {"fwd", "bwd"}:
+        ap.error(f"--kernels takes fwd, bwd or fwd,bwd, not {args.kernels!r}")
     import triton
 
     from jowa_core.models import fused_ln
 
     nvdisasm = nvdisasm_path("fused_ln_isa")
     default = fused_ln.kernel_config()
-    for packed, recompute in ((False, False), (True, False), (True, True)):
-        cfg = replace(default, packed_rng=packed, recompute_mask=recompute)
-        counts = sass_counts(compile_forward(cfg, args.width), nvdisasm)
-        per_thread = sum(counts.values())
-        warp_instr = math.ceil(args.rows / cfg.fwd_rows) * cfg.fwd_warps * per_thread
-        gigabytes = args.rows * args.width * (BYTES_PER_ELEMENT - recompute) / 1e9  # no mask written
+    aligned = not args.unaligned
+    block_c = triton.next_power_of_2(args.width)
+
+    def emit(kernel: str, cfg, stages: dict, per_thread: int, counts: dict, warps: int, calls_per_thread: int,
+             gigabytes: float) -> None:  # fmt: skip
+        usage = resource_usage(stages["cubin"], nvdisasm)
+        warp_instr = calls_per_thread * warps * per_thread
         print(json.dumps({
-            "config": asdict(cfg), "rows": args.rows, "width": args.width, "triton": triton.__version__,
-            "sass_per_thread": per_thread,
+            "kernel": kernel, "config": asdict(cfg), "rows": args.rows, "width": args.width, "aligned": aligned,
+            "triton": triton.__version__, "sass_per_thread": per_thread,
             "integer_multiplies": sum(n for op, n in counts.items() if op.startswith(("IMAD", "IMUL"))),
             "shared_memory_ops": sum(n for op, n in counts.items() if op.startswith(("LDS", "STS"))),
+            "vector_loads": sum(n for op, n in counts.items() if op.startswith("LDG") and op.endswith(".128")),
+            **usage, "programs_per_sm": programs_per_sm(usage["registers"], warps),
+            "idle_warps": idle_warps(stages["ttgir"], block_c, args.width), "warps": warps,
             "issue_ms": round(issue_ms(warp_instr), 3),
             **{f"bandwidth_ms_{k}": round(gigabytes / tb_s, 3) for k, tb_s in COPY_TB_S.items()},
         }), flush=True)  # fmt: skip
+
+    if "fwd" in kernels:
+        for packed, recompute in ((False, False), (True, False), (True, True)):
+            cfg = replace(default, packed_rng=packed, recompute_mask=recompute)
+            stages = compile_forward(cfg, args.width, aligned)
+            counts = sass_counts(stages["cubin"], nvdisasm)
+            gigabytes = args.rows * args.width * (BYTES_PER_ELEMENT - recompute) / 1e9  # no mask written
+            emit("fwd", cfg, stages, sum(counts.values()), counts, cfg.fwd_warps,
+                 math.ceil(args.rows / cfg.fwd_rows), gigabytes)  # fmt: skip
+    if "bwd" in kernels:
+        for recompute in (False, True):
+            cfg = replace(default, packed_rng=True, recompute_mask=recompute)
+            stages = compile_backward(cfg, args.width, aligned)
+            bodies = loop_bodies(disassemble(stages["cubin"], nvdisasm))
+            if len(bodies) != 1:
+                raise SystemExit(f"fused_ln_isa: expected the backward's one row loop, found {len(bodies)} loops")
+            counts = sass_counts(stages["cubin"], nvdisasm, bodies[0])
+            gigabytes = args.rows * args.width * (BWD_BYTES_PER_ELEMENT - recompute) / 1e9  # no mask read
+            emit("bwd", cfg, stages, sum(counts.values()), counts, cfg.bwd_warps,
+                 math.ceil(args.rows / cfg.bwd_rows), gigabytes)  # fmt: skip
 
 
 if __name__ == "__main__":

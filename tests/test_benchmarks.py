@@ -234,23 +234,59 @@ def test_train_suite_applies_and_records_process_wide_settings(capsys, tmp_path)
 @needs_triton
 def test_fused_ln_isa_counts_the_forward_kernels_machine_code(capsys):
     """Compiled for sm_90 on the CPU: the packed mask needs fewer instructions and integer multiplies per thread
-    (an eighth of the Philox calls), and the issue time follows from the count."""
+    (an eighth of the Philox calls), and the issue time follows from the count. Compiled as the launch specializes
+    the kernel (aligned rows), the residual stream loads as 16-byte vectors; without those facts it loads scalars
+    and needs more instructions."""
     import json
 
     from benchmarks.fused_ln_isa import CLOCK_HZ, SCHEDULERS, SMS
     from benchmarks.fused_ln_isa import main as isa
 
-    isa(["--rows", "4096", "--width", "768"])
+    isa(["--rows", "4096", "--width", "768", "--kernels", "fwd"])
     plain, packed, recomputed = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert {x["kernel"] for x in (plain, packed, recomputed)} == {"fwd"} and plain["aligned"]
     assert (plain["config"]["packed_rng"], packed["config"]["packed_rng"]) == (False, True)
     assert recomputed["config"]["recompute_mask"] and recomputed["sass_per_thread"] < packed["sass_per_thread"]
     assert recomputed["bandwidth_ms_h200"] == pytest.approx(4096 * 768 * 12 / 1e9 / 4.3, abs=1e-3)
     assert packed["sass_per_thread"] < 0.75 * plain["sass_per_thread"]
     assert packed["integer_multiplies"] < 0.5 * plain["integer_multiplies"]
+    assert packed["vector_loads"] > 0
     cfg = plain["config"]
     warp_instr = math.ceil(4096 / cfg["fwd_rows"]) * cfg["fwd_warps"] * plain["sass_per_thread"]
     assert plain["issue_ms"] == pytest.approx(warp_instr / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3, abs=1e-3)
     assert plain["bandwidth_ms_h200"] == pytest.approx(4096 * 768 * 13 / 1e9 / 4.3, abs=1e-3)
+    isa(["--rows", "4096", "--width", "768", "--kernels", "fwd", "--unaligned"])
+    scalar = json.loads(capsys.readouterr().out.splitlines()[1])
+    assert not scalar["aligned"] and scalar["vector_loads"] == 0
+    assert scalar["sass_per_thread"] > 1.2 * packed["sass_per_thread"]
+
+
+@needs_triton
+def test_fused_ln_isa_counts_the_backward_loop_and_the_idle_warps(capsys):
+    """The backward's persistent loop body, with the mask read and redrawn (Philox again: more instructions, one
+    byte less an element), and the warps that a row of 768 in a block of 1024 columns leaves idle: with the default
+    tile (one row on 4 warps, 8 columns a thread) the fourth warp holds columns 768 to 1023 only; at width 1024
+    none is idle."""
+    import json
+
+    from benchmarks.fused_ln_isa import BWD_BYTES_PER_ELEMENT, programs_per_sm
+    from benchmarks.fused_ln_isa import main as isa
+    from jowa_core.models.fused_ln import KernelConfig
+
+    assert KernelConfig().bwd_rows == 1 and KernelConfig().bwd_warps == 4  # the case the idle count below is for
+    isa(["--rows", "4096", "--width", "768", "--kernels", "bwd"])
+    stored, redrawn = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert (stored["kernel"], redrawn["kernel"]) == ("bwd", "bwd")
+    assert not stored["config"]["recompute_mask"] and redrawn["config"]["recompute_mask"]
+    assert 100 < stored["sass_per_thread"] < redrawn["sass_per_thread"]
+    assert stored["bandwidth_ms_h100"] == pytest.approx(4096 * 768 * BWD_BYTES_PER_ELEMENT / 1e9 / 3.0, abs=1e-3)
+    assert redrawn["bandwidth_ms_h100"] == pytest.approx(4096 * 768 * 16 / 1e9 / 3.0, abs=1e-3)
+    assert stored["programs_per_sm"] == programs_per_sm(stored["registers"], 4)
+    assert stored["idle_warps"] == 1 and stored["warps"] == 4
+    isa(["--rows", "4096", "--width", "1024", "--kernels", "bwd"])
+    assert [json.loads(x)["idle_warps"] for x in capsys.readouterr().out.splitlines()] == [0, 0]
+    with pytest.raises(SystemExit):
+        isa(["--kernels", "both"])
 
 
 @needs_triton
