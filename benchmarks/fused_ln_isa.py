@@ -17,7 +17,8 @@ whose Philox work is an eighth of the per-element one. An estimate, not a timing
 are left out. Each line also gives the registers a thread, the programs an SM holds, and the warps whose columns
 all lie past the width (a row is a power-of-two block: 1024 columns for 768). One JSON line per configuration:
 forward with per-element Philox, packed, and packed with the mask left to the backward (``recompute_mask``, one
-byte less to write); backward with the mask read and redrawn, each with the branch's bias as the loop passes it.
+byte less to write); backward with the mask read and redrawn, and with the mask read in a loop pipelined over 3
+stages (``bwd_stages``: its loads become asynchronous copies), each with the branch's bias as the loop passes it.
 """
 
 from __future__ import annotations
@@ -117,9 +118,9 @@ _BLOCKED = re.compile(r"(#blocked\d*) = #ttg\.blocked<\{sizePerThread = \[([\d, 
 
 
 def idle_warps(ttgir: str, block_c: int, width: int) -> int:
-    """Warps of a program whose columns of the first [rows, block_c] fp32 load (the residual stream's) all lie at or
-    past ``width``: they hold registers and issue instructions for masked elements only."""
-    use = re.search(rf"tt\.load .*: tensor<\d+x{block_c}x!tt\.ptr<f32>, (#blocked\d*)>", ttgir)
+    """Warps of a program whose columns of the first [rows, block_c] fp32 tile read (the residual stream's) all lie
+    at or past ``width``: they hold registers and issue instructions for masked elements only."""
+    use = re.search(rf"tensor<\d+x{block_c}x!tt\.ptr<f32>, (#blocked\d*)>", ttgir)  # its pointers, loaded or copied
     if use is None:
         raise SystemExit(f"fused_ln_isa: no [rows, {block_c}] fp32 tile in the kernel's TTGIR")
     layouts = {m.group(1): [[int(v) for v in g.split(",")] for g in m.groups()[1:]] for m in _BLOCKED.finditer(ttgir)}
@@ -171,7 +172,8 @@ def compile_backward(cfg, width: int, aligned: bool = True, h_bias: bool = True)
 
     _, bwd = fused_ln._kernels()
     consts = {"HAS_DXN": True, "HAS_DX": True, "DROPOUT": True, "RECOMPUTE_MASK": cfg.recompute_mask,
-              "HAS_HB": h_bias, "BLOCK_ROWS": cfg.bwd_rows, "BLOCK_C": triton.next_power_of_2(width)}  # fmt: skip
+              "HAS_HB": h_bias, "BLOCK_ROWS": cfg.bwd_rows, "BLOCK_C": triton.next_power_of_2(width),
+              "STAGES": cfg.bwd_stages}  # fmt: skip
     return compile_sm90(bwd, BWD_SIGNATURE, consts, cfg.bwd_warps, aligned=aligned, asm="all")
 
 
@@ -205,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
             "integer_multiplies": sum(n for op, n in counts.items() if op.startswith(("IMAD", "IMUL"))),
             "shared_memory_ops": sum(n for op, n in counts.items() if op.startswith(("LDS", "STS"))),
             "vector_loads": sum(n for op, n in counts.items() if op.startswith("LDG") and op.endswith(".128")),
+            "async_copies": sum(n for op, n in counts.items() if op.startswith("LDGSTS")),
             **usage, "programs_per_sm": programs_per_sm(usage["registers"], warps),
             "idle_warps": idle_warps(stages["ttgir"], block_c, args.width), "warps": warps,
             "issue_ms": round(issue_ms(warp_instr), 3),
@@ -220,8 +223,8 @@ def main(argv: list[str] | None = None) -> None:
             emit("fwd", cfg, stages, sum(counts.values()), counts, cfg.fwd_warps,
                  math.ceil(args.rows / cfg.fwd_rows), gigabytes)  # fmt: skip
     if "bwd" in kernels:
-        for recompute in (False, True):
-            cfg = replace(default, packed_rng=True, recompute_mask=recompute)
+        for recompute, stages in ((False, 1), (True, 1), (False, 3)):
+            cfg = replace(default, packed_rng=True, recompute_mask=recompute, bwd_stages=stages)
             stages = compile_backward(cfg, args.width, aligned)
             bodies = loop_bodies(disassemble(stages["cubin"], nvdisasm))
             if len(bodies) != 1:

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     bwd_grid = [
         replace(default, bwd_rows=r, bwd_warps=wp, bwd_programs_per_sm=k)
         for r, wp, k in itertools.product((1, 2, 4, 8), (4, 8), (2, 4, 8, 16))
-    ]
+    ] + [replace(default, bwd_stages=k) for k in (2, 3, 4) if k != default.bwd_stages]  # the pipelined row loop
     grids = args.grids.split(",")
     fwd_grid, bwd_grid = (fwd_grid if "fwd" in grids else []), (bwd_grid if "bwd" in grids else [])
 
@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     def best_so_far() -> KernelConfig:
         fwd_best = min((r for r in results if r[0] in fwd_grid), key=lambda r: r[1], default=(default,))[0]
         bwd_best = min((r for r in results if r[0] in bwd_grid), key=lambda r: r[2], default=(default,))[0]
-        return KernelConfig(fwd_best.fwd_rows, fwd_best.fwd_warps, bwd_best.bwd_rows, bwd_best.bwd_warps,
-                            bwd_best.bwd_programs_per_sm, fwd_best.packed_rng)  # fmt: skip
+        return replace(bwd_best, fwd_rows=fwd_best.fwd_rows, fwd_warps=fwd_best.fwd_warps,
+                       packed_rng=fwd_best.packed_rng)  # fmt: skip
 
     for cfg, ms, e in time_configs(fused_ln, fwd_grid + bwd_grid, measure):
         if e is not None:

@@ -15,9 +15,9 @@
 # 4. the fused LayerNorm op's backward tiles, now timed with the branch's bias as the loop passes it (session 21's
 #    sweep left it out, and its best tile lost 3 ms in the loop), then the loop with its best (with the redrawn
 #    mask, if that won) if it differs from the default; the bias + GELU op is within 0.4 ms of its floor;
-# 5. the default again, for drift;
+# 5. the LayerNorm backward's row loop pipelined over 3 stages (KernelConfig.bwd_stages, never run on a GPU);
 # 6. the step alone with its kernels (profile_train --profile) under the winners if any, then the LayerNorm backward and
-#    the attention kernels under Nsight Compute (ncu.txt), if ncu is there;
+#    the attention kernels under Nsight Compute (ncu.txt), if ncu is there; the default again, for drift;
 # 7. the MLP alone with inductor's max-autotune products against its default ones (mlp_autotune, never run on a
 #    GPU), if time is left.
 # Each step runs only if its time limit still ends by 560 s (END), so the script fits one 600 s call.
@@ -97,11 +97,21 @@ sys.exit(KernelConfig(**c) == KernelConfig(recompute_mask=sys.argv[2] == 'true')
         measure 60 --fused-ln-config "$cfg/ln.json"  # with the redrawn mask if that won: it must beat that arm
         ref=$base
         $redraw && ref=$(mean "${redraws[@]}")
-        beats "$got" "$ref" && winners=(--fused-ln-config "$cfg/ln.json") && echo "  replaces the LayerNorm arm"
+        beats "$got" "$ref" && winners=(--fused-ln-config "$cfg/ln.json") && ln_got=$got &&
+            echo "  replaces the LayerNorm arm"
     fi
 fi
+# the backward's row loop pipelined over 3 stages (bwd_stages: the next rows' loads in flight), on the default tile
+# (with the redrawn mask if that won), unless the sweep's best already was a pipelined one
+if ! grep -q '"bwd_stages": [2-9]' "$cfg/ln.json" 2>/dev/null; then
+    echo "{\"bwd_stages\": 3, \"recompute_mask\": $redraw}" >"$cfg/stages.json"
+    measure 60 --fused-ln-config "$cfg/stages.json"
+    ref=$base
+    $redraw && ref=$(mean "${redraws[@]}")
+    [ ${#winners[@]} -gt 0 ] && [ "${winners[1]}" = "$cfg/ln.json" ] && ref=$ln_got
+    beats "$got" "$ref" && winners=(--fused-ln-config "$cfg/stages.json") && echo "  replaces the LayerNorm arm"
+fi
 echo "winners: ${winners[*]:-none}"
-measure 60 && defaults+=("$got") && echo "defaults: ${defaults[*]}"
 # the step alone, its kernels sorted, under the winners (session 21's profile stands for the default)
 if [ ${#winners[@]} -gt 0 ] && fits 90 "profile_train"; then
     timeout 90 python3 -m benchmarks.profile_train --device cuda --preset jowa_150m --batch-size 512 --steps 10 \
@@ -121,6 +131,7 @@ if command -v ncu >/dev/null && fits 100 "ncu"; then
     grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per" "$OUT/ncu.txt" |
         head -40
 fi
+measure 60 && defaults+=("$got") && echo "defaults: ${defaults[*]}"
 # the MLP's products through inductor's max-autotune (Triton templates where they win) against cuBLAS's
 fits 120 "mlp_autotune" && { timeout 120 python3 -m benchmarks.mlp_autotune >>"$OUT/micro.jsonl" \
     2>>"$OUT/loop.err" || echo "mlp_autotune: failed or timed out"; grep '"variant"' "$OUT/micro.jsonl" | cut -c1-200; }

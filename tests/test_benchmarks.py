@@ -98,21 +98,22 @@ def test_fused_ln_sweep_reports_every_tile_and_writes_a_loadable_best(tmp_path, 
     before = kernel_config()
     sweep(["--device", "cpu", "--rows", "16", "--width", "8", "--reps", "1", "--best", str(tmp_path / "best.json")])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert [x["impl"] for x in lines] == ["inductor"] + ["fused_ln"] * 56 + ["fused_ln_best"]
+    assert [x["impl"] for x in lines] == ["inductor"] + ["fused_ln"] * 59 + ["fused_ln_best"]
     tiles = [x for x in lines if x["impl"] == "fused_ln"]
     # backward = (forward + backward) - forward: at this size on a busy CPU the difference can be noise
     assert all(x["fwd_ms"] > 0 and isinstance(x["bwd_ms"], float) and "error" not in x for x in tiles)
-    assert len({json.dumps(x["config"], sort_keys=True) for x in tiles}) == 55  # the default is in both grids
+    assert len({json.dumps(x["config"], sort_keys=True) for x in tiles}) == 58  # the default is in both grids
     assert sum(x["config"]["packed_rng"] for x in tiles[:24]) == 12  # half the forward's 24 tiles, packed
     assert all(x["config"]["packed_rng"] == before.packed_rng for x in tiles[24:])  # the backward's: the default's
     best = KernelConfig(**json.loads((tmp_path / "best.json").read_text()))
     assert best == KernelConfig(**lines[-1]["config"])
     assert kernel_config() == before  # the sweep puts the process's tiles back
     assert all(x["h_bias"] for x in lines)  # the branch's bias, as the training loop passes it on CUDA
-    # --grids bwd: the backward's 32 tiles alone; the best keeps the default's forward
+    assert [x["config"]["bwd_stages"] for x in tiles[-3:]] == [2, 3, 4]  # the pipelined loop, on the default tile
+    # --grids bwd: the backward's 35 configs alone; the best keeps the default's forward
     sweep(["--device", "cpu", "--rows", "16", "--width", "8", "--reps", "1", "--grids", "bwd", "--no-h-bias"])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert [x["impl"] for x in lines] == ["inductor"] + ["fused_ln"] * 32 + ["fused_ln_best"]
+    assert [x["impl"] for x in lines] == ["inductor"] + ["fused_ln"] * 35 + ["fused_ln_best"]
     assert not any(x["h_bias"] for x in lines)
     assert all(x["config"]["fwd_rows"] == before.fwd_rows and x["config"]["packed_rng"] == before.packed_rng
                for x in lines[1:])  # fmt: skip
@@ -275,8 +276,11 @@ def test_fused_ln_isa_counts_the_backward_loop_and_the_idle_warps(capsys):
 
     assert KernelConfig().bwd_rows == 1 and KernelConfig().bwd_warps == 4  # the case the idle count below is for
     isa(["--rows", "4096", "--width", "768", "--kernels", "bwd"])
-    stored, redrawn = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert (stored["kernel"], redrawn["kernel"]) == ("bwd", "bwd")
+    stored, redrawn, pipelined = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert {x["kernel"] for x in (stored, redrawn, pipelined)} == {"bwd"}
+    # bwd_stages=3: the row loop's loads become asynchronous copies to shared memory
+    assert pipelined["config"]["bwd_stages"] == 3 and stored["config"]["bwd_stages"] == 1
+    assert pipelined["async_copies"] > 0 and stored["async_copies"] == 0
     assert not stored["config"]["recompute_mask"] and redrawn["config"]["recompute_mask"]
     assert 100 < stored["sass_per_thread"] < redrawn["sass_per_thread"]
     assert stored["bandwidth_ms_h100"] == pytest.approx(4096 * 768 * BWD_BYTES_PER_ELEMENT / 1e9 / 3.0, abs=1e-3)
@@ -284,7 +288,7 @@ def test_fused_ln_isa_counts_the_backward_loop_and_the_idle_warps(capsys):
     assert stored["programs_per_sm"] == programs_per_sm(stored["registers"], 4)
     assert stored["idle_warps"] == 1 and stored["warps"] == 4
     isa(["--rows", "4096", "--width", "1024", "--kernels", "bwd"])
-    assert [json.loads(x)["idle_warps"] for x in capsys.readouterr().out.splitlines()] == [0, 0]
+    assert [json.loads(x)["idle_warps"] for x in capsys.readouterr().out.splitlines()] == [0, 0, 0]
     with pytest.raises(SystemExit):
         isa(["--kernels", "both"])
 

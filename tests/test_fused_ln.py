@@ -374,7 +374,10 @@ INTERPRETER_CHECK = textwrap.dedent(
     # packed_rng (the default): the mask from 8 flags per Philox call; per_element: one call per flag.
     packed, per_element = f.KernelConfig(packed_rng=True), f.KernelConfig(packed_rng=False)
     small = f.KernelConfig(8, 2, 8, 4, 1, packed_rng=False)
-    cases = [(per_element, 37, 48), (per_element, 9, 768), (small, 37, 48), (packed, 37, 48), (packed, 9, 768)]
+    # bwd_stages: the backward's row loop pipelined (on a GPU; the interpreter runs it as a plain loop)
+    pipelined = f.KernelConfig(bwd_rows=2, bwd_stages=3)
+    cases = [(per_element, 37, 48), (per_element, 9, 768), (small, 37, 48), (packed, 37, 48), (packed, 9, 768),
+             (pipelined, 37, 48)]  # fmt: skip
     for cfg, N, C in cases:
         f.set_kernel_config(cfg)
         for h_dtype in (torch.float32, torch.bfloat16):
@@ -487,6 +490,8 @@ def test_kernel_config_rejects_tiles_triton_cannot_build_and_set_returns_the_pre
         f.KernelConfig(fwd_rows=2.0)
     with pytest.raises(ValueError, match="bwd_programs_per_sm must be >= 1"):
         f.KernelConfig(bwd_programs_per_sm=0)
+    with pytest.raises(ValueError, match="bwd_stages must be >= 1"):
+        f.KernelConfig(bwd_stages=0)
     tuned = f.kernel_config()
     other = replace(tuned, fwd_rows=8)
     assert f.set_kernel_config(other) == tuned

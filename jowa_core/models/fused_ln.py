@@ -168,7 +168,13 @@ class KernelConfig(TileConfig):
 
     ``recompute_mask`` (needs ``packed_rng``): the backward draws the packed mask again from the seed instead
     of reading the one the forward stored, so no mask is written, read or kept: 1 of the forward's 13 bytes
-    per element, 1 of the backward's 17, and about 3 GB of jowa_150m's activations at batch 512."""
+    per element, 1 of the backward's 17, and about 3 GB of jowa_150m's activations at batch 512.
+
+    ``bwd_stages``: above 1, the backward's row loop is software-pipelined (``tl.range(num_stages=)``): the loads of
+    the next ``bwd_stages - 1`` row blocks are issued to shared memory (Hopper's asynchronous copies) while this one
+    is computed. The backward is bound by memory latency, not instructions or bandwidth (``fused_ln_isa``: 0.15 ms
+    of issue and 0.66 ms of bytes a call, where the H100 took 0.81), and one row in flight per program leaves the
+    latency exposed. It costs registers and shared memory, so fewer programs fit an SM; not yet timed."""
 
     fwd_rows: int = 2
     fwd_warps: int = 4
@@ -177,11 +183,12 @@ class KernelConfig(TileConfig):
     bwd_programs_per_sm: int = 16
     packed_rng: bool = True
     recompute_mask: bool = False
+    bwd_stages: int = 1
 
     def __post_init__(self) -> None:
         self.check_booleans(("packed_rng", "recompute_mask"))
         tiles = ("fwd_rows", "fwd_warps", "bwd_rows", "bwd_warps")
-        self.check_integers((*tiles, "bwd_programs_per_sm"), powers_of_two=tiles)
+        self.check_integers((*tiles, "bwd_programs_per_sm", "bwd_stages"), powers_of_two=tiles)
         if self.recompute_mask and not self.packed_rng:
             raise ValueError("KernelConfig.recompute_mask needs packed_rng=True (the backward redraws the packed "
                              "mask; per-element Philox there would cost what it saves).")  # fmt: skip
@@ -244,7 +251,7 @@ def _kernels():
     @triton.jit
     def dropout_add_layer_norm_bwd(DY, DXN, XN, W, MEAN, RSTD, MASK, SEED, DX, DH, DW, DB, DHB, N, C, p16, scale,
             HAS_DXN: tl.constexpr, HAS_DX: tl.constexpr, DROPOUT: tl.constexpr, RECOMPUTE_MASK: tl.constexpr,
-            HAS_HB: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+            HAS_HB: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
         # each program strides over row blocks and keeps its own partial dweight/dbias (one row of DW/DB)
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
@@ -254,7 +261,8 @@ def _kernels():
         dw = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
         db = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
         dhb = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)  # h's bias: dh's column sums (HAS_HB)
-        for start in range(pid * BLOCK_ROWS, N, tl.num_programs(0) * BLOCK_ROWS):
+        # STAGES > 1: the next row blocks' loads in flight while this one is computed (1: a plain loop)
+        for start in tl.range(pid * BLOCK_ROWS, N, tl.num_programs(0) * BLOCK_ROWS, num_stages=STAGES):
             rows = start + tl.arange(0, BLOCK_ROWS)
             m = (rows < N)[:, None] & cmask[None, :]
             offs = rows[:, None] * C + cols[None, :]
@@ -366,7 +374,8 @@ def _triton_backward(
             mean if seed is None else seed, dx if need_dx else dh, dh, dw, db, dhb,
             N, C, round(p * 65536), 1.0 / (1.0 - p),
             HAS_DXN=dxn is not None, HAS_DX=need_dx, DROPOUT=mask is not None or seed is not None,
-            RECOMPUTE_MASK=seed is not None, HAS_HB=need_dhb, BLOCK_ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+            RECOMPUTE_MASK=seed is not None, HAS_HB=need_dhb, BLOCK_ROWS=rows, BLOCK_C=block_c,
+            STAGES=cfg.bwd_stages, num_warps=warps,
         )  # fmt: skip
     sums = parts.sum(1)
     dhb_sum = sums[2] if need_dhb else sums.new_empty(0)
