@@ -16,8 +16,8 @@
 #    sweep left it out, and its best tile lost 3 ms in the loop), then the loop with its best (with the redrawn
 #    mask, if that won) if it differs from the default; the bias + GELU op is within 0.4 ms of its floor;
 # 5. the LayerNorm backward's row loop pipelined over 3 stages (KernelConfig.bwd_stages, never run on a GPU);
-# 6. the step alone with its kernels (profile_train --profile) under the winners if any, then the LayerNorm backward and
-#    the attention kernels under Nsight Compute (ncu.txt), if ncu is there; the default again, for drift;
+# 6. the LayerNorm backward and the attention backward kernels under Nsight Compute (ncu.txt), if ncu is there; the
+#    default again, for drift; the step alone with its kernels (profile_train --profile) under the winners, if any;
 # 7. the MLP alone with inductor's max-autotune products against its default ones (mlp_autotune, never run on a
 #    GPU), if time is left.
 # Each step runs only if its time limit still ends by 560 s (END), so the script fits one 600 s call.
@@ -112,16 +112,9 @@ if ! grep -q '"bwd_stages": [2-9]' "$cfg/ln.json" 2>/dev/null; then
     beats "$got" "$ref" && winners=(--fused-ln-config "$cfg/stages.json") && echo "  replaces the LayerNorm arm"
 fi
 echo "winners: ${winners[*]:-none}"
-# the step alone, its kernels sorted, under the winners (session 21's profile stands for the default)
-if [ ${#winners[@]} -gt 0 ] && fits 90 "profile_train"; then
-    timeout 90 python3 -m benchmarks.profile_train --device cuda --preset jowa_150m --batch-size 512 --steps 10 \
-        --variants compile_loss_fused_ln_qkv_gelu_bias_attn --profile "${winners[@]}" \
-        >>"$OUT/step.jsonl" 2>>"$OUT/loop.err" || echo "profile_train: failed or timed out"
-    tail -n 1 "$OUT/step.jsonl" | cut -c1-600
-fi
 # the LayerNorm backward and the attention backward (the first 6 in the backward pass) under Nsight Compute
-if command -v ncu >/dev/null && fits 100 "ncu"; then
-    timeout 100 ncu --nvtx --nvtx-include "timed_steps/" \
+if command -v ncu >/dev/null && fits 120 "ncu"; then
+    timeout 120 ncu --nvtx --nvtx-include "timed_steps/" \
         --kernel-name "regex:dropout_add_layer_norm_bwd|attn_bwd_dkdv|attn_bwd_dq" --launch-count 6 \
         --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section ComputeWorkloadAnalysis --section WarpStateStats --section MemoryWorkloadAnalysis \
@@ -132,6 +125,13 @@ if command -v ncu >/dev/null && fits 100 "ncu"; then
         head -40
 fi
 measure 60 && defaults+=("$got") && echo "defaults: ${defaults[*]}"
+# the step alone, its kernels sorted, under the winners (session 21's profile stands for the default)
+if [ ${#winners[@]} -gt 0 ] && fits 90 "profile_train"; then
+    timeout 90 python3 -m benchmarks.profile_train --device cuda --preset jowa_150m --batch-size 512 --steps 10 \
+        --variants compile_loss_fused_ln_qkv_gelu_bias_attn --profile "${winners[@]}" \
+        >>"$OUT/step.jsonl" 2>>"$OUT/loop.err" || echo "profile_train: failed or timed out"
+    tail -n 1 "$OUT/step.jsonl" | cut -c1-600
+fi
 # the MLP's products through inductor's max-autotune (Triton templates where they win) against cuBLAS's
 fits 120 "mlp_autotune" && { timeout 120 python3 -m benchmarks.mlp_autotune >>"$OUT/micro.jsonl" \
     2>>"$OUT/loop.err" || echo "mlp_autotune: failed or timed out"; grep '"variant"' "$OUT/micro.jsonl" | cut -c1-200; }
