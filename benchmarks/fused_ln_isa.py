@@ -17,8 +17,9 @@ whose Philox work is an eighth of the per-element one. An estimate, not a timing
 are left out. Each line also gives the registers a thread, the programs an SM holds, and the warps whose columns
 all lie past the width (a row is a power-of-two block: 1024 columns for 768). One JSON line per configuration:
 forward with per-element Philox, packed, and packed with the mask left to the backward (``recompute_mask``, one
-byte less to write); backward with the mask read and redrawn, and with the mask read in a loop pipelined over 3
-stages (``bwd_stages``: its loads become asynchronous copies), each with the branch's bias as the loop passes it.
+byte less to write); backward with the mask read and redrawn, with the mask read in a loop pipelined over 3
+stages (``bwd_stages``: its loads become asynchronous copies), and with each row in two power-of-two tiles
+(``bwd_split``: 768 = 512 + 256, no masked columns), each with the branch's bias as the loop passes it.
 """
 
 from __future__ import annotations
@@ -117,18 +118,23 @@ _BLOCKED = re.compile(r"(#blocked\d*) = #ttg\.blocked<\{sizePerThread = \[([\d, 
                       r"warpsPerCTA = \[([\d, ]+)\]")  # fmt: skip
 
 
-def idle_warps(ttgir: str, block_c: int, width: int) -> int:
-    """Warps of a program whose columns of the first [rows, block_c] fp32 tile read (the residual stream's) all lie
-    at or past ``width``: they hold registers and issue instructions for masked elements only."""
-    use = re.search(rf"tensor<\d+x{block_c}x!tt\.ptr<f32>, (#blocked\d*)>", ttgir)  # its pointers, loaded or copied
-    if use is None:
-        raise SystemExit(f"fused_ln_isa: no [rows, {block_c}] fp32 tile in the kernel's TTGIR")
+def idle_warps(ttgir: str, tiles: list[tuple[int, int]]) -> int:
+    """Warps of a program that hold no column below the width in any of its row tiles: ``tiles`` lists each tile's
+    (block, valid columns), as the first [rows, block] fp32 tile read (the residual stream's) lays it out. Such
+    warps hold registers and issue instructions for masked elements only."""
     layouts = {m.group(1): [[int(v) for v in g.split(",")] for g in m.groups()[1:]] for m in _BLOCKED.finditer(ttgir)}
-    (_, per_thread), (_, lanes), (warp_rows, warp_cols) = layouts[use.group(1)]
-    span = per_thread * lanes  # columns one warp covers in one repeat of the layout
-    repeat = span * warp_cols
-    idle = sum(all(r * repeat + w * span >= width for r in range(-(-block_c // repeat))) for w in range(warp_cols))
-    return idle * warp_rows
+    idle: set[int] | None = None
+    for block, width in tiles:
+        use = re.search(rf"tensor<\d+x{block}x!tt\.ptr<f32>, (#blocked\d*)>", ttgir)  # its pointers, loaded or copied
+        if use is None:
+            raise SystemExit(f"fused_ln_isa: no [rows, {block}] fp32 tile in the kernel's TTGIR")
+        (_, per_thread), (_, lanes), (warp_rows, warp_cols) = layouts[use.group(1)]
+        span = per_thread * lanes  # columns one warp covers in one repeat of the layout
+        repeat = span * warp_cols
+        empty = {r * warp_cols + w for r in range(warp_rows) for w in range(warp_cols)
+                 if all(k * repeat + w * span >= width for k in range(-(-block // repeat)))}  # fmt: skip
+        idle = empty if idle is None else idle & empty
+    return len(idle or ())
 
 
 def loop_bodies(text: str) -> list[str]:
@@ -163,18 +169,35 @@ def compile_forward(cfg, width: int, aligned: bool = True, h_bias: bool = False)
     return compile_sm90(fwd, SIGNATURE, consts, cfg.fwd_warps, aligned=aligned, asm="all")
 
 
+def backward_tiles(cfg, width: int) -> list[tuple[int, int]]:
+    """The backward's row tiles as (block, valid columns): one of next_power_of_2(width), or ``bwd_split``'s two."""
+    from jowa_core.models import fused_ln
+
+    a, b = fused_ln._split_widths(width)
+    if cfg.bwd_split and b >= 8:
+        return [(a, a), (b, width - a)]
+    return [(fused_ln._block_c(width), width)]
+
+
 def compile_backward(cfg, width: int, aligned: bool = True, h_bias: bool = True) -> dict:
     """The backward kernel's stages for sm_90, as ``_triton_backward`` would launch it inside a block (dx and the
-    residual's gradient, dropout; the mask read, or redrawn under ``recompute_mask``)."""
+    residual's gradient, dropout; the mask read, or redrawn under ``recompute_mask``; two tiles a row under
+    ``bwd_split``)."""
     import triton
 
     from jowa_core.models import fused_ln
 
-    _, bwd = fused_ln._kernels()
     consts = {"HAS_DXN": True, "HAS_DX": True, "DROPOUT": True, "RECOMPUTE_MASK": cfg.recompute_mask,
-              "HAS_HB": h_bias, "BLOCK_ROWS": cfg.bwd_rows, "BLOCK_C": triton.next_power_of_2(width),
-              "STAGES": cfg.bwd_stages}  # fmt: skip
-    return compile_sm90(bwd, BWD_SIGNATURE, consts, cfg.bwd_warps, aligned=aligned, asm="all")
+              "HAS_HB": h_bias, "BLOCK_ROWS": cfg.bwd_rows}  # fmt: skip
+    tiles = backward_tiles(cfg, width)
+    if len(tiles) == 2:
+        kernel = fused_ln._split_backward_kernel()
+        consts |= {"BLOCK_A": tiles[0][0], "BLOCK_B": tiles[1][0], "ROW_CALLS": triton.next_power_of_2(width) // 8}
+    else:
+        kernel = fused_ln._kernels()[1]
+        consts |= {"BLOCK_C": tiles[0][0]}
+    consts |= {"STAGES": cfg.bwd_stages}  # the kernels' last constexpr
+    return compile_sm90(kernel, BWD_SIGNATURE, consts, cfg.bwd_warps, aligned=aligned, asm="all")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -198,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     block_c = triton.next_power_of_2(args.width)
 
     def emit(kernel: str, cfg, stages: dict, per_thread: int, counts: dict, warps: int, calls_per_thread: int,
-             gigabytes: float) -> None:  # fmt: skip
+             gigabytes: float, tiles: list[tuple[int, int]]) -> None:  # fmt: skip
         usage = resource_usage(stages["cubin"], nvdisasm)
         warp_instr = calls_per_thread * warps * per_thread
         print(json.dumps({
@@ -209,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             "vector_loads": sum(n for op, n in counts.items() if op.startswith("LDG") and op.endswith(".128")),
             "async_copies": sum(n for op, n in counts.items() if op.startswith("LDGSTS")),
             **usage, "programs_per_sm": programs_per_sm(usage["registers"], warps),
-            "idle_warps": idle_warps(stages["ttgir"], block_c, args.width), "warps": warps,
+            "idle_warps": idle_warps(stages["ttgir"], tiles), "warps": warps,
             "issue_ms": round(issue_ms(warp_instr), 3),
             **{f"bandwidth_ms_{k}": round(gigabytes / tb_s, 3) for k, tb_s in COPY_TB_S.items()},
         }), flush=True)  # fmt: skip
@@ -221,10 +244,10 @@ def main(argv: list[str] | None = None) -> None:
             counts = sass_counts(stages["cubin"], nvdisasm)
             gigabytes = args.rows * args.width * (BYTES_PER_ELEMENT - recompute) / 1e9  # no mask written
             emit("fwd", cfg, stages, sum(counts.values()), counts, cfg.fwd_warps,
-                 math.ceil(args.rows / cfg.fwd_rows), gigabytes)  # fmt: skip
+                 math.ceil(args.rows / cfg.fwd_rows), gigabytes, [(block_c, args.width)])  # fmt: skip
     if "bwd" in kernels:
-        for recompute, stages in ((False, 1), (True, 1), (False, 3)):
-            cfg = replace(default, packed_rng=True, recompute_mask=recompute, bwd_stages=stages)
+        for recompute, stages, split in ((False, 1, False), (True, 1, False), (False, 3, False), (False, 1, True)):
+            cfg = replace(default, packed_rng=True, recompute_mask=recompute, bwd_stages=stages, bwd_split=split)
             stages = compile_backward(cfg, args.width, aligned)
             bodies = loop_bodies(disassemble(stages["cubin"], nvdisasm))
             if len(bodies) != 1:
@@ -232,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
             counts = sass_counts(stages["cubin"], nvdisasm, bodies[0])
             gigabytes = args.rows * args.width * (BWD_BYTES_PER_ELEMENT - recompute) / 1e9  # no mask read
             emit("bwd", cfg, stages, sum(counts.values()), counts, cfg.bwd_warps,
-                 math.ceil(args.rows / cfg.bwd_rows), gigabytes)  # fmt: skip
+                 math.ceil(args.rows / cfg.bwd_rows), gigabytes, backward_tiles(cfg, args.width))  # fmt: skip
 
 
 if __name__ == "__main__":

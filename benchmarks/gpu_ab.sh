@@ -12,13 +12,14 @@
 # 2. the kernels' CUDA tests, their output kept (tests.txt): the recompute test, and the compiled op with the mask
 #    stored then redrawn in one process (session 21's failure); the recompute arm runs only if both passed;
 # 3. recompute_mask against the default, alternated (redraw, default, redraw), so that drift cannot decide it;
-# 4. the fused LayerNorm op's backward tiles, now timed with the branch's bias as the loop passes it (session 21's
-#    sweep left it out, and its best tile lost 3 ms in the loop), then the loop with its best (with the redrawn
-#    mask, if that won) if it differs from the default; the bias + GELU op is within 0.4 ms of its floor;
-# 5. the LayerNorm backward's row loop pipelined over 3 stages (KernelConfig.bwd_stages, never run on a GPU);
-# 6. the LayerNorm backward and the attention backward kernels under Nsight Compute (ncu.txt), if ncu is there; the
-#    default again, for drift; the step alone with its kernels (profile_train --profile) under the winners, if any;
-# 7. the MLP alone with inductor's max-autotune products against its default ones (mlp_autotune, never run on a
+# 4. the LayerNorm backward, bound by memory latency with an idle fourth warp at width 768 (fused_ln_isa), in three
+#    loops: its row loop pipelined over 3 stages (KernelConfig.bwd_stages), each row as two tiles of 512 and 256
+#    columns (bwd_split), and both; none has run on a GPU;
+# 5. the LayerNorm and attention backward kernels under Nsight Compute (ncu.txt), if ncu is there;
+# 6. the LayerNorm backward sweep, now with the branch's bias that the loop passes (session 21's sweep left it out,
+#    and its best tile lost 3 ms in the loop), then the loop with its best;
+# 7. the default again, for drift; the step alone with its kernels under the winners, if any;
+# 8. the MLP alone with inductor's max-autotune products against its default ones (mlp_autotune, never run on a
 #    GPU), if time is left.
 # Each step runs only if its time limit still ends by 560 s (END), so the script fits one 600 s call.
 #   bash benchmarks/gpu_ab.sh
@@ -60,7 +61,7 @@ defaults=("$got")
 tests="$OUT/tests.txt"
 : >"$tests"
 fits 90 "the kernels' CUDA tests" && timeout 90 python3 -m pytest -v -rf -p no:cacheprovider tests/test_gpu.py \
-    -k "triton_matches or recomputed_mask or stored_mask" >"$tests" 2>&1
+    -k "triton_matches or recomputed_mask or stored_mask or backward_variants" >"$tests" 2>&1
 grep -E "^tests/test_gpu.py::.* (FAILED|ERROR)" "$tests" | cut -d' ' -f1 | sed 's/^tests\/test_gpu.py::/not passed: /'
 tail -n 1 "$tests"
 ok() {  # ok TEST...: whether each of these test ids passed
@@ -82,40 +83,29 @@ else
     echo "skipped: the redrawn LayerNorm mask (its tests did not pass)"
 fi
 base=$(mean "${defaults[@]}")
-# the fused LayerNorm op's backward tiles with the branch's bias, then the loop with the best if it is not the default
 redraw=false
 [ ${#winners[@]} -gt 0 ] && redraw=true
-if fits 90 "fused_ln_sweep"; then
-    timeout 90 python3 -m benchmarks.fused_ln_sweep --grids bwd --reps 10 --best "$cfg/ln.json" \
-        >>"$OUT/micro.jsonl" 2>>"$OUT/loop.err" || echo "fused_ln_sweep: failed or timed out"
-    grep '"fused_ln_best"' "$OUT/micro.jsonl" | cut -c1-260
-    if [ -s "$cfg/ln.json" ] && python3 -c "import json, sys
-from jowa_core.models.fused_ln import KernelConfig
-c = {**json.load(open(sys.argv[1])), 'recompute_mask': sys.argv[2] == 'true'}
-json.dump(c, open(sys.argv[1], 'w'))
-sys.exit(KernelConfig(**c) == KernelConfig(recompute_mask=sys.argv[2] == 'true'))" "$cfg/ln.json" "$redraw"; then
-        measure 60 --fused-ln-config "$cfg/ln.json"  # with the redrawn mask if that won: it must beat that arm
-        ref=$base
-        $redraw && ref=$(mean "${redraws[@]}")
-        beats "$got" "$ref" && winners=(--fused-ln-config "$cfg/ln.json") && ln_got=$got &&
-            echo "  replaces the LayerNorm arm"
-    fi
-fi
-# the backward's row loop pipelined over 3 stages (bwd_stages: the next rows' loads in flight), on the default tile
-# (with the redrawn mask if that won), unless the sweep's best already was a pipelined one
-if ! grep -q '"bwd_stages": [2-9]' "$cfg/ln.json" 2>/dev/null; then
-    echo "{\"bwd_stages\": 3, \"recompute_mask\": $redraw}" >"$cfg/stages.json"
-    measure 60 --fused-ln-config "$cfg/stages.json"
-    ref=$base
-    $redraw && ref=$(mean "${redraws[@]}")
-    [ ${#winners[@]} -gt 0 ] && [ "${winners[1]}" = "$cfg/ln.json" ] && ref=$ln_got
-    beats "$got" "$ref" && winners=(--fused-ln-config "$cfg/stages.json") && echo "  replaces the LayerNorm arm"
-fi
+ref=$base  # the MFU a LayerNorm arm must beat by 0.5 %: the default's, the redrawn mask's, or the best arm's
+$redraw && ref=$(mean "${redraws[@]}")
+ln_arm() {  # ln_arm NAME JSON-FIELDS [TEST...]: the loop with the LayerNorm op's config (with the redrawn mask if
+    # it won), if its CUDA tests passed
+    ok "${@:3}" || { echo "skipped: the LayerNorm arm $1 (its tests did not pass)"; return 0; }
+    echo "{$2, \"recompute_mask\": $redraw}" >"$cfg/$1.json"
+    measure 60 --fused-ln-config "$cfg/$1.json"
+    beats "$got" "$ref" && ref=$got && winners=(--fused-ln-config "$cfg/$1.json") && echo "  the LayerNorm arm now"
+    return 0
+}
+# the backward's row loop pipelined over 3 stages (bwd_stages: the next rows' loads in flight); each row as two
+# tiles of 512 and 256 columns (bwd_split: no masked columns, no idle fourth warp); both
+variant=test_fused_layer_norm_backward_variants_match_the_default
+ln_arm stages '"bwd_stages": 3' "$variant[stages3]"
+ln_arm split '"bwd_split": true' "$variant[split]" "$variant[split_redrawn]"
+ln_arm split_stages '"bwd_split": true, "bwd_stages": 3' "$variant[split_stages3]" "$variant[split_redrawn]"
 echo "winners: ${winners[*]:-none}"
-# the LayerNorm backward and the attention backward (the first 6 in the backward pass) under Nsight Compute
-if command -v ncu >/dev/null && fits 120 "ncu"; then
-    timeout 120 ncu --nvtx --nvtx-include "timed_steps/" \
-        --kernel-name "regex:dropout_add_layer_norm_bwd|attn_bwd_dkdv|attn_bwd_dq" --launch-count 6 \
+# the LayerNorm backward and the attention backward (the first 3 in the backward pass) under Nsight Compute
+if command -v ncu >/dev/null && fits 90 "ncu"; then
+    timeout 90 ncu --nvtx --nvtx-include "timed_steps/" \
+        --kernel-name "regex:dropout_add_layer_norm_bwd|attn_bwd_dkdv|attn_bwd_dq" --launch-count 3 \
         --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section ComputeWorkloadAnalysis --section WarpStateStats --section MemoryWorkloadAnalysis \
         python3 -m benchmarks.profile_train --device cuda --preset jowa_150m --batch-size 512 --steps 1 \
@@ -123,6 +113,20 @@ if command -v ncu >/dev/null && fits 120 "ncu"; then
         echo "ncu: failed or timed out"
     grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per" "$OUT/ncu.txt" |
         head -40
+fi
+# the fused LayerNorm op's backward configs alone, with the branch's bias (tiles, stages, split), then the loop with
+# the best if it is not the default
+if fits 90 "fused_ln_sweep"; then
+    timeout 90 python3 -m benchmarks.fused_ln_sweep --grids bwd --reps 10 --best "$cfg/ln.json" \
+        >>"$OUT/micro.jsonl" 2>>"$OUT/loop.err" || echo "fused_ln_sweep: failed or timed out"
+    grep '"fused_ln_best"' "$OUT/micro.jsonl" | cut -c1-300
+    if [ -s "$cfg/ln.json" ] && python3 -c "import json, sys
+from jowa_core.models.fused_ln import KernelConfig
+sys.exit(KernelConfig(**json.load(open(sys.argv[1]))) == KernelConfig())" "$cfg/ln.json"; then
+        ln_arm sweep "$(python3 -c "import json, sys
+c = {k: v for k, v in json.load(open(sys.argv[1])).items() if k.startswith('bwd_')}
+print(json.dumps(c)[1:-1])" "$cfg/ln.json")"
+    fi
 fi
 measure 60 && defaults+=("$got") && echo "defaults: ${defaults[*]}"
 # the step alone, its kernels sorted, under the winners (session 21's profile stands for the default)

@@ -98,22 +98,23 @@ def test_fused_ln_sweep_reports_every_tile_and_writes_a_loadable_best(tmp_path, 
     before = kernel_config()
     sweep(["--device", "cpu", "--rows", "16", "--width", "8", "--reps", "1", "--best", str(tmp_path / "best.json")])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert [x["impl"] for x in lines] == ["inductor"] + ["fused_ln"] * 59 + ["fused_ln_best"]
+    assert [x["impl"] for x in lines] == ["inductor"] + ["fused_ln"] * 65 + ["fused_ln_best"]
     tiles = [x for x in lines if x["impl"] == "fused_ln"]
     # backward = (forward + backward) - forward: at this size on a busy CPU the difference can be noise
     assert all(x["fwd_ms"] > 0 and isinstance(x["bwd_ms"], float) and "error" not in x for x in tiles)
-    assert len({json.dumps(x["config"], sort_keys=True) for x in tiles}) == 58  # the default is in both grids
+    assert len({json.dumps(x["config"], sort_keys=True) for x in tiles}) == 64  # the default is in both grids
     assert sum(x["config"]["packed_rng"] for x in tiles[:24]) == 12  # half the forward's 24 tiles, packed
     assert all(x["config"]["packed_rng"] == before.packed_rng for x in tiles[24:])  # the backward's: the default's
     best = KernelConfig(**json.loads((tmp_path / "best.json").read_text()))
     assert best == KernelConfig(**lines[-1]["config"])
     assert kernel_config() == before  # the sweep puts the process's tiles back
     assert all(x["h_bias"] for x in lines)  # the branch's bias, as the training loop passes it on CUDA
-    assert [x["config"]["bwd_stages"] for x in tiles[-3:]] == [2, 3, 4]  # the pipelined loop, on the default tile
-    # --grids bwd: the backward's 35 configs alone; the best keeps the default's forward
+    assert [x["config"]["bwd_stages"] for x in tiles[-9:-6]] == [2, 3, 4]  # the pipelined loop, on the default tile
+    assert [x["config"]["bwd_split"] for x in tiles[-7:]] == [False] + [True] * 6  # rows as two tiles
+    # --grids bwd: the backward's 41 configs alone; the best keeps the default's forward
     sweep(["--device", "cpu", "--rows", "16", "--width", "8", "--reps", "1", "--grids", "bwd", "--no-h-bias"])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert [x["impl"] for x in lines] == ["inductor"] + ["fused_ln"] * 35 + ["fused_ln_best"]
+    assert [x["impl"] for x in lines] == ["inductor"] + ["fused_ln"] * 41 + ["fused_ln_best"]
     assert not any(x["h_bias"] for x in lines)
     assert all(x["config"]["fwd_rows"] == before.fwd_rows and x["config"]["packed_rng"] == before.packed_rng
                for x in lines[1:])  # fmt: skip
@@ -266,8 +267,8 @@ def test_fused_ln_isa_counts_the_forward_kernels_machine_code(capsys):
 def test_fused_ln_isa_counts_the_backward_loop_and_the_idle_warps(capsys):
     """The backward's persistent loop body, with the mask read and redrawn (Philox again: more instructions, one
     byte less an element), and the warps that a row of 768 in a block of 1024 columns leaves idle: with the default
-    tile (one row on 4 warps, 8 columns a thread) the fourth warp holds columns 768 to 1023 only; at width 1024
-    none is idle."""
+    tile (one row on 4 warps, 8 columns a thread) the fourth warp holds columns 768 to 1023 only, and none with
+    the row split into tiles of 512 and 256 (``bwd_split``); at width 1024 none is idle."""
     import json
 
     from benchmarks.fused_ln_isa import BWD_BYTES_PER_ELEMENT, programs_per_sm
@@ -276,8 +277,8 @@ def test_fused_ln_isa_counts_the_backward_loop_and_the_idle_warps(capsys):
 
     assert KernelConfig().bwd_rows == 1 and KernelConfig().bwd_warps == 4  # the case the idle count below is for
     isa(["--rows", "4096", "--width", "768", "--kernels", "bwd"])
-    stored, redrawn, pipelined = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert {x["kernel"] for x in (stored, redrawn, pipelined)} == {"bwd"}
+    stored, redrawn, pipelined, split = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert {x["kernel"] for x in (stored, redrawn, pipelined, split)} == {"bwd"}
     # bwd_stages=3: the row loop's loads become asynchronous copies to shared memory
     assert pipelined["config"]["bwd_stages"] == 3 and stored["config"]["bwd_stages"] == 1
     assert pipelined["async_copies"] > 0 and stored["async_copies"] == 0
@@ -287,8 +288,10 @@ def test_fused_ln_isa_counts_the_backward_loop_and_the_idle_warps(capsys):
     assert redrawn["bandwidth_ms_h100"] == pytest.approx(4096 * 768 * 16 / 1e9 / 3.0, abs=1e-3)
     assert stored["programs_per_sm"] == programs_per_sm(stored["registers"], 4)
     assert stored["idle_warps"] == 1 and stored["warps"] == 4
-    isa(["--rows", "4096", "--width", "1024", "--kernels", "bwd"])
-    assert [json.loads(x)["idle_warps"] for x in capsys.readouterr().out.splitlines()] == [0, 0, 0]
+    # bwd_split: 768 as tiles of 512 and 256, every warp holding columns below the width
+    assert split["config"]["bwd_split"] and split["idle_warps"] == 0 and split["warps"] == 4
+    isa(["--rows", "4096", "--width", "1024", "--kernels", "bwd"])  # a power of two: one tile, split or not
+    assert [json.loads(x)["idle_warps"] for x in capsys.readouterr().out.splitlines()] == [0, 0, 0, 0]
     with pytest.raises(SystemExit):
         isa(["--kernels", "both"])
 

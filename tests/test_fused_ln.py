@@ -376,8 +376,11 @@ INTERPRETER_CHECK = textwrap.dedent(
     small = f.KernelConfig(8, 2, 8, 4, 1, packed_rng=False)
     # bwd_stages: the backward's row loop pipelined (on a GPU; the interpreter runs it as a plain loop)
     pipelined = f.KernelConfig(bwd_rows=2, bwd_stages=3)
+    # bwd_split: the backward's row in two power-of-two tiles: 48 = 32 + 16, 768 = 512 + 256, 100 = 64 + 64 (28
+    # masked); 64 is one tile (the plain kernel)
+    split = f.KernelConfig(bwd_split=True)
     cases = [(per_element, 37, 48), (per_element, 9, 768), (small, 37, 48), (packed, 37, 48), (packed, 9, 768),
-             (pipelined, 37, 48)]  # fmt: skip
+             (pipelined, 37, 48), (split, 37, 48), (split, 9, 768), (split, 5, 100), (split, 3, 64)]  # fmt: skip
     for cfg, N, C in cases:
         f.set_kernel_config(cfg)
         for h_dtype in (torch.float32, torch.bfloat16):
@@ -410,7 +413,9 @@ INTERPRETER_CHECK = textwrap.dedent(
                                 close(a, e, f"{name} {tag} dxn={g_in is not None}")
     # h_bias: added to h before the dropout; the backward sums dh's columns for its gradient (need_dhb)
     redraw = f.KernelConfig(packed_rng=True, recompute_mask=True)
-    for cfg, N, C in ((per_element, 37, 48), (small, 37, 48), (redraw, 9, 768)):
+    redraw_split = f.KernelConfig(packed_rng=True, recompute_mask=True, bwd_split=True, bwd_rows=2)
+    for cfg, N, C in ((per_element, 37, 48), (small, 37, 48), (redraw, 9, 768), (redraw_split, 9, 768),
+                      (redraw_split, 37, 48), (redraw_split, 5, 100)):
         f.set_kernel_config(cfg)
         x, h, w, b = torch.randn(N, C), torch.randn(N, C).to(torch.bfloat16), 1 + 0.3 * torch.randn(C), torch.randn(C)
         hb, dy, dxn = torch.randn(C), torch.randn(N, C).to(torch.bfloat16), torch.randn(N, C)
@@ -420,7 +425,7 @@ INTERPRETER_CHECK = textwrap.dedent(
             tag = f"h_bias N={N} C={C} p={p} {cfg}"
             m, s = (mask, None) if mask.numel() else (None, seed)  # the redrawn mask: the seed instead
             if s is not None:  # the reference needs the mask: the same draw, stored (packed_rng alone)
-                f.set_kernel_config(f.KernelConfig(packed_rng=True))
+                f.set_kernel_config(f.KernelConfig(packed_rng=True, bwd_split=cfg.bwd_split))
                 m = f._triton_forward(x, h, w, b, seed, p, 1e-5, torch.bfloat16, hb)[4]
                 f.set_kernel_config(cfg)
             close(xn, f._reference_forward(x, h, w, b, m, p, 1e-5, torch.bfloat16, hb)[0], f"x_new {tag}")

@@ -324,6 +324,39 @@ def test_fused_layer_norm_compiled_with_and_without_the_stored_mask_in_one_proce
         torch.testing.assert_close(a, e, msg=name)
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [{"bwd_stages": 3}, {"bwd_split": True}, {"bwd_split": True, "bwd_stages": 3},
+     {"bwd_split": True, "recompute_mask": True}],
+    ids=["stages3", "split", "split_stages3", "split_redrawn"],
+)  # fmt: skip
+def test_fused_layer_norm_backward_variants_match_the_default(device: torch.device, variant: dict) -> None:
+    """The backward's untimed variants (``bwd_stages``: the row loop pipelined; ``bwd_split``: each row of 768 as
+    tiles of 512 and 256) against the default kernel on the same forward, at jowa_150m's width with the branch's
+    bias and dropout: the same dropped elements, and dx, dh, dweight, dbias and dh_bias to rounding."""
+    N, C, bf16, p = 4099, 768, torch.bfloat16, 0.1
+    g = torch.Generator(device=device).manual_seed(21)
+    x, h = torch.randn(N, C, device=device, generator=g), torch.randn(N, C, device=device, generator=g).to(bf16)
+    w, b = 1 + 0.3 * torch.randn(C, device=device, generator=g), 0.3 * torch.randn(C, device=device, generator=g)
+    hb = torch.randn(C, device=device, generator=g)
+    dxn, dy = torch.randn(N, C, device=device, generator=g), torch.randn(N, C, device=device, generator=g).to(bf16)
+    seed = torch.tensor([5], device=device)
+    previous = fused_ln.kernel_config()
+    try:
+        fused_ln.set_kernel_config(replace(previous, packed_rng=True, recompute_mask=False))
+        xn, _y, mean, rstd, mask = fused_ln._triton_forward(x, h, w, b, seed, p, 1e-5, bf16, hb)
+        want = fused_ln._triton_backward(dy, dxn, xn, w, mean, rstd, mask, p, bf16, True, need_dhb=True)
+        fused_ln.set_kernel_config(replace(previous, packed_rng=True, **variant))
+        redraw = variant.get("recompute_mask", False)
+        got = fused_ln._triton_backward(dy, dxn, xn, w, mean, rstd, None if redraw else mask, p, bf16, True,
+                                        seed=seed if redraw else None, need_dhb=True)  # fmt: skip
+    finally:
+        fused_ln.set_kernel_config(previous)
+    assert torch.equal(got[1] == 0, want[1] == 0), "the same elements dropped"
+    for name, a, e in zip(("dx", "dh", "dw", "db", "dh_bias"), got, want):
+        torch.testing.assert_close(a, e, msg=name)
+
+
 def test_fused_layer_norm_h_bias_triton_matches_the_reference(device: torch.device) -> None:
     """``h_bias`` on CUDA at jowa_150m's width: x_new and y as the reference given the kernel's mask, and the
     backward's column sums of dh (the bias's gradient) against the reference's, with the packed mask stored."""

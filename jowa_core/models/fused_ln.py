@@ -174,7 +174,11 @@ class KernelConfig(TileConfig):
     the next ``bwd_stages - 1`` row blocks are issued to shared memory (Hopper's asynchronous copies) while this one
     is computed. The backward is bound by memory latency, not instructions or bandwidth (``fused_ln_isa``: 0.15 ms
     of issue and 0.66 ms of bytes a call, where the H100 took 0.81), and one row in flight per program leaves the
-    latency exposed. It costs registers and shared memory, so fewer programs fit an SM; not yet timed."""
+    latency exposed. It costs registers and shared memory, so fewer programs fit an SM; not yet timed.
+
+    ``bwd_split``: the backward takes each row as two power-of-two tiles (768 = 512 + 256) instead of one of
+    next_power_of_2(C) columns, a quarter of which is masked at jowa_150m's width (a whole idle warp of the default
+    4); not yet timed."""
 
     fwd_rows: int = 2
     fwd_warps: int = 4
@@ -184,9 +188,10 @@ class KernelConfig(TileConfig):
     packed_rng: bool = True
     recompute_mask: bool = False
     bwd_stages: int = 1
+    bwd_split: bool = False
 
     def __post_init__(self) -> None:
-        self.check_booleans(("packed_rng", "recompute_mask"))
+        self.check_booleans(("packed_rng", "recompute_mask", "bwd_split"))
         tiles = ("fwd_rows", "fwd_warps", "bwd_rows", "bwd_warps")
         self.check_integers((*tiles, "bwd_programs_per_sm", "bwd_stages"), powers_of_two=tiles)
         if self.recompute_mask and not self.packed_rng:
@@ -301,6 +306,105 @@ def _kernels():
     return dropout_add_layer_norm_fwd, dropout_add_layer_norm_bwd  # names as profilers show them
 
 
+def _split_widths(C: int) -> tuple[int, int]:
+    """``bwd_split``'s two tiles of a row: the largest power of two not above C, and the rest rounded up to a power
+    of two (0 when C is one): 768 -> 512 + 256, where one tile of 1024 leaves a quarter masked."""
+    a = 1 << (C.bit_length() - 1)
+    return a, (_block_c(C - a) if C > a else 0)
+
+
+@functools.cache
+def _split_backward_kernel():
+    """The backward with each row in two power-of-two tiles (``KernelConfig.bwd_split``), compiled on first use.
+
+    One tile of next_power_of_2(C) columns leaves 1024 - 768 = 256 of jowa_150m's columns masked: with 8 columns
+    a thread on 4 warps, the fourth warp holds only masked ones (``benchmarks/fused_ln_isa.py``), spending
+    registers and warp slots on a kernel that memory latency bounds. Two tiles, 512 and 256, cover 768 exactly.
+    Same arithmetic as ``dropout_add_layer_norm_bwd``, each tile keeping its own partial sums; the packed mask is
+    redrawn with the forward's call numbering (``ROW_CALLS`` calls a row, 8 columns a call)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dropout_add_layer_norm_bwd_split(DY, DXN, XN, W, MEAN, RSTD, MASK, SEED, DX, DH, DW, DB, DHB, N, C, p16,
+            scale, HAS_DXN: tl.constexpr, HAS_DX: tl.constexpr, DROPOUT: tl.constexpr, RECOMPUTE_MASK: tl.constexpr,
+            HAS_HB: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+            ROW_CALLS: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+        pid = tl.program_id(0)
+        ca = tl.arange(0, BLOCK_A)  # all below C
+        cb = BLOCK_A + tl.arange(0, BLOCK_B)
+        mb = cb < C
+        wa = tl.load(W + ca).to(tl.float32)
+        wb = tl.load(W + cb, mask=mb, other=0.0).to(tl.float32)
+        dwa = tl.zeros((BLOCK_ROWS, BLOCK_A), dtype=tl.float32)
+        dba = tl.zeros((BLOCK_ROWS, BLOCK_A), dtype=tl.float32)
+        dhba = tl.zeros((BLOCK_ROWS, BLOCK_A), dtype=tl.float32)
+        dwb = tl.zeros((BLOCK_ROWS, BLOCK_B), dtype=tl.float32)
+        dbb = tl.zeros((BLOCK_ROWS, BLOCK_B), dtype=tl.float32)
+        dhbb = tl.zeros((BLOCK_ROWS, BLOCK_B), dtype=tl.float32)
+        for start in tl.range(pid * BLOCK_ROWS, N, tl.num_programs(0) * BLOCK_ROWS, num_stages=STAGES):
+            rows = start + tl.arange(0, BLOCK_ROWS)
+            rm = rows < N
+            ma = rm[:, None] & (ca < C)[None, :]
+            mbb = rm[:, None] & mb[None, :]
+            oa = rows[:, None] * C + ca[None, :]
+            ob = rows[:, None] * C + cb[None, :]
+            mean = tl.load(MEAN + rows, mask=rm, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=rm, other=0.0)
+            xa = (tl.load(XN + oa, mask=ma, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
+            xa = tl.where(ma, xa, 0.0)
+            xb = (tl.load(XN + ob, mask=mbb, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
+            xb = tl.where(mbb, xb, 0.0)
+            dya = tl.load(DY + oa, mask=ma, other=0.0).to(tl.float32)
+            dyb = tl.load(DY + ob, mask=mbb, other=0.0).to(tl.float32)
+            dwa += dya * xa
+            dba += dya
+            dwb += dyb * xb
+            dbb += dyb
+            ga = dya * wa[None, :]
+            gb = dyb * wb[None, :]
+            c1 = (tl.sum(ga * xa, axis=1) + tl.sum(gb * xb, axis=1)) / C
+            c2 = (tl.sum(ga, axis=1) + tl.sum(gb, axis=1)) / C
+            ga = (ga - c2[:, None] - xa * c1[:, None]) * rstd[:, None]
+            gb = (gb - c2[:, None] - xb * c1[:, None]) * rstd[:, None]
+            if HAS_DXN:
+                ga += tl.load(DXN + oa, mask=ma, other=0.0).to(tl.float32)
+                gb += tl.load(DXN + ob, mask=mbb, other=0.0).to(tl.float32)
+            if HAS_DX:
+                tl.store(DX + oa, ga.to(DX.dtype.element_ty), mask=ma)
+                tl.store(DX + ob, gb.to(DX.dtype.element_ty), mask=mbb)
+            if DROPOUT:
+                if RECOMPUTE_MASK:  # the forward's packed draw: call ROW_CALLS * row + column // 8
+                    seed = tl.load(SEED)
+                    pa = rows[:, None] * ROW_CALLS + tl.arange(0, BLOCK_A // 8)[None, :]
+                    a0, a1, a2, a3 = tl.randint4x(seed, pa)
+                    wo = tl.interleave(tl.interleave(a0, a1), tl.interleave(a2, a3)).to(tl.int32, bitcast=True)
+                    ka = tl.interleave(wo & 0xFFFF, (wo >> 16) & 0xFFFF) >= p16
+                    pb = rows[:, None] * ROW_CALLS + BLOCK_A // 8 + tl.arange(0, BLOCK_B // 8)[None, :]
+                    b0, b1, b2, b3 = tl.randint4x(seed, pb)
+                    wo = tl.interleave(tl.interleave(b0, b1), tl.interleave(b2, b3)).to(tl.int32, bitcast=True)
+                    kb = tl.interleave(wo & 0xFFFF, (wo >> 16) & 0xFFFF) >= p16
+                else:
+                    ka = tl.load(MASK + oa, mask=ma, other=0) != 0
+                    kb = tl.load(MASK + ob, mask=mbb, other=0) != 0
+                ga = tl.where(ka, ga * scale, 0.0)
+                gb = tl.where(kb, gb * scale, 0.0)
+            tl.store(DH + oa, ga.to(DH.dtype.element_ty), mask=ma)
+            tl.store(DH + ob, gb.to(DH.dtype.element_ty), mask=mbb)
+            if HAS_HB:
+                dhba += ga
+                dhbb += gb
+        tl.store(DW + pid * C + ca, tl.sum(dwa, axis=0))
+        tl.store(DW + pid * C + cb, tl.sum(dwb, axis=0), mask=mb)
+        tl.store(DB + pid * C + ca, tl.sum(dba, axis=0))
+        tl.store(DB + pid * C + cb, tl.sum(dbb, axis=0), mask=mb)
+        if HAS_HB:
+            tl.store(DHB + pid * C + ca, tl.sum(dhba, axis=0))
+            tl.store(DHB + pid * C + cb, tl.sum(dhbb, axis=0), mask=mb)
+
+    return dropout_add_layer_norm_bwd_split
+
+
 def _sm_count(t: Tensor) -> int:
     """Streaming multiprocessors of t's GPU, for the persistent kernels' grids; 2 for the interpreter on CPU."""
     return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 2
@@ -351,7 +455,8 @@ def _triton_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dh, dweight, dbias, dh_bias) as ``_reference_backward``; dx is empty when ``need_dx`` is False, dh_bias
     (fp32) when ``need_dhb`` is. Dropout reads ``mask``, or with ``seed`` instead redraws the forward's packed
-    mask (``recompute_mask``)."""
+    mask (``recompute_mask``). ``KernelConfig.bwd_split`` takes each row as two tiles where C is not a power of two
+    and the rest is 8 columns or more."""
     if mask is not None and seed is not None:
         raise ValueError("_triton_backward: give the stored mask or the seed to redraw it, not both.")
     dy, dxn, x_new = dy.contiguous(), None if dxn is None else dxn.contiguous(), x_new.contiguous()
@@ -367,16 +472,19 @@ def _triton_backward(
     # small reductions a call were three launches, each too small to fill the GPU
     parts = torch.empty(3 if need_dhb else 2, grid, C, device=x_new.device, dtype=torch.float32)
     dw, db, dhb = parts[0], parts[1], parts[-1]
-    _, bwd = _kernels()
+    args = (
+        dy, dy if dxn is None else dxn, x_new, weight, mean, rstd, dy if mask is None else mask,
+        mean if seed is None else seed, dx if need_dx else dh, dh, dw, db, dhb, N, C, round(p * 65536), 1.0 / (1.0 - p),
+    )  # fmt: skip
+    flags = {"HAS_DXN": dxn is not None, "HAS_DX": need_dx, "DROPOUT": mask is not None or seed is not None,
+             "RECOMPUTE_MASK": seed is not None, "HAS_HB": need_dhb, "BLOCK_ROWS": rows, "STAGES": cfg.bwd_stages,
+             "num_warps": warps}  # fmt: skip
+    block_a, block_b = _split_widths(C)
     with _on_device(x_new):
-        bwd[(grid,)](
-            dy, dy if dxn is None else dxn, x_new, weight, mean, rstd, dy if mask is None else mask,
-            mean if seed is None else seed, dx if need_dx else dh, dh, dw, db, dhb,
-            N, C, round(p * 65536), 1.0 / (1.0 - p),
-            HAS_DXN=dxn is not None, HAS_DX=need_dx, DROPOUT=mask is not None or seed is not None,
-            RECOMPUTE_MASK=seed is not None, HAS_HB=need_dhb, BLOCK_ROWS=rows, BLOCK_C=block_c,
-            STAGES=cfg.bwd_stages, num_warps=warps,
-        )  # fmt: skip
+        if cfg.bwd_split and block_b >= 8:
+            _split_backward_kernel()[(grid,)](*args, BLOCK_A=block_a, BLOCK_B=block_b, ROW_CALLS=block_c // 8, **flags)
+        else:
+            _kernels()[1][(grid,)](*args, BLOCK_C=block_c, **flags)
     sums = parts.sum(1)
     dhb_sum = sums[2] if need_dhb else sums.new_empty(0)
     return dx, dh, sums[0].to(weight.dtype), sums[1].to(weight.dtype), dhb_sum
