@@ -161,7 +161,7 @@ def compile_forward(cfg, width: int, aligned: bool = True, h_bias: bool = False)
 
     from jowa_core.models import fused_ln
 
-    fwd, _ = fused_ln._kernels()
+    fwd = fused_ln._kernels().dropout_add_layer_norm_fwd
     block_c = triton.next_power_of_2(width)
     packed = cfg.packed_rng and block_c >= 8
     consts = {"HAS_X": True, "DROPOUT": True, "PACKED_RNG": packed, "STORE_MASK": not (packed and cfg.recompute_mask),
@@ -191,10 +191,10 @@ def compile_backward(cfg, width: int, aligned: bool = True, h_bias: bool = True)
               "HAS_HB": h_bias, "BLOCK_ROWS": cfg.bwd_rows}  # fmt: skip
     tiles = backward_tiles(cfg, width)
     if len(tiles) == 2:
-        kernel = fused_ln._split_backward_kernel()
+        kernel = fused_ln._kernels().dropout_add_layer_norm_bwd_split
         consts |= {"BLOCK_A": tiles[0][0], "BLOCK_B": tiles[1][0], "ROW_CALLS": triton.next_power_of_2(width) // 8}
     else:
-        kernel = fused_ln._kernels()[1]
+        kernel = fused_ln._kernels().dropout_add_layer_norm_bwd
         consts |= {"BLOCK_C": tiles[0][0]}
     consts |= {"STAGES": cfg.bwd_stages}  # the kernels' last constexpr
     return compile_sm90(kernel, BWD_SIGNATURE, consts, cfg.bwd_warps, aligned=aligned, asm="all")

@@ -3,7 +3,7 @@
 ``dropout_add_layer_norm(x, h, weight, bias, p, training)`` returns ``x_new = x + dropout(h)`` and
 ``y = layer_norm(x_new)``. Why a hand-written op: inductor fuses exactly this pattern but runs each row
 of 768 on one warp with ~200 registers, latency-bound at 12-18 % occupancy (Nsight Compute on an H200,
-README "Performance"); the Triton kernels below put one or two rows on a program of 4 warps instead
+README "Performance"); the Triton kernels (``fused_ln_kernels``) put one or two rows on a program of 4 warps
 (``KernelConfig``, swept on an H100: jowa_150m's step 258.5 -> 236.3 ms, session 13).
 Registered with ``torch.library.custom_op`` so that it stays one opaque op inside ``torch.compile``.
 
@@ -211,99 +211,11 @@ def _block_c(C: int) -> int:
 
 @functools.cache
 def _kernels():
-    """Compile-on-first-use kernels (importing triton is slow and must not happen on CPU-only paths)."""
-    import triton
-    import triton.language as tl
+    """``fused_ln_kernels``, imported on first use (importing triton is slow and must not happen on CPU-only
+    paths)."""
+    from jowa_core.models import fused_ln_kernels
 
-    @triton.jit
-    def dropout_add_layer_norm_fwd(X, H, W, B, XN, Y, MEAN, RSTD, MASK, SEED, HB, N, C, p, p16, scale, eps,
-            HAS_X: tl.constexpr, DROPOUT: tl.constexpr, PACKED_RNG: tl.constexpr, STORE_MASK: tl.constexpr,
-            HAS_HB: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        cols = tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        m = (rows < N)[:, None] & cmask[None, :]
-        offs = rows[:, None] * C + cols[None, :]  # int32: the wrapper checks N * C < 2**31
-        d = tl.load(H + offs, mask=m, other=0.0).to(tl.float32)
-        if HAS_HB:
-            d += tl.load(HB + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if DROPOUT:
-            if PACKED_RNG:  # 8 flags per Philox call: 4 words of 32 bits, 2 uniforms of 16 bits each
-                pk = rows[:, None] * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8)[None, :]  # never repeats
-                r0, r1, r2, r3 = tl.randint4x(tl.load(SEED), pk)
-                words = tl.interleave(tl.interleave(r0, r1), tl.interleave(r2, r3)).to(tl.int32, bitcast=True)
-                keep = tl.interleave(words & 0xFFFF, (words >> 16) & 0xFFFF) >= p16  # >> sign-extends: mask
-            else:
-                keep = tl.rand(tl.load(SEED), offs) >= p
-            if STORE_MASK:
-                tl.store(MASK + offs, keep.to(tl.uint8), mask=m)
-            d = tl.where(keep, d * scale, 0.0)
-        if HAS_X:
-            d += tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
-        xn = d.to(XN.dtype.element_ty)
-        tl.store(XN + offs, xn, mask=m)
-        xn = xn.to(tl.float32)  # normalise what is stored, as LayerNorm on x_new would
-        mean = tl.sum(xn, axis=1) / C
-        xc = tl.where(m, xn - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-        b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
-        y = xc * rstd[:, None] * w[None, :] + b[None, :]
-        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m)
-        tl.store(MEAN + rows, mean, mask=rows < N)
-        tl.store(RSTD + rows, rstd, mask=rows < N)
-
-    @triton.jit
-    def dropout_add_layer_norm_bwd(DY, DXN, XN, W, MEAN, RSTD, MASK, SEED, DX, DH, DW, DB, DHB, N, C, p16, scale,
-            HAS_DXN: tl.constexpr, HAS_DX: tl.constexpr, DROPOUT: tl.constexpr, RECOMPUTE_MASK: tl.constexpr,
-            HAS_HB: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
-        # each program strides over row blocks and keeps its own partial dweight/dbias (one row of DW/DB)
-        pid = tl.program_id(0)
-        cols = tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-        # 2-D accumulators: elementwise adds in the loop, one reduction over rows at the end
-        dw = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
-        db = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
-        dhb = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)  # h's bias: dh's column sums (HAS_HB)
-        # STAGES > 1: the next row blocks' loads in flight while this one is computed (1: a plain loop)
-        for start in tl.range(pid * BLOCK_ROWS, N, tl.num_programs(0) * BLOCK_ROWS, num_stages=STAGES):
-            rows = start + tl.arange(0, BLOCK_ROWS)
-            m = (rows < N)[:, None] & cmask[None, :]
-            offs = rows[:, None] * C + cols[None, :]
-            mean = tl.load(MEAN + rows, mask=rows < N, other=0.0)
-            rstd = tl.load(RSTD + rows, mask=rows < N, other=0.0)
-            xhat = (tl.load(XN + offs, mask=m, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
-            xhat = tl.where(m, xhat, 0.0)
-            dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
-            dw += dy * xhat
-            db += dy
-            g = dy * w[None, :]
-            c1 = tl.sum(g * xhat, axis=1) / C
-            c2 = tl.sum(g, axis=1) / C
-            g = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
-            if HAS_DXN:
-                g += tl.load(DXN + offs, mask=m, other=0.0).to(tl.float32)
-            if HAS_DX:
-                tl.store(DX + offs, g.to(DX.dtype.element_ty), mask=m)
-            if DROPOUT:
-                if RECOMPUTE_MASK:  # the forward's packed draw, repeated (the interpreter has no nested jit calls)
-                    pk = rows[:, None] * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8)[None, :]
-                    r0, r1, r2, r3 = tl.randint4x(tl.load(SEED), pk)
-                    words = tl.interleave(tl.interleave(r0, r1), tl.interleave(r2, r3)).to(tl.int32, bitcast=True)
-                    keep = tl.interleave(words & 0xFFFF, (words >> 16) & 0xFFFF) >= p16
-                else:
-                    keep = tl.load(MASK + offs, mask=m, other=0) != 0
-                g = tl.where(keep, g * scale, 0.0)
-            tl.store(DH + offs, g.to(DH.dtype.element_ty), mask=m)
-            if HAS_HB:
-                dhb += g  # 0 outside the tile (masked loads)
-        tl.store(DW + pid * C + cols, tl.sum(dw, axis=0), mask=cmask)
-        tl.store(DB + pid * C + cols, tl.sum(db, axis=0), mask=cmask)
-        if HAS_HB:
-            tl.store(DHB + pid * C + cols, tl.sum(dhb, axis=0), mask=cmask)
-
-    return dropout_add_layer_norm_fwd, dropout_add_layer_norm_bwd  # names as profilers show them
+    return fused_ln_kernels
 
 
 def _split_widths(C: int) -> tuple[int, int]:
@@ -311,98 +223,6 @@ def _split_widths(C: int) -> tuple[int, int]:
     of two (0 when C is one): 768 -> 512 + 256, where one tile of 1024 leaves a quarter masked."""
     a = 1 << (C.bit_length() - 1)
     return a, (_block_c(C - a) if C > a else 0)
-
-
-@functools.cache
-def _split_backward_kernel():
-    """The backward with each row in two power-of-two tiles (``KernelConfig.bwd_split``), compiled on first use.
-
-    One tile of next_power_of_2(C) columns leaves 1024 - 768 = 256 of jowa_150m's columns masked: with 8 columns
-    a thread on 4 warps, the fourth warp holds only masked ones (``benchmarks/fused_ln_isa.py``), spending
-    registers and warp slots on a kernel that memory latency bounds. Two tiles, 512 and 256, cover 768 exactly.
-    Same arithmetic as ``dropout_add_layer_norm_bwd``, each tile keeping its own partial sums; the packed mask is
-    redrawn with the forward's call numbering (``ROW_CALLS`` calls a row, 8 columns a call)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def dropout_add_layer_norm_bwd_split(DY, DXN, XN, W, MEAN, RSTD, MASK, SEED, DX, DH, DW, DB, DHB, N, C, p16,
-            scale, HAS_DXN: tl.constexpr, HAS_DX: tl.constexpr, DROPOUT: tl.constexpr, RECOMPUTE_MASK: tl.constexpr,
-            HAS_HB: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-            ROW_CALLS: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
-        pid = tl.program_id(0)
-        ca = tl.arange(0, BLOCK_A)  # all below C
-        cb = BLOCK_A + tl.arange(0, BLOCK_B)
-        mb = cb < C
-        wa = tl.load(W + ca).to(tl.float32)
-        wb = tl.load(W + cb, mask=mb, other=0.0).to(tl.float32)
-        dwa = tl.zeros((BLOCK_ROWS, BLOCK_A), dtype=tl.float32)
-        dba = tl.zeros((BLOCK_ROWS, BLOCK_A), dtype=tl.float32)
-        dhba = tl.zeros((BLOCK_ROWS, BLOCK_A), dtype=tl.float32)
-        dwb = tl.zeros((BLOCK_ROWS, BLOCK_B), dtype=tl.float32)
-        dbb = tl.zeros((BLOCK_ROWS, BLOCK_B), dtype=tl.float32)
-        dhbb = tl.zeros((BLOCK_ROWS, BLOCK_B), dtype=tl.float32)
-        for start in tl.range(pid * BLOCK_ROWS, N, tl.num_programs(0) * BLOCK_ROWS, num_stages=STAGES):
-            rows = start + tl.arange(0, BLOCK_ROWS)
-            rm = rows < N
-            ma = rm[:, None] & (ca < C)[None, :]
-            mbb = rm[:, None] & mb[None, :]
-            oa = rows[:, None] * C + ca[None, :]
-            ob = rows[:, None] * C + cb[None, :]
-            mean = tl.load(MEAN + rows, mask=rm, other=0.0)
-            rstd = tl.load(RSTD + rows, mask=rm, other=0.0)
-            xa = (tl.load(XN + oa, mask=ma, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
-            xa = tl.where(ma, xa, 0.0)
-            xb = (tl.load(XN + ob, mask=mbb, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
-            xb = tl.where(mbb, xb, 0.0)
-            dya = tl.load(DY + oa, mask=ma, other=0.0).to(tl.float32)
-            dyb = tl.load(DY + ob, mask=mbb, other=0.0).to(tl.float32)
-            dwa += dya * xa
-            dba += dya
-            dwb += dyb * xb
-            dbb += dyb
-            ga = dya * wa[None, :]
-            gb = dyb * wb[None, :]
-            c1 = (tl.sum(ga * xa, axis=1) + tl.sum(gb * xb, axis=1)) / C
-            c2 = (tl.sum(ga, axis=1) + tl.sum(gb, axis=1)) / C
-            ga = (ga - c2[:, None] - xa * c1[:, None]) * rstd[:, None]
-            gb = (gb - c2[:, None] - xb * c1[:, None]) * rstd[:, None]
-            if HAS_DXN:
-                ga += tl.load(DXN + oa, mask=ma, other=0.0).to(tl.float32)
-                gb += tl.load(DXN + ob, mask=mbb, other=0.0).to(tl.float32)
-            if HAS_DX:
-                tl.store(DX + oa, ga.to(DX.dtype.element_ty), mask=ma)
-                tl.store(DX + ob, gb.to(DX.dtype.element_ty), mask=mbb)
-            if DROPOUT:
-                if RECOMPUTE_MASK:  # the forward's packed draw: call ROW_CALLS * row + column // 8
-                    seed = tl.load(SEED)
-                    pa = rows[:, None] * ROW_CALLS + tl.arange(0, BLOCK_A // 8)[None, :]
-                    a0, a1, a2, a3 = tl.randint4x(seed, pa)
-                    wo = tl.interleave(tl.interleave(a0, a1), tl.interleave(a2, a3)).to(tl.int32, bitcast=True)
-                    ka = tl.interleave(wo & 0xFFFF, (wo >> 16) & 0xFFFF) >= p16
-                    pb = rows[:, None] * ROW_CALLS + BLOCK_A // 8 + tl.arange(0, BLOCK_B // 8)[None, :]
-                    b0, b1, b2, b3 = tl.randint4x(seed, pb)
-                    wo = tl.interleave(tl.interleave(b0, b1), tl.interleave(b2, b3)).to(tl.int32, bitcast=True)
-                    kb = tl.interleave(wo & 0xFFFF, (wo >> 16) & 0xFFFF) >= p16
-                else:
-                    ka = tl.load(MASK + oa, mask=ma, other=0) != 0
-                    kb = tl.load(MASK + ob, mask=mbb, other=0) != 0
-                ga = tl.where(ka, ga * scale, 0.0)
-                gb = tl.where(kb, gb * scale, 0.0)
-            tl.store(DH + oa, ga.to(DH.dtype.element_ty), mask=ma)
-            tl.store(DH + ob, gb.to(DH.dtype.element_ty), mask=mbb)
-            if HAS_HB:
-                dhba += ga
-                dhbb += gb
-        tl.store(DW + pid * C + ca, tl.sum(dwa, axis=0))
-        tl.store(DW + pid * C + cb, tl.sum(dwb, axis=0), mask=mb)
-        tl.store(DB + pid * C + ca, tl.sum(dba, axis=0))
-        tl.store(DB + pid * C + cb, tl.sum(dbb, axis=0), mask=mb)
-        if HAS_HB:
-            tl.store(DHB + pid * C + ca, tl.sum(dhba, axis=0))
-            tl.store(DHB + pid * C + cb, tl.sum(dhbb, axis=0), mask=mb)
-
-    return dropout_add_layer_norm_bwd_split
 
 
 def _sm_count(t: Tensor) -> int:
@@ -436,9 +256,8 @@ def _triton_forward(
     mean = torch.empty(N, device=h.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     mask = torch.empty((N, C) if store else (0,), device=h.device, dtype=torch.uint8)
-    fwd, _ = _kernels()
     with _on_device(h):
-        fwd[(_cdiv(N, rows),)](
+        _kernels().dropout_add_layer_norm_fwd[(_cdiv(N, rows),)](
             # tensors stand in for pointers that a constexpr branch never reads (an empty one may be null)
             x_new if x is None else x, h, weight, bias, x_new, y, mean, rstd,
             mask if store else mean, mean if seed is None else seed, bias if h_bias is None else h_bias,
@@ -482,9 +301,11 @@ def _triton_backward(
     block_a, block_b = _split_widths(C)
     with _on_device(x_new):
         if cfg.bwd_split and block_b >= 8:
-            _split_backward_kernel()[(grid,)](*args, BLOCK_A=block_a, BLOCK_B=block_b, ROW_CALLS=block_c // 8, **flags)
+            _kernels().dropout_add_layer_norm_bwd_split[(grid,)](
+                *args, BLOCK_A=block_a, BLOCK_B=block_b, ROW_CALLS=block_c // 8, **flags
+            )
         else:
-            _kernels()[1][(grid,)](*args, BLOCK_C=block_c, **flags)
+            _kernels().dropout_add_layer_norm_bwd[(grid,)](*args, BLOCK_C=block_c, **flags)
     sums = parts.sum(1)
     dhb_sum = sums[2] if need_dhb else sums.new_empty(0)
     return dx, dh, sums[0].to(weight.dtype), sums[1].to(weight.dtype), dhb_sum
