@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 from jowa_core.models import fused_ln
 from jowa_core.models.fused_ln import KernelConfig
+from jowa_core.runtime import atomic_path
 
 
 def time_ms(fn, reps: int, dev: torch.device) -> float:
@@ -55,10 +55,8 @@ def time_ms(fn, reps: int, dev: torch.device) -> float:
 
 def write_best(path: str, config: Any) -> None:
     """Replace ``path`` with ``config`` as JSON in one rename, so a sweep killed mid-write leaves the last best."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(asdict(config), f)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(asdict(config)))
 
 
 def time_configs(module, configs: list, measure: Callable[[], Any]) -> Iterator[tuple[Any, Any, Exception | None]]:
