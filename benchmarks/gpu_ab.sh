@@ -18,7 +18,7 @@
 # 5. the LayerNorm and attention backward kernels under Nsight Compute (ncu.txt), if ncu is there;
 # 6. the LayerNorm backward sweep, now with the branch's bias that the loop passes (session 21's sweep left it out,
 #    and its best tile lost 3 ms in the loop), then the loop with its best;
-# 7. the default again, for drift; the step alone with its kernels under the winners, if any;
+# 7. the default again, for drift, and the winners again; the step alone with its kernels under the winners, if any;
 # 8. the MLP alone with inductor's max-autotune products against its default ones (mlp_autotune, never run on a
 #    GPU), if time is left.
 # Each step runs only if its time limit still ends by 560 s (END), so the script fits one 600 s call.
@@ -129,6 +129,10 @@ print(json.dumps(c)[1:-1])" "$cfg/ln.json")"
     fi
 fi
 measure 60 && defaults+=("$got") && echo "defaults: ${defaults[*]}"
+# the winners once more, so that a new default rests on two runs apart in time
+if [ ${#winners[@]} -gt 0 ]; then
+    measure 60 "${winners[@]}" && echo "winners again: $got (ref $ref)"
+fi
 # the step alone, its kernels sorted, under the winners (session 21's profile stands for the default)
 if [ ${#winners[@]} -gt 0 ] && fits 90 "profile_train"; then
     timeout 90 python3 -m benchmarks.profile_train --device cuda --preset jowa_150m --batch-size 512 --steps 10 \
