@@ -438,6 +438,27 @@ INTERPRETER_CHECK = textwrap.dedent(
             no = f._triton_backward(dy, dxn, xn, w, mean, rstd, None if s is not None else m, p, torch.bfloat16,
                                     True, seed=s)  # fmt: skip
             assert no[4].numel() == 0 and all(torch.equal(a, e) for a, e in zip(no[:4], got[:4])), tag
+    # the Triton kernels through the backward op itself, as on a GPU: torch.library refuses outputs that share
+    # storage, and with fp32 weights dweight and dbias are the kernels' sums themselves (session 21's one
+    # reduction of all three returned rows of one tensor and failed every CUDA run)
+    use_triton = f._use_triton
+    f._use_triton = lambda t: True
+    try:
+        for cfg in (packed, split):
+            f.set_kernel_config(cfg)
+            N, C = 9, 48
+            x, h, w, b = torch.randn(N, C), torch.randn(N, C).to(torch.bfloat16), 1 + 0.3 * torch.randn(C), torch.randn(C)
+            hb, dy, dxn, seed = torch.randn(C), torch.randn(N, C).to(torch.bfloat16), torch.randn(N, C), torch.tensor([3])
+            xn, y, mean, rstd, mask = torch.ops.jowa.dropout_add_layer_norm(x, h, w, b, seed, 0.3, 1e-5,
+                                                                            torch.bfloat16, hb, True)
+            for need_dhb in (True, False):
+                got = torch.ops.jowa.dropout_add_layer_norm_backward(dy, dxn, xn, w, mean, rstd, mask, 0.3,
+                                                                     torch.bfloat16, True, seed, need_dhb)
+                want = f._reference_backward(dy, dxn, xn, w, mean, rstd, mask, 0.3, torch.bfloat16)
+                for name, a, e in zip(("dx", "dh", "dw", "db", "dh_bias"), got, want if need_dhb else want[:4]):
+                    close(a, e, f"the op's {name} {cfg} need_dhb={need_dhb}")
+    finally:
+        f._use_triton = use_triton
     # the packed mask's statistics at jowa_150m's width and dropout (49,152 draws: sd of the kept share 0.0014)
     f.set_kernel_config(packed)
     N, C, p = 64, 768, 0.1

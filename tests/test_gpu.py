@@ -354,7 +354,10 @@ def test_fused_layer_norm_backward_variants_match_the_default(device: torch.devi
         fused_ln.set_kernel_config(previous)
     assert torch.equal(got[1] == 0, want[1] == 0), "the same elements dropped"
     for name, a, e in zip(("dx", "dh", "dw", "db", "dh_bias"), got, want):
-        torch.testing.assert_close(a, e, msg=name)
+        # dh_bias sums 4,099 rows of dh, whose per-row terms the split kernel reduces in another order: fp32's
+        # rounding of such a sum (|sum| about 64) is about 1e-5, the default atol
+        tol = {"atol": 2e-4, "rtol": 1e-5} if name == "dh_bias" else {}
+        torch.testing.assert_close(a, e, msg=lambda m, name=name: f"{name}: {m}", **tol)
 
 
 def test_fused_layer_norm_h_bias_triton_matches_the_reference(device: torch.device) -> None:

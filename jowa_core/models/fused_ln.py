@@ -287,8 +287,8 @@ def _triton_backward(
     grid = max(1, min(_cdiv(N, rows), cfg.bwd_programs_per_sm * sms))
     dx = torch.empty_like(x_new) if need_dx else x_new.new_empty(0)
     dh = torch.empty_like(x_new, dtype=h_dtype)
-    # the programs' partial sums of dweight, dbias (and dh_bias) in one buffer, summed by one reduction: three
-    # small reductions a call were three launches, each too small to fill the GPU
+    # the programs' partial sums of dweight, dbias (and dh_bias), each summed on its own: the op's outputs may not
+    # share storage (torch.library refuses returns that alias), so one reduction's rows cannot be returned
     parts = torch.empty(3 if need_dhb else 2, grid, C, device=x_new.device, dtype=torch.float32)
     dw, db, dhb = parts[0], parts[1], parts[-1]
     args = (
@@ -306,9 +306,8 @@ def _triton_backward(
             )
         else:
             _kernels().dropout_add_layer_norm_bwd[(grid,)](*args, BLOCK_C=block_c, **flags)
-    sums = parts.sum(1)
-    dhb_sum = sums[2] if need_dhb else sums.new_empty(0)
-    return dx, dh, sums[0].to(weight.dtype), sums[1].to(weight.dtype), dhb_sum
+    dhb_sum = dhb.sum(0) if need_dhb else parts.new_empty(0)
+    return dx, dh, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), dhb_sum
 
 
 # ---------------------------------------------------------------------------------------------
