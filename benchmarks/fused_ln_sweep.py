@@ -8,10 +8,10 @@ branch, dropout 0.1) it times, with CUDA events over ``--reps`` calls after warm
 ``x + dropout(h)`` then ``layer_norm`` (forward, and forward + backward), then ``jowa_core.models.fused_ln``
 forward and backward under every ``KernelConfig`` of the sweep (the forward's tiles with and without
 ``packed_rng``; ``--grids bwd`` times the backward's alone, keeping the default forward: its tiles, its row
-loop pipelined over 2 to 4 stages, and its rows split in two tiles). The op gets the branch's
-bias (``h_bias``) and the backward sums its gradient, as every block's two calls do in the training loop on CUDA
-(``fused_branch_bias``); ``--no-h-bias`` times the op without it. Session 21's sweep timed it without, and its best
-backward tile, 10 % faster alone, made the loop 3 ms slower. One JSON line per
+loop over the three of 1 to 4 stages that are not the default's, and its rows split in two tiles). The op gets
+the branch's bias (``h_bias``) and the backward sums its gradient, as every block's two calls do in the training
+loop on CUDA (``fused_branch_bias``); ``--no-h-bias`` times the op without it. Session 21's sweep timed it
+without, and its best backward tile, 10 % faster alone, made the loop 3 ms slower. One JSON line per
 figure, with the bytes each pass must move and the bandwidth that implies; ``--best`` writes the fastest config
 as JSON, which ``benchmarks.profile_train --fused-ln-config`` and ``python -m benchmarks --fused-ln-config``
 read. CUDA only.
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     bwd_grid = [
         replace(default, bwd_rows=r, bwd_warps=wp, bwd_programs_per_sm=k)
         for r, wp, k in itertools.product((1, 2, 4, 8), (4, 8), (2, 4, 8, 16))
-    ] + [replace(default, bwd_stages=k) for k in (2, 3, 4) if k != default.bwd_stages]  # the pipelined row loop
+    ]
+    bwd_grid += [replace(default, bwd_stages=k) for k in (1, 2, 3, 4) if k != default.bwd_stages][:3]  # row loop
     bwd_grid += [  # each row as two power-of-two tiles (768 = 512 + 256), on 2 to 8 warps
         replace(default, bwd_split=True, bwd_warps=wp, bwd_programs_per_sm=k)
         for wp, k in itertools.product((2, 4, 8), (8, 16))

@@ -184,7 +184,10 @@ def run_variant(
     for i in range(2):  # steady state before timing
         step(i)
     sync()
-    if cuda:  # an NVTX range, so that Nsight Compute can take the timed steps alone (--nvtx-include timed_steps/)
+    if cuda:  # the timed steps alone under Nsight Compute: ``ncu --profile-from-start off`` (the profiler's
+        # start/stop hold for every thread; an NVTX push/pop range only for the main one, and autograd launches the
+        # backward's kernels from its own thread, so session 22's ``--nvtx-include`` found none of them)
+        torch.cuda.profiler.start()
         torch.cuda.nvtx.range_push("timed_steps")
     t0 = time.perf_counter()
     for i in range(steps):
@@ -193,6 +196,7 @@ def run_variant(
     sync()
     if cuda:
         torch.cuda.nvtx.range_pop()
+        torch.cuda.profiler.stop()
     ms = (time.perf_counter() - t0) / steps * 1e3
     B, T = batches[0].tokens.shape
     out = {"variant": variant, "preset": p.name, "batch_size": B, "dropout": not no_dropout,

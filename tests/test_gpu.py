@@ -294,8 +294,16 @@ def test_fused_layer_norm_recomputed_mask_trains_as_the_stored_one(device: torch
     dropped = gs[1] == 0  # dh is 0 exactly where the mask drops h
     assert 0.08 < dropped.float().mean().item() < 0.12
     assert torch.equal(gr[1] == 0, dropped), "the redrawn mask must drop the elements the stored one drops"
-    for name, a, e in zip(("dx", "dh", "dw", "db"), gr, gs):  # each dtype's default tolerance (dh: bf16)
-        torch.testing.assert_close(a, e, msg=name)
+    _assert_grads_close(gr, gs)
+
+
+def _assert_grads_close(got: tuple, want: tuple) -> None:
+    """(dx, dh, dweight, dbias) of two LayerNorm forwards whose row statistics differ by rounding (the forward
+    without the mask's store reduces in another order): dx and dh to their dtypes' default tolerance, dweight and
+    dbias, sums over 4,099 rows (|sum| about 64), to 2e-4 (session 22's H100 run failed dweight at fp32's 1e-5)."""
+    for name, a, e in zip(("dx", "dh", "dw", "db"), got, want):
+        tol = {"atol": 2e-4, "rtol": 1e-5} if name in ("dw", "db") else {}
+        torch.testing.assert_close(a, e, msg=lambda m, name=name: f"{name}: {m}", **tol)
 
 
 def test_fused_layer_norm_compiled_with_and_without_the_stored_mask_in_one_process(device: torch.device) -> None:
@@ -305,6 +313,8 @@ def test_fused_layer_norm_compiled_with_and_without_the_stored_mask_in_one_proce
     N, C = 4099, 768
     x, h = torch.randn(N, C, device=device), torch.randn(N, C, device=device, dtype=torch.bfloat16)
     w, b = 1 + 0.3 * torch.randn(C, device=device), 0.3 * torch.randn(C, device=device)
+    # fixed cotangents: a loss of y (session 22's first version) carries y's bf16 rounding into dx
+    dxn, dy = torch.randn(N, C, device=device), torch.randn(N, C, device=device, dtype=torch.bfloat16)
     previous = fused_ln.kernel_config()
     grads = []
     try:
@@ -315,25 +325,25 @@ def test_fused_layer_norm_compiled_with_and_without_the_stored_mask_in_one_proce
             f = torch.compile(lambda *a: fused_ln.dropout_add_layer_norm(*a, 0.1, True), fullgraph=True)
             torch.manual_seed(4)
             x_new, y = f(*leaves)
-            grads.append(torch.autograd.grad((x_new.sum() + y.float().square().sum()), leaves))
+            grads.append(torch.autograd.grad((x_new, y), leaves, (dxn, dy)))
     finally:
         fused_ln.set_kernel_config(previous)
         torch._dynamo.reset()
     assert torch.equal(grads[0][1] == 0, grads[1][1] == 0)  # the same elements dropped
-    for name, a, e in zip(("dx", "dh", "dw", "db"), grads[1], grads[0]):
-        torch.testing.assert_close(a, e, msg=name)
+    _assert_grads_close(grads[1], grads[0])
 
 
 @pytest.mark.parametrize(
     "variant",
-    [{"bwd_stages": 3}, {"bwd_split": True}, {"bwd_split": True, "bwd_stages": 3},
-     {"bwd_split": True, "recompute_mask": True}],
-    ids=["stages3", "split", "split_stages3", "split_redrawn"],
+    [{"bwd_stages": 1}, {"bwd_stages": 2}, {"bwd_split": True, "bwd_stages": 1},
+     {"bwd_split": True, "bwd_stages": 3}, {"bwd_split": True, "recompute_mask": True}],
+    ids=["stages1", "stages2", "split", "split_stages3", "split_redrawn"],
 )  # fmt: skip
 def test_fused_layer_norm_backward_variants_match_the_default(device: torch.device, variant: dict) -> None:
-    """The backward's untimed variants (``bwd_stages``: the row loop pipelined; ``bwd_split``: each row of 768 as
-    tiles of 512 and 256) against the default kernel on the same forward, at jowa_150m's width with the branch's
-    bias and dropout: the same dropped elements, and dx, dh, dweight, dbias and dh_bias to rounding."""
+    """The backward's variants (``bwd_stages``: the row loop pipelined over that many stages, 3 by default;
+    ``bwd_split``: each row of 768 as tiles of 512 and 256) against the default kernel on the same forward, at
+    jowa_150m's width with the branch's bias and dropout: the same dropped elements, and dx, dh, dweight, dbias and
+    dh_bias to rounding."""
     N, C, bf16, p = 4099, 768, torch.bfloat16, 0.1
     g = torch.Generator(device=device).manual_seed(21)
     x, h = torch.randn(N, C, device=device, generator=g), torch.randn(N, C, device=device, generator=g).to(bf16)

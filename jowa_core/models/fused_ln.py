@@ -174,11 +174,13 @@ class KernelConfig(TileConfig):
     the next ``bwd_stages - 1`` row blocks are issued to shared memory (Hopper's asynchronous copies) while this one
     is computed. The backward is bound by memory latency, not instructions or bandwidth (``fused_ln_isa``: 0.15 ms
     of issue and 0.66 ms of bytes a call, where the H100 took 0.81), and one row in flight per program leaves the
-    latency exposed. It costs registers and shared memory, so fewer programs fit an SM; not yet timed.
+    latency exposed. It costs registers (94 against 72) and shared memory, so fewer programs fit an SM. 3 is the
+    default since session 22: jowa_150m's loop on an H100 at 39.9 % MFU against 39.7 % with 1 (one run each,
+    README Performance); 1 compiles to the same machine code as the plain loop.
 
     ``bwd_split``: the backward takes each row as two power-of-two tiles (768 = 512 + 256) instead of one of
-    next_power_of_2(C) columns, a quarter of which is masked at jowa_150m's width (a whole idle warp of the default
-    4); not yet timed."""
+    next_power_of_2(C) columns, a quarter of which is masked at jowa_150m's width (a whole idle warp of 4). Off:
+    the loop on an H100 took 39.1 % MFU with it, 39.6 % with it and 3 stages (session 22)."""
 
     fwd_rows: int = 2
     fwd_warps: int = 4
@@ -187,7 +189,7 @@ class KernelConfig(TileConfig):
     bwd_programs_per_sm: int = 16
     packed_rng: bool = True
     recompute_mask: bool = False
-    bwd_stages: int = 1
+    bwd_stages: int = 3
     bwd_split: bool = False
 
     def __post_init__(self) -> None:
