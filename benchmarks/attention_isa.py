@@ -46,7 +46,7 @@ PEAK_FLOPS = 989e12
 _COMMON = {"T": "i32", "H": "i32", "s_b": "i32", "s_t": "i32", "s_o_b": "i32", "s_o_t": "i32", "qk_scale": "fp32"}
 SIGNATURES = {
     "attn_fwd": {"QKV": "*bf16", "O": "*bf16", "LSE": "*fp32", "SEED": "*i64", "FLAGS": "*u8", **_COMMON,
-                 "p16": "i32", "drop_scale": "fp32"},
+                 "p_int": "i32", "drop_scale": "fp32"},
     "attn_bwd_dkdv": {"QKV": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "FLAGS": "*u8",
                       "DQKV": "*bf16", "DBIAS": "*fp32", **_COMMON, "sm_scale": "fp32", "drop_scale": "fp32",
                       "n_blocks": "i32"},
@@ -112,6 +112,8 @@ def _count(args, fused_attention, fused_attention_kernels) -> None:
         for dropout in (True, False):
             # the backwards as in training: the QKV bias's gradient summed in the kernels
             consts = {"D": D, "DROPOUT": dropout, **({} if fwd else {"HAS_DBIAS": True}), "BLOCK_M": bm, "BLOCK_N": bn}
+            if fwd:  # the draw's uniforms: 16 bits, or 8 (KernelConfig.dropout_bits)
+                consts["BITS"] = cfg.dropout_bits
             maxnreg = cfg.fwd_maxnreg if fwd else 0
             cubin = compile_sm90(getattr(fused_attention_kernels, name), sig, consts, warps, maxnreg=maxnreg or None)
             text = disassemble(cubin, nvdisasm)
@@ -134,6 +136,7 @@ def _count(args, fused_attention, fused_attention_kernels) -> None:
             warp_instr = (masked * long + whole * short) * warps
             print(json.dumps({
                 "kernel": name, "dropout": dropout, "tiles": [bm, bn, warps],
+                **({"dropout_bits": cfg.dropout_bits} if fwd else {}),
                 "loop_sass_per_thread": {"masked": long, "whole": short},
                 "hgmma_per_pass": sum(n for op, n in loops[0].items() if "GMMA" in op), "spill_sass": spills, **stalls,
                 **usage,

@@ -13,6 +13,7 @@
 # 2. the kernels' CUDA tests, their output kept (tests.txt); the recompute arm runs only if its two tests passed;
 # 3. recompute_mask against the default, alternated (redraw, default, redraw), so that drift cannot decide it;
 # 4. the backward's row loop on 1 stage (the old default) and on 2, each adopted only if 0.5 % above the default;
+#    the attention op's dropout with 8-bit uniforms (KernelConfig.dropout_bits=8), reported only (it rounds p);
 # 5. the default again, for drift, and the winners again;
 # 6. the LayerNorm and attention backward kernels under Nsight Compute (ncu.txt), if ncu is there;
 # 7. the LayerNorm backward sweep with the branch's bias, then the loop with its best if it is not the default;
@@ -96,6 +97,15 @@ ln_arm() {  # ln_arm NAME JSON-FIELDS [TEST...]: the loop with the LayerNorm op'
 variant=test_fused_layer_norm_backward_variants_match_the_default
 ln_arm stages1 '"bwd_stages": 1' "$variant[stages1]"
 ln_arm stages2 '"bwd_stages": 2' "$variant[stages2]"
+# the attention op's dropout drawn as 8-bit uniforms (FlashAttention-2's draw; half the forward's Philox calls, 880
+# -> 740 instructions a thread per pass by attention_isa): it draws p = 0.1 as 26/256, so it is reported, not adopted
+if ok "test_fused_attention_triton_matches_the_reference[0.1-bits8]"; then
+    echo '{"dropout_bits": 8}' >"$cfg/attn8.json"
+    measure 60 "${winners[@]}" --fused-attention-config "$cfg/attn8.json"
+    echo "attention's 8-bit dropout (with the winners): $got against $ref"
+else
+    echo "skipped: the attention op's 8-bit dropout (its test did not pass)"
+fi
 echo "winners: ${winners[*]:-none}"
 measure 60 && defaults+=("$got") && echo "defaults: ${defaults[*]}"
 # the winners once more, so that a new default rests on two runs apart in time

@@ -107,6 +107,36 @@ def test_dropout_follows_torch_manual_seed_and_bad_input_is_refused() -> None:
         KernelConfig(bwd_stages=0)
     with pytest.raises(ValueError, match="head size that is a power of two >= 16, got 24; leave"):
         _check(torch.zeros(1, 4, 3, 2, 24))  # what the Triton path checks first
+    with pytest.raises(ValueError, match="dropout_bits must be 8 or 16 .* got 12"):
+        KernelConfig(dropout_bits=12)
+    with pytest.raises(ValueError, match="fwd_n must be 64 or more with dropout_bits=8 .* got 32"):
+        KernelConfig(fwd_n=32, dropout_bits=8)
+
+
+def test_eight_bit_dropout_rounds_p_on_every_path() -> None:
+    """``dropout_bits=8``: p as the kernels draw it, in 1/256, is the p of the reference too (the CPU path), so the
+    drop scale matches the share dropped; 16 bits keep p as given."""
+    from jowa_core.models import fused_attention as fa
+
+    assert fa.drawn_p(0.1, 16) == 0.1 and fa.drawn_p(0.1, 8) == 26 / 256 and fa.drawn_p(0.3, 8) == 77 / 256
+    assert fa.drawn_p(0.001, 8) == 0.0  # below half of 1/256: nothing is dropped
+    with pytest.raises(ValueError, match="rounds to 1 in 1/256"):
+        fa.drawn_p(0.999, 8)
+    qkv = _qkv().detach()
+    previous = fa.set_kernel_config(KernelConfig(dropout_bits=8))
+    try:
+        assert fa.drawn_p(0.1) == 26 / 256  # the process's config
+        torch.manual_seed(5)
+        got = causal_attention(qkv, 0.1, True)
+    finally:
+        fa.set_kernel_config(previous)
+    torch.manual_seed(5)
+    seed = torch.randint(2**62, (1,))
+    B, T, _, H, _ = qkv.shape
+    want = fa._reference(qkv, fa._reference_keep(seed, B, H, T, 26 / 256, qkv.device), 26 / 256)[0]
+    torch.testing.assert_close(got, want.to(got.dtype))
+    torch.manual_seed(5)
+    assert not torch.allclose(causal_attention(qkv, 0.1, True), got)  # 16 bits: another p, another scale
 
 
 def test_op_inside_torch_compile_gives_the_eager_result() -> None:
@@ -253,6 +283,54 @@ INTERPRETER_CHECK = textwrap.dedent(
     assert abs(pairs - (p * p + (1 - p) ** 2)) < 0.01, pairs
     rows = keep.reshape(-1, 96)
     assert len({tuple(r.tolist()) for r in rows.bool()}) == rows.shape[0], "rows must not repeat"
+    # dropout_bits=8: sixteen 8-bit uniforms a Philox call (FlashAttention-2's draw), p rounded to 1/256; the flags
+    # are stored alike, so the backward kernels are the ones above. Several query and key blocks, a part-filled one.
+    for cfg in (fa.KernelConfig(16, 64, 2, 64, 32, 2, 1, 1, dropout_bits=8),
+                fa.KernelConfig(32, 128, 4, 16, 32, 2, 1, 1, dropout_bits=8)):
+        fa.set_kernel_config(cfg)
+        for (B, T, H, D) in ((2, 37, 2, 16), (1, 150, 2, 16)):
+            p, seed = 0.3, torch.tensor([31])
+            pe = fa.drawn_p(p)
+            assert pe == 77 / 256, pe
+            qkv, do = torch.randn(B, T, 3, H, D), torch.randn(B, T, H, D)
+            keep = fa.triton_keep(seed, B, H, T, p)
+            o, lse, flags = fa._triton_forward(qkv, seed, p)
+            tag = f"8-bit {cfg} {(B, T, H, D)}"
+            n = torch.arange(T)
+            bits = (flags.long()[:, :, (n // 32) * 4 + (n % 8) // 2] >> (2 * ((n % 32) // 8) + n % 2)) & 1
+            seen = torch.ones(T, T, dtype=torch.bool).tril()
+            assert torch.equal(bits.bool()[:, seen], keep.reshape(B * H, T, T)[:, seen]), tag
+            ro, rlse = fa._reference(qkv, keep, pe)
+            rdq, rdb = fa._reference_backward(do, qkv, keep, pe)
+            dq, db = fa._triton_backward(do, qkv, o, lse, flags, p, need_dbias=True)
+            for name, a, e in (("o", o, ro), ("lse", lse, rlse), ("dqkv", dq, rdq), ("dbias", db, rdb)):
+                torch.testing.assert_close(a, e.float(), rtol=1e-5, atol=5e-5, msg=f"{name} {tag}")
+    # the 8-bit flags: the kept share follows the rounded p (1.4/256 is drawn as 1/256: 262,144 draws, sd 0.00012,
+    # against the 0.0016 between them), each of a call's 16 bytes on its own, neighbours as if independent, and
+    # other flags than the 16-bit draw's
+    fa.set_kernel_config(fa.KernelConfig(dropout_bits=8))
+    keep = fa.triton_keep(torch.tensor([7]), 4, 4, 128, 1.4 / 256).float()
+    assert abs(keep.mean().item() - (1 - 1 / 256)) < 0.0006, keep.mean().item()
+    p = 0.1
+    keep = fa.triton_keep(torch.tensor([7]), 4, 4, 128, p).float()
+    pe = fa.drawn_p(p)
+    assert torch.equal(keep, fa.triton_keep(torch.tensor([7]), 4, 4, 128, p).float())
+    assert abs(keep.mean().item() - (1 - pe)) < 0.003, keep.mean().item()
+    n = torch.arange(128)
+    for j in range(16):  # byte j = 4 c + 2 t + e of a call: keys 64 u + 32 t + 8 c + 2 q + e
+        c, t, e = j // 4, (j // 2) % 2, j % 2
+        cols = n[((n % 32) // 8 == c) & ((n % 64) // 32 == t) & (n % 2 == e)]
+        assert abs(keep[..., cols].mean().item() - (1 - pe)) < 0.01, j
+    for gap in (1, 2, 8, 32, 64):  # keys apart in a call's byte (e), quad (q: another call), word (c), span (t), pair
+        pairs = (keep[..., gap:] == keep[..., :-gap]).float().mean().item()
+        assert abs(pairs - (pe * pe + (1 - pe) ** 2)) < 0.006, (gap, pairs)
+    rows = keep.reshape(-1, 128)
+    assert len({tuple(r.tolist()) for r in rows.bool()}) == rows.shape[0], "rows must not repeat"
+    # calls must not repeat across rows: a row's second 64 keys against the next row's first 64
+    across = (keep[..., :-1, 64:] == keep[..., 1:, :64]).float().mean().item()
+    assert abs(across - (pe * pe + (1 - pe) ** 2)) < 0.006, across
+    fa.set_kernel_config(fa.KernelConfig())
+    assert abs((keep != fa.triton_keep(torch.tensor([7]), 4, 4, 128, p).float()).float().mean().item() - 0.18) < 0.01
     print("interpreter check passed")
     """
 )

@@ -419,7 +419,11 @@ def test_bias_gelu_triton_matches_the_reference(device: torch.device) -> None:
 
 
 # the attention op's default KernelConfig and session 18's, before the sweep
-ATTENTION_CONFIGS = {"default": {}, "untuned": {"fwd_maxnreg": 0, "fwd_stages": 2, "bwd_stages": 2}}
+ATTENTION_CONFIGS = {
+    "default": {},
+    "untuned": {"fwd_maxnreg": 0, "fwd_stages": 2, "bwd_stages": 2},
+    "bits8": {"dropout_bits": 8},  # 8-bit uniforms (session 22, untimed): p drawn as 26/256
+}
 
 
 @pytest.mark.parametrize("config", list(ATTENTION_CONFIGS))
@@ -429,23 +433,24 @@ def test_fused_attention_triton_matches_the_reference(device: torch.device, p: f
     jowa_150m's attention shape (12 heads of 64, 296 tokens; batch 16), bf16 as under autocast: the output to bf16
     rounding, the base-2 log-sum-exp to 1e-4, the packed gradient to 1 % of its norm; and through the public op
     and autograd, also at the tiny preset's head size of 16. Under each config: the default (168 forward registers,
-    3 stages, since session 20) and session 18's."""
+    3 stages, since session 20), session 18's, and 8-bit dropout uniforms (p as drawn, ``drawn_p``)."""
     torch.manual_seed(12)
     B, T, H, D = 16, 296, 12, 64
     qkv = torch.randn(B, T, 3, H, D, device=device).to(torch.bfloat16)
     do = torch.randn(B, T, H, D, device=device).to(torch.bfloat16)
     seed = torch.tensor([2024], device=device) if p > 0 else None
-    keep = fused_attention.triton_keep(seed, B, H, T, p) if p > 0 else None
-    if keep is not None:
-        assert abs(keep.float().mean().item() - (1 - p)) < 2e-3
     default = fused_attention.kernel_config()
     fused_attention.set_kernel_config(replace(default, **ATTENTION_CONFIGS[config]))
     try:
+        keep = fused_attention.triton_keep(seed, B, H, T, p) if p > 0 else None
+        pe = fused_attention.drawn_p(p)  # the reference's p: rounded to 1/256 at 8 bits
+        if keep is not None:
+            assert abs(keep.float().mean().item() - (1 - pe)) < 2e-3
         o, lse, flags = fused_attention._triton_forward(qkv, seed, p)
-        ro, rlse = fused_attention._reference(qkv.float(), keep, p)
+        ro, rlse = fused_attention._reference(qkv.float(), keep, pe)
         torch.testing.assert_close(o.float(), ro, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(lse, rlse, rtol=1e-4, atol=1e-3)
-        want, want_dbias = fused_attention._reference_backward(do.float(), qkv.float(), keep, p)
+        want, want_dbias = fused_attention._reference_backward(do.float(), qkv.float(), keep, pe)
         got, dbias = fused_attention._triton_backward(do, qkv, o, lse, flags, p, need_dbias=True)
         got = got.float()
         assert _rel(dbias, want_dbias) < 1e-2

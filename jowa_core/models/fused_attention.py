@@ -99,7 +99,13 @@ class KernelConfig(TileConfig):
     ``fwd_maxnreg``: registers a thread of the forward may use (0: the compiler's choice, 172 for these tiles on
     sm_90). At 168, three programs of 4 warps share an SM's 65,536 registers instead of two, and the forward's
     loops compile to as many instructions with no spills (``benchmarks.attention_isa``): 0.868 -> 0.739 ms
-    a layer on an H100 (session 20)."""
+    a layer on an H100 (session 20).
+
+    ``dropout_bits``: the width of a dropout uniform. 16 (the default): eight flags a Philox call, p in 1/65536.
+    8: sixteen flags a call, as FlashAttention-2 draws them, so half the forward's Philox calls (about 570 of its
+    880 instructions a thread per head pass are the draw, ``benchmarks.attention_isa``), with p rounded to 1/256
+    (0.1 is drawn as 26/256 = 0.1016; ``drawn_p``) in the kernels and the reference alike. Needs ``fwd_n`` >= 64
+    (a call draws 64 keys of a row); the stored flags and the backward are the same either way. Not yet timed."""
 
     fwd_m: int = 64
     fwd_n: int = 64
@@ -110,6 +116,7 @@ class KernelConfig(TileConfig):
     fwd_stages: int = 3
     bwd_stages: int = 3
     fwd_maxnreg: int = 168
+    dropout_bits: int = 16
 
     NAME = "fused_attention KernelConfig"
 
@@ -120,6 +127,12 @@ class KernelConfig(TileConfig):
             if getattr(self, name) < 32:
                 raise ValueError(f"{self.NAME}.{name} must be 32 or more (keys are drawn for dropout in spans of 32), "
                                  f"got {getattr(self, name)}.")  # fmt: skip
+        if self.dropout_bits not in (8, 16) or isinstance(self.dropout_bits, bool):
+            raise ValueError(f"{self.NAME}.dropout_bits must be 8 or 16 (bits of a dropout uniform), "
+                             f"got {self.dropout_bits!r}.")  # fmt: skip
+        if self.dropout_bits == 8 and self.fwd_n < 64:
+            raise ValueError(f"{self.NAME}.fwd_n must be 64 or more with dropout_bits=8 (a Philox call draws 64 keys "
+                             f"of a row), got {self.fwd_n}.")  # fmt: skip
         r = self.fwd_maxnreg
         if isinstance(r, bool) or not isinstance(r, int) or not (r == 0 or 64 <= r <= 255):
             raise ValueError(f"{self.NAME}.fwd_maxnreg must be 0 (the compiler's choice) or 64 to 255 registers, "
@@ -136,6 +149,21 @@ def _kernels():
     from jowa_core.models import fused_attention_kernels
 
     return fused_attention_kernels
+
+
+def drawn_p(p: float, bits: int | None = None) -> float:
+    """p as the kernels draw it with uniforms of ``bits`` bits (``KernelConfig.dropout_bits`` if None): as given at
+    16, where it is off by less than 1/131072 (the drop scale has used the given p since session 18), rounded to
+    1/256 at 8, so that the drop scale 1/(1 - p) matches the share the kernels drop."""
+    bits = kernel_config().dropout_bits if bits is None else bits
+    if bits == 16:
+        return p
+    n = round(p * 256)
+    if n >= 256:
+        raise ValueError(
+            f"causal_attention: p={p} rounds to 1 in 1/256 (dropout_bits=8); use p < 255.5/256 or 16 bits."
+        )
+    return n / 256
 
 
 def _flag_bytes(T: int) -> int:
@@ -177,13 +205,14 @@ def _triton_forward(qkv: Tensor, seed: Tensor | None, p: float) -> tuple[Tensor,
     lse = torch.empty(B * H, T, device=qkv.device, dtype=torch.float32)
     dropout = seed is not None
     flags = torch.empty((B * H, T, _flag_bytes(T)) if dropout else (0,), device=qkv.device, dtype=torch.uint8)
+    p, bits = drawn_p(p, cfg.dropout_bits), cfg.dropout_bits
     with _on_device(qkv):
         k.attn_fwd[(_cdiv(T, cfg.fwd_m), B * H)](
             # without dropout lse stands in for the pointers that a constexpr branch never reads
             qkv, o, lse, seed if dropout else lse, flags if dropout else lse, T, H, qkv.stride(0), qkv.stride(1),
-            o.stride(0), o.stride(1), 1.0 / math.sqrt(D) * math.log2(math.e), round(p * 65536),
+            o.stride(0), o.stride(1), 1.0 / math.sqrt(D) * math.log2(math.e), round(p * (1 << bits)),
             1.0 / (1.0 - p) if dropout else 1.0,
-            D=D, DROPOUT=dropout, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.fwd_warps,
+            D=D, DROPOUT=dropout, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BITS=bits, num_warps=cfg.fwd_warps,
             num_stages=cfg.fwd_stages, maxnreg=cfg.fwd_maxnreg or None,
         )  # fmt: skip
     return o, lse, flags
@@ -200,6 +229,7 @@ def _triton_backward(
     delta = torch.empty_like(lse)
     dqkv = torch.empty_like(qkv)
     dropout = flags is not None and flags.numel() > 0
+    p = drawn_p(p, cfg.dropout_bits)  # the process's config must not change between the passes
     sm_scale = 1.0 / math.sqrt(D)
     n_blocks = max(_cdiv(T, cfg.bwd_m), _cdiv(T, cfg.bwd_n))
     common = (T, H, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), sm_scale * math.log2(math.e), sm_scale,
@@ -229,10 +259,13 @@ def _triton_backward(
 
 
 def triton_keep(seed: Tensor, B: int, H: int, T: int, p: float) -> Tensor:
-    """The (B, H, T, T) keep flags the forward kernel draws for ``seed`` (for tests and the reference)."""
+    """The (B, H, T, T) keep flags the forward kernel draws for ``seed`` (for tests and the reference), under the
+    process's ``KernelConfig.dropout_bits``."""
     keep = torch.empty(B * H, T, T, device=seed.device, dtype=torch.uint8)
+    bits = kernel_config().dropout_bits
+    p_int = round(drawn_p(p, bits) * (1 << bits))
     with _on_device(seed):
-        _kernels().attn_dropout_keep[(_cdiv(T, 16), B * H)](seed, keep, T, round(p * 65536), BLOCK_M=16, BLOCK_N=32)
+        _kernels().attn_dropout_keep[(_cdiv(T, 16), B * H)](seed, keep, T, p_int, BLOCK_M=16, BLOCK_N=64, BITS=bits)
     return keep.view(B, H, T, T).bool()
 
 
@@ -329,6 +362,6 @@ def causal_attention(qkv: Tensor, p: float, training: bool, qkv_bias: Tensor | N
     H, D = qkv.shape[3:]
     if qkv_bias is not None and qkv_bias.shape != (3 * H * D,):
         raise ValueError(f"causal_attention: qkv_bias {tuple(qkv_bias.shape)} must be ({3 * H * D},), 3 x H x D.")
-    p = float(p) if training else 0.0
+    p = drawn_p(float(p)) if training else 0.0  # at dropout_bits=8, rounded to 1/256 on every path
     seed = torch.randint(2**62, (1,), device=qkv.device) if p > 0 else None
     return _attention(qkv, seed, p, qkv_bias)[0]

@@ -16,7 +16,8 @@ no exchange through shared memory (with consecutive keys per call, the forward s
 more shared-memory accesses a thread on each pass). Keys are therefore taken in blocks of 32 or more. The forward
 stores the flags as one byte per call (bit 2 c + e), (B H, T, G) bytes, an eighth of a bf16 probability; the
 backward kernels read those bytes instead of running Philox again (they would each spend as many instructions on
-it as the forward).
+it as the forward). ``KernelConfig.dropout_bits=8`` draws 8-bit uniforms instead, sixteen a call over 64 keys
+(``_draw8``), and stores the same bytes.
 
 The backward is two kernels, ``attn_bwd_dq`` then ``attn_bwd_dkdv``: 7 matrix products per pass between them. A
 persistent kernel that owned a head at a time, with 5 products a pass and dq summed in fp32 in L2, ran 1.8 times
@@ -49,6 +50,53 @@ def _draw(seed, bh, T, offs_m, start_n, p16, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _kept(r, shift, t):
+    """int32 flags: the byte of words ``r`` that a left shift by ``shift`` makes lead is >= ``t`` >> 24."""
+    return ((r << shift) >= t).to(tl.int32)
+
+
+@triton.jit
+def _draw8(seed, bh, T, offs_m, start_n, p8, BLOCK_N: tl.constexpr):
+    """``_draw`` with 8-bit uniforms (``KernelConfig.dropout_bits=8``), sixteen a call as FlashAttention-2 draws
+    them, so half the calls: call ``(bh * T + m) * G + 4 u + q`` (G = 4 cdiv(T, 64)) draws row m's keys
+    64 u + 32 t + 8 c + 2 q + e from byte 2 t + e of word c, keys of one thread's accumulator (``start_n`` a
+    multiple of 64); a byte is kept if >= p8 (p in 1/256). Returns the keep flags and the flag bytes of spans
+    2 u + t as [BLOCK_M, U, 4, 2] (row, pair, quad, t), which ``_flag_ptrs8`` stores as ``_draw``'s layout."""
+    U: tl.constexpr = BLOCK_N // 64
+    calls = (start_n // 64 + tl.arange(0, U))[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    pk = (bh * T + offs_m)[:, None, None] * (((T + 63) // 64) * 4) + calls  # [BLOCK_M, U, 4]: (row, pair, quad)
+    r0, r1, r2, r3 = tl.randint4x(seed, pk, n_rounds=7)
+    t = p8.to(tl.uint32) << 24  # byte j leads its word shifted left by 24 - 8 j
+    a0, a1, a2, a3 = _kept(r0, 24, t), _kept(r1, 24, t), _kept(r2, 24, t), _kept(r3, 24, t)  # byte 0: t = 0, e = 0
+    b0, b1, b2, b3 = _kept(r0, 16, t), _kept(r1, 16, t), _kept(r2, 16, t), _kept(r3, 16, t)  # byte 1: t = 0, e = 1
+    c0, c1, c2, c3 = _kept(r0, 8, t), _kept(r1, 8, t), _kept(r2, 8, t), _kept(r3, 8, t)  # byte 2: t = 1, e = 0
+    d0, d1, d2, d3 = _kept(r0, 0, t), _kept(r1, 0, t), _kept(r2, 0, t), _kept(r3, 0, t)  # byte 3: t = 1, e = 1
+    first = a0 | (b0 << 1) | (a1 << 2) | (b1 << 3) | (a2 << 4) | (b2 << 5) | (a3 << 6) | (b3 << 7)  # bit 2 c + e
+    second = c0 | (d0 << 1) | (c1 << 2) | (d1 << 3) | (c2 << 4) | (d2 << 5) | (c3 << 6) | (d3 << 7)
+    M: tl.constexpr = offs_m.shape[0]
+    z = tl.join(_joined(a0, b0, a1, b1, a2, b2, a3, b3), _joined(c0, d0, c1, d1, c2, d2, c3, d3))
+    keep = tl.reshape(tl.permute(z, (0, 1, 6, 5, 4, 2, 3)), (M, BLOCK_N)) != 0  # -> (.., t, c // 2, c % 2, q, e)
+    return keep, tl.join(first, second)
+
+
+@triton.jit
+def _joined(x0, x1, x2, x3, x4, x5, x6, x7):
+    """[.., 2, 2, 2] of eight flags: x_(4 i + 2 j + k) at [.., k, j, i] (tl.join adds the last axis)."""
+    return tl.join(tl.join(tl.join(x0, x1), tl.join(x2, x3)), tl.join(tl.join(x4, x5), tl.join(x6, x7)))
+
+
+@triton.jit
+def _flag_ptrs8(FLAGS, bh, T, offs_m, start_n, BLOCK_N: tl.constexpr):
+    """``_flag_ptrs`` shaped as ``_draw8``'s bytes, [BLOCK_M, U, 4, 2] (row, pair, quad, t): byte 4 (2 u + t) + q
+    of the block's keys, and where they lie in the tensor."""
+    groups = ((T + 31) // 32) * 4
+    g = start_n // 8 + 8 * tl.arange(0, BLOCK_N // 64)[:, None, None] + tl.arange(0, 4)[None, :, None]
+    g = g + 4 * tl.arange(0, 2)[None, None, :]  # [U, 4, 2]
+    rows = (bh * T + offs_m)[:, None, None, None]
+    return FLAGS + rows * groups + g[None], (offs_m < T)[:, None, None, None] & (g < groups)[None]
+
+
+@triton.jit
 def _spread(x0, x1, x2, x3, x4, x5, x6, x7, M: tl.constexpr, N: tl.constexpr):
     """[M, N] flags from the eight [M, N // 32, 4] (row, span, quad) ones of a call's bits: bit 2 c + e of call
     (m, s, q) is key 32 s + 8 c + 2 q + e. Joins, a permutation and a reshape, which lay the bits out as the
@@ -75,8 +123,9 @@ def _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _fwd_pass(acc, l_i, m_i, q, base, SEED, FLAGS, bh, T, H, s_t, qk_scale, p16, offs_m, start_n,
-              D: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _fwd_pass(acc, l_i, m_i, q, base, SEED, FLAGS, bh, T, H, s_t, qk_scale, p_int, offs_m, start_n,
+              D: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+              BITS: tl.constexpr):  # fmt: skip
     """One block of keys for the forward's online softmax; ``MASKED``: the block crosses the causal diagonal (or
     the sequence's end), so the mask applies; the blocks before it are seen whole and skip it."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -90,8 +139,12 @@ def _fwd_pass(acc, l_i, m_i, q, base, SEED, FLAGS, bh, T, H, s_t, qk_scale, p16,
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every probability, dropped or not
     if DROPOUT:
-        keep, byte = _draw(tl.load(SEED), bh, T, offs_m, start_n, p16, BLOCK_N)
-        ptrs, inside = _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
+        if BITS == 16:
+            keep, byte = _draw(tl.load(SEED), bh, T, offs_m, start_n, p_int, BLOCK_N)
+            ptrs, inside = _flag_ptrs(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
+        else:
+            keep, byte = _draw8(tl.load(SEED), bh, T, offs_m, start_n, p_int, BLOCK_N)
+            ptrs, inside = _flag_ptrs8(FLAGS, bh, T, offs_m, start_n, BLOCK_N)
         tl.store(ptrs, byte.to(tl.uint8), mask=inside)
         p = tl.where(keep, p, 0.0)
     v = tl.load(base + 2 * H * D + offs_n[:, None] * s_t, mask=kv_mask, other=0.0 if MASKED else None)
@@ -100,8 +153,9 @@ def _fwd_pass(acc, l_i, m_i, q, base, SEED, FLAGS, bh, T, H, s_t, qk_scale, p16,
 
 
 @triton.jit
-def attn_fwd(QKV, O, LSE, SEED, FLAGS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, p16, drop_scale,
-             D: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def attn_fwd(QKV, O, LSE, SEED, FLAGS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, p_int, drop_scale,
+             D: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BITS: tl.constexpr = 16):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -114,11 +168,11 @@ def attn_fwd(QKV, O, LSE, SEED, FLAGS, T, H, s_b, s_t, s_o_b, s_o_t, qk_scale, p
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     whole = (start_m // BLOCK_N) * BLOCK_N  # keys before it precede every query of the block
     for start_n in range(0, whole, BLOCK_N):
-        acc, l_i, m_i = _fwd_pass(acc, l_i, m_i, q, base, SEED, FLAGS, bh, T, H, s_t, qk_scale, p16, offs_m, start_n,
-                                  D, DROPOUT, False, BLOCK_N)  # fmt: skip
+        acc, l_i, m_i = _fwd_pass(acc, l_i, m_i, q, base, SEED, FLAGS, bh, T, H, s_t, qk_scale, p_int, offs_m,
+                                  start_n, D, DROPOUT, False, BLOCK_N, BITS)  # fmt: skip
     for start_n in range(whole, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
-        acc, l_i, m_i = _fwd_pass(acc, l_i, m_i, q, base, SEED, FLAGS, bh, T, H, s_t, qk_scale, p16, offs_m, start_n,
-                                  D, DROPOUT, True, BLOCK_N)  # fmt: skip
+        acc, l_i, m_i = _fwd_pass(acc, l_i, m_i, q, base, SEED, FLAGS, bh, T, H, s_t, qk_scale, p_int, offs_m,
+                                  start_n, D, DROPOUT, True, BLOCK_N, BITS)  # fmt: skip
     acc = acc * (drop_scale / l_i)[:, None]
     o_ptr = O + b * s_o_b + h * D + offs_m[:, None] * s_o_t + offs_d[None, :]
     tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=(offs_m < T)[:, None])
@@ -245,13 +299,16 @@ def attn_bwd_dq(QKV, DO, O, LSE, DELTA, FLAGS, DQKV, DBIAS, T, H, s_b, s_t, s_o_
 
 
 @triton.jit
-def attn_dropout_keep(SEED, KEEP, T, p16, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def attn_dropout_keep(SEED, KEEP, T, p_int, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr = 16):
     """The keep flags the forward draws, as a (BH, T, T) uint8 tensor: for tests, which give them to the reference."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1)
     seed = tl.load(SEED)
     for start_n in range(0, T, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep, _ = _draw(seed, bh, T, offs_m, start_n, p16, BLOCK_N)
+        if BITS == 16:
+            keep, _ = _draw(seed, bh, T, offs_m, start_n, p_int, BLOCK_N)
+        else:
+            keep, _ = _draw8(seed, bh, T, offs_m, start_n, p_int, BLOCK_N)
         m = (offs_m < T)[:, None] & (offs_n < T)[None, :]
         tl.store(KEEP + (bh * T + offs_m[:, None]) * T + offs_n[None, :], keep.to(tl.uint8), mask=m)
