@@ -103,7 +103,7 @@ class KernelConfig(TileConfig):
 
     ``dropout_bits``: the width of a dropout uniform. 16 (the default): eight flags a Philox call, p in 1/65536.
     8: sixteen flags a call, as FlashAttention-2 draws them, so half the forward's Philox calls (about 570 of its
-    880 instructions a thread per head pass are the draw, ``benchmarks.attention_isa``), with p rounded to 1/256
+    880 instructions a thread per pass are the draw, ``benchmarks.attention_isa``), with p rounded to 1/256
     (0.1 is drawn as 26/256 = 0.1016; ``drawn_p``) in the kernels and the reference alike. Needs ``fwd_n`` >= 64
     (a call draws 64 keys of a row); the stored flags and the backward are the same either way. Not yet timed."""
 
