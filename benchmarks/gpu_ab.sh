@@ -44,7 +44,7 @@ loop() {  # loop LIMIT ARGS...: one training-loop run, its figures appended to l
     echo "loop ${*:-(default)}: $((SECONDS - t0)) s, MFU $(last_mfu)"
 }
 mfus() { grep -c train_stage2_mfu "$OUT/loop.jsonl" 2>/dev/null || echo 0; }
-last_mfu() { grep train_stage2_mfu "$OUT/loop.jsonl" | tail -n 1 | grep -o '"value": [0-9.]*' | cut -d' ' -f2; }
+last_mfu() { grep -s train_stage2_mfu "$OUT/loop.jsonl" | tail -n 1 | grep -o '"value": [0-9.]*' | cut -d' ' -f2; }
 mean() { python3 -c "import sys; v = [float(x) for x in sys.argv[1:] if x]; print(sum(v) / len(v) if v else '')" "$@"; }
 beats() {  # beats A B: whether MFU A is 0.5 % or more above B (both given)
     [ -n "$1" ] && [ -n "$2" ] && python3 -c "import sys; sys.exit(float(sys.argv[1]) < 1.005 * float(sys.argv[2]))" "$1" "$2"
@@ -62,6 +62,14 @@ fits 90 "the kernels' CUDA tests" && timeout 90 python3 -m pytest -v -rf -p no:c
     -k "triton_matches or recomputed_mask or stored_mask or backward_variants" >"$tests" 2>&1
 grep -E "^tests/test_gpu.py::.* (FAILED|ERROR)" "$tests" | cut -d' ' -f1 | sed 's/^tests\/test_gpu.py::/not passed: /'
 tail -n 1 "$tests"
+if [ -z "$got" ]; then  # the default recipe failed: every arm would fail too (session 22's first call spent 397 s
+    # so); stop with the errors, and leave the device time for a fixed rerun
+    echo "the default loop failed; its errors:"
+    grep -E "^[A-Za-z]*(Error|Exception)" "$OUT/loop.err" | sort | uniq -c | sort -rn | head -5 | cut -c1-400
+    kill "$dmon" 2>/dev/null
+    echo "total $SECONDS s (stopped early)"
+    exit 1
+fi
 ok() {  # ok TEST...: whether each of these test ids passed
     local t
     for t in "$@"; do grep -qF "test_gpu.py::$t PASSED" "$tests" || return 1; done
