@@ -539,3 +539,32 @@ def test_a_sweep_cut_short_leaves_its_best_so_far(module, tmp_path, monkeypatch,
     fields = ("fwd_rows", "fwd_warps", "packed_rng") if module == "fused_ln_sweep" else ("rows", "cols", "warps")
     assert any(all(written[f] == x["config"][f] for f in fields) for x in timed if key(x) <= fastest + 2e-3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json"]  # no partial temporary left behind
+
+
+def test_gpu_ab_script_gates_its_arms_on_tests_it_runs():
+    """``benchmarks/gpu_ab.sh`` runs an arm only if named CUDA tests passed in its test run; a renamed test, or one
+    that its ``-k`` leaves out, would skip the arm on the GPU without a word. Every test id it gates on must be
+    collected from tests/test_gpu.py by that ``-k`` (on CPU the tests are collected and skipped)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = (root / "benchmarks" / "gpu_ab.sh").read_text()
+    variables = dict(re.findall(r"^(\w+)=(test_\w+)$", script, flags=re.MULTILINE))
+    for name, value in variables.items():
+        script = script.replace(f'"${name}[', f'"{value}[')
+    names = set(re.findall(r'test_\w+(?:\[[^\]"]+\])?', script.replace("test_gpu.py", "")))  # but the file's
+    gated = names - set(variables.values())  # the variables' values are prefixes of ids
+    assert len(gated) >= 5, gated  # the recompute pair, the LayerNorm variants, the attention's 8-bit config
+    selection = re.search(r'-k "([^"]+)"', script).group(1)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py",
+         "-k", selection],
+        cwd=root, capture_output=True, text=True, check=False,
+    ).stdout  # fmt: skip
+    collected = {line.split("::", 1)[1] for line in out.splitlines() if line.startswith("tests/test_gpu.py::")}
+    assert collected, out
+    missing = sorted(t for t in gated if t not in collected)
+    assert not missing, f"gpu_ab.sh gates on tests its run does not collect: {missing}"
