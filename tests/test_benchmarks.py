@@ -568,3 +568,30 @@ def test_gpu_ab_script_gates_its_arms_on_tests_it_runs():
     assert collected, out
     missing = sorted(t for t in gated if t not in collected)
     assert not missing, f"gpu_ab.sh gates on tests its run does not collect: {missing}"
+
+
+def test_gpu_ab_script_passes_only_options_its_benchmarks_take():
+    """Each ``python3 -m benchmarks...`` call of ``benchmarks/gpu_ab.sh`` with options that module's argparse knows
+    (an unknown one fails the call on the GPU, where each minute is counted); the arms' configs reach the loop and
+    the profile as ``--fused-ln-config`` / ``--fused-attention-config`` through "$@" and the winners."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = (root / "benchmarks" / "gpu_ab.sh").read_text().replace("\\\n", " ")
+    calls: dict[str, set[str]] = {}
+    for module, args in re.findall(r"python3 -m (benchmarks[\w.]*)([^\n>|;]*)", script):
+        calls.setdefault(module, set()).update(re.findall(r"(?<!\S)(--[a-z][\w-]*)", args))
+    for module, extra in (("benchmarks", "--fused-ln-config --fused-attention-config"),
+                          ("benchmarks.profile_train", "--fused-ln-config")):  # fmt: skip
+        assert module in calls, sorted(calls)
+        calls[module].update(extra.split())
+    assert len(calls) >= 4, sorted(calls)
+    for module, options in calls.items():
+        out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=root, capture_output=True, text=True,
+                             check=False)  # fmt: skip
+        assert out.returncode == 0, (module, out.stderr[-500:])
+        unknown = sorted(o for o in options if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", out.stdout))
+        assert not unknown, f"gpu_ab.sh passes {module} options it does not take: {unknown}"
