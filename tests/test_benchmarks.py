@@ -1,6 +1,10 @@
 """The benchmark suite's output: figure records and the README table (the timings themselves are not tested)."""
 
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -541,17 +545,17 @@ def test_a_sweep_cut_short_leaves_its_best_so_far(module, tmp_path, monkeypatch,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json"]  # no partial temporary left behind
 
 
+def _gpu_ab_script() -> tuple[Path, str]:
+    """The repository's root and ``benchmarks/gpu_ab.sh``'s text."""
+    root = Path(__file__).resolve().parents[1]
+    return root, (root / "benchmarks" / "gpu_ab.sh").read_text()
+
+
 def test_gpu_ab_script_gates_its_arms_on_tests_it_runs():
     """``benchmarks/gpu_ab.sh`` runs an arm only if named CUDA tests passed in its test run; a renamed test, or one
     that its ``-k`` leaves out, would skip the arm on the GPU without a word. Every test id it gates on must be
     collected from tests/test_gpu.py by that ``-k`` (on CPU the tests are collected and skipped)."""
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    script = (root / "benchmarks" / "gpu_ab.sh").read_text()
+    root, script = _gpu_ab_script()
     variables = dict(re.findall(r"^(\w+)=(test_\w+)$", script, flags=re.MULTILINE))
     for name, value in variables.items():
         script = script.replace(f'"${name}[', f'"{value}[')
@@ -574,13 +578,8 @@ def test_gpu_ab_script_passes_only_options_its_benchmarks_take():
     """Each ``python3 -m benchmarks...`` call of ``benchmarks/gpu_ab.sh`` with options that module's argparse knows
     (an unknown one fails the call on the GPU, where each minute is counted); the arms' configs reach the loop and
     the profile as ``--fused-ln-config`` / ``--fused-attention-config`` through "$@" and the winners."""
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    script = (root / "benchmarks" / "gpu_ab.sh").read_text().replace("\\\n", " ")
+    root, script = _gpu_ab_script()
+    script = script.replace("\\\n", " ")
     calls: dict[str, set[str]] = {}
     for module, args in re.findall(r"python3 -m (benchmarks[\w.]*)([^\n>|;]*)", script):
         calls.setdefault(module, set()).update(re.findall(r"(?<!\S)(--[a-z][\w-]*)", args))

@@ -203,6 +203,8 @@ def test_every_fused_switch_compiles_in_one_graph_and_matches_eager() -> None:
 
 INTERPRETER_CHECK = textwrap.dedent(
     """
+    from unittest import mock
+
     import torch
     from jowa_core.models import fused_attention as fa
 
@@ -285,9 +287,8 @@ INTERPRETER_CHECK = textwrap.dedent(
     assert len({tuple(r.tolist()) for r in rows.bool()}) == rows.shape[0], "rows must not repeat"
     # the kernels through the public op and autograd, as on a GPU: torch.library checks what the ops return
     # (session 21's LayerNorm backward returned outputs that shared storage, and only CUDA runs saw it)
-    use_triton, fa._use_triton = fa._use_triton, lambda t: True
     qkv, bias, do = torch.randn(2, 37, 3, 2, 16), torch.randn(96), torch.randn(2, 37, 2, 16)
-    try:
+    with mock.patch.object(fa, "_use_triton", lambda t: True):
         for p in (0.0, 0.3):
             leaves = (qkv.clone().requires_grad_(), bias.clone().requires_grad_())
             torch.manual_seed(11)
@@ -300,8 +301,6 @@ INTERPRETER_CHECK = textwrap.dedent(
             rdq, rdb = fa._reference_backward(do, qkv, keep, p)
             for name, a, e in (("o", o, ro), ("dqkv", dq, rdq), ("dbias", db, rdb)):
                 torch.testing.assert_close(a, e, rtol=1e-5, atol=5e-5, msg=f"the op's {name} p={p}")
-    finally:
-        fa._use_triton = use_triton
     # dropout_bits=8: sixteen 8-bit uniforms a Philox call (FlashAttention-2's draw), p rounded to 1/256; the flags
     # are stored alike, so the backward kernels are the ones above. Several query and key blocks, a part-filled one.
     for cfg in (fa.KernelConfig(16, 64, 2, 64, 32, 2, 1, 1, dropout_bits=8),

@@ -110,6 +110,8 @@ def test_switch_keeps_the_dtypes_under_autocast() -> None:
 
 INTERPRETER_CHECK = textwrap.dedent(
     """
+    from unittest import mock
+
     import torch
     import torch.nn.functional as F
     from jowa_core.models import fused_gelu as f
@@ -149,12 +151,9 @@ INTERPRETER_CHECK = textwrap.dedent(
     assert derr < 6e-7, derr
     # the kernels through the public op and autograd, as on a GPU: torch.library checks what the op returns (session
     # 21's LayerNorm backward returned outputs that shared storage, and only CUDA runs saw it)
-    use_triton, f._use_triton = f._use_triton, lambda t: True
-    try:
-        h, b, dy = torch.randn(2, 7, 48).requires_grad_(), torch.randn(48).requires_grad_(), torch.randn(2, 7, 48)
+    h, b, dy = torch.randn(2, 7, 48).requires_grad_(), torch.randn(48).requires_grad_(), torch.randn(2, 7, 48)
+    with mock.patch.object(f, "_use_triton", lambda t: True):
         got = torch.autograd.grad(f.bias_gelu(h, b), (h, b), dy)
-    finally:
-        f._use_triton = use_triton
     want = torch.autograd.grad(f.bias_gelu(h, b), (h, b), dy)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)

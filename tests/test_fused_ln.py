@@ -360,6 +360,8 @@ def test_switch_leaves_the_cached_path_alone_and_trains_with_dropout() -> None:
 
 INTERPRETER_CHECK = textwrap.dedent(
     """
+    from unittest import mock
+
     import torch
     from jowa_core.models import fused_ln as f
 
@@ -441,9 +443,7 @@ INTERPRETER_CHECK = textwrap.dedent(
     # the Triton kernels through the backward op itself, as on a GPU: torch.library refuses outputs that share
     # storage, and with fp32 weights dweight and dbias are the kernels' sums themselves (session 21's one
     # reduction of all three returned rows of one tensor and failed every CUDA run)
-    use_triton = f._use_triton
-    f._use_triton = lambda t: True
-    try:
+    with mock.patch.object(f, "_use_triton", lambda t: True):
         for cfg in (packed, split):
             f.set_kernel_config(cfg)
             N, C = 9, 48
@@ -457,8 +457,6 @@ INTERPRETER_CHECK = textwrap.dedent(
                 want = f._reference_backward(dy, dxn, xn, w, mean, rstd, mask, 0.3, torch.bfloat16)
                 for name, a, e in zip(("dx", "dh", "dw", "db", "dh_bias"), got, want if need_dhb else want[:4]):
                     close(a, e, f"the op's {name} {cfg} need_dhb={need_dhb}")
-    finally:
-        f._use_triton = use_triton
     # the packed mask's statistics at jowa_150m's width and dropout (49,152 draws: sd of the kept share 0.0014)
     f.set_kernel_config(packed)
     N, C, p = 64, 768, 0.1

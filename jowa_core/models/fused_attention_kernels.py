@@ -44,9 +44,15 @@ def _draw(seed, bh, T, offs_m, start_n, p16, BLOCK_N: tl.constexpr):
     l2, l3 = ((r2 << 16) >= t).to(tl.int32), ((r3 << 16) >= t).to(tl.int32)
     h0, h1 = (r0 >= t).to(tl.int32), (r1 >= t).to(tl.int32)
     h2, h3 = (r2 >= t).to(tl.int32), (r3 >= t).to(tl.int32)
-    byte = l0 | (h0 << 1) | (l1 << 2) | (h1 << 3) | (l2 << 4) | (h2 << 5) | (l3 << 6) | (h3 << 7)
+    byte = _flag_byte(l0, h0, l1, h1, l2, h2, l3, h3)
     M: tl.constexpr = offs_m.shape[0]
     return _spread(l0, h0, l1, h1, l2, h2, l3, h3, M, BLOCK_N), tl.reshape(byte, (M, BLOCK_N // 8))
+
+
+@triton.jit
+def _flag_byte(x0, x1, x2, x3, x4, x5, x6, x7):
+    """A call's stored flag byte from its eight int32 0/1 flags: x_k at bit k (bit 2 c + e)."""
+    return x0 | (x1 << 1) | (x2 << 2) | (x3 << 3) | (x4 << 4) | (x5 << 5) | (x6 << 6) | (x7 << 7)
 
 
 @triton.jit
@@ -71,8 +77,7 @@ def _draw8(seed, bh, T, offs_m, start_n, p8, BLOCK_N: tl.constexpr):
     b0, b1, b2, b3 = _kept(r0, 16, t), _kept(r1, 16, t), _kept(r2, 16, t), _kept(r3, 16, t)  # byte 1: t = 0, e = 1
     c0, c1, c2, c3 = _kept(r0, 8, t), _kept(r1, 8, t), _kept(r2, 8, t), _kept(r3, 8, t)  # byte 2: t = 1, e = 0
     d0, d1, d2, d3 = _kept(r0, 0, t), _kept(r1, 0, t), _kept(r2, 0, t), _kept(r3, 0, t)  # byte 3: t = 1, e = 1
-    first = a0 | (b0 << 1) | (a1 << 2) | (b1 << 3) | (a2 << 4) | (b2 << 5) | (a3 << 6) | (b3 << 7)  # bit 2 c + e
-    second = c0 | (d0 << 1) | (c1 << 2) | (d1 << 3) | (c2 << 4) | (d2 << 5) | (c3 << 6) | (d3 << 7)
+    first, second = _flag_byte(a0, b0, a1, b1, a2, b2, a3, b3), _flag_byte(c0, d0, c1, d1, c2, d2, c3, d3)
     M: tl.constexpr = offs_m.shape[0]
     z = tl.join(_joined(a0, b0, a1, b1, a2, b2, a3, b3), _joined(c0, d0, c1, d1, c2, d2, c3, d3))
     keep = tl.reshape(tl.permute(z, (0, 1, 6, 5, 4, 2, 3)), (M, BLOCK_N)) != 0  # -> (.., t, c // 2, c % 2, q, e)
@@ -101,7 +106,7 @@ def _spread(x0, x1, x2, x3, x4, x5, x6, x7, M: tl.constexpr, N: tl.constexpr):
     """[M, N] flags from the eight [M, N // 32, 4] (row, span, quad) ones of a call's bits: bit 2 c + e of call
     (m, s, q) is key 32 s + 8 c + 2 q + e. Joins, a permutation and a reshape, which lay the bits out as the
     products' accumulators hold them, so none crosses threads."""
-    z = tl.join(tl.join(tl.join(x0, x1), tl.join(x2, x3)), tl.join(tl.join(x4, x5), tl.join(x6, x7)))
+    z = _joined(x0, x1, x2, x3, x4, x5, x6, x7)
     return tl.reshape(tl.permute(z, (0, 1, 5, 4, 2, 3)), (M, N)) != 0  # (.., q, e, c % 2, c // 2) -> (.., c, q, e)
 
 
