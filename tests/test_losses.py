@@ -468,6 +468,7 @@ def test_obs_loss_takes_the_logits_whole_and_leaves_the_last_prediction_out(w):
     assert torch.count_nonzero(logits.grad[:, -1]) == 0  # the last prediction has no label in the segment
     assert torch.count_nonzero(logits.grad[0, :-1]) > 0
 
+
 def test_world_losses_shape_errors():
     model = tiny_model()
     tokens, _, rewards, ends, mask = batch()
