@@ -210,6 +210,29 @@ def test_op_registration_passes_torch_library_opcheck(store_mask: bool) -> None:
     assert _fused_forward(*args)[4].shape == (8, 24)
 
 
+@pytest.mark.parametrize("stack_sums", [False, True])
+@pytest.mark.parametrize("need_dhb", [False, True])
+def test_backward_op_passes_torch_library_opcheck(stack_sums: bool, need_dhb: bool) -> None:
+    """The backward op's fake against the real one on CPU, with the parameters' sums as separate outputs (what
+    graphs compiled before ``stack_sums`` call) and stacked (what the autograd backward asks for now)."""
+    from jowa_core.models.fused_ln import _fused_backward
+
+    x, h, w, b = (t.detach() for t in _inputs(8, 24))
+    seed = torch.tensor([5])
+    xn, _y, mean, rstd, mask = _fused_forward(x, h, w, b, seed, 0.25, 1e-5, torch.float32, None, True)
+    dy, dxn = torch.randn(8, 24), torch.randn(8, 24)
+    args = (dy, dxn, xn, w, mean, rstd, mask, 0.25, torch.float32, True, seed, need_dhb, stack_sums)
+    torch.library.opcheck(_fused_backward, args)
+    out = _fused_backward(*args)
+    apart = _fused_backward(*args[:-1])
+    if stack_sums:
+        assert out[2].shape == (3 if need_dhb else 2, 24) and out[3].numel() == out[4].numel() == 0
+        for a, e in zip(out[2], apart[2:]):
+            torch.testing.assert_close(a, e)
+    else:
+        assert all(torch.equal(a, e) for a, e in zip(out, apart))
+
+
 # --- the model's switch ------------------------------------------------------------------------
 
 CFG = WorldActionConfig(num_layers=2, num_heads=2, embed_dim=32, max_blocks=3, obs_vocab_size=24, q_mlp_dim=16,
@@ -457,6 +480,24 @@ INTERPRETER_CHECK = textwrap.dedent(
                 want = f._reference_backward(dy, dxn, xn, w, mean, rstd, mask, 0.3, torch.bfloat16)
                 for name, a, e in zip(("dx", "dh", "dw", "db", "dh_bias"), got, want if need_dhb else want[:4]):
                     close(a, e, f"the op's {name} {cfg} need_dhb={need_dhb}")
+                # stack_sums: the parameters' sums as one (2 or 3, C) output, reduced by one call
+                one = torch.ops.jowa.dropout_add_layer_norm_backward(dy, dxn, xn, w, mean, rstd, mask, 0.3,
+                                                                     torch.bfloat16, True, seed, need_dhb, True)
+                assert one[2].shape == (3 if need_dhb else 2, C) and one[2].dtype == torch.float32, cfg
+                assert one[3].numel() == one[4].numel() == 0, cfg
+                assert torch.equal(one[0], got[0]) and torch.equal(one[1], got[1]), cfg
+                for name, a, e in zip(("dw", "db", "dh_bias"), one[2], got[2:]):
+                    close(a, e, f"the op's stacked {name} {cfg} need_dhb={need_dhb}")
+        # autograd through the public function (which asks for the stacked sums), against the reference path
+        grads = []
+        for triton in (True, False):
+            with mock.patch.object(f, "_use_triton", lambda t, on=triton: on):
+                ins = [t.clone().requires_grad_() for t in (x, h.float(), w, b, hb)]
+                x_new, y = f.dropout_add_layer_norm(ins[0], ins[1], ins[2], ins[3], 0.0, True, h_bias=ins[4])
+                (x_new * dxn + y * dy.float()).sum().backward()
+                grads.append([t.grad for t in ins])
+        for name, a, e in zip(("dx", "dh", "dweight", "dbias", "dh_bias"), *grads):
+            close(a, e, f"autograd's {name} {cfg}")
     # the packed mask's statistics at jowa_150m's width and dropout (49,152 draws: sd of the kept share 0.0014)
     f.set_kernel_config(packed)
     N, C, p = 64, 768, 0.1
