@@ -48,7 +48,7 @@ from jowa_core.data.segments import SegmentSampler
 from jowa_core.games import action_masks
 from jowa_core.models.world_action import WorldActionModel
 from jowa_core.runtime import resolve_device
-from jowa_core.training import Batch, make_sources, param_groups, set_stage, step_loss, to_batches
+from jowa_core.training import Batch, clip_and_step, make_sources, param_groups, set_stage, step_loss, to_batches
 
 VARIANTS = (
     "eager", "compile_forward", "compile_loss", "compile_loss_pure_bf16", "eager_no_dropout", "compile_loss_no_dropout",
@@ -169,8 +169,7 @@ def run_variant(
         opt.zero_grad(set_to_none=True)
         total, metrics = loss_fn(b.tokens, b.task_ids, b.rewards, b.ends, b.mask, b.legal)
         total.backward()
-        torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], p.train.grad_clip)
-        opt.step()
+        clip_and_step(opt, [q for q in model.parameters() if q.requires_grad], p.train.grad_clip)
         return metrics
 
     t0 = time.perf_counter()

@@ -110,6 +110,7 @@ from jowa_core.runtime import available_cores, configure_threads, resolve_device
 from jowa_core.training import (
     METRICS_FILE,
     Batch,
+    clip_and_step,
     log_record,
     param_groups,
     read_metrics,
@@ -1007,8 +1008,7 @@ def finetune(
         with autocast():
             terms = _loss(model, batch, n_real, cfg, tc)
         terms.total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
-        opt.step()
+        grad_norm = clip_and_step(opt, [p for p in model.parameters() if p.requires_grad], tc.grad_clip)
         step += 1
         if step % cfg.target_update_every == 0:
             model.update_target()

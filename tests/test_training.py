@@ -29,6 +29,7 @@ from jowa_core.data.segments import SegmentSampler, SegmentSource
 from jowa_core.models.world_action import WorldActionModel
 from jowa_core.training import (
     GlobalBatchSlices,
+    clip_and_step,
     load_agent_model,
     param_groups,
     read_metrics,
@@ -164,6 +165,47 @@ def test_fused_switches_default_on_for_cuda_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(fused_ln, "triton_available", lambda: False)
     assert fused_switches(cuda) == FusedSwitches(False, True, False, False, False)
+
+
+@pytest.mark.parametrize("scale", [30.0, 0.01])
+def test_clip_and_step_gives_clip_grad_norm_then_step(scale):
+    """A fused AdamW takes the clipping as its ``grad_scale``; the parameters, the moments and the (clipped)
+    gradients after three steps must be those of ``clip_grad_norm_`` and a plain AdamW step, with the clipping
+    active (scale 30) and idle (0.01). If torch stopped reading ``grad_scale``, the clipped case would train
+    unclipped and differ here."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[scale * torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    runs = {}
+    for name, kw, step in (("fused", {"fused": True}, "clip_and_step"), ("plain", {"foreach": False}, "apart"),
+                           ("unclipped", {"fused": True}, "no_clip")):  # fmt: skip
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}], lr=0.1, **kw)
+        norms = []
+        for gs in grads:
+            for p_, gr in zip(params, gs):
+                p_.grad = gr.clone()
+            if step == "clip_and_step":
+                norms.append(clip_and_step(opt, params, 1.0))
+            elif step == "apart":
+                norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0))
+                opt.step()
+            else:
+                opt.step()
+        assert not hasattr(opt, "grad_scale")
+        runs[name] = (params, opt, norms)
+    (fp, fopt, fnorms), (pp, popt, pnorms) = runs["fused"], runs["plain"]
+    for a, e in zip(fnorms, pnorms):
+        torch.testing.assert_close(a, e)
+    assert (min(n.item() for n in fnorms) > 1.0) == (scale > 1)  # the clipping is active where meant
+    for a, e in zip(fp, pp):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-5, atol=1e-7)  # the gradients as clipped
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fopt.state[a][k], popt.state[e][k], rtol=1e-5, atol=1e-9)
+    differs = any(not torch.allclose(a, e, rtol=1e-4) for a, e in zip(runs["unclipped"][0], pp))
+    assert differs == (scale > 1)  # unclipped, the clipped case moves elsewhere: the check can fail
 
 
 def test_fused_qkv_switch_trains_as_the_default(caches, tmp_path):
