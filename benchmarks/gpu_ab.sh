@@ -1,30 +1,36 @@
 #!/usr/bin/env bash
 # The next device session's A/B for issue 8's one open target: jowa_150m stage-2 training at 40 % MFU on an H100.
-# Session 22 found every CUDA run of the fused LayerNorm op failing (its backward returned rows of one tensor,
-# which torch.library refuses as aliased outputs; fixed), then ran the loop once per recipe: 39.66 % with the
-# backward's row loop on 1 stage, 39.91 % on 3 (bwd_stages=3, now the default; 40 % needs 215.0 ms a step, that run
-# took about 215.5), 39.1 % with each row split in two tiles, 39.6 % split on 3 stages. recompute_mask (no dropout
-# mask written by the forward or read by the backward, about 2 ms a step by bandwidth) is still untimed: its two
-# CUDA tests failed on fp32 tolerances for sums over 4,099 rows (now 2e-4) and a loss of y's bf16 rounding (now
-# fixed cotangents). Nsight Compute found none of the backward's kernels inside an NVTX push/pop range (autograd
-# launches them from its own thread); it now runs with --profile-from-start off.
+# Session 22's loop ran at 39.91 % (215.5 ms a step; 40 % needs 215.0) with the LayerNorm backward on 3 stages, one
+# run. Session 23 (no device) changed four things in the default step, each the same arithmetic with fewer passes:
+# - the obs cross-entropy takes the logits whole (the last prediction's label is IGNORE) instead of a slice, whose
+#   backward copied the (512, 288, 2048) gradient into a padded tensor (a 0.59 ms kernel in session 21's profile);
+# - a window of whole blocks takes its embeddings and head rows as slices of a (B, L, 37, d) view, not an index
+#   (the index's backward: zero fills and atomic scatters, three kernels, about 1.3 ms);
+# - the LayerNorm op's backward sums its parameters' partial rows in one reduction, not three (reduce_kernel:
+#   1.16 ms a step for about 100 eager sums);
+# - a fused AdamW takes the gradient clipping as its grad_scale, so no _foreach_mul_ pass over the gradients.
 # Most important first:
-# 1. the default recipe (3 stages), the new default's first confirmation;
-# 2. the kernels' CUDA tests, their output kept (tests.txt); the recompute arm runs only if its two tests passed;
-# 3. recompute_mask against the default, alternated (redraw, default, redraw), so that drift cannot decide it;
-# 4. the backward's row loop on 1 stage (the old default) and on 2, each adopted only if 0.5 % above the default;
-#    the attention op's dropout with 8-bit uniforms (KernelConfig.dropout_bits=8), reported only (it rounds p);
-# 5. the default again, for drift, and the winners again;
-# 6. the LayerNorm and attention backward kernels under Nsight Compute (ncu.txt), if ncu is there;
-# 7. the LayerNorm backward sweep with the branch's bias, then the loop with its best if it is not the default;
-# 8. the step alone with its kernels under the winners, if any; the MLP with inductor's max-autotune products
-#    (mlp_autotune, never run on a GPU), if time is left.
-# Each step runs only if its time limit still ends by 560 s (END), so the script fits one 600 s call.
+# 1. the new default, and the kernels' CUDA tests, their output kept (tests.txt); stop if the default failed;
+# 2. recompute_mask (the LayerNorm mask redrawn in the backward) alternated with the default, if its tests passed;
+# 3. session 22's code on the same machine (BASE, below), twice apart in time: what the four changes gave;
+# 4. the backward's row loop on 1 and 2 stages against the default's 3; the attention op's 8-bit dropout, reported;
+# 5. the default again, and the winners again;
+# 6. the step alone, its kernels sorted (whether the padded copy, the scatters and the sums are gone);
+# 7. Nsight Compute on the LayerNorm and attention backward; the LayerNorm backward sweep; mlp_autotune.
+# Each step runs only if its time limit still ends by 560 s (END), so the script fits one 600 s call. BASE holds
+# session 22's jowa_core and benchmarks; the script makes it with git archive where .git is there, else carry it:
+#   mkdir -p .baseline && git archive 5ac598f jowa_core benchmarks | tar -x -C .baseline   # (ignored by git)
 #   bash benchmarks/gpu_ab.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: the baseline's loops run from BASE
+BASE=${BASE:-.baseline} BASE_REV=5ac598f
+if [ ! -d "$BASE/jowa_core" ] && git cat-file -e "$BASE_REV^{commit}" 2>/dev/null; then
+    mkdir -p "$BASE" && git archive "$BASE_REV" jowa_core benchmarks | tar -x -C "$BASE"
+fi
+src=$PWD  # where a loop runs from: this tree, or BASE for session 22's code
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader  # into the caller's log
 # clocks and power every 5 s, to tell a throttled machine from a slow recipe
@@ -38,10 +44,10 @@ loop() {  # loop LIMIT ARGS...: one training-loop run, its figures appended to l
     local limit=$1 t0=$SECONDS
     shift
     fits "$limit" "loop $*" || return 1
-    timeout "$limit" python3 -m benchmarks --device cuda --suite train --preset jowa_150m \
-        --steps 20 --batch-size 512 "$@" --jsonl "$OUT/loop.jsonl" >/dev/null 2>>"$OUT/loop.err" ||
+    (cd "$src" && PYTHONPATH=$src timeout "$limit" python3 -m benchmarks --device cuda --suite train \
+        --preset jowa_150m --steps 20 --batch-size 512 "$@" --jsonl "$OUT/loop.jsonl" >/dev/null 2>>"$OUT/loop.err") ||
         echo "loop $*: failed or timed out"
-    echo "loop ${*:-(default)}: $((SECONDS - t0)) s, MFU $(last_mfu)"
+    echo "loop${tag:+ [$tag]} ${*:-(default)}: $((SECONDS - t0)) s, MFU $(last_mfu)"
 }
 mfus() { grep -c train_stage2_mfu "$OUT/loop.jsonl" 2>/dev/null || echo 0; }
 last_mfu() { grep -s train_stage2_mfu "$OUT/loop.jsonl" | tail -n 1 | grep -o '"value": [0-9.]*' | cut -d' ' -f2; }
@@ -49,7 +55,7 @@ mean() { python3 -c "import sys; v = [float(x) for x in sys.argv[1:] if x]; prin
 beats() {  # beats A B: whether MFU A is 0.5 % or more above B (both given)
     [ -n "$1" ] && [ -n "$2" ] && python3 -c "import sys; sys.exit(float(sys.argv[1]) < 1.005 * float(sys.argv[2]))" "$1" "$2"
 }
-# measure ARGS...: the loop once with ARGS, its MFU in $got if it gave one
+# measure ARGS...: the loop once with ARGS, its MFU in $got if it gave one (src=DIR tag=NAME measure ...: from DIR)
 measure() { local n; n=$(mfus); got=""; loop "$@" && [ "$(mfus)" -gt "$n" ] && got=$(last_mfu); return 0; }
 cfg=$(mktemp -d)  # kernel configs outside $OUT, which brings back 8 files at most
 winners=() redraws=()
@@ -88,6 +94,16 @@ if ok test_fused_layer_norm_recomputed_mask_trains_as_the_stored_one \
 else
     echo "skipped: the redrawn LayerNorm mask (its tests did not pass)"
 fi
+# session 22's code (39.91 % in its one run) on this machine, twice apart in time, against this default
+bases=()
+if [ -d "$BASE/jowa_core" ]; then
+    src=$(cd "$BASE" && pwd) tag="session 22, $BASE_REV" measure 120 && bases+=("$got")
+    measure 60 && defaults+=("$got")
+    src=$(cd "$BASE" && pwd) tag="session 22, $BASE_REV" measure 60 && bases+=("$got")
+    echo "session 22's code: ${bases[*]} against this default's ${defaults[*]}"
+else
+    echo "skipped: session 22's code (no $BASE/jowa_core; see the header)"
+fi
 base=$(mean "${defaults[@]}")
 redraw=false
 [ ${#winners[@]} -gt 0 ] && redraw=true
@@ -120,6 +136,13 @@ measure 60 && defaults+=("$got") && echo "defaults: ${defaults[*]}"
 if [ ${#winners[@]} -gt 0 ]; then
     measure 60 "${winners[@]}" && echo "winners again: $got (ref $ref)"
 fi
+# the step alone, its kernels sorted, under the winners if any (session 21's profile stands for session 22's code)
+if fits 90 "profile_train"; then
+    timeout 90 python3 -m benchmarks.profile_train --device cuda --preset jowa_150m --batch-size 512 --steps 10 \
+        --variants compile_loss_fused_ln_qkv_gelu_bias_attn --profile "${winners[@]}" \
+        >>"$OUT/step.jsonl" 2>>"$OUT/loop.err" || echo "profile_train: failed or timed out"
+    tail -n 1 "$OUT/step.jsonl" | cut -c1-600
+fi
 # the LayerNorm backward and the attention backward (the first 3 in the backward pass) under Nsight Compute
 if command -v ncu >/dev/null && fits 90 "ncu"; then
     timeout 90 ncu --profile-from-start off \
@@ -145,13 +168,6 @@ sys.exit(KernelConfig(**json.load(open(sys.argv[1]))) == KernelConfig())" "$cfg/
 c = {k: v for k, v in json.load(open(sys.argv[1])).items() if k.startswith('bwd_')}
 print(json.dumps(c)[1:-1])" "$cfg/ln.json")"
     fi
-fi
-# the step alone, its kernels sorted, under the winners (session 21's profile stands for the default)
-if [ ${#winners[@]} -gt 0 ] && fits 90 "profile_train"; then
-    timeout 90 python3 -m benchmarks.profile_train --device cuda --preset jowa_150m --batch-size 512 --steps 10 \
-        --variants compile_loss_fused_ln_qkv_gelu_bias_attn --profile "${winners[@]}" \
-        >>"$OUT/step.jsonl" 2>>"$OUT/loop.err" || echo "profile_train: failed or timed out"
-    tail -n 1 "$OUT/step.jsonl" | cut -c1-600
 fi
 # the MLP's products through inductor's max-autotune (Triton templates where they win) against cuBLAS's
 fits 120 "mlp_autotune" && { timeout 120 python3 -m benchmarks.mlp_autotune >>"$OUT/micro.jsonl" \

@@ -53,10 +53,11 @@ def positions(start: int, T: int, keep) -> list[int]:
 # --- embeddings and head positions -------------------------------------------------------------
 
 
-def test_input_embedding_matches_a_per_position_loop():
+@pytest.mark.parametrize("T", [2 * TPB + 5, 2 * TPB])  # indexed positions; whole blocks, looked up as slices
+def test_input_embedding_matches_a_per_position_loop(T):
     model = make_model()
     cfg = model.cfg
-    B, T = 2, 2 * TPB + 5
+    B = 2
     tokens, tasks = random_tokens(cfg, B, T), torch.tensor([3, 59])
     seen = {}
     model.transformer.drop.register_forward_hook(lambda m, inp, out: seen.setdefault("x", inp[0]))
@@ -102,6 +103,49 @@ def test_heads_read_the_official_positions(start, T):
         torch.testing.assert_close(out.q_logits, ref_q)
         torch.testing.assert_close(out.q_hidden, h[:, q])
     assert out.start == start and cache.length == start + T
+
+
+@pytest.mark.parametrize("start,T", [(0, 3 * TPB), (0, TPB), (TPB, 2 * TPB)])
+def test_whole_blocks_take_slices_with_the_indexed_paths_values_and_gradients(start, T):
+    """A window of whole blocks takes its embeddings and head rows as slices of a (B, L, 37, ...) view: the same
+    outputs and parameter gradients as the indexed path, and no index or index_put op in the forward or the
+    backward (an index's backward is a zero fill and a scatter per head)."""
+    from unittest import mock
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Names(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = make_model()
+    tokens, tasks = random_tokens(model.cfg, 2, start + T), torch.tensor([1, 2])
+    runs = []
+    for whole in (True, False):
+        model.zero_grad()
+        with mock.patch.object(WorldActionModel, "_whole_blocks", lambda self, s, n: whole and s % TPB == n % TPB == 0):
+            cache = model.empty_cache(2) if start else None
+            if start:
+                with torch.no_grad():
+                    model(tokens[:, :start], tasks, cache)
+            with Names() as ops:
+                out = model(tokens[:, start:], tasks, cache)
+                loss = out.obs_logits.logsumexp(-1).mean() + out.q_logits.square().mean() + out.reward_logits.mean()
+                (loss + out.end_logits.mean()).backward()
+        runs.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, ops.names))
+    (a, ga, names), (b, gb, indexed) = runs
+    for field in ("hidden", "obs_logits", "reward_logits", "end_logits", "q_logits", "q_hidden"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=0, atol=0, msg=field)
+    assert ga.keys() == gb.keys() and "embedder.embedding_tables.0.weight" in ga
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-6, atol=1e-7, msg=n)
+    assert any("index" in n for n in indexed)  # the check can fail: the indexed path has them
+    assert not [n for n in names if "aten.index" in n], names
 
 
 @pytest.mark.parametrize("start,T", [(0, 3 * TPB - 1), (0, 5), (36, 1), (40, 70)])
