@@ -128,7 +128,9 @@ def test_whole_blocks_take_slices_with_the_indexed_paths_values_and_gradients(st
     runs = []
     for whole in (True, False):
         model.zero_grad()
-        with mock.patch.object(WorldActionModel, "_whole_blocks", lambda self, s, n: whole and s % TPB == n % TPB == 0):
+        with mock.patch.object(
+            WorldActionModel, "_whole_blocks", lambda self, s, n, w=whole: w and s % TPB == n % TPB == 0
+        ):
             cache = model.empty_cache(2) if start else None
             if start:
                 with torch.no_grad():
