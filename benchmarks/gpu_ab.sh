@@ -97,9 +97,10 @@ fi
 # session 22's code (39.91 % in its one run) on this machine, twice apart in time, against this default
 bases=()
 if [ -d "$BASE/jowa_core" ]; then
-    src=$(cd "$BASE" && pwd) tag="session 22, $BASE_REV" measure 120 && bases+=("$got")
+    base_src=$(cd "$BASE" && pwd) base_tag="session 22, $BASE_REV"
+    src=$base_src tag=$base_tag measure 120 && bases+=("$got")
     measure 60 && defaults+=("$got")
-    src=$(cd "$BASE" && pwd) tag="session 22, $BASE_REV" measure 60 && bases+=("$got")
+    src=$base_src tag=$base_tag measure 60 && bases+=("$got")
     echo "session 22's code: ${bases[*]} against this default's ${defaults[*]}"
 else
     echo "skipped: session 22's code (no $BASE/jowa_core; see the header)"

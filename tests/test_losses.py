@@ -21,6 +21,7 @@ from jowa_core.losses import (
     world_losses,
 )
 from jowa_core.models.world_action import WorldActionModel, WorldActionOutput
+from tests.op_log import OpLog
 
 ATOMS = torch.linspace(-10.0, 30.0, 51)
 TPB = 37
@@ -444,23 +445,11 @@ def test_obs_loss_takes_the_logits_whole_and_leaves_the_last_prediction_out(w):
     """The last obs prediction (of the next segment's first token) gets a zero gradient from a label of IGNORE, not
     from a slice of the (B, L * 36, V) logits: a slice cost a copy in the forward and a padded copy of the
     gradient in the backward (jowa_150m: V = 2048, 0.6 ms a step on an H100)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.seen: list[tuple[str, tuple[int, ...]]] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            first = args[0] if args else None
-            self.seen.append((str(func), tuple(first.shape) if isinstance(first, torch.Tensor) else ()))
-            return func(*args, **(kwargs or {}))
-
     model = tiny_model()
     tokens, _, rewards, ends, mask = batch(vocab=3)
     logits = model(tokens, torch.tensor([0, 1, 2])).obs_logits.detach().requires_grad_()
     out = dataclasses.replace(model(tokens, torch.tensor([0, 1, 2])), obs_logits=logits)
-    with Ops() as ops:
+    with OpLog() as ops:
         world_losses(out, tokens, rewards, ends, mask, changed_token_weight=w).obs.backward()
     sliced = [name for name, shape in ops.seen if shape == tuple(logits.shape) and ("slice" in name or "clone" in name)]
     assert not sliced, f"the obs logits were sliced or copied: {sliced}"

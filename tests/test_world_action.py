@@ -15,6 +15,7 @@ from jowa_core.checkpoints import (
 )
 from jowa_core.config import WorldActionConfig, preset
 from jowa_core.models.world_action import KVCache, QEnsemble, WorldActionModel
+from tests.op_log import OpLog
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 MANIFEST = REFERENCE / "official_jowa_state_dict_manifest.json"
@@ -112,17 +113,6 @@ def test_whole_blocks_take_slices_with_the_indexed_paths_values_and_gradients(st
     backward (an index's backward is a zero fill and a scatter per head)."""
     from unittest import mock
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Names(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     model = make_model()
     tokens, tasks = random_tokens(model.cfg, 2, start + T), torch.tensor([1, 2])
     runs = []
@@ -135,11 +125,12 @@ def test_whole_blocks_take_slices_with_the_indexed_paths_values_and_gradients(st
             if start:
                 with torch.no_grad():
                     model(tokens[:, :start], tasks, cache)
-            with Names() as ops:
+            with OpLog() as ops:
                 out = model(tokens[:, start:], tasks, cache)
                 loss = out.obs_logits.logsumexp(-1).mean() + out.q_logits.square().mean() + out.reward_logits.mean()
                 (loss + out.end_logits.mean()).backward()
-        runs.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, ops.names))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((out, grads, [name for name, _ in ops.seen]))
     (a, ga, names), (b, gb, indexed) = runs
     for field in ("hidden", "obs_logits", "reward_logits", "end_logits", "q_logits", "q_hidden"):
         torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=0, atol=0, msg=field)

@@ -660,6 +660,16 @@ class WorldActionModel(nn.Module):
         blocks = torch.arange(cfg.max_blocks).unsqueeze(1) * tpb  # arithmetic only: works on the meta device
         for name, kinds in self._kinds.items():
             self.register_buffer(name, (blocks + torch.tensor(kinds)).flatten(), persistent=False)
+        # each kind's j as [start, stop) runs of consecutive j: one slice each of a window of whole blocks (``_rows``)
+        self._runs: dict[str, list[tuple[int, int]]] = {}
+        for name, kinds in self._kinds.items():
+            runs: list[tuple[int, int]] = []
+            for j in kinds:
+                if runs and runs[-1][1] == j:
+                    runs[-1] = (runs[-1][0], j + 1)
+                else:
+                    runs.append((j, j + 1))
+            self._runs[name] = runs
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -731,13 +741,7 @@ class WorldActionModel(nn.Module):
         if not self._whole_blocks(start, T):
             return x[:, self._window(name, start, T)]
         blocks = x.unflatten(1, (T // tpb, tpb))
-        runs: list[list[int]] = []  # the kinds as runs of consecutive j, each one slice
-        for j in self._kinds[name]:
-            if runs and runs[-1][1] == j:
-                runs[-1][1] = j + 1
-            else:
-                runs.append([j, j + 1])
-        parts = [blocks[:, :, a:b] for a, b in runs]
+        parts = [blocks[:, :, a:b] for a, b in self._runs[name]]
         return (parts[0] if len(parts) == 1 else torch.cat(parts, 2)).flatten(1, 2)
 
     # -- forward ----------------------------------------------------------------------------------
