@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     default = fused_ln.kernel_config()
     results = []
     fwd_grid = [  # each tile with the dropout mask drawn one Philox call per element and per 8 elements
-        replace(default, fwd_rows=r, fwd_warps=wp, packed_rng=pk)
+        replace(default, fwd_rows=r, fwd_warps=wp, packed_rng=pk, recompute_mask=pk and default.recompute_mask)
         for pk, r, wp in itertools.product((False, True), (1, 2, 4, 8), (2, 4, 8))
     ]
     bwd_grid = [
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         fwd_best = min((r for r in results if r[0] in fwd_grid), key=lambda r: r[1], default=(default,))[0]
         bwd_best = min((r for r in results if r[0] in bwd_grid), key=lambda r: r[2], default=(default,))[0]
         return replace(bwd_best, fwd_rows=fwd_best.fwd_rows, fwd_warps=fwd_best.fwd_warps,
-                       packed_rng=fwd_best.packed_rng)  # fmt: skip
+                       packed_rng=fwd_best.packed_rng, recompute_mask=fwd_best.recompute_mask)  # fmt: skip
 
     for cfg, ms, e in time_configs(fused_ln, fwd_grid + bwd_grid, measure):
         if e is not None:

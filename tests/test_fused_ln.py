@@ -396,14 +396,16 @@ INTERPRETER_CHECK = textwrap.dedent(
     # C = 48: BLOCK_C 64 with masked columns; N = 37 leaves a part-filled block. C = 768: jowa_150m's width.
     # Tiles: the defaults (1-2 rows a program, as tuned on an H100) and 8 rows with 2 programs per "SM"
     # (2 on CPU), so that the backward's programs stride over several blocks.
-    # packed_rng (the default): the mask from 8 flags per Philox call; per_element: one call per flag.
-    packed, per_element = f.KernelConfig(packed_rng=True), f.KernelConfig(packed_rng=False)
-    small = f.KernelConfig(8, 2, 8, 4, 1, packed_rng=False)
+    # packed_rng (the default): the mask from 8 flags per Philox call; per_element: one call per flag. These
+    # store the mask (recompute_mask=False; the default since session 24 redraws it, tested further down).
+    packed = f.KernelConfig(packed_rng=True, recompute_mask=False)
+    per_element = f.KernelConfig(packed_rng=False, recompute_mask=False)
+    small = f.KernelConfig(8, 2, 8, 4, 1, packed_rng=False, recompute_mask=False)
     # bwd_stages: the backward's row loop pipelined (on a GPU; the interpreter runs it as a plain loop)
-    pipelined = f.KernelConfig(bwd_rows=2, bwd_stages=3)
+    pipelined = f.KernelConfig(bwd_rows=2, bwd_stages=3, recompute_mask=False)
     # bwd_split: the backward's row in two power-of-two tiles: 48 = 32 + 16, 768 = 512 + 256, 100 = 64 + 64 (28
     # masked); 64 is one tile (the plain kernel)
-    split = f.KernelConfig(bwd_split=True)
+    split = f.KernelConfig(bwd_split=True, recompute_mask=False)
     cases = [(per_element, 37, 48), (per_element, 9, 768), (small, 37, 48), (packed, 37, 48), (packed, 9, 768),
              (pipelined, 37, 48), (split, 37, 48), (split, 9, 768), (split, 5, 100), (split, 3, 64)]  # fmt: skip
     for cfg, N, C in cases:
@@ -449,8 +451,8 @@ INTERPRETER_CHECK = textwrap.dedent(
             xn, y, mean, rstd, mask = f._triton_forward(x, h, w, b, seed, p, 1e-5, torch.bfloat16, hb)
             tag = f"h_bias N={N} C={C} p={p} {cfg}"
             m, s = (mask, None) if mask.numel() else (None, seed)  # the redrawn mask: the seed instead
-            if s is not None:  # the reference needs the mask: the same draw, stored (packed_rng alone)
-                f.set_kernel_config(f.KernelConfig(packed_rng=True, bwd_split=cfg.bwd_split))
+            if s is not None:  # the reference needs the mask: the same draw, stored
+                f.set_kernel_config(f.KernelConfig(packed_rng=True, recompute_mask=False, bwd_split=cfg.bwd_split))
                 m = f._triton_forward(x, h, w, b, seed, p, 1e-5, torch.bfloat16, hb)[4]
                 f.set_kernel_config(cfg)
             close(xn, f._reference_forward(x, h, w, b, m, p, 1e-5, torch.bfloat16, hb)[0], f"x_new {tag}")
@@ -516,7 +518,7 @@ INTERPRETER_CHECK = textwrap.dedent(
     for N, C, rows in ((37, 48, 1), (9, 768, 4)):
         x, h, w, b = torch.randn(N, C), torch.randn(N, C), 1 + 0.3 * torch.randn(C), 0.3 * torch.randn(C)
         dy, dxn, seed = torch.randn(N, C), torch.randn(N, C), torch.tensor([4321])
-        f.set_kernel_config(f.KernelConfig(packed_rng=True, bwd_rows=rows))
+        f.set_kernel_config(f.KernelConfig(packed_rng=True, recompute_mask=False, bwd_rows=rows))
         stored = f._triton_forward(x, h, w, b, seed, 0.3, 1e-5, torch.float32)
         want = f._triton_backward(dy, dxn, *stored[0:1], w, *stored[2:4], stored[4], 0.3, torch.float32)
         f.set_kernel_config(f.KernelConfig(packed_rng=True, recompute_mask=True, bwd_rows=rows))
@@ -524,7 +526,7 @@ INTERPRETER_CHECK = textwrap.dedent(
         assert redrawn[4].numel() == 0 and all(torch.equal(a, e) for a, e in zip(redrawn[:4], stored[:4]))
         # store_mask=False, the op's argument: no mask, and the packed draw the backward redraws, even where the
         # process's config says per-element draws
-        f.set_kernel_config(f.KernelConfig(packed_rng=False, bwd_rows=rows))
+        f.set_kernel_config(f.KernelConfig(packed_rng=False, recompute_mask=False, bwd_rows=rows))
         asked = f._triton_forward(x, h, w, b, seed, 0.3, 1e-5, torch.float32, store_mask=False)
         assert asked[4].numel() == 0 and all(torch.equal(a, e) for a, e in zip(asked[:4], stored[:4])), (N, C)
         f.set_kernel_config(f.KernelConfig(packed_rng=True, recompute_mask=True, bwd_rows=rows))

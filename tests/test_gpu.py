@@ -256,7 +256,9 @@ def test_fused_layer_norm_triton_matches_the_reference(device: torch.device, p: 
     bf16 y (the autocast dtype); with dropout, the reference is given the kernel's own mask, drawn one
     Philox call per element or per 8 (``KernelConfig.packed_rng``)."""
     assert fused_ln.triton_available(), "torch's CUDA wheels bring triton; the op would fall back to torch"
-    previous = fused_ln.set_kernel_config(replace(fused_ln.kernel_config(), packed_rng=packed_rng))
+    previous = fused_ln.set_kernel_config(
+        replace(fused_ln.kernel_config(), packed_rng=packed_rng, recompute_mask=packed_rng)
+    )
     try:
         _check_fused_layer_norm_kernels(device, p)
     finally:

@@ -166,9 +166,11 @@ class KernelConfig(TileConfig):
     per element. With the other fused ops on, jowa_150m's loop went from 38.2 % to 39.0 % MFU on an H100
     (session 20, README Performance): per-element Philox, not bandwidth, bounded the forward.
 
-    ``recompute_mask`` (needs ``packed_rng``): the backward draws the packed mask again from the seed instead
-    of reading the one the forward stored, so no mask is written, read or kept: 1 of the forward's 13 bytes
-    per element, 1 of the backward's 17, and about 3 GB of jowa_150m's activations at batch 512.
+    ``recompute_mask`` (on by default since session 24; needs ``packed_rng``): the backward draws the packed mask
+    again from the seed instead of reading the one the forward stored, so no mask is written, read or kept: 1 of
+    the forward's 13 bytes per element, 1 of the backward's 17, and 2.6 GiB of jowa_150m's peak memory at batch
+    512. On an H100 the loop took 40.09 % MFU with it against 39.74 % without (five runs each, alternated on one
+    machine; README Performance). Per-element Philox (``packed_rng=False``) needs ``recompute_mask=False``.
 
     ``bwd_stages``: above 1, the backward's row loop is software-pipelined (``tl.range(num_stages=)``): the loads of
     the next ``bwd_stages - 1`` row blocks are issued to shared memory (Hopper's asynchronous copies) while this one
@@ -188,7 +190,7 @@ class KernelConfig(TileConfig):
     bwd_warps: int = 4
     bwd_programs_per_sm: int = 16
     packed_rng: bool = True
-    recompute_mask: bool = False
+    recompute_mask: bool = True
     bwd_stages: int = 3
     bwd_split: bool = False
 
@@ -198,7 +200,8 @@ class KernelConfig(TileConfig):
         self.check_integers((*tiles, "bwd_programs_per_sm", "bwd_stages"), powers_of_two=tiles)
         if self.recompute_mask and not self.packed_rng:
             raise ValueError("KernelConfig.recompute_mask needs packed_rng=True (the backward redraws the packed "
-                             "mask; per-element Philox there would cost what it saves).")  # fmt: skip
+                             "mask; per-element Philox there would cost what it saves): pass recompute_mask=False "
+                             "with packed_rng=False.")  # fmt: skip
 
 
 _SLOT = ConfigSlot(KernelConfig())  # benchmarks/fused_ln_sweep.py writes the --best that from_json reads
