@@ -500,6 +500,21 @@ INTERPRETER_CHECK = textwrap.dedent(
                 grads.append([t.grad for t in ins])
         for name, a, e in zip(("dx", "dh", "dweight", "dbias", "dh_bias"), *grads):
             close(a, e, f"autograd's {name} {cfg}")
+    # the default (the mask redrawn in the backward, since session 24) through autograd with dropout: under one
+    # torch seed, the stored mask's outputs and gradients bit for bit
+    with mock.patch.object(f, "_use_triton", lambda t: True):
+        runs = []
+        for cfg in (f.KernelConfig(), packed):
+            f.set_kernel_config(cfg)
+            torch.manual_seed(11)
+            ins = [t.clone().requires_grad_() for t in (x, h, w, b, hb)]
+            x_new, y = f.dropout_add_layer_norm(ins[0], ins[1], ins[2], ins[3], 0.3, True, h_bias=ins[4])
+            (x_new * dxn + y.float() * dy.float()).sum().backward()
+            runs.append([x_new, y, *(t.grad for t in ins)])
+        assert f.KernelConfig().recompute_mask and not packed.recompute_mask
+        assert (runs[0][0] == x).any(), "dropout must drop (x_new = x where h is dropped)"
+        for name, a, e in zip(("x_new", "y", "dx", "dh", "dweight", "dbias", "dh_bias"), *runs):
+            assert torch.equal(a, e), f"the redrawn mask's {name} differs from the stored one's"
     # the packed mask's statistics at jowa_150m's width and dropout (49,152 draws: sd of the kept share 0.0014)
     f.set_kernel_config(packed)
     N, C, p = 64, 768, 0.1
